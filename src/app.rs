@@ -1,0 +1,108 @@
+//! The application: configuration, storage and clock, assembled once and shared by
+//! every request. `serve` and the integration tests build it the same way.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::store::{self, Db, PoolSettings};
+
+/// Shared state handed to every handler.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Arc<Config>,
+    db: Db,
+    redis: Option<redis::Client>,
+    clock: SharedClock,
+    installation_id: String,
+}
+
+impl AppState {
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+    pub fn redis(&self) -> Option<&redis::Client> {
+        self.inner.redis.as_ref()
+    }
+    pub fn clock(&self) -> &SharedClock {
+        &self.inner.clock
+    }
+    pub fn installation_id(&self) -> &str {
+        &self.inner.installation_id
+    }
+}
+
+/// Opens the database named by the configuration and migrates it.
+pub async fn open_database(config: &Config, clock: &dyn crate::clock::Clock) -> anyhow::Result<Db> {
+    let secrets = config.resolve_secrets().map_err(anyhow::Error::msg)?;
+    let settings = PoolSettings {
+        max_connections: config.database.max_connections,
+        acquire_timeout: config.database.acquire_timeout.std(),
+    };
+    let db = Db::connect(&secrets.database_url, &settings)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the database ({}): {e}",
+                scheme_of(secrets.database_url.expose())
+            )
+        })?;
+    let report = store::migrate::migrate(&db, clock)
+        .await
+        .context("migrating the database")?;
+    if !report.applied.is_empty() {
+        tracing::info!(applied = ?report.applied, version = report.current, "database migrated");
+    }
+    Ok(db)
+}
+
+/// The scheme of a URL, safe to print (the rest may hold a password).
+pub fn scheme_of(url: &str) -> &str {
+    url.split(':').next().unwrap_or("?")
+}
+
+pub struct App {
+    pub state: AppState,
+}
+
+impl App {
+    /// Connects, migrates and assembles the state.
+    pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<Self> {
+        let secrets = config.resolve_secrets().map_err(anyhow::Error::msg)?;
+        let db = open_database(&config, clock.as_ref()).await?;
+        let now = crate::clock::rfc3339(clock.now());
+        let installation_id = store::ensure_installation(&db, &now).await?;
+        let redis = match &secrets.redis_url {
+            Some(url) => Some(
+                redis::Client::open(url.expose())
+                    .map_err(|_| anyhow::anyhow!("redis.url is not a valid Redis URL"))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            state: AppState {
+                inner: Arc::new(Inner {
+                    config: Arc::new(config),
+                    db,
+                    redis,
+                    clock,
+                    installation_id,
+                }),
+            },
+        })
+    }
+
+    pub fn router(&self) -> Router {
+        crate::http::router(self.state.clone())
+    }
+}

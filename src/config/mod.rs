@@ -1,0 +1,444 @@
+//! Configuration: layered, typed, checked once at start-up.
+//!
+//! Layers, later wins: built-in defaults for the environment (`Config::builtin`) <
+//! `config/<env>.yaml` (or the file named by `CUSTODIAN_CONFIG`) < `CUSTODIAN_*`
+//! environment variables < command-line `--set key=value` flags. Each layer is checked
+//! on its own first, so an unknown or malformed key is reported with the file or variable
+//! it came from. Then [`rules`] decides whether the result is safe for the environment.
+
+mod load;
+pub mod rules;
+pub mod types;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use load::{ConfigError, Loader};
+pub use types::{ByteSize, Duration, NetList, Per, Rate, Secret};
+
+/// The deployment environment. It chooses the built-in defaults and how strict the
+/// start-up checks are.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    #[default]
+    Dev,
+    Staging,
+    Prod,
+}
+
+impl Environment {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "dev" | "development" => Ok(Self::Dev),
+            "staging" => Ok(Self::Staging),
+            "prod" | "production" => Ok(Self::Prod),
+            other => Err(format!(
+                "unknown environment `{other}` (use dev, staging or prod)"
+            )),
+        }
+    }
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Dev => "dev",
+            Self::Staging => "staging",
+            Self::Prod => "prod",
+        }
+    }
+}
+
+impl fmt::Display for Environment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The whole configuration. Every section denies unknown keys.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Not a key: set by `CUSTODIAN_ENV` or `--env`.
+    #[serde(skip)]
+    pub env: Environment,
+    /// Where the default SQLite file and the dev keyring live.
+    pub data_dir: PathBuf,
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    pub keys: KeysConfig,
+    pub session: SessionConfig,
+    pub lockout: LockoutConfig,
+    pub password: PasswordConfig,
+    pub mfa: MfaConfig,
+    pub api_tokens: ApiTokensConfig,
+    pub rate_limit: RateLimitConfig,
+    pub audit: AuditConfig,
+    pub logging: LoggingConfig,
+    pub monitoring: MonitoringConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    pub tls: TlsConfig,
+    /// TLS ends at a proxy in front of this server (prod then accepts plain HTTP here).
+    pub behind_tls_proxy: bool,
+    /// Peers whose `X-Forwarded-For` is believed. Empty by default (loopback included).
+    pub trusted_proxies: NetList,
+    /// Largest request body accepted.
+    pub max_body: ByteSize,
+    /// A request still running after this answers 503.
+    pub request_timeout: Duration,
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    pub shutdown_grace: Duration,
+    /// Origins allowed by CORS (exact `https://host[:port]`); empty = CORS off.
+    #[serde(deserialize_with = "types::string_list")]
+    pub cors_origins: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (a secret file: mode 0600 in prod).
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` or `postgres://…`. Default: `sqlite://<data_dir>/custodian.sqlite`.
+    pub url: Option<Secret>,
+    /// A file holding the URL (for URLs that carry a password).
+    pub url_file: Option<PathBuf>,
+    /// Connections in the pool (PostgreSQL) or readers (SQLite; SQLite has one writer).
+    pub max_connections: u32,
+    /// How long a request waits for a free connection.
+    pub acquire_timeout: Duration,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://…` or `rediss://…`; when set, shared state lives there.
+    pub url: Option<Secret>,
+    /// A file holding the URL (for URLs that carry a password).
+    pub url_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// Path of the keyring file. Default: `<data_dir>/keyring`.
+    pub keyring: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    pub idle_timeout: Duration,
+    pub absolute_timeout: Duration,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LockoutConfig {
+    /// Consecutive failures that lock a username; 0 disables lockout (refused in prod).
+    pub max_failures: u32,
+    pub duration: Duration,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PasswordPolicyName {
+    Hitrust,
+    Nist,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PasswordConfig {
+    pub policy: PasswordPolicyName,
+    /// Overrides of the policy's numbers.
+    pub min_length: Option<u32>,
+    pub max_age: Option<Duration>,
+    pub history: Option<u32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MfaConfig {
+    /// TOTP required for every user (prod default: true).
+    pub required: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiTokensConfig {
+    pub max_lifetime: Duration,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    pub enabled: bool,
+    /// The rate each client gets on each endpoint unless `routes` says otherwise.
+    pub default: Rate,
+    /// `"METHOD /path/pattern"` → rate.
+    pub routes: BTreeMap<String, Rate>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// How long events are kept before a purge may remove them (HIPAA: 6 years).
+    pub retention: Duration,
+    /// Whether the retention purge runs at all (off by default).
+    pub purge_enabled: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// `text` (dev) or `json` (staging, prod).
+    pub format: LogFormat,
+    /// `error`, `warn`, `info`, `debug` or `trace`, optionally with per-module
+    /// directives (`info,custodian::http=debug`). `debug`/`trace` are refused in prod.
+    pub level: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitoringConfig {
+    /// Sentry DSN for error reports (off when unset).
+    pub sentry_dsn: Option<Secret>,
+    pub sentry_dsn_file: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::builtin(Environment::Dev)
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5005)),
+            tls: TlsConfig::default(),
+            behind_tls_proxy: false,
+            trusted_proxies: NetList::default(),
+            max_body: ByteSize(1024 * 1024),
+            request_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+            cors_origins: Vec::new(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            url_file: None,
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_mins(5),
+            absolute_timeout: Duration::from_hours(12),
+        }
+    }
+}
+
+impl Default for LockoutConfig {
+    fn default() -> Self {
+        Self {
+            max_failures: 5,
+            duration: Duration::from_mins(15),
+        }
+    }
+}
+
+impl Default for PasswordConfig {
+    fn default() -> Self {
+        Self {
+            policy: PasswordPolicyName::Hitrust,
+            min_length: None,
+            max_age: None,
+            history: None,
+        }
+    }
+}
+
+impl Default for ApiTokensConfig {
+    fn default() -> Self {
+        Self {
+            max_lifetime: Duration::from_days(7),
+        }
+    }
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            default: Rate::new(100, Per::Second, 200),
+            routes: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_days(6 * 365 + 2),
+            purge_enabled: false,
+        }
+    }
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// The built-in defaults of an environment: the lowest layer.
+    pub fn builtin(env: Environment) -> Self {
+        let mut c = Self {
+            env,
+            data_dir: PathBuf::from("data"),
+            server: ServerConfig::default(),
+            database: DatabaseConfig::default(),
+            redis: RedisConfig::default(),
+            keys: KeysConfig::default(),
+            session: SessionConfig::default(),
+            lockout: LockoutConfig::default(),
+            password: PasswordConfig::default(),
+            mfa: MfaConfig::default(),
+            api_tokens: ApiTokensConfig::default(),
+            rate_limit: RateLimitConfig::default(),
+            audit: AuditConfig::default(),
+            logging: LoggingConfig::default(),
+            monitoring: MonitoringConfig::default(),
+        };
+        match env {
+            Environment::Dev => {}
+            Environment::Staging => {
+                c.logging.format = LogFormat::Json;
+            }
+            Environment::Prod => {
+                c.data_dir = PathBuf::from("/var/lib/custodian");
+                c.logging.format = LogFormat::Json;
+                c.mfa.required = true;
+            }
+        }
+        c
+    }
+
+    /// The keyring path: `keys.keyring`, or `<data_dir>/keyring`.
+    pub fn keyring_path(&self) -> PathBuf {
+        self.keys
+            .keyring
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keyring"))
+    }
+
+    /// The default SQLite file when `database.url` is not set.
+    pub fn default_sqlite_path(&self) -> PathBuf {
+        self.data_dir.join("custodian.sqlite")
+    }
+
+    /// Whether this server itself terminates TLS.
+    pub fn serves_tls(&self) -> bool {
+        self.server.tls.cert.is_some()
+            || (self.env == Environment::Staging && !self.server.behind_tls_proxy)
+    }
+
+    /// Whether responses carry `Strict-Transport-Security`.
+    pub fn sends_hsts(&self) -> bool {
+        self.serves_tls() || self.env != Environment::Dev
+    }
+}
+
+/// The secrets named by the configuration, read from their inline value or `_file`.
+pub struct ResolvedSecrets {
+    pub database_url: Secret,
+    pub redis_url: Option<Secret>,
+    pub sentry_dsn: Option<Secret>,
+}
+
+impl fmt::Debug for ResolvedSecrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ResolvedSecrets([REDACTED])")
+    }
+}
+
+/// Reads a secret from its inline value or its file (never both).
+pub fn read_secret(
+    key: &str,
+    inline: Option<&Secret>,
+    file: Option<&Path>,
+) -> Result<Option<Secret>, String> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(format!("{key} and {key}_file are both set; set only one")),
+        (Some(v), None) => Ok(Some(v.clone())),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map(|s| Some(Secret::new(s.trim_end_matches(['\n', '\r']).to_owned())))
+            .map_err(|e| format!("{key}_file: cannot read {}: {e}", path.display())),
+        (None, None) => Ok(None),
+    }
+}
+
+impl Config {
+    /// Reads every secret the configuration names. Errors name the key, never a value.
+    pub fn resolve_secrets(&self) -> Result<ResolvedSecrets, String> {
+        let database_url = read_secret(
+            "database.url",
+            self.database.url.as_ref(),
+            self.database.url_file.as_deref(),
+        )?
+        .unwrap_or_else(|| {
+            Secret::new(format!("sqlite://{}", self.default_sqlite_path().display()))
+        });
+        let redis_url = read_secret(
+            "redis.url",
+            self.redis.url.as_ref(),
+            self.redis.url_file.as_deref(),
+        )?;
+        let sentry_dsn = read_secret(
+            "monitoring.sentry_dsn",
+            self.monitoring.sentry_dsn.as_ref(),
+            self.monitoring.sentry_dsn_file.as_deref(),
+        )?;
+        Ok(ResolvedSecrets {
+            database_url,
+            redis_url,
+            sentry_dsn,
+        })
+    }
+}

@@ -1,0 +1,474 @@
+//! The start-up safety rules. `prod` refuses to start when any of them fails;
+//! `staging` and `dev` start and print the same list as warnings.
+
+use std::path::Path;
+
+use super::{Config, Environment, Secret, read_secret};
+
+/// One failed rule: the key(s) involved and what to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    pub key: &'static str,
+    pub problem: String,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.problem)
+    }
+}
+
+/// Largest idle timeout prod accepts.
+pub const MAX_IDLE_MINUTES: u64 = 60;
+/// Largest absolute session lifetime prod accepts.
+pub const MAX_ABSOLUTE_HOURS: u64 = 24;
+
+/// Every insecure setting in `config`. Reads the file system (keyring, secret files)
+/// but changes nothing.
+pub fn insecure_settings(c: &Config) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut add = |key: &'static str, problem: String| out.push(Finding { key, problem });
+
+    // TLS.
+    if c.server.tls.cert.is_none() && !c.server.behind_tls_proxy && c.env != Environment::Staging {
+        add(
+            "server.tls",
+            "no TLS: set server.tls.cert and server.tls.key, or server.behind_tls_proxy: true when a proxy terminates TLS".into(),
+        );
+    }
+    if let Some(key) = &c.server.tls.key
+        && let Some(p) = secret_file_problem(key)
+    {
+        add("server.tls.key", p);
+    }
+
+    // Keyring.
+    let keyring = c.keyring_path();
+    match std::fs::metadata(&keyring) {
+        Err(_) => add(
+            "keys.keyring",
+            format!(
+                "no keyring at {} (create it with `custodian keys rotate` as the service user, mode 0600)",
+                keyring.display()
+            ),
+        ),
+        Ok(_) => {
+            if let Some(p) = secret_file_problem(&keyring) {
+                add("keys.keyring", p);
+            }
+        }
+    }
+
+    // Secrets given inline that must come from a file.
+    if let Some(url) = &c.database.url
+        && url_has_password(url)
+    {
+        add(
+            "database.url",
+            "the URL carries a password inline; put the URL in a file and set database.url_file"
+                .into(),
+        );
+    }
+    if let Some(url) = &c.redis.url
+        && url_has_password(url)
+    {
+        add(
+            "redis.url",
+            "the URL carries a password inline; put the URL in a file and set redis.url_file"
+                .into(),
+        );
+    }
+    for (key, file) in [
+        ("database.url_file", c.database.url_file.as_deref()),
+        ("redis.url_file", c.redis.url_file.as_deref()),
+        (
+            "monitoring.sentry_dsn_file",
+            c.monitoring.sentry_dsn_file.as_deref(),
+        ),
+    ] {
+        if let Some(path) = file
+            && let Some(p) = secret_file_problem(path)
+        {
+            add(key, p);
+        }
+    }
+    for (key, inline, file) in [
+        (
+            "database.url",
+            c.database.url.as_ref(),
+            c.database.url_file.as_deref(),
+        ),
+        (
+            "redis.url",
+            c.redis.url.as_ref(),
+            c.redis.url_file.as_deref(),
+        ),
+    ] {
+        if inline.is_some() && file.is_some() {
+            add(
+                key,
+                format!("{key} and {key}_file are both set; set only one"),
+            );
+        }
+    }
+
+    // Authentication strength.
+    if !c.mfa.required {
+        add(
+            "mfa.required",
+            "TOTP is not required for every user; set mfa.required: true".into(),
+        );
+    }
+    if c.lockout.max_failures == 0 || c.lockout.duration.is_zero() {
+        add(
+            "lockout.max_failures",
+            "account lockout is disabled; set lockout.max_failures and lockout.duration above 0"
+                .into(),
+        );
+    }
+    if c.session.idle_timeout.std().as_secs() > MAX_IDLE_MINUTES * 60 {
+        add(
+            "session.idle_timeout",
+            format!("{} is over {MAX_IDLE_MINUTES}m", c.session.idle_timeout),
+        );
+    }
+    if c.session.absolute_timeout.std().as_secs() > MAX_ABSOLUTE_HOURS * 3600 {
+        add(
+            "session.absolute_timeout",
+            format!(
+                "{} is over {MAX_ABSOLUTE_HOURS}h",
+                c.session.absolute_timeout
+            ),
+        );
+    }
+
+    // Debug output.
+    let level = c.logging.level.to_ascii_lowercase();
+    if level.contains("debug") || level.contains("trace") {
+        add(
+            "logging.level",
+            format!(
+                "`{}` turns on debug output, which may log more than it should; use info",
+                c.logging.level
+            ),
+        );
+    }
+
+    // CORS.
+    if c.server
+        .cors_origins
+        .iter()
+        .any(|o| o.trim() == "*" || o.contains('*'))
+    {
+        add(
+            "server.cors_origins",
+            "a wildcard origin lets any web site call the API; list exact origins".into(),
+        );
+    }
+    for o in &c.server.cors_origins {
+        if o.starts_with("http://") && !o.starts_with("http://localhost") {
+            add("server.cors_origins", format!("`{o}` is not HTTPS"));
+        }
+    }
+
+    // Warnings that are not refusals are in `advisories`.
+    out
+}
+
+/// Settings that are allowed everywhere but worth a warning.
+pub fn advisories(c: &Config) -> Vec<Finding> {
+    let mut out = Vec::new();
+    if !c.rate_limit.enabled {
+        out.push(Finding {
+            key: "rate_limit.enabled",
+            problem: "rate limiting is off".into(),
+        });
+    }
+    if c.server
+        .trusted_proxies
+        .0
+        .iter()
+        .any(|n| n.prefix_len() == 0)
+    {
+        out.push(Finding {
+            key: "server.trusted_proxies",
+            problem: "trusts X-Forwarded-For from every address; list only your proxies".into(),
+        });
+    }
+    if c.env == Environment::Dev
+        && !c.server.listen.ip().is_loopback()
+        && c.server.tls.cert.is_none()
+    {
+        out.push(Finding {
+            key: "server.listen",
+            problem: format!(
+                "{} is reachable from other machines over plain HTTP",
+                c.server.listen
+            ),
+        });
+    }
+    out
+}
+
+/// Whether a URL carries a password (`scheme://user:password@host`).
+fn url_has_password(url: &Secret) -> bool {
+    let s = url.expose();
+    let Some((_, rest)) = s.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    match authority.rsplit_once('@') {
+        Some((userinfo, _)) => userinfo.contains(':'),
+        None => rest.contains("password="),
+    }
+}
+
+/// A secret file must be readable by us and by nobody else.
+pub fn secret_file_problem(path: &Path) -> Option<String> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => return Some(format!("cannot read {}: {e}", path.display())),
+    };
+    if std::fs::File::open(path).is_err() {
+        return Some(format!("cannot read {}", path.display()));
+    }
+    mode_problem(path, &meta)
+}
+
+#[cfg(unix)]
+fn mode_problem(path: &Path, meta: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = meta.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "{} is readable by group or others (mode {mode:o}); chmod 600 it",
+            path.display()
+        )
+    })
+}
+
+#[cfg(not(unix))]
+fn mode_problem(_: &Path, _: &std::fs::Metadata) -> Option<String> {
+    None
+}
+
+/// Reads the secret files so that an unreadable one fails at start-up, not later.
+pub fn unreadable_secrets(c: &Config) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for (key, file) in [
+        ("database.url_file", c.database.url_file.as_deref()),
+        ("redis.url_file", c.redis.url_file.as_deref()),
+        (
+            "monitoring.sentry_dsn_file",
+            c.monitoring.sentry_dsn_file.as_deref(),
+        ),
+    ] {
+        if let Some(path) = file
+            && let Err(problem) = read_secret(key.trim_end_matches("_file"), None, Some(path))
+        {
+            out.push(Finding { key, problem });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Duration, Loader};
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+
+    /// A prod configuration that passes every rule, in a temporary directory.
+    fn secure() -> (tempfile::TempDir, Config) {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = dir.path().join("keyring");
+        std::fs::write(&keyring, "{}").unwrap();
+        std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let key = dir.path().join("tls.key");
+        std::fs::write(&key, "k").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut c = Loader {
+            env: Some("prod".into()),
+            ..Loader::default()
+        }
+        .load()
+        .unwrap();
+        c.data_dir = dir.path().into();
+        c.server.tls.cert = Some(dir.path().join("tls.crt"));
+        c.server.tls.key = Some(key);
+        (dir, c)
+    }
+
+    fn keys(c: &Config) -> Vec<&'static str> {
+        insecure_settings(c).into_iter().map(|f| f.key).collect()
+    }
+
+    #[test]
+    fn a_secure_prod_config_passes() {
+        let (_d, c) = secure();
+        assert_eq!(insecure_settings(&c), vec![]);
+    }
+
+    #[test]
+    fn rule_no_tls() {
+        let (_d, mut c) = secure();
+        c.server.tls.cert = None;
+        c.server.tls.key = None;
+        assert_eq!(keys(&c), ["server.tls"]);
+        c.server.behind_tls_proxy = true;
+        assert!(keys(&c).is_empty());
+    }
+
+    #[test]
+    fn rule_world_readable_tls_key() {
+        let (_d, c) = secure();
+        let key = c.server.tls.key.clone().unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(keys(&c), ["server.tls.key"]);
+    }
+
+    #[test]
+    fn rule_missing_keyring() {
+        let (_d, mut c) = secure();
+        c.keys.keyring = Some(PathBuf::from("/nonexistent/keyring"));
+        assert_eq!(keys(&c), ["keys.keyring"]);
+    }
+
+    #[test]
+    fn rule_group_readable_keyring() {
+        let (_d, c) = secure();
+        std::fs::set_permissions(c.keyring_path(), std::fs::Permissions::from_mode(0o640)).unwrap();
+        let f = insecure_settings(&c);
+        assert_eq!(f.len(), 1);
+        assert!(f[0].problem.contains("640"), "{}", f[0].problem);
+    }
+
+    #[test]
+    fn rule_inline_database_password() {
+        let (_d, mut c) = secure();
+        c.database.url = Some(Secret::new("postgres://app:s3cret@db/custodian".into()));
+        let f = insecure_settings(&c);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].key, "database.url");
+        assert!(!f[0].problem.contains("s3cret"));
+        c.database.url = Some(Secret::new(
+            "postgres://app@db/custodian?sslmode=verify-full".into(),
+        ));
+        assert!(keys(&c).is_empty());
+    }
+
+    #[test]
+    fn rule_inline_redis_password() {
+        let (_d, mut c) = secure();
+        c.redis.url = Some(Secret::new("redis://:pw@cache:6379".into()));
+        assert_eq!(keys(&c), ["redis.url"]);
+    }
+
+    #[test]
+    fn rule_readable_secret_file() {
+        let (d, mut c) = secure();
+        let f = d.path().join("db_url");
+        std::fs::write(&f, "postgres://a:b@c/d").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o604)).unwrap();
+        c.database.url_file = Some(f.clone());
+        assert_eq!(keys(&c), ["database.url_file"]);
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(keys(&c).is_empty());
+        c.database.url_file = Some(d.path().join("absent"));
+        assert_eq!(keys(&c), ["database.url_file"]);
+        assert_eq!(unreadable_secrets(&c).len(), 1);
+    }
+
+    #[test]
+    fn rule_mfa_not_required() {
+        let (_d, mut c) = secure();
+        c.mfa.required = false;
+        assert_eq!(keys(&c), ["mfa.required"]);
+    }
+
+    #[test]
+    fn rule_lockout_disabled() {
+        let (_d, mut c) = secure();
+        c.lockout.max_failures = 0;
+        assert_eq!(keys(&c), ["lockout.max_failures"]);
+        c.lockout.max_failures = 5;
+        c.lockout.duration = Duration::default();
+        assert_eq!(keys(&c), ["lockout.max_failures"]);
+    }
+
+    #[test]
+    fn rule_idle_timeout_over_60m() {
+        let (_d, mut c) = secure();
+        c.session.idle_timeout = Duration::from_mins(60);
+        assert!(keys(&c).is_empty());
+        c.session.idle_timeout = Duration::from_mins(61);
+        assert_eq!(keys(&c), ["session.idle_timeout"]);
+    }
+
+    #[test]
+    fn rule_absolute_timeout_over_24h() {
+        let (_d, mut c) = secure();
+        c.session.absolute_timeout = Duration::from_hours(24);
+        assert!(keys(&c).is_empty());
+        c.session.absolute_timeout = Duration::from_hours(25);
+        assert_eq!(keys(&c), ["session.absolute_timeout"]);
+    }
+
+    #[test]
+    fn rule_debug_output() {
+        let (_d, mut c) = secure();
+        c.logging.level = "info,custodian=debug".into();
+        assert_eq!(keys(&c), ["logging.level"]);
+        c.logging.level = "trace".into();
+        assert_eq!(keys(&c), ["logging.level"]);
+    }
+
+    #[test]
+    fn rule_wildcard_cors() {
+        let (_d, mut c) = secure();
+        c.server.cors_origins = vec!["https://ehr.example.org".into()];
+        assert!(keys(&c).is_empty());
+        c.server.cors_origins = vec!["*".into()];
+        assert_eq!(keys(&c), ["server.cors_origins"]);
+        c.server.cors_origins = vec!["https://*.example.org".into()];
+        assert_eq!(keys(&c), ["server.cors_origins"]);
+    }
+
+    #[test]
+    fn every_problem_is_listed_at_once() {
+        let c = Loader {
+            env: Some("prod".into()),
+            ..Loader::default()
+        }
+        .load()
+        .unwrap();
+        let mut c = c;
+        c.keys.keyring = Some(PathBuf::from("/nonexistent/keyring"));
+        c.mfa.required = false;
+        c.logging.level = "debug".into();
+        let k = keys(&c);
+        assert!(k.contains(&"server.tls"));
+        assert!(k.contains(&"keys.keyring"));
+        assert!(k.contains(&"mfa.required"));
+        assert!(k.contains(&"logging.level"));
+    }
+
+    #[test]
+    fn staging_generates_its_own_certificate_so_tls_is_not_missing() {
+        let (_d, mut c) = secure();
+        c.env = Environment::Staging;
+        c.server.tls.cert = None;
+        c.server.tls.key = None;
+        assert!(keys(&c).is_empty());
+    }
+
+    #[test]
+    fn advisories_warn_about_open_proxies_and_no_rate_limit() {
+        let (_d, mut c) = secure();
+        c.rate_limit.enabled = false;
+        c.server.trusted_proxies = serde_json::from_str(r#""0.0.0.0/0""#).unwrap();
+        let a: Vec<_> = advisories(&c).into_iter().map(|f| f.key).collect();
+        assert_eq!(a, ["rate_limit.enabled", "server.trusted_proxies"]);
+    }
+}

@@ -1,0 +1,321 @@
+//! The one HTTP error type and its one status table.
+//!
+//! Every failure a client sees is an RFC 9457 `application/problem+json` body built
+//! here. A 500 carries the request id and nothing else of its cause; the cause travels
+//! to the request-log middleware in a response extension and is logged there.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::request_id::current_request_id;
+
+/// The stable machine codes of the contract. Each has exactly one status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    ValidationError,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    Conflict,
+    PreconditionFailed,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    RateLimited,
+    Timeout,
+    ServiceUnavailable,
+    InternalError,
+}
+
+impl ErrorCode {
+    /// The status table.
+    pub const fn status(self) -> StatusCode {
+        match self {
+            Self::BadRequest => StatusCode::BAD_REQUEST,
+            Self::ValidationError => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Conflict => StatusCode::CONFLICT,
+            Self::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::Timeout | Self::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The code as it appears in the body.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::ValidationError => "validation_error",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Conflict => "conflict",
+            Self::PreconditionFailed => "precondition_failed",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::RateLimited => "rate_limited",
+            Self::Timeout => "timeout",
+            Self::ServiceUnavailable => "service_unavailable",
+            Self::InternalError => "internal_error",
+        }
+    }
+
+    /// The default human explanation.
+    const fn detail(self) -> &'static str {
+        match self {
+            Self::BadRequest => "The request could not be understood.",
+            Self::ValidationError => "The request has invalid fields; see `errors`.",
+            Self::Unauthorized => "A valid bearer token is required.",
+            Self::Forbidden => "You do not have the permission this needs.",
+            Self::NotFound => "There is nothing at this address.",
+            Self::MethodNotAllowed => "This address does not accept that method.",
+            Self::Conflict => "The request conflicts with the current state.",
+            Self::PreconditionFailed => "The resource changed since you read it; read it again.",
+            Self::PayloadTooLarge => "The request body is too large.",
+            Self::UnsupportedMediaType => "Send the body as application/json.",
+            Self::RateLimited => "Too many requests; retry after the time in Retry-After.",
+            Self::Timeout => "The request took too long and was stopped; try again.",
+            Self::ServiceUnavailable => "The service is temporarily unavailable; try again.",
+            Self::InternalError => {
+                "Something went wrong on our side. Quote the request_id when you report it."
+            }
+        }
+    }
+}
+
+/// One invalid field of a 422.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
+pub struct FieldError {
+    /// Path of the field (`address.zip`, `items[2]`), or empty for the whole body.
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The problem document (RFC 9457) every error answers with.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub type_: &'static str,
+    pub title: &'static str,
+    pub status: u16,
+    pub detail: String,
+    pub code: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+}
+
+/// The error every handler, extractor and middleware returns.
+#[derive(Debug)]
+pub struct ApiError {
+    code: ErrorCode,
+    detail: Option<Cow<'static, str>>,
+    errors: Vec<FieldError>,
+    retry_after: Option<u64>,
+    cause: Option<anyhow::Error>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode) -> Self {
+        Self {
+            code,
+            detail: None,
+            errors: Vec::new(),
+            retry_after: None,
+            cause: None,
+        }
+    }
+
+    /// A detail for the client. It must never hold PHI or secrets.
+    pub fn with_detail(mut self, detail: impl Into<Cow<'static, str>>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    pub fn validation(errors: Vec<FieldError>) -> Self {
+        Self {
+            errors,
+            ..Self::new(ErrorCode::ValidationError)
+        }
+    }
+
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::validation(vec![FieldError::new(field, message)])
+    }
+
+    /// An unexpected failure: logged with the request id, answered as a bare 500.
+    pub fn internal(cause: impl Into<anyhow::Error>) -> Self {
+        Self {
+            cause: Some(cause.into()),
+            ..Self::new(ErrorCode::InternalError)
+        }
+    }
+
+    /// The service cannot answer now (e.g. the database is down): a 503 whose cause is logged.
+    pub fn unavailable(cause: impl Into<anyhow::Error>) -> Self {
+        Self {
+            cause: Some(cause.into()),
+            ..Self::new(ErrorCode::ServiceUnavailable)
+        }
+    }
+
+    pub const fn code(&self) -> ErrorCode {
+        self.code
+    }
+
+    pub fn field_errors(&self) -> &[FieldError] {
+        &self.errors
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        if e.is_unavailable() {
+            ApiError::unavailable(e)
+        } else {
+            ApiError::internal(e)
+        }
+    }
+}
+
+/// The logged cause of an error response, picked up by the request-log middleware.
+#[derive(Clone, Debug)]
+pub struct ErrorCause(pub Arc<anyhow::Error>);
+
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.code.status();
+        let problem = Problem {
+            type_: "about:blank",
+            title: status.canonical_reason().unwrap_or("Error"),
+            status: status.as_u16(),
+            detail: self
+                .detail
+                .map_or_else(|| self.code.detail().to_owned(), Cow::into_owned),
+            code: self.code.as_str(),
+            request_id: current_request_id(),
+            errors: self.errors,
+        };
+        let body = serde_json::to_vec(&problem).unwrap_or_else(|_| b"{}".to_vec());
+        let mut res = (status, body).into_response();
+        let headers = res.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if self.code == ErrorCode::Unauthorized {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(secs) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(cause) = self.cause {
+            res.extensions_mut().insert(ErrorCause(Arc::new(cause)));
+        }
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// The status table, checked entry by entry.
+    #[test]
+    fn status_table() {
+        let table = [
+            (ErrorCode::BadRequest, 400, "bad_request"),
+            (ErrorCode::ValidationError, 422, "validation_error"),
+            (ErrorCode::Unauthorized, 401, "unauthorized"),
+            (ErrorCode::Forbidden, 403, "forbidden"),
+            (ErrorCode::NotFound, 404, "not_found"),
+            (ErrorCode::MethodNotAllowed, 405, "method_not_allowed"),
+            (ErrorCode::Conflict, 409, "conflict"),
+            (ErrorCode::PreconditionFailed, 412, "precondition_failed"),
+            (ErrorCode::PayloadTooLarge, 413, "payload_too_large"),
+            (
+                ErrorCode::UnsupportedMediaType,
+                415,
+                "unsupported_media_type",
+            ),
+            (ErrorCode::RateLimited, 429, "rate_limited"),
+            (ErrorCode::Timeout, 503, "timeout"),
+            (ErrorCode::ServiceUnavailable, 503, "service_unavailable"),
+            (ErrorCode::InternalError, 500, "internal_error"),
+        ];
+        for (code, status, name) in table {
+            assert_eq!(code.status().as_u16(), status, "{name}");
+            assert_eq!(code.as_str(), name);
+            // The serde name and the body name agree.
+            assert_eq!(serde_json::to_value(code).unwrap(), name);
+        }
+    }
+
+    async fn body(res: Response) -> serde_json::Value {
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn unauthorized_carries_www_authenticate() {
+        let res = ApiError::new(ErrorCode::Unauthorized).into_response();
+        assert_eq!(res.status(), 401);
+        assert_eq!(res.headers()[header::WWW_AUTHENTICATE], "Bearer");
+        assert_eq!(res.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
+        let b = body(res).await;
+        assert_eq!(b["code"], "unauthorized");
+        assert_eq!(b["status"], 401);
+        assert_eq!(b["title"], "Unauthorized");
+    }
+
+    #[tokio::test]
+    async fn internal_errors_hide_their_cause() {
+        let res =
+            ApiError::internal(anyhow::anyhow!("secret-canary connection string")).into_response();
+        assert_eq!(res.status(), 500);
+        assert!(res.extensions().get::<ErrorCause>().is_some());
+        let b = body(res).await;
+        assert_eq!(b["code"], "internal_error");
+        assert!(!b.to_string().contains("secret-canary"));
+    }
+
+    #[tokio::test]
+    async fn validation_lists_fields_and_retry_after_is_a_header() {
+        let res = ApiError::field("birth_date", "must be YYYY-MM-DD").into_response();
+        let b = body(res).await;
+        assert_eq!(b["errors"][0]["field"], "birth_date");
+        let res = ApiError::new(ErrorCode::RateLimited)
+            .with_retry_after(7)
+            .into_response();
+        assert_eq!(res.headers()[header::RETRY_AFTER], "7");
+    }
+}

@@ -1,0 +1,120 @@
+//! Security headers on every response, `Cache-Control: no-store` on the API.
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::Response;
+
+/// The policy every page and every API response carries.
+pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+font-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; \
+form-action 'self'";
+
+pub const PERMISSIONS_POLICY: &str = "accelerometer=(), camera=(), geolocation=(), gyroscope=(), \
+magnetometer=(), microphone=(), payment=(), usb=(), interest-cohort=()";
+
+pub const HSTS: &str = "max-age=31536000; includeSubDomains";
+
+/// A handler that needs another policy (the API docs page, the SMART app page) puts
+/// this in its response extensions; nothing else can change the policy.
+#[derive(Clone, Debug)]
+pub struct CspOverride(pub HeaderValue);
+
+/// What the header middleware needs to know.
+#[derive(Clone, Copy, Debug)]
+pub struct HeaderSettings {
+    pub hsts: bool,
+}
+
+pub async fn middleware(
+    State(settings): State<HeaderSettings>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let is_api =
+        req.uri().path().starts_with("/api/") && !req.uri().path().starts_with("/api/docs");
+    let mut res = next.run(req).await;
+    let csp = res.extensions().get::<CspOverride>().map(|o| o.0.clone());
+    apply(res.headers_mut(), settings, csp, is_api);
+    res
+}
+
+fn apply(h: &mut HeaderMap, settings: HeaderSettings, csp: Option<HeaderValue>, is_api: bool) {
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        csp.unwrap_or(HeaderValue::from_static(CSP)),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        HeaderName::from_static("permissions-policy"),
+        HeaderValue::from_static(PERMISSIONS_POLICY),
+    );
+    h.insert(
+        HeaderName::from_static("cross-origin-opener-policy"),
+        HeaderValue::from_static("same-origin"),
+    );
+    h.insert(
+        HeaderName::from_static("cross-origin-resource-policy"),
+        HeaderValue::from_static("same-origin"),
+    );
+    if settings.hsts {
+        h.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static(HSTS),
+        );
+    }
+    // The API is never cached; pages are not either unless a handler (static assets)
+    // says otherwise.
+    if is_api || !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_meets_the_contract() {
+        for part in [
+            "default-src 'self'",
+            "object-src 'none'",
+            "base-uri 'none'",
+            "frame-ancestors 'none'",
+        ] {
+            assert!(CSP.contains(part), "{part}");
+        }
+        assert!(!CSP.contains("unsafe-inline"));
+        assert!(!CSP.contains("http"), "no third-party origins");
+    }
+
+    #[test]
+    fn hsts_only_when_asked() {
+        let mut h = HeaderMap::new();
+        apply(&mut h, HeaderSettings { hsts: false }, None, true);
+        assert!(!h.contains_key(header::STRICT_TRANSPORT_SECURITY));
+        assert_eq!(h[header::CACHE_CONTROL], "no-store");
+        let mut h = HeaderMap::new();
+        apply(&mut h, HeaderSettings { hsts: true }, None, false);
+        assert_eq!(h[header::STRICT_TRANSPORT_SECURITY], HSTS);
+    }
+
+    #[test]
+    fn api_responses_are_never_cacheable() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=600"),
+        );
+        apply(&mut h, HeaderSettings { hsts: false }, None, true);
+        assert_eq!(h[header::CACHE_CONTROL], "no-store");
+    }
+}

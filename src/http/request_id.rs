@@ -1,0 +1,69 @@
+//! `X-Request-Id`: taken from the request when well-formed, generated otherwise, set on
+//! the response, and visible to everything that runs for the request (error bodies,
+//! log lines) through a task-local.
+
+use axum::extract::Request;
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::Next;
+use axum::response::Response;
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+tokio::task_local! {
+    static REQUEST_ID: RequestId;
+}
+
+/// The id of the current request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestId(pub String);
+
+/// The request id of the request being served, if any.
+pub fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(|id| id.0.clone()).ok()
+}
+
+/// A client-sent id is kept when it is 1–128 characters of `[A-Za-z0-9._:-]`, so it is
+/// safe to log and cannot carry anything else.
+pub fn is_well_formed(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+pub fn generate() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+pub async fn middleware(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| is_well_formed(v))
+        .map_or_else(generate, str::to_owned);
+    let rid = RequestId(id.clone());
+    req.extensions_mut().insert(rid.clone());
+    let mut res = REQUEST_ID.scope(rid, next.run(req)).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut().insert(X_REQUEST_ID.clone(), v);
+    }
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn well_formed_ids() {
+        assert!(is_well_formed("abc-123_x.y:z"));
+        assert!(is_well_formed(&"a".repeat(128)));
+        assert!(!is_well_formed(""));
+        assert!(!is_well_formed(&"a".repeat(129)));
+        assert!(!is_well_formed("has space"));
+        assert!(!is_well_formed("new\nline"));
+        assert!(!is_well_formed("<script>"));
+        assert!(is_well_formed(&generate()));
+    }
+}

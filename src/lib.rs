@@ -1,0 +1,21 @@
+//! Custodian: a security-first healthcare API server.
+//!
+//! The module map follows the architecture (see `docs/architecture.md`):
+//! plumbing (`config`, `store`, `http`, `clock`, `telemetry`) and one module per
+//! capability. Dependencies point one way: routes → services → store.
+
+pub mod app;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod http;
+pub mod store;
+pub mod telemetry;
+
+pub mod access;
+pub mod audit;
+pub mod identity;
+pub mod phi;
+pub mod records;
+pub mod smart;
+pub mod web;

@@ -1,0 +1,265 @@
+//! Storage: one connection pool type for both backends.
+//!
+//! SQLite (the embedded default) and PostgreSQL are reached through `sqlx::AnyPool` with
+//! runtime queries written once, `$1` placeholders and portable types (TEXT ids and
+//! times, BIGINT counters and flags). SQLite gets a single-connection writer pool next
+//! to its readers (WAL lets readers run beside the one writer); on PostgreSQL both
+//! handles are the same pool. Why: `docs/architecture.md`.
+
+pub mod migrate;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::{AnyPool, Executor};
+
+use crate::config::Secret;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+/// Errors of the storage layer. Messages never carry row values.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    #[error("{0}")]
+    Schema(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl StoreError {
+    /// Whether the database could not be reached at all (pool timeout, refused, closed).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Sqlx(
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
+            )
+        )
+    }
+}
+
+/// Pool settings, from `database.*`.
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+}
+
+/// The database handle every service uses.
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Backend,
+    read: AnyPool,
+    write: AnyPool,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("backend", &self.inner.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+type PragmaFuture<'c> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), sqlx::Error>> + Send + 'c>>;
+
+/// Run on every new SQLite connection.
+fn sqlite_pragmas(
+    conn: &mut sqlx::AnyConnection,
+    _: sqlx::pool::PoolConnectionMetadata,
+) -> PragmaFuture<'_> {
+    Box::pin(async move {
+        conn.execute(
+            "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; \
+             PRAGMA busy_timeout = 5000; PRAGMA synchronous = NORMAL;",
+        )
+        .await?;
+        Ok(())
+    })
+}
+
+impl Db {
+    /// Opens the database named by `url` (`sqlite://PATH`, `postgres://…`).
+    pub async fn connect(url: &Secret, settings: &PoolSettings) -> Result<Self, StoreError> {
+        install_default_drivers();
+        let raw = url.expose();
+        if let Some(path) = raw
+            .strip_prefix("sqlite://")
+            .or_else(|| raw.strip_prefix("sqlite:"))
+        {
+            Self::connect_sqlite(path, settings).await
+        } else if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
+            Self::connect_postgres(raw, settings).await
+        } else {
+            Err(StoreError::Config(
+                "database.url must start with sqlite:// or postgres://".into(),
+            ))
+        }
+    }
+
+    async fn connect_sqlite(path: &str, settings: &PoolSettings) -> Result<Self, StoreError> {
+        let file = path.split('?').next().unwrap_or(path);
+        let in_memory = file == ":memory:" || path.contains("mode=memory");
+        if !in_memory
+            && let Some(parent) = Path::new(file).parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::Config(format!(
+                    "cannot create the directory {} for the SQLite database: {e}",
+                    parent.display()
+                ))
+            })?;
+        }
+        let url = if path.contains('?') {
+            format!("sqlite://{path}")
+        } else {
+            format!("sqlite://{path}?mode=rwc")
+        };
+        let pragmas = sqlite_pragmas;
+        // One writer: SQLite serialises writes anyway, and a single connection turns
+        // contention into queueing instead of SQLITE_BUSY.
+        let write = AnyPoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .acquire_timeout(settings.acquire_timeout)
+            .after_connect(pragmas)
+            .connect(&url)
+            .await?;
+        let read = AnyPoolOptions::new()
+            .max_connections(settings.max_connections.clamp(1, 64))
+            .acquire_timeout(settings.acquire_timeout)
+            .after_connect(pragmas)
+            .connect(&url)
+            .await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                backend: Backend::Sqlite,
+                read,
+                write,
+            }),
+        })
+    }
+
+    async fn connect_postgres(url: &str, settings: &PoolSettings) -> Result<Self, StoreError> {
+        let pool = AnyPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.acquire_timeout)
+            .connect(url)
+            .await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                backend: Backend::Postgres,
+                read: pool.clone(),
+                write: pool,
+            }),
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.inner.backend
+    }
+
+    /// The pool for reads.
+    pub fn reader(&self) -> &AnyPool {
+        &self.inner.read
+    }
+
+    /// The pool for writes (one connection on SQLite).
+    pub fn writer(&self) -> &AnyPool {
+        &self.inner.write
+    }
+
+    /// A round trip to the database, for readiness.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(self.reader()).await?;
+        Ok(())
+    }
+
+    /// Closes both pools, waiting for connections in use.
+    pub async fn close(&self) {
+        self.inner.write.close().await;
+        self.inner.read.close().await;
+    }
+
+    /// Names of the application's tables and their columns, sorted, for comparing the
+    /// two ladders.
+    pub async fn schema(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        use sqlx::Row;
+        let rows = match self.backend() {
+            Backend::Sqlite => {
+                sqlx::query(
+                    "SELECT m.name AS t, p.name AS c FROM sqlite_master m \
+                     JOIN pragma_table_info(m.name) p \
+                     WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' \
+                     ORDER BY m.name, p.name",
+                )
+                .fetch_all(self.reader())
+                .await?
+            }
+            Backend::Postgres => {
+                sqlx::query(
+                    "SELECT table_name::text AS t, column_name::text AS c FROM information_schema.columns \
+                     WHERE table_schema = current_schema() ORDER BY table_name, column_name",
+                )
+                .fetch_all(self.reader())
+                .await?
+            }
+        };
+        let mut out: Vec<(String, Vec<String>)> = Vec::new();
+        for row in rows {
+            let t: String = row.try_get("t")?;
+            let c: String = row.try_get("c")?;
+            match out.last_mut() {
+                Some((name, cols)) if *name == t => cols.push(c),
+                _ => out.push((t, vec![c])),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Records this installation's id and creation time once.
+pub async fn ensure_installation(db: &Db, now: &str) -> Result<String, StoreError> {
+    use sqlx::Row;
+    let id = uuid::Uuid::new_v4().to_string();
+    // `ON CONFLICT … DO NOTHING` is understood by both backends.
+    let sql = "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING";
+    sqlx::query(sql)
+        .bind("installation_id")
+        .bind(&id)
+        .execute(db.writer())
+        .await?;
+    sqlx::query(sql)
+        .bind("created_at")
+        .bind(now)
+        .execute(db.writer())
+        .await?;
+    let row = sqlx::query("SELECT value FROM meta WHERE key = $1")
+        .bind("installation_id")
+        .fetch_one(db.reader())
+        .await?;
+    Ok(row.try_get("value")?)
+}

@@ -1,0 +1,36 @@
+//! Logging set-up: human-readable text in dev, JSON lines in staging and prod.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogFormat, LoggingConfig};
+
+/// Installs the global subscriber. A second call (tests) is a no-op.
+pub fn init(cfg: &LoggingConfig) {
+    let filter = EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+    let _ = match cfg.format {
+        LogFormat::Text => builder.compact().try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+    };
+}
+
+/// A panic must not print its message (it could hold data): log where it happened,
+/// and let the request answer 500 through the catch-panic layer.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map_or_else(
+            || "unknown".to_owned(),
+            |l| format!("{}:{}", l.file(), l.line()),
+        );
+        let request_id = crate::http::request_id::current_request_id().unwrap_or_default();
+        tracing::error!(%location, %request_id, "panic (message withheld)");
+    }));
+}

@@ -1,0 +1,343 @@
+//! The binary itself: start-up refusals, `migrate`, `openapi`, TLS, SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use crate::support::command;
+
+/// Runs the binary to completion: (exit code, stdout, stderr).
+fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = command(dir);
+    cmd.args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A `serve` child process and the address it listens on.
+struct Served {
+    child: Child,
+    addr: String,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `custodian serve` on a free port and waits for its "listening" line.
+fn serve(dir: &Path, env: &[(&str, &str)]) -> Served {
+    let mut cmd = command(dir);
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        .env("CUSTODIAN_LOGGING__FORMAT", "json")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    #[allow(clippy::zombie_processes)] // `Served::drop` waits for it
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(remaining)
+            .unwrap_or_else(|_| panic!("server did not start"));
+        let v: serde_json::Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        if v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("listening on"))
+        {
+            let addr = v["addr"].as_str().unwrap().to_owned();
+            return Served {
+                child,
+                addr,
+                lines: rx,
+            };
+        }
+    }
+}
+
+fn kill_term(child: &Child) {
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+#[test]
+fn prod_without_tls_or_keyring_refuses_listing_every_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let (code, stdout, stderr) = run(
+        dir.path(),
+        &["serve"],
+        &[
+            ("CUSTODIAN_ENV", "prod"),
+            ("CUSTODIAN_DATA_DIR", &data),
+            ("CUSTODIAN_MFA__REQUIRED", "false"),
+            ("CUSTODIAN_LOGGING__LEVEL", "debug"),
+        ],
+    );
+    assert_eq!(code, 78, "{stderr}");
+    for key in [
+        "server.tls",
+        "keys.keyring",
+        "mfa.required",
+        "logging.level",
+    ] {
+        assert!(stderr.contains(key), "{key} not named:\n{stderr}");
+    }
+    assert!(!stdout.contains("listening"), "{stdout}");
+}
+
+#[test]
+fn prod_refuses_a_world_readable_keyring_and_inline_passwords() {
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = dir.path().join("keyring");
+    std::fs::write(&keyring, "{}").unwrap();
+    std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let data = dir.path().display().to_string();
+    let (code, _, stderr) = run(
+        dir.path(),
+        &["serve"],
+        &[
+            ("CUSTODIAN_ENV", "prod"),
+            ("CUSTODIAN_DATA_DIR", &data),
+            ("CUSTODIAN_SERVER__BEHIND_TLS_PROXY", "true"),
+            (
+                "CUSTODIAN_DATABASE__URL",
+                "postgres://app:PASSWORD-CANARY@localhost/x",
+            ),
+        ],
+    );
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("keys.keyring") && stderr.contains("644"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("database.url"), "{stderr}");
+    assert!(
+        !stderr.contains("PASSWORD-CANARY"),
+        "the password is never printed: {stderr}"
+    );
+}
+
+#[test]
+fn unknown_variables_and_bad_values_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = run(
+        dir.path(),
+        &["migrate"],
+        &[
+            ("CUSTODIAN_SESSION__IDEL_TIMEOUT", "5m"),
+            ("CUSTODIAN_LOCKOUT__DURATION", "forever"),
+        ],
+    );
+    assert_eq!(code, 78);
+    assert!(
+        stderr.contains("CUSTODIAN_SESSION__IDEL_TIMEOUT"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("CUSTODIAN_LOCKOUT__DURATION"), "{stderr}");
+}
+
+#[test]
+fn a_malformed_config_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("config")).unwrap();
+    std::fs::write(
+        dir.path().join("config/dev.yaml"),
+        "session:\n  idle_timeout: [\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = run(dir.path(), &["migrate"], &[]);
+    assert_eq!(code, 78);
+    assert!(
+        stderr.contains("config/dev.yaml") && stderr.contains("YAML"),
+        "{stderr}"
+    );
+    std::fs::write(
+        dir.path().join("config/dev.yaml"),
+        "lockout:\n  max_failures: many\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = run(dir.path(), &["migrate"], &[]);
+    assert_eq!(code, 78);
+    assert!(stderr.contains("lockout.max_failures"), "{stderr}");
+}
+
+#[test]
+fn migrate_creates_and_migrates_the_default_sqlite_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_s = data.display().to_string();
+    let (code, stdout, stderr) = run(dir.path(), &["migrate"], &[("CUSTODIAN_DATA_DIR", &data_s)]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("schema version"), "{stdout}");
+    assert!(data.join("custodian.sqlite").exists());
+    let (code, _, stderr) = run(dir.path(), &["migrate"], &[("CUSTODIAN_DATA_DIR", &data_s)]);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn openapi_command_prints_the_committed_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stdout, _) = run(dir.path(), &["openapi"], &[]);
+    assert_eq!(code, 0);
+    let printed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let committed: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/openapi.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(printed, committed);
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_server_cleanly_and_logs_no_request_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let mut s = serve(dir.path(), &[("CUSTODIAN_DATA_DIR", &data)]);
+    let client = reqwest::Client::new();
+    let res = client
+        .get(format!("http://{}/health", s.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    // Canaries in the path, the query, a header and the body.
+    let res = client
+        .post(format!(
+            "http://{}/api/v1/PATH-CANARY-1?ssn=QUERY-CANARY-2",
+            s.addr
+        ))
+        .header("x-note", "HEADER-CANARY-3")
+        .header("content-type", "application/json")
+        .body(r#"{"name":"BODY-CANARY-4"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    let rid = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+    kill_term(&s.child);
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    // The reader thread ends at EOF, after the last line.
+    let lines: Vec<String> = s.lines.iter().collect();
+    assert!(
+        lines.iter().any(|l| l.contains("shutdown complete")),
+        "{lines:?}"
+    );
+    for l in &lines {
+        assert!(!l.contains("CANARY"), "request data reached the log: {l}");
+    }
+    // One JSON line for the request, with the route pattern and no raw path.
+    let line: serde_json::Value = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["request_id"] == rid.as_str())
+        .unwrap_or_else(|| panic!("no log line for {rid}: {lines:?}"));
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["route"], "-");
+    assert_eq!(line["status"], 404);
+    assert!(line["latency_ms"].is_number());
+}
+
+#[tokio::test]
+async fn staging_serves_tls_with_a_generated_certificate() {
+    custodian::http::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let s = serve(
+        dir.path(),
+        &[("CUSTODIAN_ENV", "staging"), ("CUSTODIAN_DATA_DIR", &data)],
+    );
+    let client = reqwest::Client::builder()
+        .tls_danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let res = client
+        .get(format!("https://{}/health", s.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["strict-transport-security"],
+        "max-age=31536000; includeSubDomains"
+    );
+    // Plain HTTP is not served on the TLS port.
+    let plain = reqwest::get(format!("http://{}/health", s.addr)).await;
+    assert!(!plain.is_ok_and(|r| r.status().is_success()));
+}
+
+#[tokio::test]
+async fn prod_starts_with_a_secure_configuration() {
+    custodian::http::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert_path, key_path, keyring) = (
+        dir.path().join("tls.crt"),
+        dir.path().join("tls.key"),
+        dir.path().join("keyring"),
+    );
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    std::fs::write(&keyring, "{}").unwrap();
+    for p in [&key_path, &keyring] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let (data, c, k) = (
+        dir.path().display().to_string(),
+        cert_path.display().to_string(),
+        key_path.display().to_string(),
+    );
+    let s = serve(
+        dir.path(),
+        &[
+            ("CUSTODIAN_ENV", "prod"),
+            ("CUSTODIAN_DATA_DIR", &data),
+            ("CUSTODIAN_SERVER__TLS__CERT", &c),
+            ("CUSTODIAN_SERVER__TLS__KEY", &k),
+        ],
+    );
+    let client = reqwest::Client::builder()
+        .tls_danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let res = client
+        .get(format!("https://{}/ready", s.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().contains_key("strict-transport-security"));
+}

@@ -1,0 +1,108 @@
+//! The OpenAPI document and Swagger UI.
+
+use std::collections::BTreeSet;
+
+use crate::both_backends;
+use crate::support::{Backend, TestServer, json};
+
+/// Every route of the document is served by the router; every `/api/v1` route the
+/// router serves is in the document (the two are built together by `http::api`, and
+/// this walks the document against the live server).
+async fn every_documented_route_is_served(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let doc = json(s.get("/api/openapi.json").await).await;
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.contains_key("/health") && paths.contains_key("/ready"));
+    for (path, ops) in paths {
+        let concrete = path.replace(['{', '}'], "");
+        for method in ops.as_object().unwrap().keys() {
+            let m = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let res = s.client.request(m, s.url(&concrete)).send().await.unwrap();
+            assert_ne!(
+                res.status(),
+                404,
+                "{method} {path} is documented but not served"
+            );
+            assert_ne!(
+                res.status(),
+                405,
+                "{method} {path} is documented but not served"
+            );
+        }
+    }
+}
+both_backends!(every_documented_route_is_served);
+
+/// The document served equals the one the CLI prints and the one committed in
+/// `docs/openapi.json`. Set `UPDATE_OPENAPI=1` to rewrite the committed file.
+#[tokio::test]
+async fn committed_openapi_matches_the_code() {
+    let generated = custodian::http::openapi_document()
+        .to_pretty_json()
+        .unwrap()
+        + "\n";
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/openapi.json");
+    if std::env::var("UPDATE_OPENAPI").as_deref() == Ok("1") {
+        std::fs::write(&path, &generated).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "docs/openapi.json is out of date: run `UPDATE_OPENAPI=1 cargo test committed_openapi` and commit it"
+    );
+
+    let s = TestServer::start(Backend::Sqlite).await;
+    let served = json(s.get("/api/openapi.json").await).await;
+    let generated: serde_json::Value = serde_json::from_str(&generated).unwrap();
+    assert_eq!(served, generated);
+}
+
+/// Every `/api/v1` path in the document declares the bearer scheme unless the contract
+/// makes it public.
+#[test]
+fn api_v1_routes_declare_bearer_auth() {
+    let doc: serde_json::Value =
+        serde_json::from_str(&custodian::http::openapi_document().to_json().unwrap()).unwrap();
+    let public: BTreeSet<&str> = ["/api/v1/auth/login", "/api/v1/auth/password"].into();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        if !path.starts_with("/api/v1") || public.contains(path.as_str()) {
+            continue;
+        }
+        for (method, op) in ops.as_object().unwrap() {
+            let security = op.get("security").or(doc.get("security"));
+            assert!(security.is_some(), "{method} {path} declares no security");
+        }
+    }
+}
+
+async fn swagger_ui_is_served_from_the_binary(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let res = s.get("/api/docs").await;
+    assert!(res.status().is_redirection());
+    let res = s.get("/api/docs/").await;
+    assert_eq!(res.status(), 200);
+    let csp = res.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(csp.contains("style-src 'self' 'sha256-"), "{csp}");
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    let html = res.text().await.unwrap();
+    assert!(html.contains("swagger-ui-bundle.js"));
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "no third-party origin in the page"
+    );
+    let init = s
+        .get("/api/docs/swagger-initializer.js")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(init.contains("/api/openapi.json"), "{init}");
+    let bundle = s.get("/api/docs/swagger-ui-bundle.js").await;
+    assert_eq!(bundle.status(), 200);
+    assert!(bundle.bytes().await.unwrap().len() > 100_000);
+}
+both_backends!(swagger_ui_is_served_from_the_binary);

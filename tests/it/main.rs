@@ -1,0 +1,13 @@
+//! One integration-test binary: every test starts the real server on port 0 against a
+//! fresh database (SQLite always; PostgreSQL + Redis when configured, see `support`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+mod bodies;
+mod browser;
+mod cli;
+mod conventions;
+mod docs;
+mod health;
+mod storage;

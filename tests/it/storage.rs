@@ -1,0 +1,139 @@
+//! Storage: the migration ladders and their guards.
+
+use custodian::clock::SystemClock;
+use custodian::config::Secret;
+use custodian::store::migrate::{MIGRATIONS, migrate};
+use custodian::store::{Db, PoolSettings};
+
+use crate::both_backends;
+use crate::support::{Backend, TestDb, postgres_url};
+
+fn settings() -> PoolSettings {
+    PoolSettings {
+        max_connections: 4,
+        acquire_timeout: std::time::Duration::from_secs(5),
+    }
+}
+
+async fn open(db: &TestDb) -> Db {
+    Db::connect(&Secret::new(db.url.clone()), &settings())
+        .await
+        .unwrap()
+}
+
+async fn migrations_apply_once(backend: Backend) {
+    let t = TestDb::new(backend).await;
+    let db = open(&t).await;
+    let first = migrate(&db, &SystemClock).await.unwrap();
+    assert_eq!(first.applied.len(), MIGRATIONS.len());
+    let second = migrate(&db, &SystemClock).await.unwrap();
+    assert!(second.applied.is_empty());
+    assert_eq!(second.current, MIGRATIONS.len() as i64);
+}
+both_backends!(migrations_apply_once);
+
+async fn concurrent_starts_migrate_once(backend: Backend) {
+    let t = TestDb::new(backend).await;
+    let (a, b) = (open(&t).await, open(&t).await);
+    let (ra, rb) = tokio::join!(migrate(&a, &SystemClock), migrate(&b, &SystemClock));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(ra.applied.len() + rb.applied.len(), MIGRATIONS.len());
+}
+both_backends!(concurrent_starts_migrate_once);
+
+async fn a_newer_database_is_refused(backend: Backend) {
+    let t = TestDb::new(backend).await;
+    let db = open(&t).await;
+    migrate(&db, &SystemClock).await.unwrap();
+    sqlx::query("INSERT INTO schema_migrations (version, name, checksum, applied_at) VALUES (999, 'future', 'x', 'now')")
+        .execute(db.writer())
+        .await
+        .unwrap();
+    let e = migrate(&db, &SystemClock).await.unwrap_err().to_string();
+    assert!(e.contains("999") && e.contains("newer"), "{e}");
+}
+both_backends!(a_newer_database_is_refused);
+
+async fn an_edited_migration_is_refused(backend: Backend) {
+    let t = TestDb::new(backend).await;
+    let db = open(&t).await;
+    migrate(&db, &SystemClock).await.unwrap();
+    sqlx::query("UPDATE schema_migrations SET checksum = 'edited' WHERE version = 1")
+        .execute(db.writer())
+        .await
+        .unwrap();
+    let e = migrate(&db, &SystemClock).await.unwrap_err().to_string();
+    assert!(e.contains("changed after it was applied"), "{e}");
+}
+both_backends!(an_edited_migration_is_refused);
+
+async fn sqlite_runs_in_wal_mode_with_foreign_keys(backend: Backend) {
+    if backend != Backend::Sqlite {
+        return;
+    }
+    use sqlx::Row;
+    let t = TestDb::new(backend).await;
+    let db = open(&t).await;
+    for pool in [db.reader(), db.writer()] {
+        let mode: String = sqlx::query("PRAGMA journal_mode")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert_eq!(mode.to_lowercase(), "wal");
+        let fk: i64 = sqlx::query("PRAGMA foreign_keys")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert_eq!(fk, 1);
+        let busy: i64 = sqlx::query("PRAGMA busy_timeout")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert!(busy >= 1000);
+    }
+    assert!(t.path().join("test.sqlite").exists());
+}
+both_backends!(sqlite_runs_in_wal_mode_with_foreign_keys);
+
+/// Both ladders produce the same tables with the same columns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_ladders_produce_the_same_schema() {
+    if postgres_url().is_none() {
+        return;
+    }
+    let (ts, tp) = (
+        TestDb::new(Backend::Sqlite).await,
+        TestDb::new(Backend::Postgres).await,
+    );
+    let (s, p) = (open(&ts).await, open(&tp).await);
+    migrate(&s, &SystemClock).await.unwrap();
+    migrate(&p, &SystemClock).await.unwrap();
+    let (a, b) = (s.schema().await.unwrap(), p.schema().await.unwrap());
+    assert!(!a.is_empty());
+    assert_eq!(
+        a, b,
+        "migrations/sqlite and migrations/postgres have drifted apart"
+    );
+}
+
+async fn the_installation_id_survives_restarts(backend: Backend) {
+    let t = TestDb::new(backend).await;
+    let db = open(&t).await;
+    migrate(&db, &SystemClock).await.unwrap();
+    let a = custodian::store::ensure_installation(&db, "2026-01-01T00:00:00Z")
+        .await
+        .unwrap();
+    db.close().await;
+    let db = open(&t).await;
+    let b = custodian::store::ensure_installation(&db, "2026-02-01T00:00:00Z")
+        .await
+        .unwrap();
+    assert_eq!(a, b);
+}
+both_backends!(the_installation_id_survives_restarts);
