@@ -124,33 +124,19 @@ impl Loader {
                 continue;
             };
             let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
-            if path.iter().any(String::is_empty) {
-                problems.push(format!("{name}: not a configuration key"));
-                continue;
-            }
-            match layer_for(&path, raw) {
-                Ok(layer) => match check_layer(&layer) {
-                    Ok(()) => merge(&mut tree, layer),
-                    Err(e) => problems.push(format!("{name}: {e}")),
-                },
-                Err(e) => problems.push(format!("{name}: {e}")),
-            }
+            apply_key(&mut tree, &mut problems, name, &path, raw);
         }
 
         // Layer 4: command-line flags.
         for (key, raw) in &self.sets {
             let path: Vec<String> = key.split('.').map(str::to_owned).collect();
-            if path.iter().any(String::is_empty) {
-                problems.push(format!("--set {key}: not a configuration key"));
-                continue;
-            }
-            match layer_for(&path, raw) {
-                Ok(layer) => match check_layer(&layer) {
-                    Ok(()) => merge(&mut tree, layer),
-                    Err(e) => problems.push(format!("--set {key}: {e}")),
-                },
-                Err(e) => problems.push(format!("--set {key}: {e}")),
-            }
+            apply_key(
+                &mut tree,
+                &mut problems,
+                &format!("--set {key}"),
+                &path,
+                raw,
+            );
         }
 
         if !problems.is_empty() {
@@ -238,9 +224,28 @@ fn read_yaml_file(path: &Path, required: bool) -> Result<Option<Value>, String> 
     }
 }
 
+/// Checks one key given by a variable or a flag (`source` names it in errors) and merges it.
+fn apply_key(
+    tree: &mut Value,
+    problems: &mut Vec<String>,
+    source: &str,
+    path: &[String],
+    raw: &str,
+) {
+    if path.iter().any(String::is_empty) {
+        problems.push(format!("{source}: not a configuration key"));
+        return;
+    }
+    let layer = layer_for(path, raw);
+    match check_layer(&layer) {
+        Ok(()) => merge(tree, layer),
+        Err(e) => problems.push(format!("{source}: {e}")),
+    }
+}
+
 /// A one-key layer from a path and a raw value, the value read as a YAML scalar
 /// (`5` → number, `true` → boolean, `3s` → string, `[a, b]` → list).
-fn layer_for(path: &[String], raw: &str) -> Result<Value, String> {
+fn layer_for(path: &[String], raw: &str) -> Value {
     let mut value: Value = if raw.trim().is_empty() {
         Value::Null
     } else {
@@ -251,7 +256,7 @@ fn layer_for(path: &[String], raw: &str) -> Result<Value, String> {
         m.insert(key.clone(), value);
         value = Value::Object(m);
     }
-    Ok(value)
+    value
 }
 
 /// Deserialises one layer alone, to find unknown keys and bad values with their path.
@@ -373,36 +378,26 @@ mod tests {
         let path = dir.path().join("c.yaml");
         let mut f = std::fs::File::create(&path).unwrap();
         writeln!(f, "session:\n  idle_timeout: 10m\n  idel: 3").unwrap();
-        let e = Loader {
-            file: Some(path.clone()),
-            ..loader()
-        }
-        .load()
-        .unwrap_err();
-        let msg = e.to_string();
+        let load = || {
+            Loader {
+                file: Some(path.clone()),
+                ..loader()
+            }
+            .load()
+            .unwrap_err()
+            .to_string()
+        };
+        let msg = load();
         assert!(msg.contains("c.yaml"), "{msg}");
         assert!(msg.contains("unknown key `session.idel`"), "{msg}");
 
         std::fs::write(&path, "session:\n  idle_timeout: 10\n").unwrap();
-        let msg = Loader {
-            file: Some(path.clone()),
-            ..loader()
-        }
-        .load()
-        .unwrap_err()
-        .to_string();
+        let msg = load();
         assert!(msg.contains("session.idle_timeout"), "{msg}");
         assert!(msg.contains("no unit"), "{msg}");
 
         std::fs::write(&path, "session: [oops\n").unwrap();
-        let msg = Loader {
-            file: Some(path.clone()),
-            ..loader()
-        }
-        .load()
-        .unwrap_err()
-        .to_string();
-        assert!(msg.contains("not valid YAML"), "{msg}");
+        assert!(load().contains("not valid YAML"));
     }
 
     #[test]

@@ -78,14 +78,7 @@ pub fn insecure_settings(c: &Config) -> Vec<Finding> {
                 .into(),
         );
     }
-    for (key, file) in [
-        ("database.url_file", c.database.url_file.as_deref()),
-        ("redis.url_file", c.redis.url_file.as_deref()),
-        (
-            "monitoring.sentry_dsn_file",
-            c.monitoring.sentry_dsn_file.as_deref(),
-        ),
-    ] {
+    for (key, file) in secret_files(c) {
         if let Some(path) = file
             && let Some(p) = secret_file_problem(path)
         {
@@ -252,17 +245,22 @@ fn mode_problem(_: &Path, _: &std::fs::Metadata) -> Option<String> {
     None
 }
 
-/// Reads the secret files so that an unreadable one fails at start-up, not later.
-pub fn unreadable_secrets(c: &Config) -> Vec<Finding> {
-    let mut out = Vec::new();
-    for (key, file) in [
+/// The `…_file` keys that name secret files.
+fn secret_files(c: &Config) -> [(&'static str, Option<&Path>); 3] {
+    [
         ("database.url_file", c.database.url_file.as_deref()),
         ("redis.url_file", c.redis.url_file.as_deref()),
         (
             "monitoring.sentry_dsn_file",
             c.monitoring.sentry_dsn_file.as_deref(),
         ),
-    ] {
+    ]
+}
+
+/// Reads the secret files so that an unreadable one fails at start-up, not later.
+pub fn unreadable_secrets(c: &Config) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for (key, file) in secret_files(c) {
         if let Some(path) = file
             && let Err(problem) = read_secret(key.trim_end_matches("_file"), None, Some(path))
         {
