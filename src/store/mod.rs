@@ -82,6 +82,33 @@ impl std::fmt::Debug for Db {
     }
 }
 
+/// Creates the SQLite file (and its directory) readable by this user only: it holds
+/// PHI, even if encrypted field by field. SQLite gives its `-wal` and `-shm` files the
+/// same mode as the database file.
+fn create_private_file(path: &Path) -> Result<(), StoreError> {
+    let fail = |what: &str, p: &Path, e: std::io::Error| {
+        StoreError::Config(format!("cannot create {what} {}: {e}", p.display()))
+    };
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+        && !parent.exists()
+    {
+        let mut b = std::fs::DirBuilder::new();
+        b.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+        b.create(parent)
+            .map_err(|e| fail("the directory", parent, e))?;
+    }
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o.open(path)
+        .map_err(|e| fail("the SQLite database", path, e))?;
+    Ok(())
+}
+
 type PragmaFuture<'c> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), sqlx::Error>> + Send + 'c>>;
 
@@ -122,16 +149,8 @@ impl Db {
     async fn connect_sqlite(path: &str, settings: &PoolSettings) -> Result<Self, StoreError> {
         let file = path.split('?').next().unwrap_or(path);
         let in_memory = file == ":memory:" || path.contains("mode=memory");
-        if !in_memory
-            && let Some(parent) = Path::new(file).parent()
-            && !parent.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                StoreError::Config(format!(
-                    "cannot create the directory {} for the SQLite database: {e}",
-                    parent.display()
-                ))
-            })?;
+        if !in_memory {
+            create_private_file(Path::new(file))?;
         }
         let url = if path.contains('?') {
             format!("sqlite://{path}")

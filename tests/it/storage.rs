@@ -97,7 +97,15 @@ async fn sqlite_runs_in_wal_mode_with_foreign_keys(backend: Backend) {
             .unwrap();
         assert!(busy >= 1000);
     }
-    assert!(t.path().join("test.sqlite").exists());
+    // The file holds PHI: this user only, and so are SQLite's companion files.
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["test.sqlite", "test.sqlite-wal", "test.sqlite-shm"] {
+        let mode = std::fs::metadata(t.path().join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{f} has mode {mode:o}");
+    }
 }
 both_backends!(sqlite_runs_in_wal_mode_with_foreign_keys);
 
