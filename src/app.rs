@@ -6,8 +6,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::Router;
 
+use crate::audit::AuditLog;
 use crate::clock::SharedClock;
 use crate::config::Config;
+use crate::crypto::{Keyring, SharedKeyring};
 use crate::store::{self, Db, PoolSettings};
 
 /// Shared state handed to every handler.
@@ -22,6 +24,8 @@ struct Inner {
     redis: Option<redis::Client>,
     clock: SharedClock,
     installation_id: String,
+    keys: Arc<SharedKeyring>,
+    audit: AuditLog,
 }
 
 impl AppState {
@@ -40,6 +44,31 @@ impl AppState {
     pub fn installation_id(&self) -> &str {
         &self.inner.installation_id
     }
+    pub fn keys(&self) -> &Arc<SharedKeyring> {
+        &self.inner.keys
+    }
+    pub fn audit(&self) -> &AuditLog {
+        &self.inner.audit
+    }
+}
+
+/// Opens the keyring; in dev, creates it when absent (mode 0600) and says so.
+pub fn open_keyring(
+    config: &Config,
+    clock: &dyn crate::clock::Clock,
+) -> anyhow::Result<Arc<SharedKeyring>> {
+    let path = config.keyring_path();
+    let now = crate::clock::rfc3339(clock.now());
+    let create = config.env == crate::config::Environment::Dev;
+    let (ring, created) = Keyring::open(&path, create, &now).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; create one with `custodian keys rotate` (it is created automatically only in dev)"
+        )
+    })?;
+    if created {
+        tracing::warn!(path = %path.display(), "created a new keyring (dev); back it up: data encrypted with it cannot be read without it");
+    }
+    Ok(Arc::new(SharedKeyring::new(ring)))
 }
 
 /// Opens the database named by the configuration and migrates it.
@@ -82,6 +111,8 @@ impl App {
         let db = open_database(&config, clock.as_ref()).await?;
         let now = crate::clock::rfc3339(clock.now());
         let installation_id = store::ensure_installation(&db, &now).await?;
+        let keys = open_keyring(&config, clock.as_ref())?;
+        let audit = AuditLog::start(db.clone(), keys.clone(), clock.clone(), &config.audit)?;
         let redis = match &secrets.redis_url {
             Some(url) => Some(
                 redis::Client::open(url.expose())
@@ -97,6 +128,8 @@ impl App {
                     redis,
                     clock,
                     installation_id,
+                    keys,
+                    audit,
                 }),
             },
         })

@@ -50,6 +50,36 @@ pub enum Command {
     Migrate,
     /// Print the OpenAPI document.
     Openapi,
+    /// The audit trail: verify, export, purge.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// The keyring.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Check the chain; exit 0 with a summary if intact, non-zero naming the first bad event.
+    Verify,
+    /// Write events to stdout, oldest first.
+    Export {
+        /// Only events at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// jsonl (default) or csv.
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+    },
+    /// Remove events older than audit.retention, leaving a signed checkpoint
+    /// (needs audit.purge_enabled: true).
+    Purge,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Add a key version used for new work (creates the keyring when absent).
+    Rotate,
 }
 
 impl Cli {
@@ -106,6 +136,8 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Serve { .. } => serve(config).await,
             Command::Migrate => migrate(config).await,
             Command::Openapi => print_openapi(),
+            Command::Audit(cmd) => audit_command(config, cmd).await,
+            Command::Keys(KeysCommand::Rotate) => keys_rotate(config).await,
         }
     })
 }
@@ -244,4 +276,250 @@ fn make_tls(config: &Config) -> Result<Option<tls::Tls>, tls::TlsError> {
         return Ok(Some(t));
     }
     Ok(None)
+}
+
+/// What the offline commands need: the database, the keyring and the audit trail.
+async fn offline_context(
+    config: &Config,
+) -> anyhow::Result<(crate::store::Db, crate::audit::AuditLog)> {
+    let clock: crate::clock::SharedClock = Arc::new(SystemClock);
+    let db = crate::app::open_database(config, &SystemClock).await?;
+    let keys = crate::app::open_keyring(config, &SystemClock)?;
+    let log = crate::audit::AuditLog::start(db.clone(), keys, clock, &config.audit)?;
+    Ok((db, log))
+}
+
+/// Records what an offline command did; reading the audit log is itself audited.
+async fn record_system_event(
+    log: &crate::audit::AuditLog,
+    command: &str,
+    action: crate::audit::Action,
+    resource_type: &'static str,
+    context: Vec<(&'static str, crate::audit::ContextValue)>,
+) -> Result<(), crate::audit::AuditError> {
+    let mut e = log.event(action, crate::audit::Outcome::Success);
+    let actor = crate::audit::Actor::system(command);
+    e.actor = Some(actor.name);
+    e.resource_type = Some(resource_type);
+    e.context.extend(context);
+    log.record(vec![e]).await
+}
+
+async fn audit_command(config: Config, cmd: AuditCommand) -> ExitCode {
+    use crate::audit::{Action, ContextValue};
+    let (db, log) = match offline_context(&config).await {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("custodian audit: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match cmd {
+        AuditCommand::Verify => match log.verify().await {
+            Ok(report) => {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                let ctx = vec![
+                    ("events", ContextValue::Int(report.events)),
+                    ("ok", ContextValue::Bool(report.ok)),
+                ];
+                if let Err(e) =
+                    record_system_event(&log, "audit-verify", Action::AuditVerify, "audit_log", ctx)
+                        .await
+                {
+                    eprintln!("custodian audit verify: could not record this verification: {e}");
+                }
+                if report.ok {
+                    eprintln!("audit chain intact: {} events", report.events);
+                    ExitCode::SUCCESS
+                } else {
+                    eprintln!(
+                        "audit chain BROKEN at {}: {}",
+                        report.first_bad.as_deref().unwrap_or("?"),
+                        report.reason.as_deref().unwrap_or("")
+                    );
+                    ExitCode::from(3)
+                }
+            }
+            Err(e) => {
+                eprintln!("custodian audit verify: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        AuditCommand::Export { since, format } => {
+            let Some(fmt) = crate::audit::export::Format::parse(&format) else {
+                eprintln!("custodian audit export: --format is jsonl or csv, not `{format}`");
+                return ExitCode::from(2);
+            };
+            let mut filter = crate::audit::store::Filter::default();
+            if let Some(s) = &since {
+                match crate::clock::parse_rfc3339(s) {
+                    Some(t) => filter.since = Some(t),
+                    None => {
+                        eprintln!(
+                            "custodian audit export: --since must be an RFC 3339 time such as 2026-01-31T00:00:00Z"
+                        );
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let header = crate::audit::export::write_header(&mut out, fmt);
+            let result = match header {
+                Ok(()) => log
+                    .export(&filter, |e| {
+                        crate::audit::export::write_event(&mut out, fmt, e)
+                    })
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let flushed = std::io::Write::flush(&mut out);
+            drop(out);
+            match (result, flushed) {
+                (Ok(n), Ok(())) => {
+                    let ctx = vec![
+                        (
+                            "count",
+                            ContextValue::Int(i64::try_from(n).unwrap_or(i64::MAX)),
+                        ),
+                        (
+                            "format",
+                            ContextValue::Code(if fmt == crate::audit::export::Format::Csv {
+                                "csv"
+                            } else {
+                                "jsonl"
+                            }),
+                        ),
+                        ("since", ContextValue::Bool(since.is_some())),
+                    ];
+                    match record_system_event(
+                        &log,
+                        "audit-export",
+                        Action::Export,
+                        "audit_log",
+                        ctx,
+                    )
+                    .await
+                    {
+                        Ok(()) => {
+                            eprintln!("exported {n} events");
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => {
+                            eprintln!(
+                                "custodian audit export: the export was not recorded in the audit trail: {e}"
+                            );
+                            ExitCode::FAILURE
+                        }
+                    }
+                }
+                (Err(e), _) => {
+                    eprintln!("custodian audit export: {e}");
+                    ExitCode::FAILURE
+                }
+                (_, Err(e)) => {
+                    eprintln!("custodian audit export: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        AuditCommand::Purge => {
+            if !config.audit.purge_enabled {
+                eprintln!(
+                    "custodian audit purge: audit.purge_enabled is false; nothing was removed"
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            match log.purge(config.audit.retention.std()).await {
+                Ok(r) => {
+                    let ctx = vec![
+                        (
+                            "purged",
+                            ContextValue::Int(i64::try_from(r.purged).unwrap_or(i64::MAX)),
+                        ),
+                        ("up_to_seq", ContextValue::Int(r.up_to_seq.unwrap_or(0))),
+                    ];
+                    if let Err(e) = record_system_event(
+                        &log,
+                        "audit-purge",
+                        Action::AuditPurge,
+                        "audit_log",
+                        ctx,
+                    )
+                    .await
+                    {
+                        eprintln!("custodian audit purge: the purge was not recorded: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("custodian audit purge: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    };
+    db.close().await;
+    code
+}
+
+async fn keys_rotate(config: Config) -> ExitCode {
+    use crate::crypto::{KeySource, Keyring};
+    let path = config.keyring_path();
+    let now = crate::clock::rfc3339(crate::clock::Clock::now(&SystemClock));
+    let version = if path.exists() {
+        match Keyring::load(&path).and_then(|mut k| k.rotate(&now)) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("custodian keys rotate: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        match Keyring::create(&path, &now) {
+            Ok(k) => k.current_version(),
+            Err(e) => {
+                eprintln!("custodian keys rotate: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    println!(
+        "keyring {}: version {version} is now used for new work",
+        path.display()
+    );
+    let (db, log) = match offline_context(&config).await {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!(
+                "custodian keys rotate: the key was added, but the rotation could not be recorded: {e:#}"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let ctx = vec![(
+        "version",
+        crate::audit::ContextValue::Int(i64::from(version)),
+    )];
+    let result = record_system_event(
+        &log,
+        "keys-rotate",
+        crate::audit::Action::KeyRotated,
+        "keyring",
+        ctx,
+    )
+    .await;
+    db.close().await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "custodian keys rotate: the key was added, but the rotation could not be recorded: {e}"
+            );
+            ExitCode::FAILURE
+        }
+    }
 }

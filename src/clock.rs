@@ -65,6 +65,30 @@ pub fn rfc3339(t: OffsetDateTime) -> String {
         .unwrap_or_default()
 }
 
+/// A fixed-width RFC 3339 UTC timestamp with microseconds
+/// (`2026-01-01T00:01:30.000000Z`): text order is time order, so stored times compare
+/// correctly in SQL on both backends.
+pub fn timestamp(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.microsecond()
+    )
+}
+
+/// Parses an RFC 3339 time (any offset) into the stored fixed-width form.
+pub fn parse_rfc3339(s: &str) -> Option<String> {
+    OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(timestamp)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,5 +101,11 @@ mod tests {
         c.advance(std::time::Duration::from_secs(90));
         assert_eq!(c.now(), time::macros::datetime!(2026-01-01 00:01:30 UTC));
         assert_eq!(rfc3339(c.now()), "2026-01-01T00:01:30Z");
+        assert_eq!(timestamp(c.now()), "2026-01-01T00:01:30.000000Z");
+        assert_eq!(
+            parse_rfc3339("2026-01-01T02:01:30.5+02:00").as_deref(),
+            Some("2026-01-01T00:01:30.500000Z")
+        );
+        assert_eq!(parse_rfc3339("yesterday"), None);
     }
 }

@@ -181,6 +181,15 @@ fn cross_checks(c: &Config) -> Vec<String> {
     if c.database.max_connections == 0 {
         p.push("database.max_connections: must be at least 1".into());
     }
+    if c.audit.max_batch == 0 || c.audit.queue == 0 {
+        p.push("audit.max_batch and audit.queue: must be at least 1".into());
+    }
+    if c.audit.batch_wait.std() > std::time::Duration::from_millis(100) {
+        p.push("audit.batch_wait: at most 100ms (every audited request waits for it)".into());
+    }
+    if c.audit.commit_timeout.is_zero() {
+        p.push("audit.commit_timeout: must be more than 0".into());
+    }
     if c.api_tokens.max_lifetime.is_zero() {
         p.push("api_tokens.max_lifetime: must be more than 0".into());
     }

@@ -198,10 +198,23 @@ pub struct RateLimitConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
+    /// Record every request (refused off in prod; off only for measuring its cost).
+    pub enabled: bool,
     /// How long events are kept before a purge may remove them (HIPAA: 6 years).
     pub retention: Duration,
-    /// Whether the retention purge runs at all (off by default).
+    /// Whether `custodian audit purge` may remove anything (off by default).
     pub purge_enabled: bool,
+    /// Most events committed in one transaction (1 = one transaction per request).
+    pub max_batch: u32,
+    /// How long the writer waits for more events before committing (0 = commit what is
+    /// queued at once; batches still form while a commit runs).
+    pub batch_wait: Duration,
+    /// Requests that may wait for the writer before new ones wait to enqueue.
+    pub queue: u32,
+    /// A request whose events are not committed in this time fails closed (503).
+    pub commit_timeout: Duration,
+    /// Copy of every committed event as JSON lines: `stdout` or a file path.
+    pub sink: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -311,8 +324,14 @@ impl Default for RateLimitConfig {
 impl Default for AuditConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             retention: Duration::from_days(6 * 365 + 2),
             purge_enabled: false,
+            max_batch: 256,
+            batch_wait: Duration::default(),
+            queue: 8192,
+            commit_timeout: Duration::from_secs(5),
+            sink: None,
         }
     }
 }

@@ -164,6 +164,15 @@ pub fn insecure_settings(c: &Config) -> Vec<Finding> {
         }
     }
 
+    // The audit trail.
+    if !c.audit.enabled {
+        add(
+            "audit.enabled",
+            "the audit trail is off: requests and PHI access are not recorded (HIPAA §164.312(b))"
+                .into(),
+        );
+    }
+
     // Warnings that are not refusals are in `advisories`.
     out
 }
@@ -431,6 +440,13 @@ mod tests {
         assert_eq!(keys(&c), ["server.cors_origins"]);
         c.server.cors_origins = vec!["https://*.example.org".into()];
         assert_eq!(keys(&c), ["server.cors_origins"]);
+    }
+
+    #[test]
+    fn rule_audit_off() {
+        let (_d, mut c) = secure();
+        c.audit.enabled = false;
+        assert_eq!(keys(&c), ["audit.enabled"]);
     }
 
     #[test]

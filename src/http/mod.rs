@@ -1,8 +1,9 @@
 //! HTTP plumbing: router assembly and middleware order, errors, extractors, headers.
 //!
 //! Order, outermost first:
-//! request id → security headers → request log → catch panic → client IP → timeout →
-//! body guard (415/413 from headers) → route (extract → authorise → service → respond).
+//! request id → security headers → request log → client IP → audit (the response waits
+//! for its event to commit) → CORS → catch panic → timeout → body guard (415/413 from
+//! headers) → route (extract → authorise → service → respond).
 
 pub mod client_ip;
 pub mod docs;
@@ -74,15 +75,19 @@ pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
         .layer(axum::Extension(json::BodyLimit(limit)))
         .layer(DefaultBodyLimit::max(limit))
         .layer(from_fn_with_state(timeout, timeout_middleware))
-        .layer(from_fn_with_state(trusted, client_ip::middleware))
         .layer(CatchPanicLayer::custom(panic_response));
     if let Some(cors) = cors {
         app = app.layer(cors);
     }
-    app.layer(from_fn(logging::middleware))
-        .layer(from_fn_with_state(header_settings, headers::middleware))
-        .layer(from_fn(request_id::middleware))
-        .with_state(state)
+    app.layer(from_fn_with_state(
+        state.audit().clone(),
+        crate::audit::middleware::middleware,
+    ))
+    .layer(from_fn_with_state(trusted, client_ip::middleware))
+    .layer(from_fn(logging::middleware))
+    .layer(from_fn_with_state(header_settings, headers::middleware))
+    .layer(from_fn(request_id::middleware))
+    .with_state(state)
 }
 
 fn cors_layer(origins: &[String]) -> Option<CorsLayer> {

@@ -30,7 +30,7 @@ macro_rules! migration {
 }
 
 /// Every migration, in order. Add a step here and as a file in both folders.
-pub const MIGRATIONS: &[Migration] = &[migration!(1, "0001_meta")];
+pub const MIGRATIONS: &[Migration] = &[migration!(1, "0001_meta"), migration!(2, "0002_audit")];
 
 impl Migration {
     fn sql(&self, backend: Backend) -> &'static str {

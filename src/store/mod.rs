@@ -120,7 +120,7 @@ fn sqlite_pragmas(
     Box::pin(async move {
         conn.execute(
             "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; \
-             PRAGMA busy_timeout = 5000; PRAGMA synchronous = NORMAL;",
+             PRAGMA busy_timeout = 5000; PRAGMA synchronous = FULL;",
         )
         .await?;
         Ok(())

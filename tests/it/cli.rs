@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::support::command;
 
 /// Runs the binary to completion: (exit code, stdout, stderr).
-fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+pub(crate) fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = command(dir);
     cmd.args(args).stdin(Stdio::null());
     for (k, v) in env {
@@ -24,10 +24,10 @@ fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String)
 }
 
 /// A `serve` child process and the address it listens on.
-struct Served {
-    child: Child,
-    addr: String,
-    lines: std::sync::mpsc::Receiver<String>,
+pub(crate) struct Served {
+    pub(crate) child: Child,
+    pub(crate) addr: String,
+    pub(crate) lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl Drop for Served {
@@ -38,7 +38,7 @@ impl Drop for Served {
 }
 
 /// Starts `custodian serve` on a free port and waits for its "listening" line.
-fn serve(dir: &Path, env: &[(&str, &str)]) -> Served {
+pub(crate) fn serve(dir: &Path, env: &[(&str, &str)]) -> Served {
     let mut cmd = command(dir);
     cmd.args(["serve", "--listen", "127.0.0.1:0"])
         .env("CUSTODIAN_LOGGING__FORMAT", "json")
@@ -276,10 +276,14 @@ async fn staging_serves_tls_with_a_generated_certificate() {
     custodian::http::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().display().to_string();
-    let s = serve(
-        dir.path(),
-        &[("CUSTODIAN_ENV", "staging"), ("CUSTODIAN_DATA_DIR", &data)],
-    );
+    // Staging does not create a keyring by itself; the operator does, once.
+    let env = [
+        ("CUSTODIAN_ENV", "staging"),
+        ("CUSTODIAN_DATA_DIR", data.as_str()),
+    ];
+    let (code, _, stderr) = run(dir.path(), &["keys", "rotate"], &env);
+    assert_eq!(code, 0, "{stderr}");
+    let s = serve(dir.path(), &env);
     let client = reqwest::Client::builder()
         .tls_danger_accept_invalid_certs(true)
         .build()
@@ -311,7 +315,7 @@ async fn prod_starts_with_a_secure_configuration() {
     );
     std::fs::write(&cert_path, cert.cert.pem()).unwrap();
     std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
-    std::fs::write(&keyring, "{}").unwrap();
+    custodian::crypto::Keyring::create(&keyring, "2026-01-01T00:00:00Z").unwrap();
     for p in [&key_path, &keyring] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
     }

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod audit;
 mod bodies;
 mod browser;
 mod cli;

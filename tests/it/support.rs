@@ -167,7 +167,7 @@ pub struct TestServer {
     pub state: AppState,
     pub clock: ManualClock,
     server: Option<RunningServer>,
-    pub db: TestDb,
+    pub db: Arc<TestDb>,
 }
 
 impl TestServer {
@@ -176,12 +176,12 @@ impl TestServer {
     }
 
     pub async fn start_with(backend: Backend, opts: Options) -> Self {
-        let db = TestDb::new(backend).await;
+        let db = Arc::new(TestDb::new(backend).await);
         Self::start_on(db, opts).await
     }
 
     /// Starts on an existing database (several servers may share one).
-    pub async fn start_on(db: TestDb, opts: Options) -> Self {
+    pub async fn start_on(db: Arc<TestDb>, opts: Options) -> Self {
         custodian::http::tls::install_crypto_provider();
         let mut sets: Vec<(String, String)> = vec![
             ("data_dir".into(), db.path().display().to_string()),
@@ -254,6 +254,8 @@ pub fn binary() -> PathBuf {
 
 /// A `custodian` command with no `CUSTODIAN_*` variables from the outside, run in `dir`.
 pub fn command(dir: &Path) -> std::process::Command {
+    // Tests talk to what they start with reqwest, which needs the process's provider.
+    custodian::http::tls::install_crypto_provider();
     let mut cmd = std::process::Command::new(binary());
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("CUSTODIAN_") {

@@ -1,0 +1,264 @@
+//! The activity middleware: every request (but health checks and static files) yields
+//! one event after the handler decides, and the response is sent only once that event
+//! — and every event the handler added — is committed. If the audit store cannot be
+//! written, the request fails closed with 503 and the failure is logged.
+//!
+//! Handlers enrich the request's event through the [`Audit`] extractor: the action and
+//! resource, the actor (set by authentication), and one extra event per patient touched
+//! (a search that returns ten patients adds ten `read`… events, one naming each, so the
+//! accounting of disclosures is a simple query by patient).
+
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::http::header;
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::model::{Action, Context, ContextValue, NewEvent, Outcome};
+use super::service::AuditLog;
+use crate::http::client_ip::ClientIp;
+use crate::http::error::{ApiError, ErrorCode};
+use crate::http::request_id::RequestId;
+
+/// Who acted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Actor {
+    pub id: Option<String>,
+    pub name: String,
+}
+
+impl Actor {
+    pub fn anonymous() -> Self {
+        Self {
+            id: None,
+            name: "anonymous".into(),
+        }
+    }
+    pub fn user(id: &str, username: &str) -> Self {
+        Self {
+            id: Some(id.to_owned()),
+            name: username.to_owned(),
+        }
+    }
+    pub fn system(command: &str) -> Self {
+        Self {
+            id: None,
+            name: format!("system:{command}"),
+        }
+    }
+}
+
+/// What a handler says about its request.
+#[derive(Clone, Debug, Default)]
+pub struct Annotation {
+    pub action: Option<Action>,
+    pub resource_type: Option<&'static str>,
+    pub resource_id: Option<String>,
+    pub patient_id: Option<String>,
+    pub outcome: Option<Outcome>,
+    pub break_glass: bool,
+    pub reason: Option<String>,
+    pub context: Context,
+}
+
+#[derive(Debug, Default)]
+struct Draft {
+    actor: Option<Actor>,
+    primary: Annotation,
+    extra: Vec<Annotation>,
+}
+
+/// The audit record of the current request, shared by the middleware and the handler.
+#[derive(Clone, Debug, Default)]
+pub struct Audit(Arc<Mutex<Draft>>);
+
+impl Audit {
+    fn with<R>(&self, f: impl FnOnce(&mut Draft) -> R) -> Option<R> {
+        self.0.lock().ok().map(|mut d| f(&mut d))
+    }
+
+    /// Names who made the request (authentication calls this).
+    pub fn set_actor(&self, actor: Actor) {
+        self.with(|d| d.actor = Some(actor));
+    }
+
+    pub fn actor(&self) -> Option<Actor> {
+        self.with(|d| d.actor.clone()).flatten()
+    }
+
+    /// Describes the request's own event.
+    pub fn annotate(&self, f: impl FnOnce(&mut Annotation)) {
+        self.with(|d| f(&mut d.primary));
+    }
+
+    /// Adds a value to the request event's context.
+    pub fn context(&self, key: &'static str, value: ContextValue) {
+        self.with(|d| d.primary.context.insert(key, value));
+    }
+
+    /// Adds an event naming one patient whose data the response carries.
+    pub fn touch_patient(
+        &self,
+        action: Action,
+        resource_type: &'static str,
+        resource_id: &str,
+        patient_id: &str,
+    ) {
+        self.with(|d| {
+            d.extra.push(Annotation {
+                action: Some(action),
+                resource_type: Some(resource_type),
+                resource_id: Some(resource_id.to_owned()),
+                patient_id: Some(patient_id.to_owned()),
+                break_glass: d.primary.break_glass,
+                reason: d.primary.reason.clone(),
+                ..Annotation::default()
+            });
+        });
+    }
+
+    /// The request event and the extra events, completed with the request's facts.
+    fn events(&self, common: &Common, log: &AuditLog) -> Vec<NewEvent> {
+        let Some((actor, primary, extra)) = self.with(|d| {
+            (
+                d.actor.clone(),
+                std::mem::take(&mut d.primary),
+                std::mem::take(&mut d.extra),
+            )
+        }) else {
+            return Vec::new();
+        };
+        let actor = actor.unwrap_or_else(Actor::anonymous);
+        std::iter::once(primary)
+            .chain(extra)
+            .map(|a| {
+                let outcome = a
+                    .outcome
+                    .unwrap_or_else(|| Outcome::from_status(common.status));
+                let mut e = log.event(a.action.unwrap_or(Action::Access), outcome);
+                e.actor_id.clone_from(&actor.id);
+                e.actor = Some(actor.name.clone());
+                e.resource_type = a.resource_type;
+                e.resource_id = a.resource_id;
+                e.patient_id = a.patient_id;
+                e.method = Some(common.method.clone());
+                e.path.clone_from(&common.route);
+                e.status = Some(common.status);
+                e.ip.clone_from(&common.ip);
+                e.user_agent.clone_from(&common.user_agent);
+                e.request_id.clone_from(&common.request_id);
+                e.break_glass = a.break_glass;
+                e.reason = a.reason;
+                e.context = a.context;
+                e
+            })
+            .collect()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Audit {
+    type Rejection = std::convert::Infallible;
+
+    /// The request's record; a detached one on routes that are not audited.
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts.extensions.get::<Audit>().cloned().unwrap_or_default())
+    }
+}
+
+struct Common {
+    method: String,
+    route: Option<String>,
+    status: u16,
+    ip: Option<String>,
+    user_agent: Option<String>,
+    request_id: Option<String>,
+}
+
+/// Paths that yield no event: liveness, readiness, metrics and static files.
+pub fn is_exempt(path: &str) -> bool {
+    matches!(
+        path,
+        "/health" | "/ready" | "/metrics" | "/favicon.ico" | "/api/docs"
+    ) || path.starts_with("/assets/")
+        || path.starts_with("/api/docs/")
+}
+
+/// Longest user agent kept.
+const MAX_USER_AGENT: usize = 256;
+
+pub async fn middleware(State(log): State<AuditLog>, mut req: Request, next: Next) -> Response {
+    if is_exempt(req.uri().path()) {
+        return next.run(req).await;
+    }
+    let audit = Audit::default();
+    req.extensions_mut().insert(audit.clone());
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let ip = req.extensions().get::<ClientIp>().map(|c| c.0.to_string());
+    let request_id = req.extensions().get::<RequestId>().map(|r| r.0.clone());
+    let user_agent = req
+        .headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.chars().take(MAX_USER_AGENT).collect());
+
+    let res = next.run(req).await;
+
+    let common = Common {
+        method,
+        route,
+        status: res.status().as_u16(),
+        ip,
+        user_agent,
+        request_id,
+    };
+    let events = audit.events(&common, &log);
+    match log.record(events).await {
+        Ok(()) => res,
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                request_id = common.request_id.as_deref().unwrap_or(""),
+                route = common.route.as_deref().unwrap_or("-"),
+                status = common.status,
+                "audit event not stored: the response is withheld (503)"
+            );
+            ApiError::new(ErrorCode::ServiceUnavailable)
+                .with_detail("The audit trail cannot be written; the request was not completed. Try again shortly.")
+                .into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exempt_paths() {
+        for p in [
+            "/health",
+            "/ready",
+            "/metrics",
+            "/assets/app.css",
+            "/api/docs/",
+            "/api/docs/swagger-ui.css",
+        ] {
+            assert!(is_exempt(p), "{p}");
+        }
+        for p in [
+            "/api/v1/patients",
+            "/api/openapi.json",
+            "/login",
+            "/admin/users",
+            "/healthz",
+        ] {
+            assert!(!is_exempt(p), "{p}");
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! The audit trail's rules: recording (durable before the response), verification,
+//! queries, export and the retention purge. No HTTP here.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::model::{Action, AuditEvent, GENESIS, NewEvent, Outcome};
+use super::store::{self, Checkpoint, Filter};
+use super::writer::{AuditError, Signed, Sink, Writer, WriterSettings, chain_mac};
+use crate::clock::SharedClock;
+use crate::config::AuditConfig;
+use crate::crypto::SharedKeyring;
+use crate::store::{Db, StoreError};
+
+/// The audit trail of a running process.
+#[derive(Clone)]
+pub struct AuditLog {
+    writer: Option<Writer>,
+    db: Db,
+    keys: Arc<SharedKeyring>,
+    clock: SharedClock,
+}
+
+impl AuditLog {
+    /// Starts the writer (unless `audit.enabled` is false) and the optional sink.
+    pub fn start(
+        db: Db,
+        keys: Arc<SharedKeyring>,
+        clock: SharedClock,
+        cfg: &AuditConfig,
+    ) -> anyhow::Result<Self> {
+        let sink: Option<Arc<dyn Sink>> = match cfg.sink.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some("stdout") => Some(Arc::new(JsonLines::Stdout)),
+            Some(path) => Some(Arc::new(JsonLines::file(Path::new(path))?)),
+        };
+        let writer = cfg.enabled.then(|| {
+            Writer::start(
+                db.clone(),
+                keys.clone(),
+                clock.clone(),
+                WriterSettings {
+                    max_batch: cfg.max_batch as usize,
+                    batch_wait: cfg.batch_wait.std(),
+                    queue: cfg.queue as usize,
+                    commit_timeout: cfg.commit_timeout.std(),
+                },
+                sink,
+            )
+        });
+        Ok(Self {
+            writer,
+            db,
+            keys,
+            clock,
+        })
+    }
+
+    /// Stores `events` durably; returns when they are committed.
+    pub async fn record(&self, events: Vec<NewEvent>) -> Result<(), AuditError> {
+        match &self.writer {
+            Some(w) => w.append(events).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The fixed-width timestamp of now.
+    pub fn now(&self) -> String {
+        crate::clock::timestamp(self.clock.now())
+    }
+
+    /// A new event stamped now.
+    pub fn event(&self, action: Action, outcome: Outcome) -> NewEvent {
+        NewEvent::new(action, outcome, self.now())
+    }
+
+    pub fn writer(&self) -> Option<&Writer> {
+        self.writer.as_ref()
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Walks the whole chain from its anchor and checks the signed head.
+    pub async fn verify(&self) -> Result<VerifyReport, StoreError> {
+        verify(&self.db, &self.keys).await
+    }
+
+    /// Events matching `filter`, newest first, with a cursor for the next page.
+    pub async fn page(&self, filter: &Filter, limit: u32) -> Result<Page, StoreError> {
+        let limit = i64::from(limit.clamp(1, MAX_PAGE));
+        let mut items = store::query(&self.db, filter, limit + 1, false).await?;
+        let next_cursor = if items.len() as i64 > limit {
+            items.truncate(limit as usize);
+            items.last().map(|e| encode_cursor(e.seq))
+        } else {
+            None
+        };
+        Ok(Page { items, next_cursor })
+    }
+
+    /// Every event matching `filter`, oldest first, in pages, handed to `out`.
+    pub async fn export(
+        &self,
+        filter: &Filter,
+        mut out: impl FnMut(&AuditEvent) -> std::io::Result<()>,
+    ) -> Result<u64, ExportError> {
+        let mut f = filter.clone();
+        let mut n = 0;
+        loop {
+            let batch = store::query(&self.db, &f, 1000, true).await?;
+            let Some(last) = batch.last() else { break };
+            f.after_seq = Some(last.seq);
+            for e in &batch {
+                out(e)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Removes events older than `retention`, leaving a signed checkpoint so that the
+    /// rest of the chain still verifies. Returns the number removed.
+    pub async fn purge(&self, retention: Duration) -> Result<PurgeReport, ExportError> {
+        let cutoff = self.clock.now() - retention;
+        let cutoff = crate::clock::timestamp(cutoff);
+        let Some(up_to) = store::last_seq_before(&self.db, &cutoff).await? else {
+            return Ok(PurgeReport {
+                purged: 0,
+                up_to_seq: None,
+            });
+        };
+        // The chain must be intact before anything is removed.
+        let report = self.verify().await?;
+        if !report.ok {
+            return Err(ExportError::Refused(format!(
+                "the audit chain does not verify ({}); nothing was purged",
+                report.reason.unwrap_or_default()
+            )));
+        }
+        let Some(last) = store::by_seq(&self.db, up_to).await? else {
+            return Ok(PurgeReport {
+                purged: 0,
+                up_to_seq: None,
+            });
+        };
+        let previous = store::latest_checkpoint(&self.db).await?;
+        let (previous_seq, previous_purged) = previous.map_or((0, 0), |c| (c.seq, c.purged));
+        let version = self.keys.current_version();
+        let cp = Checkpoint {
+            seq: last.seq,
+            hash: last.hash.clone(),
+            purged: previous_purged + (up_to - previous_seq),
+            at: self.now(),
+            key_version: i64::from(version),
+            mac: checkpoint_mac(&self.keys, version, last.seq, &last.hash).unwrap_or_default(),
+        };
+        let purged = store::purge(&self.db, up_to, &cp).await?;
+        Ok(PurgeReport {
+            purged,
+            up_to_seq: Some(up_to),
+        })
+    }
+}
+
+fn checkpoint_mac(keys: &SharedKeyring, version: u32, seq: i64, hash: &str) -> Option<String> {
+    chain_mac(keys, version, Signed::Checkpoint, seq, hash)
+}
+
+/// The largest page the query returns.
+pub const MAX_PAGE: u32 = 500;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Page {
+    pub items: Vec<AuditEvent>,
+    pub next_cursor: Option<String>,
+}
+
+pub fn encode_cursor(seq: i64) -> String {
+    format!("s{seq}")
+}
+
+pub fn decode_cursor(c: &str) -> Option<i64> {
+    c.strip_prefix('s')?.parse().ok().filter(|s: &i64| *s > 0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("writing the export failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Refused(String),
+}
+
+#[derive(Debug, Serialize)]
+pub struct PurgeReport {
+    pub purged: u64,
+    pub up_to_seq: Option<i64>,
+}
+
+/// The result of walking the chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
+pub struct VerifyReport {
+    pub ok: bool,
+    /// Events checked.
+    pub events: i64,
+    /// Hash of the newest event (the head), when the chain is intact.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head: Option<String>,
+    /// The first event that does not verify (`head` when the signed head itself is wrong).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_bad: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl VerifyReport {
+    fn bad(events: i64, first_bad: &str, reason: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            events,
+            head: None,
+            first_bad: Some(first_bad.to_owned()),
+            reason: Some(reason.into()),
+        }
+    }
+}
+
+/// Verifies the chain: every link, every hash, the sequence, and the signed head.
+pub async fn verify(db: &Db, keys: &SharedKeyring) -> Result<VerifyReport, StoreError> {
+    let (mut expected_seq, mut prev) = match store::latest_checkpoint(db).await? {
+        Some(cp) => {
+            let ok = u32::try_from(cp.key_version)
+                .ok()
+                .and_then(|v| checkpoint_mac(keys, v, cp.seq, &cp.hash))
+                .is_some_and(|m| crate::crypto::constant_time_eq(m.as_bytes(), cp.mac.as_bytes()));
+            if !ok {
+                return Ok(VerifyReport::bad(
+                    0,
+                    "checkpoint",
+                    "the retention checkpoint's signature does not verify",
+                ));
+            }
+            (cp.seq + 1, cp.hash)
+        }
+        None => (1, GENESIS.to_owned()),
+    };
+    let mut checked = 0i64;
+    loop {
+        let page = store::page_ascending(db, expected_seq - 1, 1000).await?;
+        if page.is_empty() {
+            break;
+        }
+        for e in &page {
+            if e.seq != expected_seq {
+                return Ok(VerifyReport::bad(
+                    checked,
+                    &e.id,
+                    format!(
+                        "events {expected_seq}..{} are missing before this one",
+                        e.seq - 1
+                    ),
+                ));
+            }
+            if e.prev_hash != prev {
+                return Ok(VerifyReport::bad(
+                    checked,
+                    &e.id,
+                    "its link to the previous event is broken",
+                ));
+            }
+            if e.compute_hash() != e.hash {
+                return Ok(VerifyReport::bad(
+                    checked,
+                    &e.id,
+                    "its content does not match its hash (edited)",
+                ));
+            }
+            prev.clone_from(&e.hash);
+            expected_seq += 1;
+            checked += 1;
+        }
+    }
+    let last_seq = expected_seq - 1;
+    let Some(head) = store::head(db).await? else {
+        return Ok(VerifyReport::bad(
+            checked,
+            "head",
+            "the chain head is missing",
+        ));
+    };
+    if head.seq == 0 && last_seq == 0 && head.mac.is_empty() {
+        return Ok(VerifyReport {
+            ok: true,
+            events: 0,
+            head: Some(prev),
+            first_bad: None,
+            reason: None,
+        });
+    }
+    let signed = u32::try_from(head.key_version)
+        .ok()
+        .and_then(|v| chain_mac(keys, v, Signed::Head, head.seq, &head.hash))
+        .is_some_and(|m| crate::crypto::constant_time_eq(m.as_bytes(), head.mac.as_bytes()));
+    if !signed {
+        return Ok(VerifyReport::bad(
+            checked,
+            "head",
+            "the chain head's signature does not verify",
+        ));
+    }
+    if head.seq != last_seq || head.hash != prev {
+        return Ok(VerifyReport::bad(
+            checked,
+            "head",
+            format!(
+                "the signed head is at event {} but the chain ends at {last_seq} (events removed or added)",
+                head.seq
+            ),
+        ));
+    }
+    Ok(VerifyReport {
+        ok: true,
+        events: checked,
+        head: Some(prev),
+        first_bad: None,
+        reason: None,
+    })
+}
+
+/// Copies committed events as JSON lines, for shipping to a log system.
+enum JsonLines {
+    Stdout,
+    File(Mutex<std::fs::File>),
+}
+
+impl JsonLines {
+    fn file(path: &Path) -> anyhow::Result<Self> {
+        let mut o = std::fs::OpenOptions::new();
+        o.create(true).append(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+        let f = o
+            .open(path)
+            .map_err(|e| anyhow::anyhow!("audit.sink: cannot open {}: {e}", path.display()))?;
+        Ok(Self::File(Mutex::new(f)))
+    }
+}
+
+impl Sink for JsonLines {
+    fn write(&self, events: &[AuditEvent]) {
+        let mut buf = Vec::with_capacity(events.len() * 512);
+        for e in events {
+            let line = serde_json::json!({ "audit": e });
+            if serde_json::to_writer(&mut buf, &line).is_ok() {
+                buf.push(b'\n');
+            }
+        }
+        let result = match self {
+            JsonLines::Stdout => std::io::stdout().lock().write_all(&buf),
+            JsonLines::File(f) => match f.lock() {
+                Ok(mut f) => f.write_all(&buf),
+                Err(_) => Ok(()),
+            },
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "audit sink: write failed (the events are stored; only the copy is missing)");
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! The audit tables' queries, and only theirs.
+
+use sqlx::any::AnyRow;
+use sqlx::{AssertSqlSafe, Row};
+
+use super::model::{AuditEvent, GENESIS, NewEvent};
+use crate::store::{Backend, Db, StoreError};
+
+const COLUMNS: &str = "seq, id, at, actor_id, actor, action, resource_type, resource_id, patient_id, \
+method, path, status, ip, user_agent, request_id, outcome, break_glass, reason, context, prev_hash, hash";
+const NCOLS: usize = 21;
+/// Rows per INSERT statement (21 parameters each; well under both backends' limits).
+const ROWS_PER_INSERT: usize = 64;
+
+/// The signed head of the chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Head {
+    pub seq: i64,
+    pub hash: String,
+    pub key_version: i64,
+    pub mac: String,
+}
+
+/// A retention anchor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub seq: i64,
+    pub hash: String,
+    pub purged: i64,
+    pub at: String,
+    pub key_version: i64,
+    pub mac: String,
+}
+
+fn event_from_row(r: &AnyRow) -> Result<AuditEvent, sqlx::Error> {
+    Ok(AuditEvent {
+        seq: r.try_get("seq")?,
+        id: r.try_get("id")?,
+        at: r.try_get("at")?,
+        actor_id: r.try_get("actor_id")?,
+        actor: r.try_get("actor")?,
+        action: r.try_get("action")?,
+        resource_type: r.try_get("resource_type")?,
+        resource_id: r.try_get("resource_id")?,
+        patient_id: r.try_get("patient_id")?,
+        method: r.try_get("method")?,
+        path: r.try_get("path")?,
+        status: r.try_get("status")?,
+        ip: r.try_get("ip")?,
+        user_agent: r.try_get("user_agent")?,
+        request_id: r.try_get("request_id")?,
+        outcome: r.try_get("outcome")?,
+        break_glass: r.try_get::<i64, _>("break_glass")? != 0,
+        reason: r.try_get("reason")?,
+        context: r.try_get("context")?,
+        prev_hash: r.try_get("prev_hash")?,
+        hash: r.try_get("hash")?,
+    })
+}
+
+fn head_from_row(r: &AnyRow) -> Result<Head, sqlx::Error> {
+    Ok(Head {
+        seq: r.try_get("seq")?,
+        hash: r.try_get("hash")?,
+        key_version: r.try_get("key_version")?,
+        mac: r.try_get("mac")?,
+    })
+}
+
+/// Appends `events` after the current head, in one transaction that also moves the
+/// signed head. Appends from every process are serialised by the database (the head
+/// row lock on PostgreSQL, the write lock on SQLite), so the chain stays one chain.
+pub async fn append(
+    db: &Db,
+    events: &[NewEvent],
+    sign: &(dyn Fn(i64, &str) -> (i64, String) + Send + Sync),
+    now: &str,
+) -> Result<Vec<AuditEvent>, StoreError> {
+    let mut conn = db.writer().acquire().await?;
+    let mut tx = match db.backend() {
+        Backend::Sqlite => sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?,
+        Backend::Postgres => sqlx::Connection::begin(&mut *conn).await?,
+    };
+    let head_sql = match db.backend() {
+        Backend::Sqlite => "SELECT seq, hash, key_version, mac FROM audit_head WHERE id = 1",
+        Backend::Postgres => {
+            "SELECT seq, hash, key_version, mac FROM audit_head WHERE id = 1 FOR UPDATE"
+        }
+    };
+    let head = sqlx::query(head_sql)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| head_from_row(&r))
+        .transpose()?;
+    let (mut seq, mut prev) = head.map_or((0, GENESIS.to_owned()), |h| (h.seq, h.hash));
+    let mut chained = Vec::with_capacity(events.len());
+    for e in events {
+        seq += 1;
+        let c = AuditEvent::chained(e, seq, &prev);
+        prev.clone_from(&c.hash);
+        chained.push(c);
+    }
+    for chunk in chained.chunks(ROWS_PER_INSERT) {
+        let sql = insert_sql(chunk.len());
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for e in chunk {
+            q = q
+                .bind(e.seq)
+                .bind(e.id.clone())
+                .bind(e.at.clone())
+                .bind(e.actor_id.clone())
+                .bind(e.actor.clone())
+                .bind(e.action.clone())
+                .bind(e.resource_type.clone())
+                .bind(e.resource_id.clone())
+                .bind(e.patient_id.clone())
+                .bind(e.method.clone())
+                .bind(e.path.clone())
+                .bind(e.status)
+                .bind(e.ip.clone())
+                .bind(e.user_agent.clone())
+                .bind(e.request_id.clone())
+                .bind(e.outcome.clone())
+                .bind(i64::from(e.break_glass))
+                .bind(e.reason.clone())
+                .bind(e.context.clone())
+                .bind(e.prev_hash.clone())
+                .bind(e.hash.clone());
+        }
+        q.execute(&mut *tx).await?;
+    }
+    let (key_version, mac) = sign(seq, &prev);
+    sqlx::query(
+        "UPDATE audit_head SET seq = $1, hash = $2, key_version = $3, mac = $4, updated_at = $5 WHERE id = 1",
+    )
+    .bind(seq)
+    .bind(prev)
+    .bind(key_version)
+    .bind(mac)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(chained)
+}
+
+fn insert_sql(rows: usize) -> String {
+    let mut sql = format!("INSERT INTO audit_events ({COLUMNS}) VALUES ");
+    for r in 0..rows {
+        if r > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for c in 0..NCOLS {
+            if c > 0 {
+                sql.push(',');
+            }
+            sql.push('$');
+            sql.push_str(&(r * NCOLS + c + 1).to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+pub async fn head(db: &Db) -> Result<Option<Head>, StoreError> {
+    Ok(
+        sqlx::query("SELECT seq, hash, key_version, mac FROM audit_head WHERE id = 1")
+            .fetch_optional(db.reader())
+            .await?
+            .map(|r| head_from_row(&r))
+            .transpose()?,
+    )
+}
+
+pub async fn latest_checkpoint(db: &Db) -> Result<Option<Checkpoint>, StoreError> {
+    let row = sqlx::query(
+        "SELECT seq, hash, purged, at, key_version, mac FROM audit_checkpoints ORDER BY seq DESC LIMIT 1",
+    )
+    .fetch_optional(db.reader())
+    .await?;
+    let Some(r) = row else { return Ok(None) };
+    Ok(Some(Checkpoint {
+        seq: r.try_get("seq")?,
+        hash: r.try_get("hash")?,
+        purged: r.try_get("purged")?,
+        at: r.try_get("at")?,
+        key_version: r.try_get("key_version")?,
+        mac: r.try_get("mac")?,
+    }))
+}
+
+/// Events after `after_seq`, oldest first.
+pub async fn page_ascending(
+    db: &Db,
+    after_seq: i64,
+    limit: i64,
+) -> Result<Vec<AuditEvent>, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2");
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(after_seq)
+        .bind(limit)
+        .fetch_all(db.reader())
+        .await?;
+    Ok(rows.iter().map(event_from_row).collect::<Result<_, _>>()?)
+}
+
+/// Filters of the events query. Times are in the stored fixed-width form.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub actor: Option<String>,
+    pub patient_id: Option<String>,
+    pub action: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    /// Only events with `seq` below this (the cursor).
+    pub before_seq: Option<i64>,
+    /// Only events with `seq` above this (for exports, oldest first).
+    pub after_seq: Option<i64>,
+}
+
+/// Events matching `f`, newest first (or oldest first when `ascending`).
+pub async fn query(
+    db: &Db,
+    f: &Filter,
+    limit: i64,
+    ascending: bool,
+) -> Result<Vec<AuditEvent>, StoreError> {
+    let mut sql = format!("SELECT {COLUMNS} FROM audit_events WHERE 1 = 1");
+    let mut binds: Vec<Bind> = Vec::new();
+    let mut add = |clause: &str, b: Bind| {
+        binds.push(b);
+        sql.push_str(&clause.replace('?', &format!("${}", binds.len())));
+    };
+    if let Some(a) = &f.actor {
+        add(" AND (actor_id = ? ", Bind::Text(a.clone()));
+        add("OR actor = ?)", Bind::Text(a.clone()));
+    }
+    if let Some(p) = &f.patient_id {
+        add(" AND patient_id = ?", Bind::Text(p.clone()));
+    }
+    if let Some(a) = &f.action {
+        add(" AND action = ?", Bind::Text(a.clone()));
+    }
+    if let Some(s) = &f.since {
+        add(" AND at >= ?", Bind::Text(s.clone()));
+    }
+    if let Some(u) = &f.until {
+        add(" AND at < ?", Bind::Text(u.clone()));
+    }
+    if let Some(c) = f.before_seq {
+        add(" AND seq < ?", Bind::Int(c));
+    }
+    if let Some(c) = f.after_seq {
+        add(" AND seq > ?", Bind::Int(c));
+    }
+    add(
+        if ascending {
+            " ORDER BY seq ASC LIMIT ?"
+        } else {
+            " ORDER BY seq DESC LIMIT ?"
+        },
+        Bind::Int(limit),
+    );
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for b in binds {
+        q = match b {
+            Bind::Text(s) => q.bind(s),
+            Bind::Int(i) => q.bind(i),
+        };
+    }
+    let rows = q.fetch_all(db.reader()).await?;
+    Ok(rows.iter().map(event_from_row).collect::<Result<_, _>>()?)
+}
+
+enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+/// Deletes events up to and including `up_to_seq` and leaves a signed checkpoint in
+/// their place, in one transaction. The delete triggers allow it only while the guard
+/// row says a purge is running, inside this transaction.
+pub async fn purge(db: &Db, up_to_seq: i64, checkpoint: &Checkpoint) -> Result<u64, StoreError> {
+    let mut conn = db.writer().acquire().await?;
+    let mut tx = match db.backend() {
+        Backend::Sqlite => sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?,
+        Backend::Postgres => sqlx::Connection::begin(&mut *conn).await?,
+    };
+    sqlx::query("UPDATE audit_guard SET purging = 1 WHERE id = 1")
+        .execute(&mut *tx)
+        .await?;
+    let deleted = sqlx::query("DELETE FROM audit_events WHERE seq <= $1")
+        .bind(up_to_seq)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    sqlx::query("UPDATE audit_guard SET purging = 0 WHERE id = 1")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO audit_checkpoints (seq, hash, purged, at, key_version, mac) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(checkpoint.seq)
+    .bind(checkpoint.hash.clone())
+    .bind(checkpoint.purged)
+    .bind(checkpoint.at.clone())
+    .bind(checkpoint.key_version)
+    .bind(checkpoint.mac.clone())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(deleted)
+}
+
+/// The event with the given seq, if stored.
+pub async fn by_seq(db: &Db, seq: i64) -> Result<Option<AuditEvent>, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM audit_events WHERE seq = $1");
+    Ok(sqlx::query(AssertSqlSafe(sql))
+        .bind(seq)
+        .fetch_optional(db.reader())
+        .await?
+        .map(|r| event_from_row(&r))
+        .transpose()?)
+}
+
+/// The newest event at or before `at` (for the retention cut).
+pub async fn last_seq_before(db: &Db, at: &str) -> Result<Option<i64>, StoreError> {
+    let row = sqlx::query("SELECT MAX(seq) AS s FROM audit_events WHERE at < $1")
+        .bind(at)
+        .fetch_one(db.reader())
+        .await?;
+    Ok(row.try_get("s")?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_sql_numbers_every_parameter() {
+        let sql = insert_sql(2);
+        assert!(sql.contains("($1,$2,"));
+        assert!(sql.contains(",$21),($22,"));
+        assert!(sql.ends_with(",$42)"));
+    }
+}

@@ -1,0 +1,220 @@
+//! The group-commit writer: one task appends the events of many requests in one
+//! transaction, and each request waits for the commit that holds its events.
+//!
+//! A request sends its events with a reply channel into a bounded queue. The writer
+//! takes what is queued (up to `audit.max_batch` events, waiting at most
+//! `audit.batch_wait` for more), appends it in one transaction, and answers every
+//! request in the batch. While one batch commits, the next one gathers, so the cost of
+//! a commit is shared by all requests that arrive during it, without adding latency
+//! when the server is idle.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::model::{AuditEvent, NewEvent};
+use super::store;
+use crate::clock::SharedClock;
+use crate::crypto::SharedKeyring;
+use crate::store::Db;
+
+/// Why events could not be stored.
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum AuditError {
+    #[error("the audit store could not be written: {0}")]
+    Store(String),
+    #[error("the audit writer did not commit in time")]
+    Timeout,
+    #[error("the audit writer is not running")]
+    Closed,
+}
+
+/// Writer settings, from `audit.*`.
+#[derive(Clone, Debug)]
+pub struct WriterSettings {
+    pub max_batch: usize,
+    pub batch_wait: Duration,
+    pub queue: usize,
+    pub commit_timeout: Duration,
+}
+
+/// Counters for monitoring.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub batches: AtomicU64,
+    pub events: AtomicU64,
+    pub failures: AtomicU64,
+    pub last_batch: AtomicU64,
+}
+
+type Reply = oneshot::Sender<Result<(), AuditError>>;
+
+struct Job {
+    events: Vec<NewEvent>,
+    reply: Reply,
+}
+
+/// Where committed events are copied for log shipping.
+pub trait Sink: Send + Sync {
+    fn write(&self, events: &[AuditEvent]);
+}
+
+/// Handle to the writer task.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Job>,
+    stats: Arc<WriterStats>,
+    commit_timeout: Duration,
+    capacity: usize,
+}
+
+/// The label under which the chain head's MAC key is derived.
+pub const HEAD_KEY_PURPOSE: &str = "custodian/audit/head/v1";
+
+/// What a chain MAC signs: the moving head, or a retention checkpoint.
+#[derive(Clone, Copy, Debug)]
+pub enum Signed {
+    Head,
+    Checkpoint,
+}
+
+/// The MAC of a chain position (`seq`, `hash`) under key `version`.
+pub fn chain_mac(
+    keys: &SharedKeyring,
+    version: u32,
+    what: Signed,
+    seq: i64,
+    hash: &str,
+) -> Option<String> {
+    let key = keys.derive(version, HEAD_KEY_PURPOSE).ok()?;
+    let label: &[u8] = match what {
+        Signed::Head => b"custodian-audit-head",
+        Signed::Checkpoint => b"custodian-audit-checkpoint",
+    };
+    let tag =
+        crate::crypto::hmac_sha256(&key, &[label, seq.to_string().as_bytes(), hash.as_bytes()]);
+    Some(crate::crypto::hex(&tag))
+}
+
+impl Writer {
+    pub fn start(
+        db: Db,
+        keys: Arc<SharedKeyring>,
+        clock: SharedClock,
+        settings: WriterSettings,
+        sink: Option<Arc<dyn Sink>>,
+    ) -> Self {
+        let capacity = settings.queue.max(1);
+        let (tx, rx) = mpsc::channel(capacity);
+        let stats = Arc::new(WriterStats::default());
+        let w = Self {
+            tx,
+            stats: stats.clone(),
+            commit_timeout: settings.commit_timeout,
+            capacity,
+        };
+        tokio::spawn(run(rx, db, keys, clock, settings, sink, stats));
+        w
+    }
+
+    /// Appends `events` and waits until they are committed.
+    pub async fn append(&self, events: Vec<NewEvent>) -> Result<(), AuditError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let (reply, done) = oneshot::channel();
+        let job = Job { events, reply };
+        let wait = async {
+            self.tx.send(job).await.map_err(|_| AuditError::Closed)?;
+            done.await.map_err(|_| AuditError::Closed)?
+        };
+        match tokio::time::timeout(self.commit_timeout, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(AuditError::Timeout),
+        }
+    }
+
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
+    }
+
+    /// Jobs waiting in the queue.
+    pub fn queue_depth(&self) -> usize {
+        self.capacity - self.tx.capacity()
+    }
+}
+
+async fn run(
+    mut rx: mpsc::Receiver<Job>,
+    db: Db,
+    keys: Arc<SharedKeyring>,
+    clock: SharedClock,
+    settings: WriterSettings,
+    sink: Option<Arc<dyn Sink>>,
+    stats: Arc<WriterStats>,
+) {
+    let max_batch = settings.max_batch.max(1);
+    while let Some(first) = rx.recv().await {
+        let mut count = first.events.len();
+        let mut jobs = vec![first];
+        // Take what is already queued, then wait (bounded) for more.
+        while count < max_batch {
+            match rx.try_recv() {
+                Ok(j) => {
+                    count += j.events.len();
+                    jobs.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        if count < max_batch && !settings.batch_wait.is_zero() {
+            let deadline = tokio::time::Instant::now() + settings.batch_wait;
+            while count < max_batch {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(j)) => {
+                        count += j.events.len();
+                        jobs.push(j);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        let events: Vec<NewEvent> = jobs.iter().flat_map(|j| j.events.iter().cloned()).collect();
+        let version = keys.current_version();
+        let sign = |seq: i64, hash: &str| {
+            (
+                i64::from(version),
+                chain_mac(&keys, version, Signed::Head, seq, hash).unwrap_or_default(),
+            )
+        };
+        let now = crate::clock::timestamp(clock.now());
+        let result = store::append(&db, &events, &sign, &now).await;
+        match result {
+            Ok(chained) => {
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .events
+                    .fetch_add(chained.len() as u64, Ordering::Relaxed);
+                stats
+                    .last_batch
+                    .store(chained.len() as u64, Ordering::Relaxed);
+                for j in jobs {
+                    let _ = j.reply.send(Ok(()));
+                }
+                if let Some(s) = &sink {
+                    s.write(&chained);
+                }
+            }
+            Err(e) => {
+                stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, events = events.len(), "audit: a batch could not be stored; its requests fail closed");
+                let err = AuditError::Store(e.to_string());
+                for j in jobs {
+                    let _ = j.reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
