@@ -1,3 +1,4 @@
-//! Identity: users, passwords, lockout, TOTP, sessions and API tokens (issue 4).
-//!
-//! Empty until its issue lands; the folder exists so the layout shows the architecture.
+//! Identity: users, passwords, lockout, login history, TOTP, sessions and API tokens.
+
+pub mod password;
+pub mod totp;

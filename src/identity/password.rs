@@ -1,0 +1,1 @@
+//! Password policy and hashing (being written).

@@ -1,0 +1,1 @@
+//! TOTP (being written).
