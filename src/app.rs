@@ -10,6 +10,8 @@ use crate::audit::AuditLog;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::crypto::{Keyring, SharedKeyring};
+use crate::identity::Identity;
+use crate::identity::password::{HashParams, Hasher};
 use crate::store::{self, Db, PoolSettings};
 
 /// Shared state handed to every handler.
@@ -26,6 +28,7 @@ struct Inner {
     installation_id: String,
     keys: Arc<SharedKeyring>,
     audit: AuditLog,
+    identity: Identity,
 }
 
 impl AppState {
@@ -50,6 +53,34 @@ impl AppState {
     pub fn audit(&self) -> &AuditLog {
         &self.inner.audit
     }
+    pub fn identity(&self) -> &Identity {
+        &self.inner.identity
+    }
+}
+
+/// The identity service for a configuration: argon2id with the configured parameters on
+/// a pool as wide as the machine, at most 256 callers waiting.
+pub fn identity_service(
+    config: &Config,
+    db: Db,
+    clock: SharedClock,
+    keys: Arc<SharedKeyring>,
+) -> anyhow::Result<Identity> {
+    let params = HashParams {
+        memory_kib: config.password.hash_memory_kib,
+        iterations: config.password.hash_iterations,
+        parallelism: config.password.hash_parallelism,
+    };
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let hasher =
+        Hasher::new(params, workers, 256).map_err(|e| anyhow::anyhow!("password hashing: {e}"))?;
+    Ok(Identity::new(
+        db,
+        hasher,
+        clock,
+        keys,
+        crate::identity::service::Settings::from_config(config),
+    ))
 }
 
 /// Opens the keyring; in dev, creates it when absent (mode 0600) and says so.
@@ -113,6 +144,7 @@ impl App {
         let installation_id = store::ensure_installation(&db, &now).await?;
         let keys = open_keyring(&config, clock.as_ref())?;
         let audit = AuditLog::start(db.clone(), keys.clone(), clock.clone(), &config.audit)?;
+        let identity = identity_service(&config, db.clone(), clock.clone(), keys.clone())?;
         let redis = match &secrets.redis_url {
             Some(url) => Some(
                 redis::Client::open(url.expose())
@@ -130,6 +162,7 @@ impl App {
                     installation_id,
                     keys,
                     audit,
+                    identity,
                 }),
             },
         })

@@ -56,6 +56,25 @@ pub enum Command {
     /// The keyring.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Accounts.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCommand {
+    /// Create a user; the password is read from standard input (one line).
+    Create {
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        email: Option<String>,
+        /// Read the password from standard input (required: never on the command line).
+        #[arg(long)]
+        password_stdin: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -119,7 +138,12 @@ pub fn run(cli: Cli) -> ExitCode {
     if let Command::Openapi = cli.command {
         return print_openapi();
     }
-    crate::telemetry::init(&config.logging);
+    let target = if matches!(cli.command, Command::Serve { .. }) {
+        crate::telemetry::LogTarget::Stdout
+    } else {
+        crate::telemetry::LogTarget::Stderr
+    };
+    crate::telemetry::init(&config.logging, target);
     crate::telemetry::install_panic_hook();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -138,6 +162,12 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Openapi => print_openapi(),
             Command::Audit(cmd) => audit_command(config, cmd).await,
             Command::Keys(KeysCommand::Rotate) => keys_rotate(config).await,
+            Command::User(UserCommand::Create {
+                username,
+                role,
+                email,
+                password_stdin,
+            }) => user_create(config, &username, &role, email.as_deref(), password_stdin).await,
         }
     })
 }
@@ -234,6 +264,11 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if env == Environment::Dev
+        && let Err(e) = bootstrap_admin(&app).await
+    {
+        eprintln!("custodian: could not create the first user: {e:#}");
+    }
     let scheme = if server.tls { "https" } else { "http" };
     tracing::info!(%env, addr = %server.addr, backend = app.state.db().backend().as_str(), "listening on {scheme}://{}", server.addr);
     let trigger = server.shutdown_trigger();
@@ -522,4 +557,112 @@ async fn keys_rotate(config: Config) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn user_create(
+    config: Config,
+    username: &str,
+    role: &str,
+    email: Option<&str>,
+    password_stdin: bool,
+) -> ExitCode {
+    if !password_stdin {
+        eprintln!(
+            "custodian user create: pass --password-stdin and write the password on standard input (never on the command line)"
+        );
+        return ExitCode::from(2);
+    }
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("custodian user create: cannot read the password from standard input: {e}");
+        return ExitCode::FAILURE;
+    }
+    let password = crate::config::Secret::new(line.trim_end_matches(['\n', '\r']).to_owned());
+    drop(line);
+    let (db, log) = match offline_context(&config).await {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("custodian user create: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let identity = match crate::app::open_keyring(&config, &SystemClock).and_then(|keys| {
+        crate::app::identity_service(&config, db.clone(), Arc::new(SystemClock), keys)
+    }) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("custodian user create: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match identity.create_user(username, email, role, &password).await {
+        Ok(user) => {
+            let mut e = log.event(crate::audit::Action::Create, crate::audit::Outcome::Success);
+            e.actor = Some(crate::audit::Actor::system("user-create").name);
+            e.resource_type = Some("user");
+            e.resource_id = Some(user.id.clone());
+            e.context
+                .insert("role", crate::audit::ContextValue::id(&user.role));
+            match log.record(vec![e]).await {
+                Ok(()) => {
+                    println!(
+                        "{}",
+                        serde_json::json!({"id": user.id, "username": user.username, "role": user.role})
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!(
+                        "custodian user create: the user was created but not recorded in the audit trail: {e}"
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(crate::identity::IdentityError::Policy(v)) => {
+            eprintln!(
+                "custodian user create: the password does not meet the policy: {}",
+                v.join(", ")
+            );
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!(
+                "custodian user create: {}",
+                crate::identity::service::describe(&e)
+            );
+            ExitCode::from(if matches!(e, crate::identity::IdentityError::Store(_)) {
+                1
+            } else {
+                2
+            })
+        }
+    };
+    db.close().await;
+    code
+}
+
+/// In dev, a database with no users at all gets an `admin` with a random password,
+/// printed once.
+async fn bootstrap_admin(app: &App) -> anyhow::Result<()> {
+    let identity = app.state.identity();
+    if identity.count_users().await? > 0 {
+        return Ok(());
+    }
+    let password = crate::identity::service::generate_password()?;
+    let user = identity
+        .create_user("admin", None, "admin", &password)
+        .await
+        .map_err(|e| anyhow::anyhow!(crate::identity::service::describe(&e)))?;
+    let log = app.state.audit();
+    let mut e = log.event(crate::audit::Action::Create, crate::audit::Outcome::Success);
+    e.actor = Some(crate::audit::Actor::system("dev-bootstrap").name);
+    e.resource_type = Some("user");
+    e.resource_id = Some(user.id.clone());
+    log.record(vec![e]).await?;
+    eprintln!(
+        "\ncustodian (dev): created the first user\n    username: admin\n    password: {}\nIt is shown only now. Sign in and change it.\n",
+        password.expose()
+    );
+    Ok(())
 }

@@ -42,6 +42,11 @@ impl ManualClock {
         self.nanos.fetch_add(add, Ordering::SeqCst);
     }
 
+    /// Seconds since the Unix epoch.
+    pub fn now_unix(&self) -> i64 {
+        self.now().unix_timestamp()
+    }
+
     pub fn set(&self, to: OffsetDateTime) {
         let nanos = i64::try_from(to.unix_timestamp_nanos()).unwrap_or(i64::MAX);
         self.nanos.store(nanos, Ordering::SeqCst);

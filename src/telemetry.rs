@@ -4,13 +4,32 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LoggingConfig};
 
+/// Where log lines go: the server logs to standard output (the container convention);
+/// the other commands log to standard error, so that their output stays clean.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogTarget {
+    Stdout,
+    Stderr,
+}
+
 /// Installs the global subscriber. A second call (tests) is a no-op.
-pub fn init(cfg: &LoggingConfig) {
+pub fn init(cfg: &LoggingConfig, target: LogTarget) {
     let filter = EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = match target {
+        LogTarget::Stdout => std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        LogTarget::Stderr => std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let writer =
+        tracing_subscriber::fmt::writer::BoxMakeWriter::new(move || -> Box<dyn std::io::Write> {
+            match target {
+                LogTarget::Stdout => Box::new(std::io::stdout()),
+                LogTarget::Stderr => Box::new(std::io::stderr()),
+            }
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+        .with_writer(writer)
+        .with_ansi(ansi);
     let _ = match cfg.format {
         LogFormat::Text => builder.compact().try_init(),
         LogFormat::Json => builder

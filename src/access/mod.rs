@@ -1,3 +1,249 @@
-//! Access control: permissions, roles, `Principal::require`, break-glass (issue 5).
+//! Access control: permissions, and the principal every protected handler must ask.
 //!
-//! Empty until its issue lands; the folder exists so the layout shows the architecture.
+//! Deny by default: a handler gets a [`Principal`] only through authentication, and the
+//! only way to act is `principal.require(Permission::…)?`. A user who must still enrol
+//! TOTP (`mfa.required`) is refused by `require` with `mfa_enrollment_required`; the few
+//! endpoints that enrolment needs use [`Principal::require_signed_in`] instead.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::http::{ApiError, ErrorCode};
+
+/// The built-in permissions of the contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, ToSchema)]
+pub enum Permission {
+    #[serde(rename = "patients:read")]
+    PatientsRead,
+    #[serde(rename = "patients:write")]
+    PatientsWrite,
+    #[serde(rename = "records:read")]
+    RecordsRead,
+    #[serde(rename = "records:write")]
+    RecordsWrite,
+    #[serde(rename = "phi:ssn")]
+    PhiSsn,
+    #[serde(rename = "audit:read")]
+    AuditRead,
+    #[serde(rename = "users:manage")]
+    UsersManage,
+    #[serde(rename = "roles:manage")]
+    RolesManage,
+    #[serde(rename = "breakglass")]
+    BreakGlass,
+}
+
+impl Permission {
+    pub const ALL: [Permission; 9] = [
+        Permission::PatientsRead,
+        Permission::PatientsWrite,
+        Permission::RecordsRead,
+        Permission::RecordsWrite,
+        Permission::PhiSsn,
+        Permission::AuditRead,
+        Permission::UsersManage,
+        Permission::RolesManage,
+        Permission::BreakGlass,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Permission::PatientsRead => "patients:read",
+            Permission::PatientsWrite => "patients:write",
+            Permission::RecordsRead => "records:read",
+            Permission::RecordsWrite => "records:write",
+            Permission::PhiSsn => "phi:ssn",
+            Permission::AuditRead => "audit:read",
+            Permission::UsersManage => "users:manage",
+            Permission::RolesManage => "roles:manage",
+            Permission::BreakGlass => "breakglass",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
+/// How the request authenticated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// A login session (`cst_…`), by session id.
+    Session(String),
+    /// A personal API token (`cat_…`), by token id.
+    ApiToken(String),
+}
+
+/// An authenticated user, with the permissions of their role as of this request.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    pub user_id: String,
+    pub username: String,
+    pub email: Option<String>,
+    pub role: String,
+    pub permissions: BTreeSet<Permission>,
+    pub credential: Credential,
+    pub mfa_enabled: bool,
+    /// `mfa.required` is on and this user has not confirmed TOTP yet.
+    pub mfa_enrollment_pending: bool,
+    /// When the password expires under the policy, RFC 3339.
+    pub password_expires_at: Option<String>,
+}
+
+impl Principal {
+    /// Allows the request only with `permission`.
+    pub fn require(&self, permission: Permission) -> Result<(), ApiError> {
+        self.require_signed_in()?;
+        if self.mfa_enrollment_pending {
+            return Err(ApiError::new(ErrorCode::MfaEnrollmentRequired));
+        }
+        if self.permissions.contains(&permission) {
+            Ok(())
+        } else {
+            Err(ApiError::new(ErrorCode::Forbidden))
+        }
+    }
+
+    /// Allows any signed-in user, even one who must still enrol TOTP.
+    pub fn require_signed_in(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
+
+    /// Allows any signed-in user who has no pending TOTP enrolment.
+    pub fn require_enrolled(&self) -> Result<(), ApiError> {
+        if self.mfa_enrollment_pending {
+            return Err(ApiError::new(ErrorCode::MfaEnrollmentRequired));
+        }
+        Ok(())
+    }
+
+    pub fn has(&self, permission: Permission) -> bool {
+        !self.mfa_enrollment_pending && self.permissions.contains(&permission)
+    }
+
+    pub fn session_id(&self) -> Option<&str> {
+        match &self.credential {
+            Credential::Session(id) => Some(id),
+            Credential::ApiToken(_) => None,
+        }
+    }
+}
+
+/// What a route needs. Each marker in [`need`] is one requirement; a handler states it in
+/// its signature (`Authorized<need::AuditRead>`), and authentication and authorisation
+/// both happen before any other extractor reads the body, so an unauthorised caller
+/// learns nothing about the route's input.
+pub trait Requirement: Send + Sync + 'static {
+    /// The permission, or None for "any signed-in user".
+    const PERMISSION: Option<Permission>;
+    /// Whether a user with a pending TOTP enrolment may pass.
+    const ALLOW_PENDING_MFA: bool;
+}
+
+/// The requirement markers.
+pub mod need {
+    use super::{Permission, Requirement};
+
+    macro_rules! permission {
+        ($name:ident, $perm:ident) => {
+            #[doc = concat!("Needs `", stringify!($perm), "`.")]
+            pub struct $name;
+            impl Requirement for $name {
+                const PERMISSION: Option<Permission> = Some(Permission::$perm);
+                const ALLOW_PENDING_MFA: bool = false;
+            }
+        };
+    }
+    permission!(PatientsRead, PatientsRead);
+    permission!(PatientsWrite, PatientsWrite);
+    permission!(RecordsRead, RecordsRead);
+    permission!(RecordsWrite, RecordsWrite);
+    permission!(AuditRead, AuditRead);
+    permission!(UsersManage, UsersManage);
+    permission!(RolesManage, RolesManage);
+
+    /// Any signed-in user, even one who must still enrol TOTP (`auth/me`, `auth/totp/*`,
+    /// `auth/password`, `auth/logout`).
+    pub struct SignedIn;
+    impl Requirement for SignedIn {
+        const PERMISSION: Option<Permission> = None;
+        const ALLOW_PENDING_MFA: bool = true;
+    }
+
+    /// Any signed-in user with no pending TOTP enrolment.
+    pub struct Enrolled;
+    impl Requirement for Enrolled {
+        const PERMISSION: Option<Permission> = None;
+        const ALLOW_PENDING_MFA: bool = false;
+    }
+}
+
+/// A principal that meets the requirement `R`.
+pub struct Authorized<R: Requirement>(pub Principal, std::marker::PhantomData<R>);
+
+impl<R: Requirement> Authorized<R> {
+    /// Checks `principal` against `R`.
+    pub fn check(principal: Principal) -> Result<Self, ApiError> {
+        if principal.mfa_enrollment_pending && !R::ALLOW_PENDING_MFA {
+            return Err(ApiError::new(ErrorCode::MfaEnrollmentRequired));
+        }
+        if let Some(p) = R::PERMISSION {
+            principal.require(p)?;
+        }
+        Ok(Self(principal, std::marker::PhantomData))
+    }
+}
+
+impl<R: Requirement> std::ops::Deref for Authorized<R> {
+    type Target = Principal;
+    fn deref(&self) -> &Principal {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(perms: &[Permission], pending: bool) -> Principal {
+        Principal {
+            user_id: "u".into(),
+            username: "u".into(),
+            email: None,
+            role: "r".into(),
+            permissions: perms.iter().copied().collect(),
+            credential: Credential::Session("s".into()),
+            mfa_enabled: false,
+            mfa_enrollment_pending: pending,
+            password_expires_at: None,
+        }
+    }
+
+    #[test]
+    fn permissions_round_trip() {
+        for p in Permission::ALL {
+            assert_eq!(Permission::parse(p.as_str()), Some(p));
+            assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
+        }
+        assert_eq!(Permission::parse("admin"), None);
+    }
+
+    #[test]
+    fn require_denies_by_default_and_while_enrolment_is_pending() {
+        let p = principal(&[Permission::AuditRead], false);
+        assert!(p.require(Permission::AuditRead).is_ok());
+        assert_eq!(
+            p.require(Permission::UsersManage).unwrap_err().code(),
+            ErrorCode::Forbidden
+        );
+        let pending = principal(&[Permission::AuditRead], true);
+        assert_eq!(
+            pending.require(Permission::AuditRead).unwrap_err().code(),
+            ErrorCode::MfaEnrollmentRequired
+        );
+        assert!(pending.require_signed_in().is_ok());
+        assert!(!pending.has(Permission::AuditRead));
+    }
+}

@@ -11,6 +11,7 @@
 pub mod export;
 pub mod middleware;
 pub mod model;
+pub mod routes;
 pub mod service;
 pub mod store;
 pub mod writer;

@@ -153,6 +153,9 @@ pub struct LockoutConfig {
     /// Consecutive failures that lock a username; 0 disables lockout (refused in prod).
     pub max_failures: u32,
     pub duration: Duration,
+    /// Failures from one address, across usernames, within `duration` that block that
+    /// address for `duration` (password spraying); 0 disables it.
+    pub ip_max_failures: u32,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -170,6 +173,12 @@ pub struct PasswordConfig {
     pub min_length: Option<u32>,
     pub max_age: Option<Duration>,
     pub history: Option<u32>,
+    /// Argon2id memory in KiB (at least 19456 in prod).
+    pub hash_memory_kib: u32,
+    /// Argon2id passes (at least 2 in prod).
+    pub hash_iterations: u32,
+    /// Argon2id lanes.
+    pub hash_parallelism: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, Default)]
@@ -288,6 +297,7 @@ impl Default for LockoutConfig {
         Self {
             max_failures: 5,
             duration: Duration::from_mins(15),
+            ip_max_failures: 50,
         }
     }
 }
@@ -299,6 +309,9 @@ impl Default for PasswordConfig {
             min_length: None,
             max_age: None,
             history: None,
+            hash_memory_kib: 19_456,
+            hash_iterations: 2,
+            hash_parallelism: 1,
         }
     }
 }

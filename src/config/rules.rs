@@ -164,6 +164,20 @@ pub fn insecure_settings(c: &Config) -> Vec<Finding> {
         }
     }
 
+    // Password hashing strength (tests use lighter parameters; production may not).
+    if c.password.hash_memory_kib < 19_456
+        || c.password.hash_iterations < 2
+        || c.password.hash_parallelism < 1
+    {
+        add(
+            "password.hash_memory_kib",
+            format!(
+                "argon2id m={} KiB, t={}, p={} is weaker than m=19456, t=2, p=1",
+                c.password.hash_memory_kib, c.password.hash_iterations, c.password.hash_parallelism
+            ),
+        );
+    }
+
     // The audit trail.
     if !c.audit.enabled {
         add(
@@ -440,6 +454,16 @@ mod tests {
         assert_eq!(keys(&c), ["server.cors_origins"]);
         c.server.cors_origins = vec!["https://*.example.org".into()];
         assert_eq!(keys(&c), ["server.cors_origins"]);
+    }
+
+    #[test]
+    fn rule_weak_password_hashing() {
+        let (_d, mut c) = secure();
+        c.password.hash_memory_kib = 1024;
+        assert_eq!(keys(&c), ["password.hash_memory_kib"]);
+        c.password.hash_memory_kib = 19_456;
+        c.password.hash_iterations = 1;
+        assert_eq!(keys(&c), ["password.hash_memory_kib"]);
     }
 
     #[test]

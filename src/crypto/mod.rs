@@ -37,6 +37,111 @@ pub fn hmac_sha256(key: &Key, parts: &[&[u8]]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
+/// Errors of sealing and opening. They never carry key material or plaintext.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
+    #[error("the sealed value is malformed")]
+    Malformed,
+    #[error("the sealed value does not open (wrong key, wrong place, or altered)")]
+    Open,
+    #[error("the operating system's random source failed")]
+    Random,
+}
+
+/// Bytes from the OS CSPRNG.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], CryptoError> {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).map_err(|_| CryptoError::Random)?;
+    Ok(b)
+}
+
+/// A bearer token `<prefix><43 chars>` (256 random bits, base64url) and its SHA-256 hex,
+/// which is all that is stored.
+pub fn new_token(prefix: &str) -> Result<(String, String), CryptoError> {
+    use base64::Engine;
+    let raw = zeroize::Zeroizing::new(random_bytes::<32>()?);
+    let token = format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw.as_ref())
+    );
+    let hash = sha256_hex(token.as_bytes());
+    Ok((token, hash))
+}
+
+/// Seals `plaintext` with AES-256-GCM under the current key version's `purpose` key,
+/// bound to `aad` (e.g. the row id it belongs to): `v<version>.<base64url(nonce|ciphertext)>`.
+pub fn seal(
+    keys: &SharedKeyring,
+    purpose: &str,
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<String, CryptoError> {
+    use base64::Engine;
+    use ring::aead;
+    let version = keys.current_version();
+    let key = keys.derive(version, purpose)?;
+    let unbound =
+        aead::UnboundKey::new(&aead::AES_256_GCM, key.bytes()).map_err(|_| CryptoError::Open)?;
+    let sealing = aead::LessSafeKey::new(unbound);
+    let nonce_bytes = random_bytes::<12>()?;
+    let mut buf = zeroize::Zeroizing::new(plaintext.to_vec());
+    sealing
+        .seal_in_place_append_tag(
+            aead::Nonce::assume_unique_for_key(nonce_bytes),
+            aead::Aad::from(aad),
+            &mut *buf,
+        )
+        .map_err(|_| CryptoError::Open)?;
+    let mut out = Vec::with_capacity(12 + buf.len());
+    out.extend_from_slice(&nonce_bytes);
+    out.extend_from_slice(&buf);
+    Ok(format!(
+        "v{version}.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(out)
+    ))
+}
+
+/// Opens what [`seal`] made with the same `purpose` and `aad`.
+pub fn open(
+    keys: &SharedKeyring,
+    purpose: &str,
+    aad: &[u8],
+    sealed: &str,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, CryptoError> {
+    use base64::Engine;
+    use ring::aead;
+    let (version, body) = sealed
+        .strip_prefix('v')
+        .and_then(|r| r.split_once('.'))
+        .ok_or(CryptoError::Malformed)?;
+    let version: u32 = version.parse().map_err(|_| CryptoError::Malformed)?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(body)
+        .map_err(|_| CryptoError::Malformed)?;
+    if raw.len() < 12 + 16 {
+        return Err(CryptoError::Malformed);
+    }
+    let (nonce, ct) = raw.split_at(12);
+    let nonce: [u8; 12] = nonce.try_into().map_err(|_| CryptoError::Malformed)?;
+    let key = keys.derive(version, purpose)?;
+    let unbound =
+        aead::UnboundKey::new(&aead::AES_256_GCM, key.bytes()).map_err(|_| CryptoError::Open)?;
+    let opening = aead::LessSafeKey::new(unbound);
+    let mut buf = zeroize::Zeroizing::new(ct.to_vec());
+    let plain_len = opening
+        .open_in_place(
+            aead::Nonce::assume_unique_for_key(nonce),
+            aead::Aad::from(aad),
+            &mut buf,
+        )
+        .map_err(|_| CryptoError::Open)?
+        .len();
+    buf.truncate(plain_len);
+    Ok(buf)
+}
+
 /// Compares two byte strings in constant time.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
@@ -108,6 +213,49 @@ mod tests {
             sha256_hex(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn sealed_values_open_only_in_their_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = Keyring::create(&dir.path().join("k"), "now").unwrap();
+        let keys = SharedKeyring::new(ring);
+        let sealed = seal(&keys, "p", b"user-1", b"JBSWY3DPEHPK3PXP").unwrap();
+        assert!(sealed.starts_with("v1."));
+        assert!(!sealed.contains("JBSWY3DP"));
+        assert_eq!(
+            &*open(&keys, "p", b"user-1", &sealed).unwrap(),
+            b"JBSWY3DPEHPK3PXP"
+        );
+        assert!(matches!(
+            open(&keys, "p", b"user-2", &sealed),
+            Err(CryptoError::Open)
+        ));
+        assert!(matches!(
+            open(&keys, "q", b"user-1", &sealed),
+            Err(CryptoError::Open)
+        ));
+        let mut tampered = sealed.clone();
+        tampered.pop();
+        tampered.push(if sealed.ends_with('A') { 'B' } else { 'A' });
+        assert!(open(&keys, "p", b"user-1", &tampered).is_err());
+        assert!(matches!(
+            open(&keys, "p", b"user-1", "garbage"),
+            Err(CryptoError::Malformed)
+        ));
+        assert_ne!(
+            seal(&keys, "p", b"user-1", b"x").unwrap(),
+            seal(&keys, "p", b"user-1", b"x").unwrap()
+        );
+    }
+
+    #[test]
+    fn tokens_are_long_random_and_stored_hashed() {
+        let (a, ha) = new_token("cst_").unwrap();
+        let (b, _) = new_token("cst_").unwrap();
+        assert!(a.starts_with("cst_") && a.len() == 4 + 43);
+        assert_ne!(a, b);
+        assert_eq!(ha, sha256_hex(a.as_bytes()));
     }
 
     #[test]

@@ -30,6 +30,11 @@ pub const SWAGGER_STYLE_HASH: &str = "'sha256-RL3ie0nH+Lzz2YNqQN83mnU0J1ot4QL7b9
     modifiers(&BearerAuth),
     tags(
         (name = "health", description = "Liveness and readiness"),
+        (name = "auth", description = "Sign-in, sessions, passwords, TOTP"),
+        (name = "tokens", description = "Personal API tokens"),
+        (name = "users", description = "Accounts and sessions (users:manage)"),
+        (name = "roles", description = "Roles and permissions (roles:manage)"),
+        (name = "audit", description = "The audit trail (audit:read)"),
     )
 )]
 pub struct ApiDoc;

@@ -32,6 +32,13 @@ pub enum ErrorCode {
     Timeout,
     ServiceUnavailable,
     InternalError,
+    InvalidCredentials,
+    MfaRequired,
+    InvalidTotp,
+    AccountLocked,
+    PasswordExpired,
+    PasswordPolicy,
+    MfaEnrollmentRequired,
 }
 
 impl ErrorCode {
@@ -51,6 +58,12 @@ impl ErrorCode {
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout | Self::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::InvalidCredentials | Self::MfaRequired | Self::InvalidTotp => {
+                StatusCode::UNAUTHORIZED
+            }
+            Self::AccountLocked => StatusCode::LOCKED,
+            Self::PasswordExpired | Self::MfaEnrollmentRequired => StatusCode::FORBIDDEN,
+            Self::PasswordPolicy => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
 
@@ -71,6 +84,13 @@ impl ErrorCode {
             Self::Timeout => "timeout",
             Self::ServiceUnavailable => "service_unavailable",
             Self::InternalError => "internal_error",
+            Self::InvalidCredentials => "invalid_credentials",
+            Self::MfaRequired => "mfa_required",
+            Self::InvalidTotp => "invalid_totp",
+            Self::AccountLocked => "account_locked",
+            Self::PasswordExpired => "password_expired",
+            Self::PasswordPolicy => "password_policy",
+            Self::MfaEnrollmentRequired => "mfa_enrollment_required",
         }
     }
 
@@ -92,6 +112,19 @@ impl ErrorCode {
             Self::ServiceUnavailable => "The service is temporarily unavailable; try again.",
             Self::InternalError => {
                 "Something went wrong on our side. Quote the request_id when you report it."
+            }
+            Self::InvalidCredentials => "The username or password is wrong.",
+            Self::MfaRequired => "Enter the code from your authenticator app (totp_code).",
+            Self::InvalidTotp => "The authentication code is wrong or was already used.",
+            Self::AccountLocked => {
+                "Too many failed sign-ins: the account is locked; retry after the time in Retry-After or ask an administrator to unlock it."
+            }
+            Self::PasswordExpired => {
+                "The password has expired: change it with POST /api/v1/auth/password."
+            }
+            Self::PasswordPolicy => "The new password does not meet the policy; see `violations`.",
+            Self::MfaEnrollmentRequired => {
+                "Two-factor authentication is required: enrol TOTP (POST /api/v1/auth/totp/enroll, then confirm) before anything else."
             }
         }
     }
@@ -127,6 +160,9 @@ pub struct Problem {
     pub request_id: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
+    /// For `password_policy`: the stable names of the rules the password breaks.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub violations: Vec<&'static str>,
 }
 
 /// The error every handler, extractor and middleware returns.
@@ -135,6 +171,7 @@ pub struct ApiError {
     code: ErrorCode,
     detail: Option<Cow<'static, str>>,
     errors: Vec<FieldError>,
+    violations: Vec<&'static str>,
     retry_after: Option<u64>,
     cause: Option<anyhow::Error>,
 }
@@ -145,6 +182,7 @@ impl ApiError {
             code,
             detail: None,
             errors: Vec::new(),
+            violations: Vec::new(),
             retry_after: None,
             cause: None,
         }
@@ -165,6 +203,14 @@ impl ApiError {
         Self {
             errors,
             ..Self::new(ErrorCode::ValidationError)
+        }
+    }
+
+    /// A 422 `password_policy` listing the rules the password breaks.
+    pub fn password_policy(violations: Vec<&'static str>) -> Self {
+        Self {
+            violations,
+            ..Self::new(ErrorCode::PasswordPolicy)
         }
     }
 
@@ -226,6 +272,7 @@ impl IntoResponse for ApiError {
             code: self.code.as_str(),
             request_id: current_request_id(),
             errors: self.errors,
+            violations: self.violations,
         };
         let body = serde_json::to_vec(&problem).unwrap_or_else(|_| b"{}".to_vec());
         let mut res = (status, body).into_response();
@@ -271,6 +318,17 @@ mod tests {
             (ErrorCode::Timeout, 503, "timeout"),
             (ErrorCode::ServiceUnavailable, 503, "service_unavailable"),
             (ErrorCode::InternalError, 500, "internal_error"),
+            (ErrorCode::InvalidCredentials, 401, "invalid_credentials"),
+            (ErrorCode::MfaRequired, 401, "mfa_required"),
+            (ErrorCode::InvalidTotp, 401, "invalid_totp"),
+            (ErrorCode::AccountLocked, 423, "account_locked"),
+            (ErrorCode::PasswordExpired, 403, "password_expired"),
+            (ErrorCode::PasswordPolicy, 422, "password_policy"),
+            (
+                ErrorCode::MfaEnrollmentRequired,
+                403,
+                "mfa_enrollment_required",
+            ),
         ];
         for (code, status, name) in table {
             assert_eq!(code.status().as_u16(), status, "{name}");

@@ -11,11 +11,19 @@ use axum::response::Response;
 use super::error::ErrorCause;
 use super::request_id::RequestId;
 
-/// Set in response extensions by authentication, so the log line names the user.
-#[derive(Clone, Debug)]
-pub struct LoggedUser(pub String);
+/// A slot in the request that authentication fills, so the log line names the user.
+#[derive(Clone, Debug, Default)]
+pub struct UserSlot(std::sync::Arc<std::sync::OnceLock<String>>);
 
-pub async fn middleware(req: Request, next: Next) -> Response {
+impl UserSlot {
+    pub fn set(&self, user_id: &str) {
+        let _ = self.0.set(user_id.to_owned());
+    }
+}
+
+pub async fn middleware(mut req: Request, next: Next) -> Response {
+    let slot = UserSlot::default();
+    req.extensions_mut().insert(slot.clone());
     let start = Instant::now();
     let method = req.method().clone();
     let route = req
@@ -29,11 +37,7 @@ pub async fn middleware(req: Request, next: Next) -> Response {
     let res = next.run(req).await;
     let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
     let status = res.status().as_u16();
-    let user_id = res
-        .extensions()
-        .get::<LoggedUser>()
-        .map_or("", |u| u.0.as_str())
-        .to_owned();
+    let user_id = slot.0.get().cloned().unwrap_or_default();
     if let Some(cause) = res.extensions().get::<ErrorCause>() {
         tracing::error!(
             target: "custodian::http",

@@ -40,6 +40,9 @@ fn api() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(docs::ApiDoc::openapi())
         .routes(routes!(health::health))
         .routes(routes!(health::ready))
+        .merge(crate::identity::routes::router())
+        .merge(crate::identity::admin::router())
+        .merge(crate::audit::routes::router())
 }
 
 /// The OpenAPI document alone (for `custodian openapi` and the drift check).

@@ -1,4 +1,20 @@
 //! Identity: users, passwords, lockout, login history, TOTP, sessions and API tokens.
+//!
+//! - `model`: usernames, emails, attempt reasons, the stored user;
+//! - `password`: the two policies, the blocklist, argon2id on a bounded pool;
+//! - `totp`: RFC 6238 codes, enrolment URI and QR code, recovery codes;
+//! - `store`: the identity tables' queries;
+//! - `service`: the rules (sign-in with lockout, sessions, tokens, TOTP);
+//! - `extract`: bearer authentication as an extractor (`Principal`);
+//! - `routes`, `admin`: HTTP.
 
+pub mod admin;
+pub mod extract;
+pub mod model;
 pub mod password;
+pub mod routes;
+pub mod service;
+pub mod store;
 pub mod totp;
+
+pub use service::{Identity, IdentityError};

@@ -30,7 +30,11 @@ macro_rules! migration {
 }
 
 /// Every migration, in order. Add a step here and as a file in both folders.
-pub const MIGRATIONS: &[Migration] = &[migration!(1, "0001_meta"), migration!(2, "0002_audit")];
+pub const MIGRATIONS: &[Migration] = &[
+    migration!(1, "0001_meta"),
+    migration!(2, "0002_audit"),
+    migration!(3, "0003_identity"),
+];
 
 impl Migration {
     fn sql(&self, backend: Backend) -> &'static str {

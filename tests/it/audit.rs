@@ -432,7 +432,8 @@ mod commands {
         assert_eq!(code, 0, "{err}");
         let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(report["ok"], true);
-        assert_eq!(report["events"], 3);
+        // The dev bootstrap's account creation and the three requests.
+        assert_eq!(report["events"], 4);
 
         let (code, out, err) = run(
             dir.path(),
@@ -444,11 +445,12 @@ mod commands {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        // The three requests and the verification (reading the log is audited).
-        assert_eq!(lines.len(), 4, "{out}");
-        assert_eq!(lines[0]["request_id"], "cli-0");
-        assert_eq!(lines[3]["action"], "audit_verify");
-        assert_eq!(lines[3]["actor"], "system:audit-verify");
+        // Bootstrap, the three requests, and the verification (reading the log is audited).
+        assert_eq!(lines.len(), 5, "{out}");
+        assert_eq!(lines[0]["actor"], "system:dev-bootstrap");
+        assert_eq!(lines[1]["request_id"], "cli-0");
+        assert_eq!(lines[4]["action"], "audit_verify");
+        assert_eq!(lines[4]["actor"], "system:audit-verify");
 
         let (code, out, _) = run(
             dir.path(),
@@ -462,8 +464,8 @@ mod commands {
                 .unwrap()
                 .starts_with("seq,id,at,actor_id,actor,action,")
         );
-        // Four events plus the JSON export just made.
-        assert_eq!(rows.count(), 5);
+        // Five events plus the JSON export just made.
+        assert_eq!(rows.count(), 6);
 
         let (code, out, _) = run(
             dir.path(),
@@ -579,7 +581,7 @@ mod commands {
         .await
         .unwrap();
         let stored: std::collections::HashSet<String> =
-            sqlx::query("SELECT request_id FROM audit_events")
+            sqlx::query("SELECT request_id FROM audit_events WHERE request_id IS NOT NULL")
                 .fetch_all(db.reader())
                 .await
                 .unwrap()

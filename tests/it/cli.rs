@@ -28,6 +28,8 @@ pub(crate) struct Served {
     pub(crate) child: Child,
     pub(crate) addr: String,
     pub(crate) lines: std::sync::mpsc::Receiver<String>,
+    /// What the process printed before it was listening.
+    pub(crate) early: Vec<String>,
 }
 
 impl Drop for Served {
@@ -44,14 +46,16 @@ pub(crate) fn serve(dir: &Path, env: &[(&str, &str)]) -> Served {
         .env("CUSTODIAN_LOGGING__FORMAT", "json")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stderr(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
     #[allow(clippy::zombie_processes)] // `Served::drop` waits for it
     let mut child = cmd.spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let tx2 = tx.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
@@ -59,12 +63,22 @@ pub(crate) fn serve(dir: &Path, env: &[(&str, &str)]) -> Served {
             }
         }
     });
+    // Standard error joins the same stream (the dev bootstrap prints there).
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx2.send(format!("stderr: {line}")).is_err() {
+                break;
+            }
+        }
+    });
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut early = Vec::new();
     loop {
         let remaining = deadline.saturating_duration_since(std::time::Instant::now());
         let line = rx
             .recv_timeout(remaining)
             .unwrap_or_else(|_| panic!("server did not start"));
+        early.push(line.clone());
         let v: serde_json::Value = match serde_json::from_str(&line) {
             Ok(v) => v,
             Err(_) => continue,
@@ -78,6 +92,7 @@ pub(crate) fn serve(dir: &Path, env: &[(&str, &str)]) -> Served {
                 child,
                 addr,
                 lines: rx,
+                early,
             };
         }
     }
@@ -344,4 +359,116 @@ async fn prod_starts_with_a_secure_configuration() {
         .unwrap();
     assert_eq!(res.status(), 200);
     assert!(res.headers().contains_key("strict-transport-security"));
+}
+
+#[tokio::test]
+async fn dev_prints_a_working_admin_password_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let s = serve(dir.path(), &[("CUSTODIAN_DATA_DIR", &data)]);
+    let client = reqwest::Client::new();
+    // The bootstrap lines come right after "listening".
+    let mut password = s
+        .early
+        .iter()
+        .find_map(|l| l.split("password: ").nth(1).map(|p| p.trim().to_owned()));
+    for _ in 0..50 {
+        if password.is_some() {
+            break;
+        }
+        match s.lines.recv_timeout(Duration::from_secs(10)) {
+            Ok(l) => {
+                if let Some(p) = l.split("password: ").nth(1) {
+                    password = Some(p.trim().to_owned());
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let password = password.expect("the first admin's password is printed");
+    assert!(password.len() >= 20);
+    let res = client
+        .post(format!("http://{}/api/v1/auth/login", s.addr))
+        .json(&serde_json::json!({"username": "admin", "password": password}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    drop(s);
+    // A second start creates nobody and prints no password.
+    let s = serve(dir.path(), &[("CUSTODIAN_DATA_DIR", &data)]);
+    let _ = client
+        .get(format!("http://{}/health", s.addr))
+        .send()
+        .await
+        .unwrap();
+    let rest: Vec<String> = s.lines.try_iter().collect();
+    assert!(!rest.iter().any(|l| l.contains("password:")), "{rest:?}");
+}
+
+#[test]
+fn user_create_reads_the_password_from_standard_input() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let create = |username: &str, password: &str, extra: &[&str]| {
+        let mut cmd = command(dir.path());
+        cmd.args([
+            "user",
+            "create",
+            "--username",
+            username,
+            "--role",
+            "auditor",
+            "--password-stdin",
+        ])
+        .args(extra)
+        .env("CUSTODIAN_DATA_DIR", &data)
+        .env("CUSTODIAN_PASSWORD__HASH_MEMORY_KIB", "1024")
+        .env("CUSTODIAN_PASSWORD__HASH_ITERATIONS", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{password}\n").as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = create(
+        "Auditor.One",
+        "Correct-Horse-9!",
+        &["--email", "a1@example.org"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["username"], "auditor.one");
+    assert!(!out.contains("Correct-Horse") && !err.contains("Correct-Horse"));
+    // The policy applies, and the message names the rules, not the password.
+    let (code, _, err) = create("auditor2", "weakpass", &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("missing_uppercase") && !err.contains("weakpass"),
+        "{err}"
+    );
+    // Taken username, unknown role.
+    let (code, _, err) = create("AUDITOR.ONE", "Correct-Horse-9!", &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("taken"), "{err}");
+    // Without --password-stdin: refused.
+    let (code, _, _) = run(
+        dir.path(),
+        &["user", "create", "--username", "x", "--role", "nurse"],
+        &[("CUSTODIAN_DATA_DIR", &data)],
+    );
+    assert_eq!(code, 2);
 }

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod access;
 mod audit;
 mod bodies;
 mod browser;
@@ -11,4 +12,5 @@ mod cli;
 mod conventions;
 mod docs;
 mod health;
+mod identity;
 mod storage;

@@ -188,6 +188,9 @@ impl TestServer {
             ("database.url".into(), db.url.clone()),
             ("server.listen".into(), "127.0.0.1:0".into()),
             ("server.shutdown_grace".into(), "5s".into()),
+            // Light argon2 in tests (debug builds are slow); prod refuses these.
+            ("password.hash_memory_kib".into(), "1024".into()),
+            ("password.hash_iterations".into(), "1".into()),
         ];
         if db.backend == Backend::Postgres
             && !opts.no_redis
@@ -231,6 +234,73 @@ impl TestServer {
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.client.get(self.url(path)).send().await.unwrap()
+    }
+
+    /// Creates a user directly through the service; returns its id.
+    pub async fn user(&self, username: &str, role: &str, password: &str) -> String {
+        self.state
+            .identity()
+            .create_user(
+                username,
+                Some(&format!("{username}@example.org")),
+                role,
+                &custodian::config::Secret::new(password.into()),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("create {username}: {e:?}"))
+            .id
+    }
+
+    /// Signs in and returns the session token.
+    pub async fn login(&self, username: &str, password: &str) -> String {
+        let res = self
+            .post(
+                "/api/v1/auth/login",
+                None,
+                serde_json::json!({"username": username, "password": password}),
+            )
+            .await;
+        assert_eq!(res.status(), 200, "login {username}");
+        json(res).await["access_token"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn post(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: serde_json::Value,
+    ) -> reqwest::Response {
+        let mut r = self.client.post(self.url(path)).json(&body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send().await.unwrap()
+    }
+
+    pub async fn get_as(&self, path: &str, token: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn send_as(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<serde_json::Value>,
+    ) -> reqwest::Response {
+        let mut r = self
+            .client
+            .request(method, self.url(path))
+            .bearer_auth(token);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        r.send().await.unwrap()
     }
 
     /// Stops the server gracefully (in-flight requests finish).

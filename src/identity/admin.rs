@@ -1,0 +1,566 @@
+//! HTTP for administering accounts and sessions (`users:manage`), and reading roles and
+//! permissions. Every change is audited with who did what to whom (never a password).
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::model::{MAX_PASSWORD, User, parse_email};
+use super::service::IdentityError;
+use super::store;
+use crate::access::{Authorized, Permission, need};
+use crate::app::AppState;
+use crate::audit::{Action, Audit, ContextValue};
+use crate::config::Secret;
+use crate::http::json::{JsonBody, QueryParams};
+use crate::http::{ApiError, ErrorCode, FieldError};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_users, create_user))
+        .routes(routes!(get_user, patch_user))
+        .routes(routes!(unlock_user))
+        .routes(routes!(reset_password))
+        .routes(routes!(user_logins))
+        .routes(routes!(list_sessions))
+        .routes(routes!(delete_session))
+        .routes(routes!(permissions))
+        .routes(routes!(roles))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UserView {
+    id: String,
+    username: String,
+    email: Option<String>,
+    role: String,
+    active: bool,
+    mfa_enabled: bool,
+    /// Set while sign-in is locked for this account.
+    locked_until: Option<String>,
+    password_changed_at: String,
+    created_at: String,
+    updated_at: String,
+}
+
+async fn view(state: &AppState, u: User) -> Result<UserView, ApiError> {
+    let now = state.identity().now_timestamp();
+    let locked_until =
+        store::locked_until(state.db(), &format!("user:{}", u.username), &now).await?;
+    Ok(UserView {
+        id: u.id,
+        username: u.username,
+        email: u.email,
+        role: u.role,
+        active: u.active,
+        mfa_enabled: u.totp_enabled,
+        locked_until,
+        password_changed_at: u.password_changed_at,
+        created_at: u.created_at,
+        updated_at: u.updated_at,
+    })
+}
+
+fn audit_user(audit: &Audit, action: Action, id: &str) {
+    audit.annotate(|a| {
+        a.action = Some(action);
+        a.resource_type = Some("user");
+        a.resource_id = Some(id.to_owned());
+    });
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct UserQuery {
+    /// Part of a username or email.
+    q: Option<String>,
+    /// 1–200, default 50.
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UserPage {
+    items: Vec<UserView>,
+    next_cursor: Option<String>,
+}
+
+/// Users, by username (needs `users:manage`).
+#[utoipa::path(get, path = "/api/v1/users", tag = "users", security(("bearer" = ["users:manage"])), params(UserQuery),
+    responses((status = 200, description = "A page of users", body = UserPage)))]
+pub async fn list_users(
+    State(state): State<AppState>,
+    audit: Audit,
+    _auth: Authorized<need::UsersManage>,
+    QueryParams(q): QueryParams<UserQuery>,
+) -> Result<Json<UserPage>, ApiError> {
+    let limit = q.limit.unwrap_or(50);
+    if limit == 0 || limit > 200 {
+        return Err(ApiError::field("limit", "must be between 1 and 200"));
+    }
+    let rows = store::list_users(
+        state.db(),
+        q.q.as_deref(),
+        q.cursor.as_deref(),
+        i64::from(limit) + 1,
+    )
+    .await?;
+    let more = rows.len() > limit as usize;
+    let mut items = Vec::new();
+    for u in rows.into_iter().take(limit as usize) {
+        items.push(view(&state, u).await?);
+    }
+    let next_cursor = if more {
+        items.last().map(|u| u.username.clone())
+    } else {
+        None
+    };
+    audit.annotate(|a| {
+        a.action = Some(Action::Read);
+        a.resource_type = Some("user");
+        a.context
+            .insert("count", ContextValue::Int(items.len() as i64));
+    });
+    Ok(Json(UserPage { items, next_cursor }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewUser {
+    username: String,
+    #[serde(default)]
+    email: Option<String>,
+    #[schema(value_type = String, format = Password)]
+    password: String,
+    role: String,
+}
+
+/// Create a user (needs `users:manage`); the password policy applies.
+#[utoipa::path(post, path = "/api/v1/users", tag = "users", security(("bearer" = ["users:manage"])), request_body = NewUser,
+    responses((status = 201, description = "Created", body = UserView),
+        (status = 409, description = "username taken"),
+        (status = 422, description = "validation_error or password_policy")))]
+pub async fn create_user(
+    State(state): State<AppState>,
+    audit: Audit,
+    _auth: Authorized<need::UsersManage>,
+    JsonBody(req): JsonBody<NewUser>,
+) -> Result<Response, ApiError> {
+    if req.password.chars().count() > MAX_PASSWORD {
+        return Err(ApiError::field(
+            "password",
+            "must be at most 1024 characters",
+        ));
+    }
+    audit.annotate(|a| {
+        a.action = Some(Action::Create);
+        a.resource_type = Some("user");
+    });
+    let user = state
+        .identity()
+        .create_user(
+            &req.username,
+            req.email.as_deref(),
+            &req.role,
+            &Secret::new(req.password),
+        )
+        .await?;
+    audit.annotate(|a| {
+        a.resource_id = Some(user.id.clone());
+        a.context.insert("role", ContextValue::id(&user.role));
+    });
+    Ok((StatusCode::CREATED, Json(view(&state, user).await?)).into_response())
+}
+
+/// One user (needs `users:manage`).
+#[utoipa::path(get, path = "/api/v1/users/{id}", tag = "users", security(("bearer" = ["users:manage"])),
+    params(("id" = String, Path)), responses((status = 200, body = UserView), (status = 404, description = "not_found")))]
+pub async fn get_user(
+    State(state): State<AppState>,
+    audit: Audit,
+    _auth: Authorized<need::UsersManage>,
+    Path(id): Path<String>,
+) -> Result<Json<UserView>, ApiError> {
+    audit_user(&audit, Action::Read, &id);
+    let u = state.identity().user(&id).await?;
+    Ok(Json(view(&state, u).await?))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserPatch {
+    #[serde(default)]
+    role: Option<String>,
+    /// A new email, or null to remove it.
+    #[serde(default, with = "double_option")]
+    #[schema(value_type = Option<String>)]
+    email: Option<Option<String>>,
+    #[serde(default)]
+    active: Option<bool>,
+}
+
+/// `Some(None)` for an explicit null, `None` for an absent field.
+mod double_option {
+    use serde::{Deserialize, Deserializer};
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<String>>, D::Error> {
+        Option::<String>::deserialize(d).map(Some)
+    }
+}
+
+/// Change a user's role, email or active flag (needs `users:manage`). Deactivating ends
+/// every session and API token of the user at once. The last active user who can manage
+/// users cannot be deactivated or given a role without `users:manage` (409).
+#[utoipa::path(patch, path = "/api/v1/users/{id}", tag = "users", security(("bearer" = ["users:manage"])),
+    params(("id" = String, Path)), request_body = UserPatch,
+    responses((status = 200, body = UserView), (status = 409, description = "conflict"), (status = 404, description = "not_found")))]
+pub async fn patch_user(
+    State(state): State<AppState>,
+    audit: Audit,
+    _auth: Authorized<need::UsersManage>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<UserPatch>,
+) -> Result<Json<UserView>, ApiError> {
+    audit_user(&audit, Action::Update, &id);
+    let db = state.db();
+    let user = state.identity().user(&id).await?;
+    let mut errors = Vec::new();
+    if let Some(r) = &req.role
+        && !store::role_exists(db, r).await?
+    {
+        errors.push(FieldError::new("role", "is not a role"));
+    }
+    let email = match &req.email {
+        Some(Some(e)) => match parse_email(e) {
+            Ok(e) => Some(Some(e)),
+            Err(m) => {
+                errors.push(FieldError::new("email", m));
+                None
+            }
+        },
+        Some(None) => Some(None),
+        None => None,
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
+    // Someone must always be able to manage users.
+    let manage = Permission::UsersManage.as_str();
+    let loses_manage = match &req.role {
+        Some(r) => !store::role_has(db, r, manage).await?,
+        None => false,
+    } || req.active == Some(false);
+    if loses_manage
+        && user.active
+        && store::role_has(db, &user.role, manage).await?
+        && store::count_active_holders(db, manage, &user.id).await? == 0
+    {
+        return Err(ApiError::new(ErrorCode::Conflict)
+            .with_detail("This is the last active user who can manage users; give the permission to someone else first."));
+    }
+    let now = state.identity().now_timestamp();
+    store::update_user(
+        db,
+        &id,
+        req.role.as_deref(),
+        email.as_ref().map(|e| e.as_deref()),
+        req.active,
+        &now,
+    )
+    .await?;
+    if req.active == Some(false) {
+        state.identity().revoke_all(&id, true).await?;
+    }
+    audit.annotate(|a| {
+        if let Some(r) = &req.role {
+            a.context.insert("role", ContextValue::id(r));
+        }
+        if let Some(act) = req.active {
+            a.context.insert("active", ContextValue::Bool(act));
+        }
+        if req.email.is_some() {
+            a.context.insert("email_changed", ContextValue::Bool(true));
+        }
+    });
+    let u = state.identity().user(&id).await?;
+    Ok(Json(view(&state, u).await?))
+}
+
+/// End a sign-in lock early (needs `users:manage`).
+#[utoipa::path(post, path = "/api/v1/users/{id}/unlock", tag = "users", security(("bearer" = ["users:manage"])),
+    params(("id" = String, Path)), responses((status = 204, description = "Unlocked"), (status = 404, description = "not_found")))]
+pub async fn unlock_user(
+    State(state): State<AppState>,
+    audit: Audit,
+    _auth: Authorized<need::UsersManage>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    audit_user(&audit, Action::Update, &id);
+    audit.context("change", ContextValue::Code("unlock"));
+    state.identity().unlock(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordReset {
+    #[schema(value_type = String, format = Password)]
+    new_password: String,
+}
+
+/// Set a user's password (needs `users:manage`): the policy and history apply, and every
+/// session of the user ends.
+#[utoipa::path(post, path = "/api/v1/users/{id}/password", tag = "users", security(("bearer" = ["users:manage"])),
+    params(("id" = String, Path)), request_body = PasswordReset,
+    responses((status = 204, description = "Set"), (status = 422, description = "password_policy")))]
+pub async fn reset_password(
+    State(state): State<AppState>,
+    audit: Audit,
+    _auth: Authorized<need::UsersManage>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<PasswordReset>,
+) -> Result<StatusCode, ApiError> {
+    if req.new_password.chars().count() > MAX_PASSWORD {
+        return Err(ApiError::field(
+            "new_password",
+            "must be at most 1024 characters",
+        ));
+    }
+    audit_user(&audit, Action::Update, &id);
+    audit.context("change", ContextValue::Code("password_reset"));
+    let user = state.identity().user(&id).await?;
+    state
+        .identity()
+        .set_password(&user, &Secret::new(req.new_password), None)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LoginView {
+    at: String,
+    ip: Option<String>,
+    user_agent: Option<String>,
+    success: bool,
+    /// success, bad_password, unknown_user, locked, bad_totp, mfa_required, expired, inactive, rate_limited
+    reason: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LoginPage {
+    items: Vec<LoginView>,
+    next_cursor: Option<String>,
+}
+
+/// A user's sign-in attempts, newest first (needs `users:manage`).
+#[utoipa::path(get, path = "/api/v1/users/{id}/logins", tag = "users", security(("bearer" = ["users:manage"])),
+    params(("id" = String, Path), PageQuery), responses((status = 200, body = LoginPage)))]
+pub async fn user_logins(
+    State(state): State<AppState>,
+    audit: Audit,
+    _auth: Authorized<need::UsersManage>,
+    Path(id): Path<String>,
+    QueryParams(q): QueryParams<PageQuery>,
+) -> Result<Json<LoginPage>, ApiError> {
+    audit_user(&audit, Action::Read, &id);
+    audit.context("what", ContextValue::Code("logins"));
+    state.identity().user(&id).await?;
+    let limit = q.limit.unwrap_or(50);
+    if limit == 0 || limit > 200 {
+        return Err(ApiError::field("limit", "must be between 1 and 200"));
+    }
+    let before = match &q.cursor {
+        Some(c) => Some(
+            c.split_once('|')
+                .ok_or_else(|| ApiError::field("cursor", "is not a cursor from a previous page"))?,
+        ),
+        None => None,
+    };
+    let rows = store::attempts(state.db(), &id, before, i64::from(limit) + 1).await?;
+    let more = rows.len() > limit as usize;
+    let rows: Vec<_> = rows.into_iter().take(limit as usize).collect();
+    let next_cursor = if more {
+        rows.last().map(|r| format!("{}|{}", r.at, r.id))
+    } else {
+        None
+    };
+    Ok(Json(LoginPage {
+        items: rows
+            .into_iter()
+            .map(|r| LoginView {
+                at: r.at,
+                ip: r.ip,
+                user_agent: r.user_agent,
+                success: r.success,
+                reason: r.reason,
+            })
+            .collect(),
+        next_cursor,
+    }))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct SessionQuery {
+    user_id: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SessionView {
+    id: String,
+    user_id: String,
+    created_at: String,
+    last_used_at: String,
+    expires_at: String,
+    ip: Option<String>,
+    user_agent: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SessionPage {
+    items: Vec<SessionView>,
+    next_cursor: Option<String>,
+}
+
+/// Active sessions, of one user or all (needs `users:manage`).
+#[utoipa::path(get, path = "/api/v1/sessions", tag = "users", security(("bearer" = ["users:manage"])),
+    params(SessionQuery), responses((status = 200, body = SessionPage)))]
+pub async fn list_sessions(
+    State(state): State<AppState>,
+    audit: Audit,
+    _auth: Authorized<need::UsersManage>,
+    QueryParams(q): QueryParams<SessionQuery>,
+) -> Result<Json<SessionPage>, ApiError> {
+    audit.annotate(|a| {
+        a.action = Some(Action::Read);
+        a.resource_type = Some("session");
+    });
+    let identity = state.identity();
+    let now = state.clock().now();
+    let idle = identity.settings().idle_timeout;
+    let rows =
+        store::live_sessions(state.db(), q.user_id.as_deref(), &identity.now_timestamp()).await?;
+    let items = rows
+        .into_iter()
+        .filter(|s| {
+            time::OffsetDateTime::parse(
+                &s.last_used_at,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .is_ok_and(|t| t + time::Duration::try_from(idle).unwrap_or(time::Duration::ZERO) > now)
+        })
+        .map(|s| SessionView {
+            id: s.id,
+            user_id: s.user_id,
+            created_at: s.created_at,
+            last_used_at: s.last_used_at,
+            expires_at: s.absolute_expires_at,
+            ip: s.ip,
+            user_agent: s.user_agent,
+        })
+        .collect();
+    Ok(Json(SessionPage {
+        items,
+        next_cursor: None,
+    }))
+}
+
+/// End a session (needs `users:manage`).
+#[utoipa::path(delete, path = "/api/v1/sessions/{id}", tag = "users", security(("bearer" = ["users:manage"])),
+    params(("id" = String, Path)), responses((status = 204, description = "Ended"), (status = 404, description = "not_found")))]
+pub async fn delete_session(
+    State(state): State<AppState>,
+    audit: Audit,
+    _auth: Authorized<need::UsersManage>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    audit.annotate(|a| {
+        a.action = Some(Action::Delete);
+        a.resource_type = Some("session");
+        a.resource_id = Some(id.clone());
+    });
+    let owner = store::session_user(state.db(), &id)
+        .await?
+        .ok_or(IdentityError::NotFound)?;
+    audit.context("user_id", ContextValue::id(&owner));
+    state.identity().logout(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The permission names.
+#[utoipa::path(get, path = "/api/v1/permissions", tag = "roles", security(("bearer" = ["roles:manage"])),
+    responses((status = 200, body = NameList)))]
+pub async fn permissions(
+    audit: Audit,
+    _auth: Authorized<need::RolesManage>,
+) -> Result<Json<NameList>, ApiError> {
+    audit.annotate(|a| {
+        a.action = Some(Action::Read);
+        a.resource_type = Some("permission");
+    });
+    Ok(Json(NameList {
+        items: Permission::ALL.iter().map(|x| x.as_str()).collect(),
+        next_cursor: None,
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct NameList {
+    items: Vec<&'static str>,
+    next_cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RoleList {
+    items: Vec<RoleView>,
+    next_cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RoleView {
+    name: String,
+    permissions: Vec<String>,
+    builtin: bool,
+}
+
+/// The roles and their permissions.
+#[utoipa::path(get, path = "/api/v1/roles", tag = "roles", security(("bearer" = ["roles:manage"])),
+    responses((status = 200, body = RoleList)))]
+pub async fn roles(
+    State(state): State<AppState>,
+    audit: Audit,
+    _auth: Authorized<need::RolesManage>,
+) -> Result<Json<RoleList>, ApiError> {
+    audit.annotate(|a| {
+        a.action = Some(Action::Read);
+        a.resource_type = Some("role");
+    });
+    let rows = store::roles(state.db()).await?;
+    Ok(Json(RoleList {
+        items: rows
+            .into_iter()
+            .map(|r| RoleView {
+                name: r.name,
+                permissions: r.permissions,
+                builtin: r.builtin,
+            })
+            .collect(),
+        next_cursor: None,
+    }))
+}

@@ -1,0 +1,610 @@
+//! HTTP for sign-in, sessions, passwords, TOTP and API tokens:
+//! extract → authorise → call the service → audit → respond.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::extract::MaybePrincipal;
+use super::model::{AttemptReason, MAX_PASSWORD, MAX_USERNAME};
+use super::service::{IdentityError, Origin};
+use crate::access::{Authorized, need};
+use crate::app::AppState;
+use crate::audit::{Action, Actor, Audit, ContextValue};
+use crate::config::Secret;
+use crate::http::client_ip::ClientIp;
+use crate::http::json::JsonBody;
+use crate::http::{ApiError, ErrorCode, FieldError};
+
+/// The identity layer's errors as problems: the one mapping.
+impl From<IdentityError> for ApiError {
+    fn from(e: IdentityError) -> Self {
+        match e {
+            IdentityError::Unauthorized => ApiError::new(ErrorCode::Unauthorized),
+            IdentityError::InvalidCredentials => ApiError::new(ErrorCode::InvalidCredentials),
+            IdentityError::MfaRequired => ApiError::new(ErrorCode::MfaRequired),
+            IdentityError::InvalidTotp => ApiError::new(ErrorCode::InvalidTotp),
+            IdentityError::Locked { retry_after } => {
+                ApiError::new(ErrorCode::AccountLocked).with_retry_after(retry_after)
+            }
+            IdentityError::RateLimited { retry_after } => ApiError::new(ErrorCode::RateLimited)
+                .with_detail("Too many failed sign-ins from this address; retry after the time in Retry-After.")
+                .with_retry_after(retry_after),
+            IdentityError::PasswordExpired => ApiError::new(ErrorCode::PasswordExpired),
+            IdentityError::Policy(v) => ApiError::password_policy(v),
+            IdentityError::Invalid(field, message) => ApiError::field(field, message),
+            IdentityError::Conflict(detail) => ApiError::new(ErrorCode::Conflict).with_detail(detail),
+            IdentityError::NotFound => ApiError::new(ErrorCode::NotFound),
+            IdentityError::Busy => ApiError::new(ErrorCode::RateLimited)
+                .with_detail("The server is busy checking passwords; retry in a moment.")
+                .with_retry_after(1),
+            IdentityError::Store(e) => ApiError::from(e),
+            IdentityError::Crypto(e) => ApiError::internal(e),
+            IdentityError::Internal(m) => ApiError::internal(anyhow::anyhow!(m)),
+        }
+    }
+}
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(login))
+        .routes(routes!(logout))
+        .routes(routes!(logout_all))
+        .routes(routes!(me))
+        .routes(routes!(change_password))
+        .routes(routes!(totp_enroll))
+        .routes(routes!(totp_confirm))
+        .routes(routes!(totp_disable))
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(rotate_token))
+        .routes(routes!(revoke_token))
+}
+
+fn origin(ip: ClientIp, headers: &axum::http::HeaderMap) -> Origin {
+    Origin {
+        ip: Some(ip.0.to_string()),
+        user_agent: headers
+            .get(axum::http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(256).collect()),
+    }
+}
+
+/// Refuses over-long input before any hashing work.
+fn check_lengths(
+    username: Option<&str>,
+    passwords: &[(&'static str, &str)],
+) -> Result<(), ApiError> {
+    let mut errors = Vec::new();
+    if let Some(u) = username
+        && u.chars().count() > MAX_USERNAME
+    {
+        errors.push(FieldError::new("username", "must be at most 64 characters"));
+    }
+    for (field, p) in passwords {
+        if p.chars().count() > MAX_PASSWORD {
+            errors.push(FieldError::new(*field, "must be at most 1024 characters"));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::validation(errors))
+    }
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    username: String,
+    #[schema(value_type = String, format = Password)]
+    password: String,
+    /// The current TOTP code, or a recovery code, when TOTP is on.
+    #[serde(default)]
+    totp_code: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UserSummary {
+    pub id: String,
+    pub username: String,
+    pub email: Option<String>,
+    pub role: String,
+    pub permissions: Vec<String>,
+    pub mfa_enabled: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LoginResponse {
+    /// A session token (`cst_…`), shown once.
+    access_token: String,
+    token_type: &'static str,
+    /// Seconds of inactivity after which the session ends.
+    expires_in: u64,
+    user: UserSummary,
+    password_expires_at: Option<String>,
+}
+
+/// Sign in with a username and password (and a TOTP or recovery code when TOTP is on).
+#[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginRequest,
+    responses(
+        (status = 200, description = "Signed in", body = LoginResponse),
+        (status = 401, description = "invalid_credentials, mfa_required or invalid_totp", body = crate::http::error::Problem),
+        (status = 403, description = "password_expired", body = crate::http::error::Problem),
+        (status = 422, description = "validation_error", body = crate::http::error::Problem),
+        (status = 423, description = "account_locked (Retry-After)", body = crate::http::error::Problem),
+        (status = 429, description = "rate_limited (Retry-After)", body = crate::http::error::Problem)))]
+pub async fn login(
+    State(state): State<AppState>,
+    audit: Audit,
+    ip: ClientIp,
+    headers: axum::http::HeaderMap,
+    JsonBody(req): JsonBody<LoginRequest>,
+) -> Result<Json<LoginResponse>, ApiError> {
+    check_lengths(Some(&req.username), &[("password", &req.password)])?;
+    let origin = origin(ip, &headers);
+    let password = Secret::new(req.password);
+    let identity = state.identity();
+    let (result, facts) = identity
+        .login(&req.username, &password, req.totp_code.as_deref(), &origin)
+        .await;
+    identity.record_attempt(&facts, &origin).await?;
+    audit.set_actor(match &facts.user_id {
+        Some(id) => Actor::user(id, &facts.username),
+        None => Actor {
+            id: None,
+            name: facts.username.clone(),
+        },
+    });
+    let action = match (&result, facts.reason) {
+        (Ok(_), _) => Action::Login,
+        (Err(_), AttemptReason::Locked) => Action::AccountLocked,
+        _ if facts.locked_now => Action::AccountLocked,
+        _ => Action::LoginFailed,
+    };
+    audit.annotate(|a| {
+        a.action = Some(action);
+        a.resource_type = Some("session");
+        a.context
+            .insert("reason", ContextValue::Code(facts.reason.as_str()));
+    });
+    let ok = result?;
+    if ok.used_recovery_code {
+        audit.context("recovery_code", ContextValue::Bool(true));
+    }
+    Ok(Json(LoginResponse {
+        access_token: ok.token.expose().to_owned(),
+        token_type: "Bearer",
+        expires_in: ok.expires_in,
+        user: UserSummary {
+            id: ok.user.id,
+            username: ok.user.username,
+            email: ok.user.email,
+            role: ok.user.role,
+            permissions: ok.permissions,
+            mfa_enabled: ok.user.totp_enabled,
+        },
+        password_expires_at: ok.password_expires_at,
+    }))
+}
+
+/// End this session.
+#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", security(("bearer" = [])),
+    responses((status = 204, description = "Signed out"), (status = 401, description = "unauthorized")))]
+pub async fn logout(
+    State(state): State<AppState>,
+    audit: Audit,
+    p: Authorized<need::SignedIn>,
+) -> Result<StatusCode, ApiError> {
+    audit.annotate(|a| {
+        a.action = Some(Action::Logout);
+        a.resource_type = Some("session");
+    });
+    match p.session_id() {
+        Some(id) => state.identity().logout(id).await?,
+        None => {
+            return Err(ApiError::new(ErrorCode::BadRequest)
+                .with_detail("This is an API token; revoke it with DELETE /api/v1/tokens/{id}."));
+        }
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// End every session of the caller.
+#[utoipa::path(post, path = "/api/v1/auth/logout-all", tag = "auth", security(("bearer" = [])),
+    responses((status = 204, description = "Every session ended"), (status = 401, description = "unauthorized")))]
+pub async fn logout_all(
+    State(state): State<AppState>,
+    audit: Audit,
+    p: Authorized<need::SignedIn>,
+) -> Result<StatusCode, ApiError> {
+    audit.annotate(|a| {
+        a.action = Some(Action::Logout);
+        a.resource_type = Some("session");
+        a.context.insert("all", ContextValue::Bool(true));
+    });
+    state.identity().revoke_all(&p.user_id, false).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Me {
+    id: String,
+    username: String,
+    email: Option<String>,
+    role: String,
+    permissions: Vec<String>,
+    mfa_enabled: bool,
+    /// True while `mfa.required` holds and TOTP is not confirmed yet.
+    mfa_enrollment_required: bool,
+    password_expires_at: Option<String>,
+}
+
+/// Who am I.
+#[utoipa::path(get, path = "/api/v1/auth/me", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, description = "The caller", body = Me), (status = 401, description = "unauthorized")))]
+pub async fn me(audit: Audit, p: Authorized<need::SignedIn>) -> Result<Json<Me>, ApiError> {
+    let p = p.0;
+    audit.annotate(|a| {
+        a.action = Some(Action::Read);
+        a.resource_type = Some("user");
+        a.resource_id = Some(p.user_id.clone());
+    });
+    Ok(Json(Me {
+        permissions: if p.mfa_enrollment_pending {
+            Vec::new()
+        } else {
+            p.permissions
+                .iter()
+                .map(|x| x.as_str().to_owned())
+                .collect()
+        },
+        mfa_enrollment_required: p.mfa_enrollment_pending,
+        id: p.user_id,
+        username: p.username,
+        email: p.email,
+        role: p.role,
+        mfa_enabled: p.mfa_enabled,
+        password_expires_at: p.password_expires_at,
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordChange {
+    #[schema(value_type = String, format = Password)]
+    current_password: String,
+    #[schema(value_type = String, format = Password)]
+    new_password: String,
+    /// Without a bearer token (an expired password): whose password.
+    #[serde(default)]
+    username: Option<String>,
+}
+
+/// Change a password. With a bearer token: the caller's, and their other sessions end.
+/// Without one: `username` + `current_password` (the expired-password path; counted
+/// like sign-in failures).
+#[utoipa::path(post, path = "/api/v1/auth/password", tag = "auth", request_body = PasswordChange,
+    security((), ("bearer" = [])),
+    responses((status = 204, description = "Changed"),
+        (status = 401, description = "invalid_credentials"),
+        (status = 422, description = "password_policy with violations", body = crate::http::error::Problem)))]
+pub async fn change_password(
+    State(state): State<AppState>,
+    audit: Audit,
+    ip: ClientIp,
+    headers: axum::http::HeaderMap,
+    MaybePrincipal(p): MaybePrincipal,
+    JsonBody(req): JsonBody<PasswordChange>,
+) -> Result<StatusCode, ApiError> {
+    check_lengths(
+        req.username.as_deref(),
+        &[
+            ("current_password", &req.current_password),
+            ("new_password", &req.new_password),
+        ],
+    )?;
+    let identity = state.identity();
+    let current = Secret::new(req.current_password);
+    let new = Secret::new(req.new_password);
+    audit.annotate(|a| {
+        a.action = Some(Action::Update);
+        a.resource_type = Some("user");
+        a.context.insert("change", ContextValue::Code("password"));
+    });
+    match p {
+        Some(p) => {
+            let user = identity.user(&p.user_id).await?;
+            audit.annotate(|a| a.resource_id = Some(user.id.clone()));
+            identity
+                .change_password(&user, &current, &new, p.session_id())
+                .await?;
+        }
+        None => {
+            let Some(username) = req.username else {
+                return Err(ApiError::new(ErrorCode::Unauthorized));
+            };
+            // Same checks as sign-in: lockout, dummy hash, failure counting.
+            let origin = origin(ip, &headers);
+            let (result, facts) = identity.login(&username, &current, None, &origin).await;
+            let user = match result {
+                Ok(_) | Err(IdentityError::PasswordExpired) => identity
+                    .user_by_username(&username)
+                    .await?
+                    .ok_or(IdentityError::InvalidCredentials)?,
+                Err(IdentityError::MfaRequired) => {
+                    identity.record_attempt(&facts, &origin).await?;
+                    return Err(ApiError::new(ErrorCode::MfaRequired).with_detail(
+                        "TOTP is on for this account: sign in with the code, then change the password with the session.",
+                    ));
+                }
+                Err(e) => {
+                    identity.record_attempt(&facts, &origin).await?;
+                    audit.set_actor(Actor {
+                        id: facts.user_id.clone(),
+                        name: facts.username.clone(),
+                    });
+                    return Err(e.into());
+                }
+            };
+            identity.record_attempt(&facts, &origin).await?;
+            audit.set_actor(Actor::user(&user.id, &user.username));
+            audit.annotate(|a| a.resource_id = Some(user.id.clone()));
+            // Sign-in made a session the caller never sees: end it with the others.
+            identity.set_password(&user, &new, None).await?;
+        }
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct EnrollResponse {
+    /// Base32 secret for manual entry.
+    secret: String,
+    otpauth_uri: String,
+    /// The otpauth URI as an SVG QR code.
+    qr_svg: String,
+}
+
+/// Start TOTP enrolment (RFC 6238: SHA-1, 6 digits, 30 s). Shown only to the caller.
+#[utoipa::path(post, path = "/api/v1/auth/totp/enroll", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, description = "Scan the QR code, then confirm", body = EnrollResponse),
+        (status = 409, description = "TOTP already on")))]
+pub async fn totp_enroll(
+    State(state): State<AppState>,
+    audit: Audit,
+    p: Authorized<need::SignedIn>,
+) -> Result<Json<EnrollResponse>, ApiError> {
+    audit.annotate(|a| {
+        a.action = Some(Action::Update);
+        a.resource_type = Some("user");
+        a.resource_id = Some(p.user_id.clone());
+        a.context
+            .insert("change", ContextValue::Code("totp_enroll"));
+    });
+    let user = state.identity().user(&p.user_id).await?;
+    let e = state.identity().totp_enroll(&user).await?;
+    Ok(Json(EnrollResponse {
+        secret: e.secret.expose().to_owned(),
+        otpauth_uri: e.otpauth_uri.expose().to_owned(),
+        qr_svg: e.qr_svg,
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CodeRequest {
+    code: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RecoveryCodes {
+    /// Ten single-use codes, shown once.
+    recovery_codes: Vec<String>,
+}
+
+/// Confirm TOTP enrolment with a code; TOTP is then on.
+#[utoipa::path(post, path = "/api/v1/auth/totp/confirm", tag = "auth", security(("bearer" = [])),
+    request_body = CodeRequest,
+    responses((status = 200, description = "TOTP is on", body = RecoveryCodes),
+        (status = 401, description = "invalid_totp")))]
+pub async fn totp_confirm(
+    State(state): State<AppState>,
+    audit: Audit,
+    p: Authorized<need::SignedIn>,
+    JsonBody(req): JsonBody<CodeRequest>,
+) -> Result<Json<RecoveryCodes>, ApiError> {
+    audit.annotate(|a| {
+        a.action = Some(Action::Update);
+        a.resource_type = Some("user");
+        a.resource_id = Some(p.user_id.clone());
+        a.context
+            .insert("change", ContextValue::Code("totp_confirm"));
+    });
+    let user = state.identity().user(&p.user_id).await?;
+    let codes = state.identity().totp_confirm(&user, &req.code).await?;
+    Ok(Json(RecoveryCodes {
+        recovery_codes: codes,
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DisableTotp {
+    #[schema(value_type = String, format = Password)]
+    password: String,
+    code: String,
+}
+
+/// Turn TOTP off (refused with 409 when `mfa.required`).
+#[utoipa::path(delete, path = "/api/v1/auth/totp", tag = "auth", security(("bearer" = [])),
+    request_body = DisableTotp,
+    responses((status = 204, description = "TOTP is off"), (status = 409, description = "conflict")))]
+pub async fn totp_disable(
+    State(state): State<AppState>,
+    audit: Audit,
+    p: Authorized<need::SignedIn>,
+    JsonBody(req): JsonBody<DisableTotp>,
+) -> Result<StatusCode, ApiError> {
+    check_lengths(None, &[("password", &req.password)])?;
+    audit.annotate(|a| {
+        a.action = Some(Action::Update);
+        a.resource_type = Some("user");
+        a.resource_id = Some(p.user_id.clone());
+        a.context
+            .insert("change", ContextValue::Code("totp_disable"));
+    });
+    let user = state.identity().user(&p.user_id).await?;
+    state
+        .identity()
+        .totp_disable(&user, &Secret::new(req.password), &req.code)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TokenView {
+    id: String,
+    name: String,
+    created_at: String,
+    expires_at: String,
+    last_used_at: Option<String>,
+    /// The token ends within 24 hours.
+    expires_soon: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TokenList {
+    items: Vec<TokenView>,
+    next_cursor: Option<String>,
+}
+
+/// The caller's API tokens (never their secrets).
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens", security(("bearer" = [])),
+    responses((status = 200, description = "Tokens", body = TokenList)))]
+pub async fn list_tokens(
+    State(state): State<AppState>,
+    audit: Audit,
+    p: Authorized<need::Enrolled>,
+) -> Result<Json<TokenList>, ApiError> {
+    audit.annotate(|a| {
+        a.action = Some(Action::Read);
+        a.resource_type = Some("api_token");
+    });
+    let identity = state.identity();
+    let items = identity
+        .tokens(&p.user_id)
+        .await?
+        .into_iter()
+        .map(|t| TokenView {
+            expires_soon: identity.expires_soon(&t.expires_at),
+            id: t.id,
+            name: t.name,
+            created_at: t.created_at,
+            expires_at: t.expires_at,
+            last_used_at: t.last_used_at,
+        })
+        .collect();
+    Ok(Json(TokenList {
+        items,
+        next_cursor: None,
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    name: String,
+    /// Lifetime in seconds, capped by `api_tokens.max_lifetime`.
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CreatedToken {
+    id: String,
+    name: String,
+    /// The secret (`cat_…`), shown once.
+    token: String,
+    expires_at: String,
+}
+
+fn created(row: super::store::TokenRow, token: &Secret) -> Response {
+    (
+        StatusCode::CREATED,
+        Json(CreatedToken {
+            id: row.id,
+            name: row.name,
+            token: token.expose().to_owned(),
+            expires_at: row.expires_at,
+        }),
+    )
+        .into_response()
+}
+
+/// Create an API token.
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens", security(("bearer" = [])), request_body = NewToken,
+    responses((status = 201, description = "Created; the secret is shown once", body = CreatedToken)))]
+pub async fn create_token(
+    State(state): State<AppState>,
+    audit: Audit,
+    p: Authorized<need::Enrolled>,
+    JsonBody(req): JsonBody<NewToken>,
+) -> Result<Response, ApiError> {
+    let (row, token) = state
+        .identity()
+        .create_token(&p.user_id, &req.name, req.expires_in)
+        .await?;
+    audit.annotate(|a| {
+        a.action = Some(Action::Create);
+        a.resource_type = Some("api_token");
+        a.resource_id = Some(row.id.clone());
+    });
+    Ok(created(row, &token))
+}
+
+/// Replace a token's secret; the old secret stops working at once.
+#[utoipa::path(post, path = "/api/v1/tokens/{id}/rotate", tag = "tokens", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Token id")),
+    responses((status = 201, description = "The new token; the secret is shown once", body = CreatedToken),
+        (status = 404, description = "No such live token")))]
+pub async fn rotate_token(
+    State(state): State<AppState>,
+    audit: Audit,
+    p: Authorized<need::Enrolled>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    audit.annotate(|a| {
+        a.action = Some(Action::Update);
+        a.resource_type = Some("api_token");
+        a.resource_id = Some(id.clone());
+        a.context.insert("change", ContextValue::Code("rotate"));
+    });
+    let (row, token) = state.identity().rotate_token(&p.user_id, &id).await?;
+    audit.context("new_token", ContextValue::id(&row.id));
+    Ok(created(row, &token))
+}
+
+/// Revoke a token.
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Token id")),
+    responses((status = 204, description = "Revoked"), (status = 404, description = "No such live token")))]
+pub async fn revoke_token(
+    State(state): State<AppState>,
+    audit: Audit,
+    p: Authorized<need::Enrolled>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    audit.annotate(|a| {
+        a.action = Some(Action::Delete);
+        a.resource_type = Some("api_token");
+        a.resource_id = Some(id.clone());
+    });
+    state.identity().revoke_token(&p.user_id, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,911 @@
+//! The identity rules: accounts, sign-in with lockout, sessions, TOTP, API tokens.
+//! No HTTP here; time comes from the clock.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use super::model::{AttemptReason, User, Username, parse_email};
+use super::password::{self, Hasher, Policy};
+use super::store::{self, Attempt, NewSession, TokenLookup, TokenRow};
+use super::totp;
+use crate::access::{Credential, Permission, Principal};
+use crate::clock::{SharedClock, timestamp};
+use crate::config::{Config, Secret};
+use crate::crypto::{self, CryptoError, SharedKeyring};
+use crate::store::{Db, StoreError};
+
+pub const SESSION_PREFIX: &str = "cst_";
+pub const API_TOKEN_PREFIX: &str = "cat_";
+const TOTP_PURPOSE: &str = "custodian/identity/totp/v1";
+const RECOVERY_PURPOSE: &str = "custodian/identity/recovery-codes/v1";
+
+/// Errors of the identity layer; `routes.rs` maps them to problems in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("unauthorized")]
+    Unauthorized,
+    #[error("invalid credentials")]
+    InvalidCredentials,
+    #[error("TOTP code required")]
+    MfaRequired,
+    #[error("invalid TOTP code")]
+    InvalidTotp,
+    #[error("account locked")]
+    Locked { retry_after: u64 },
+    #[error("too many failures from this address")]
+    RateLimited { retry_after: u64 },
+    #[error("password expired")]
+    PasswordExpired,
+    #[error("password policy")]
+    Policy(Vec<&'static str>),
+    #[error("invalid {0}: {1}")]
+    Invalid(&'static str, &'static str),
+    #[error("conflict: {0}")]
+    Conflict(&'static str),
+    #[error("not found")]
+    NotFound,
+    #[error("busy")]
+    Busy,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<password::PasswordError> for IdentityError {
+    fn from(e: password::PasswordError) -> Self {
+        match e {
+            password::PasswordError::Busy => IdentityError::Busy,
+            other => IdentityError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// The numbers the rules use, from the configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub policy: Policy,
+    pub idle_timeout: Duration,
+    pub absolute_timeout: Duration,
+    pub max_failures: u32,
+    pub lock_duration: Duration,
+    pub ip_max_failures: u32,
+    pub mfa_required: bool,
+    pub token_max_lifetime: Duration,
+}
+
+impl Settings {
+    pub fn from_config(c: &Config) -> Self {
+        Self {
+            policy: Policy::from_config(&c.password),
+            idle_timeout: c.session.idle_timeout.std(),
+            absolute_timeout: c.session.absolute_timeout.std(),
+            max_failures: c.lockout.max_failures,
+            lock_duration: c.lockout.duration.std(),
+            ip_max_failures: c.lockout.ip_max_failures,
+            mfa_required: c.mfa.required,
+            token_max_lifetime: c.api_tokens.max_lifetime.std(),
+        }
+    }
+}
+
+/// Who is signing in, from where.
+#[derive(Clone, Debug, Default)]
+pub struct Origin {
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+/// The identity service.
+#[derive(Clone)]
+pub struct Identity {
+    db: Db,
+    hasher: Hasher,
+    clock: SharedClock,
+    keys: Arc<SharedKeyring>,
+    settings: Arc<Settings>,
+}
+
+/// A new session's token (shown once).
+pub struct NewLogin {
+    pub token: Secret,
+    pub expires_in: u64,
+    pub user: User,
+    pub permissions: Vec<String>,
+    pub password_expires_at: Option<String>,
+    pub used_recovery_code: bool,
+}
+
+/// What the audit trail and the login history learn about an attempt.
+#[derive(Clone, Debug)]
+pub struct AttemptFacts {
+    pub username: String,
+    pub user_id: Option<String>,
+    pub reason: AttemptReason,
+    /// This failure locked the account.
+    pub locked_now: bool,
+}
+
+fn add(t: OffsetDateTime, d: Duration) -> OffsetDateTime {
+    t.checked_add(time::Duration::try_from(d).unwrap_or(time::Duration::MAX))
+        .unwrap_or(t)
+}
+
+fn parse_ts(s: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+impl Identity {
+    pub fn new(
+        db: Db,
+        hasher: Hasher,
+        clock: SharedClock,
+        keys: Arc<SharedKeyring>,
+        settings: Settings,
+    ) -> Self {
+        Self {
+            db,
+            hasher,
+            clock,
+            keys,
+            settings: Arc::new(settings),
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn hasher(&self) -> &Hasher {
+        &self.hasher
+    }
+
+    fn now(&self) -> OffsetDateTime {
+        self.clock.now()
+    }
+
+    /// When a password set at `changed_at` expires, if the policy expires passwords.
+    pub fn password_expires_at(&self, changed_at: &str) -> Option<OffsetDateTime> {
+        let max_age = self.settings.policy.max_age?;
+        parse_ts(changed_at).map(|t| add(t, max_age))
+    }
+
+    fn check_policy(
+        &self,
+        password: &Secret,
+        username: &str,
+        email: Option<&str>,
+    ) -> Result<(), IdentityError> {
+        let v = self
+            .settings
+            .policy
+            .check(password.expose(), username, email);
+        if v.is_empty() {
+            Ok(())
+        } else {
+            Err(IdentityError::Policy(v))
+        }
+    }
+
+    // ---- accounts --------------------------------------------------------------
+
+    /// Creates an account (admin API, `custodian user create`, the dev bootstrap).
+    pub async fn create_user(
+        &self,
+        username: &str,
+        email: Option<&str>,
+        role: &str,
+        password: &Secret,
+    ) -> Result<User, IdentityError> {
+        let username =
+            Username::parse(username).map_err(|m| IdentityError::Invalid("username", m))?;
+        let email = email
+            .map(parse_email)
+            .transpose()
+            .map_err(|m| IdentityError::Invalid("email", m))?;
+        if password.expose().chars().count() > super::model::MAX_PASSWORD {
+            return Err(IdentityError::Policy(vec![password::TOO_LONG]));
+        }
+        if !store::role_exists(&self.db, role).await? {
+            return Err(IdentityError::Invalid("role", "is not a role"));
+        }
+        self.check_policy(password, username.as_str(), email.as_deref())?;
+        let hash = self.hasher.hash(password).await?;
+        let now = timestamp(self.now());
+        let user = User {
+            id: new_id(),
+            username: username.as_str().to_owned(),
+            email,
+            role: role.to_owned(),
+            active: true,
+            password_hash: hash,
+            password_changed_at: now.clone(),
+            totp_secret: None,
+            totp_enabled: false,
+            totp_last_step: None,
+            created_at: now.clone(),
+            updated_at: now,
+        };
+        if !store::insert_user(&self.db, &user, &new_id()).await? {
+            return Err(IdentityError::Conflict("the username is taken"));
+        }
+        Ok(user)
+    }
+
+    pub async fn count_users(&self) -> Result<i64, IdentityError> {
+        Ok(store::count_users(&self.db).await?)
+    }
+
+    // ---- sign-in ---------------------------------------------------------------
+
+    /// Signs in. Every outcome comes back with the facts to record; the caller writes
+    /// the login history row (through [`Identity::record_attempt`]) and the audit event.
+    pub async fn login(
+        &self,
+        username_raw: &str,
+        password: &Secret,
+        totp_code: Option<&str>,
+        origin: &Origin,
+    ) -> (Result<NewLogin, IdentityError>, AttemptFacts) {
+        let username = Username::normalise(username_raw);
+        let mut facts = AttemptFacts {
+            username: username.clone(),
+            user_id: None,
+            reason: AttemptReason::BadPassword,
+            locked_now: false,
+        };
+        let result = self
+            .login_inner(&username, password, totp_code, origin, &mut facts)
+            .await;
+        (result, facts)
+    }
+
+    async fn login_inner(
+        &self,
+        username: &str,
+        password: &Secret,
+        totp_code: Option<&str>,
+        origin: &Origin,
+        facts: &mut AttemptFacts,
+    ) -> Result<NewLogin, IdentityError> {
+        let now = self.now();
+        let now_s = timestamp(now);
+        let user_key = format!("user:{username}");
+        let ip_key = origin.ip.as_ref().map(|ip| format!("ip:{ip}"));
+
+        let user = store::user_by_username(&self.db, username).await?;
+        facts.user_id = user.as_ref().map(|u| u.id.clone());
+
+        // Password spraying: too many failures from one address, across usernames.
+        if let Some(k) = &ip_key
+            && let Some(until) = store::locked_until(&self.db, k, &now_s).await?
+        {
+            facts.reason = AttemptReason::RateLimited;
+            return Err(IdentityError::RateLimited {
+                retry_after: seconds_until(now, &until),
+            });
+        }
+        // A locked username answers 423 even with the right password.
+        if let Some(until) = store::locked_until(&self.db, &user_key, &now_s).await? {
+            facts.reason = AttemptReason::Locked;
+            return Err(IdentityError::Locked {
+                retry_after: seconds_until(now, &until),
+            });
+        }
+
+        // Unknown users are checked against a dummy hash, so the time is the same.
+        let verified = self
+            .hasher
+            .verify(password, user.as_ref().map(|u| u.password_hash.as_str()))
+            .await?;
+        let Some(user) = user else {
+            facts.reason = AttemptReason::UnknownUser;
+            self.count_failure(&user_key, ip_key.as_deref(), now, facts)
+                .await?;
+            return Err(IdentityError::InvalidCredentials);
+        };
+        if !verified.ok {
+            facts.reason = AttemptReason::BadPassword;
+            self.count_failure(&user_key, ip_key.as_deref(), now, facts)
+                .await?;
+            return Err(IdentityError::InvalidCredentials);
+        }
+        if !user.active {
+            facts.reason = AttemptReason::Inactive;
+            self.count_failure(&user_key, ip_key.as_deref(), now, facts)
+                .await?;
+            return Err(IdentityError::InvalidCredentials);
+        }
+
+        let mut used_recovery_code = false;
+        if user.totp_enabled {
+            let Some(code) = totp_code.map(str::trim).filter(|c| !c.is_empty()) else {
+                facts.reason = AttemptReason::MfaRequired;
+                return Err(IdentityError::MfaRequired);
+            };
+            match self.check_second_factor(&user, code, now).await? {
+                SecondFactor::Totp => {}
+                SecondFactor::RecoveryCode => used_recovery_code = true,
+                SecondFactor::Wrong => {
+                    facts.reason = AttemptReason::BadTotp;
+                    self.count_failure(&user_key, ip_key.as_deref(), now, facts)
+                        .await?;
+                    return Err(IdentityError::InvalidTotp);
+                }
+            }
+        }
+
+        // The password and second factor are right: the failure count starts again.
+        store::clear_failures(&self.db, &user_key).await?;
+        if verified.needs_rehash
+            && let Ok(new_hash) = self.hasher.hash(password).await
+        {
+            store::rehash(&self.db, &user.id, &user.password_hash, &new_hash).await?;
+        }
+        let expires_at = self.password_expires_at(&user.password_changed_at);
+        if expires_at.is_some_and(|t| t <= now) {
+            facts.reason = AttemptReason::Expired;
+            return Err(IdentityError::PasswordExpired);
+        }
+
+        let (token, hash) = crypto::new_token(SESSION_PREFIX)?;
+        let absolute = add(now, self.settings.absolute_timeout);
+        store::insert_session(
+            &self.db,
+            &NewSession {
+                id: &new_id(),
+                user_id: &user.id,
+                token_hash: &hash,
+                now: &now_s,
+                absolute_expires_at: &timestamp(absolute),
+                ip: origin.ip.as_deref(),
+                user_agent: origin.user_agent.as_deref(),
+            },
+        )
+        .await?;
+        facts.reason = AttemptReason::Success;
+        let permissions = store::role_permissions(&self.db, &user.role).await?;
+        Ok(NewLogin {
+            token: Secret::new(token),
+            expires_in: self.settings.idle_timeout.as_secs(),
+            permissions,
+            password_expires_at: expires_at.map(crate::clock::rfc3339),
+            user,
+            used_recovery_code,
+        })
+    }
+
+    async fn count_failure(
+        &self,
+        user_key: &str,
+        ip_key: Option<&str>,
+        now: OffsetDateTime,
+        facts: &mut AttemptFacts,
+    ) -> Result<(), IdentityError> {
+        let now_s = timestamp(now);
+        let until = timestamp(add(now, self.settings.lock_duration));
+        // Consecutive failures of a username never expire by themselves (only a success,
+        // an admin unlock or the end of a lock starts them again).
+        let n = store::count_failure(&self.db, user_key, &now_s, "").await?;
+        if self.settings.max_failures > 0 && n >= i64::from(self.settings.max_failures) {
+            store::lock(&self.db, user_key, &until).await?;
+            facts.locked_now = true;
+        }
+        if let Some(k) = ip_key {
+            let window_start = timestamp(
+                now - time::Duration::try_from(self.settings.lock_duration)
+                    .unwrap_or(time::Duration::ZERO),
+            );
+            let n = store::count_failure(&self.db, k, &now_s, &window_start).await?;
+            if self.settings.ip_max_failures > 0 && n >= i64::from(self.settings.ip_max_failures) {
+                store::lock(&self.db, k, &until).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the login-history row of an attempt.
+    pub async fn record_attempt(
+        &self,
+        facts: &AttemptFacts,
+        origin: &Origin,
+    ) -> Result<(), IdentityError> {
+        store::record_attempt(
+            &self.db,
+            &Attempt {
+                // Time-ordered, so attempts in the same microsecond keep their order.
+                id: &uuid::Uuid::now_v7().to_string(),
+                at: &timestamp(self.now()),
+                username: &facts.username,
+                user_id: facts.user_id.as_deref(),
+                ip: origin.ip.as_deref(),
+                user_agent: origin.user_agent.as_deref(),
+                success: facts.reason == AttemptReason::Success,
+                reason: facts.reason.as_str(),
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// An administrator ends a lock early.
+    pub async fn unlock(&self, user_id: &str) -> Result<(), IdentityError> {
+        let user = store::user_by_id(&self.db, user_id)
+            .await?
+            .ok_or(IdentityError::NotFound)?;
+        store::clear_failures(&self.db, &format!("user:{}", user.username)).await?;
+        Ok(())
+    }
+
+    // ---- bearer tokens ---------------------------------------------------------
+
+    /// Authenticates a bearer token (`cst_…` or `cat_…`) and builds the principal with
+    /// the permissions of the user's role as of now. Every check runs on every request,
+    /// against the database, so a revocation, deactivation, lock or role change holds on
+    /// the very next request on every instance.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, IdentityError> {
+        let is_session = token.starts_with(SESSION_PREFIX);
+        if !(is_session || token.starts_with(API_TOKEN_PREFIX)) || token.len() > 128 {
+            return Err(IdentityError::Unauthorized);
+        }
+        let hash = crypto::sha256_hex(token.as_bytes());
+        let found = if is_session {
+            store::session_by_hash(&self.db, &hash).await?
+        } else {
+            store::api_token_by_hash(&self.db, &hash).await?
+        };
+        let Some(TokenLookup {
+            credential_id,
+            last_used_at,
+            expires_at,
+            revoked_at,
+            user,
+        }) = found
+        else {
+            return Err(IdentityError::Unauthorized);
+        };
+        let now = self.now();
+        let now_s = timestamp(now);
+        if revoked_at.is_some() || expires_at.as_str() <= now_s.as_str() || !user.active {
+            return Err(IdentityError::Unauthorized);
+        }
+        if is_session {
+            let last = last_used_at
+                .as_deref()
+                .and_then(parse_ts)
+                .ok_or(IdentityError::Unauthorized)?;
+            if add(last, self.settings.idle_timeout) <= now {
+                return Err(IdentityError::Unauthorized);
+            }
+        }
+        if store::locked_until(&self.db, &format!("user:{}", user.username), &now_s)
+            .await?
+            .is_some()
+        {
+            return Err(IdentityError::Unauthorized);
+        }
+        // Last-use writes are throttled: at most one per tenth of the idle timeout
+        // (30 s at most), so a busy client does not turn every read into a write.
+        let throttle = (self.settings.idle_timeout / 10).min(Duration::from_secs(30));
+        let due = last_used_at
+            .as_deref()
+            .and_then(parse_ts)
+            .is_none_or(|last| add(last, throttle) <= now);
+        if due {
+            if is_session {
+                store::touch_session(&self.db, &credential_id, &now_s).await?;
+            } else {
+                store::touch_api_token(&self.db, &credential_id, &now_s).await?;
+            }
+        }
+        let permissions: BTreeSet<Permission> = store::role_permissions(&self.db, &user.role)
+            .await?
+            .iter()
+            .filter_map(|p| Permission::parse(p))
+            .collect();
+        Ok(Principal {
+            mfa_enrollment_pending: self.settings.mfa_required && !user.totp_enabled,
+            password_expires_at: self
+                .password_expires_at(&user.password_changed_at)
+                .map(crate::clock::rfc3339),
+            user_id: user.id,
+            username: user.username,
+            email: user.email,
+            role: user.role,
+            permissions,
+            credential: if is_session {
+                Credential::Session(credential_id)
+            } else {
+                Credential::ApiToken(credential_id)
+            },
+            mfa_enabled: user.totp_enabled,
+        })
+    }
+
+    pub async fn logout(&self, session_id: &str) -> Result<(), IdentityError> {
+        store::revoke_session(&self.db, session_id, &timestamp(self.now())).await?;
+        Ok(())
+    }
+
+    /// Revokes every session of a user (and their API tokens when `tokens`).
+    pub async fn revoke_all(&self, user_id: &str, tokens: bool) -> Result<u64, IdentityError> {
+        Ok(store::revoke_all(&self.db, user_id, &timestamp(self.now()), tokens).await?)
+    }
+
+    // ---- passwords -------------------------------------------------------------
+
+    /// Changes a password after checking the current one. Applies the policy and the
+    /// history, and revokes the user's other sessions (all of them when `keep` is None).
+    pub async fn change_password(
+        &self,
+        user: &User,
+        current: &Secret,
+        new: &Secret,
+        keep_session: Option<&str>,
+    ) -> Result<(), IdentityError> {
+        let verified = self
+            .hasher
+            .verify(current, Some(&user.password_hash))
+            .await?;
+        if !verified.ok {
+            return Err(IdentityError::InvalidCredentials);
+        }
+        self.set_password(user, new, keep_session).await
+    }
+
+    /// Sets a password without the current one (admin reset): policy and history apply.
+    pub async fn set_password(
+        &self,
+        user: &User,
+        new: &Secret,
+        keep_session: Option<&str>,
+    ) -> Result<(), IdentityError> {
+        if new.expose().chars().count() > super::model::MAX_PASSWORD {
+            return Err(IdentityError::Policy(vec![password::TOO_LONG]));
+        }
+        let mut violations =
+            self.settings
+                .policy
+                .check(new.expose(), &user.username, user.email.as_deref());
+        // The current password and the `history` before it may not come back.
+        let n = i64::from(self.settings.policy.history) + 1;
+        let recent = store::recent_password_hashes(&self.db, &user.id, n).await?;
+        let mut recent = recent;
+        if !recent.contains(&user.password_hash) {
+            recent.push(user.password_hash.clone());
+        }
+        if self.hasher.matches_any(new, &recent).await? {
+            violations.push(password::REUSED);
+        }
+        if !violations.is_empty() {
+            return Err(IdentityError::Policy(violations));
+        }
+        let hash = self.hasher.hash(new).await?;
+        store::set_password(
+            &self.db,
+            &user.id,
+            &hash,
+            &timestamp(self.now()),
+            &new_id(),
+            keep_session,
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn user(&self, id: &str) -> Result<User, IdentityError> {
+        store::user_by_id(&self.db, id)
+            .await?
+            .ok_or(IdentityError::NotFound)
+    }
+
+    pub async fn user_by_username(&self, username: &str) -> Result<Option<User>, IdentityError> {
+        Ok(store::user_by_username(&self.db, &Username::normalise(username)).await?)
+    }
+
+    // ---- TOTP ------------------------------------------------------------------
+
+    async fn check_second_factor(
+        &self,
+        user: &User,
+        code: &str,
+        now: OffsetDateTime,
+    ) -> Result<SecondFactor, IdentityError> {
+        if let Some(normalised) = totp::normalize_recovery_code(code) {
+            let hash = self.recovery_hash(&user.id, &normalised)?;
+            let ok = store::use_recovery_code(&self.db, &user.id, &hash, &timestamp(now)).await?;
+            return Ok(if ok {
+                SecondFactor::RecoveryCode
+            } else {
+                SecondFactor::Wrong
+            });
+        }
+        let Some(secret) = self.totp_secret(user)? else {
+            return Ok(SecondFactor::Wrong);
+        };
+        let last = user.totp_last_step.and_then(|s| u64::try_from(s).ok());
+        match totp::verify(&secret, code, now.unix_timestamp(), last) {
+            Some(step) => {
+                let step = i64::try_from(step).unwrap_or(i64::MAX);
+                // Claimed atomically: two requests with the same code cannot both pass.
+                if store::claim_totp_step(&self.db, &user.id, step).await? {
+                    Ok(SecondFactor::Totp)
+                } else {
+                    Ok(SecondFactor::Wrong)
+                }
+            }
+            None => Ok(SecondFactor::Wrong),
+        }
+    }
+
+    fn totp_secret(&self, user: &User) -> Result<Option<totp::TotpSecret>, IdentityError> {
+        let Some(sealed) = &user.totp_secret else {
+            return Ok(None);
+        };
+        let raw = crypto::open(&self.keys, TOTP_PURPOSE, user.id.as_bytes(), sealed)?;
+        totp::TotpSecret::from_bytes(&raw)
+            .map(Some)
+            .map_err(|_| IdentityError::Internal("stored TOTP secret is malformed".into()))
+    }
+
+    fn recovery_hash(&self, user_id: &str, normalised: &str) -> Result<String, IdentityError> {
+        let version = self.keys.current_version();
+        let _ = version;
+        // Recovery codes are hashed with key version 1's purpose key so that a rotation
+        // does not invalidate them; they hold 80 random bits and the key is never in the
+        // database, so the stored hashes cannot be searched offline.
+        let key = self
+            .keys
+            .derive(1, RECOVERY_PURPOSE)
+            .map_err(CryptoError::from)?;
+        Ok(crypto::hex(&crypto::hmac_sha256(
+            &key,
+            &[user_id.as_bytes(), normalised.as_bytes()],
+        )))
+    }
+
+    /// Starts TOTP enrolment: a new secret, kept sealed until confirmed.
+    pub async fn totp_enroll(&self, user: &User) -> Result<Enrollment, IdentityError> {
+        if user.totp_enabled {
+            return Err(IdentityError::Conflict(
+                "TOTP is already on; turn it off first",
+            ));
+        }
+        let secret = totp::TotpSecret::generate()
+            .map_err(|_| IdentityError::Internal("random source failed".into()))?;
+        let sealed = crypto::seal(&self.keys, TOTP_PURPOSE, user.id.as_bytes(), secret.bytes())?;
+        store::set_totp_pending(&self.db, &user.id, &sealed, &timestamp(self.now())).await?;
+        let uri = totp::otpauth_uri(&secret, "Custodian", &user.username);
+        let qr_svg = totp::qr_svg(&uri)
+            .map_err(|_| IdentityError::Internal("QR rendering failed".into()))?;
+        Ok(Enrollment {
+            secret: Secret::new(secret.to_base32()),
+            otpauth_uri: Secret::new(uri),
+            qr_svg,
+        })
+    }
+
+    /// Confirms enrolment with a code from the app; returns ten recovery codes (shown once).
+    pub async fn totp_confirm(
+        &self,
+        user: &User,
+        code: &str,
+    ) -> Result<Vec<String>, IdentityError> {
+        if user.totp_enabled {
+            return Err(IdentityError::Conflict("TOTP is already on"));
+        }
+        let Some(secret) = self.totp_secret(user)? else {
+            return Err(IdentityError::Conflict(
+                "start with POST /api/v1/auth/totp/enroll",
+            ));
+        };
+        let now = self.now();
+        let last = user.totp_last_step.and_then(|s| u64::try_from(s).ok());
+        let Some(step) = totp::verify(&secret, code, now.unix_timestamp(), last) else {
+            return Err(IdentityError::InvalidTotp);
+        };
+        if !store::claim_totp_step(&self.db, &user.id, i64::try_from(step).unwrap_or(i64::MAX))
+            .await?
+        {
+            return Err(IdentityError::InvalidTotp);
+        }
+        let codes = totp::recovery_codes()
+            .map_err(|_| IdentityError::Internal("random source failed".into()))?;
+        let hashes = codes
+            .iter()
+            .map(|c| {
+                let n = totp::normalize_recovery_code(c).unwrap_or_default();
+                self.recovery_hash(&user.id, &n)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        store::enable_totp(&self.db, &user.id, &hashes, &timestamp(now)).await?;
+        Ok(codes)
+    }
+
+    /// Turns TOTP off after checking the password and a current code.
+    pub async fn totp_disable(
+        &self,
+        user: &User,
+        password: &Secret,
+        code: &str,
+    ) -> Result<(), IdentityError> {
+        if self.settings.mfa_required {
+            return Err(IdentityError::Conflict(
+                "TOTP is required for every user (mfa.required)",
+            ));
+        }
+        if !user.totp_enabled {
+            return Err(IdentityError::Conflict("TOTP is not on"));
+        }
+        if !self
+            .hasher
+            .verify(password, Some(&user.password_hash))
+            .await?
+            .ok
+        {
+            return Err(IdentityError::InvalidCredentials);
+        }
+        match self.check_second_factor(user, code, self.now()).await? {
+            SecondFactor::Wrong => Err(IdentityError::InvalidTotp),
+            _ => {
+                store::disable_totp(&self.db, &user.id, &timestamp(self.now())).await?;
+                Ok(())
+            }
+        }
+    }
+
+    // ---- API tokens ------------------------------------------------------------
+
+    pub async fn tokens(&self, user_id: &str) -> Result<Vec<TokenRow>, IdentityError> {
+        Ok(store::api_tokens(&self.db, user_id, &timestamp(self.now())).await?)
+    }
+
+    /// Creates a token; its lifetime is capped by `api_tokens.max_lifetime`.
+    pub async fn create_token(
+        &self,
+        user_id: &str,
+        name: &str,
+        expires_in: Option<u64>,
+    ) -> Result<(TokenRow, Secret), IdentityError> {
+        let name = name.trim();
+        if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
+            return Err(IdentityError::Invalid(
+                "name",
+                "must be 1 to 100 characters",
+            ));
+        }
+        let max = self.settings.token_max_lifetime;
+        let lifetime = expires_in.map_or(max, |s| Duration::from_secs(s).min(max));
+        if lifetime.is_zero() {
+            return Err(IdentityError::Invalid(
+                "expires_in",
+                "must be at least 1 second",
+            ));
+        }
+        let now = self.now();
+        let (token, hash) = crypto::new_token(API_TOKEN_PREFIX)?;
+        let row = TokenRow {
+            id: new_id(),
+            user_id: user_id.to_owned(),
+            name: name.to_owned(),
+            created_at: timestamp(now),
+            expires_at: timestamp(add(now, lifetime)),
+            last_used_at: None,
+        };
+        store::insert_api_token(&self.db, &row, &hash).await?;
+        Ok((row, Secret::new(token)))
+    }
+
+    /// A new secret for a token: same name and expiry; the old secret dies at once.
+    pub async fn rotate_token(
+        &self,
+        user_id: &str,
+        id: &str,
+    ) -> Result<(TokenRow, Secret), IdentityError> {
+        let now = timestamp(self.now());
+        let old = store::api_token_row(&self.db, user_id, id, &now)
+            .await?
+            .ok_or(IdentityError::NotFound)?;
+        let (token, hash) = crypto::new_token(API_TOKEN_PREFIX)?;
+        let row = TokenRow {
+            id: new_id(),
+            user_id: user_id.to_owned(),
+            name: old.name,
+            created_at: now.clone(),
+            expires_at: old.expires_at,
+            last_used_at: None,
+        };
+        if !store::rotate_api_token(&self.db, user_id, id, &row, &hash, &now).await? {
+            return Err(IdentityError::NotFound);
+        }
+        Ok((row, Secret::new(token)))
+    }
+
+    pub async fn revoke_token(&self, user_id: &str, id: &str) -> Result<(), IdentityError> {
+        if store::revoke_api_token(&self.db, user_id, id, &timestamp(self.now())).await? {
+            Ok(())
+        } else {
+            Err(IdentityError::NotFound)
+        }
+    }
+
+    /// Whether a token expires within a day (flagged in the list).
+    pub fn expires_soon(&self, expires_at: &str) -> bool {
+        parse_ts(expires_at).is_some_and(|t| t <= add(self.now(), Duration::from_secs(86_400)))
+    }
+
+    pub fn now_timestamp(&self) -> String {
+        timestamp(self.now())
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+}
+
+enum SecondFactor {
+    Totp,
+    RecoveryCode,
+    Wrong,
+}
+
+/// What enrolment shows the user once.
+pub struct Enrollment {
+    pub secret: Secret,
+    pub otpauth_uri: Secret,
+    pub qr_svg: String,
+}
+
+/// A random 24-character password with upper and lower case letters, digits and
+/// symbols (it meets every policy), from the OS CSPRNG.
+pub fn generate_password() -> Result<Secret, CryptoError> {
+    const SETS: [&[u8]; 4] = [
+        b"ABCDEFGHJKLMNPQRSTUVWXYZ",
+        b"abcdefghijkmnopqrstuvwxyz",
+        b"23456789",
+        b"!#%+-=?@^_~",
+    ];
+    let raw = crypto::random_bytes::<24>()?;
+    let mut out = String::with_capacity(24);
+    for (i, b) in raw.iter().enumerate() {
+        // The first four characters take one from each set; the rest from all of them.
+        let set: &[u8] = match SETS.get(i) {
+            Some(s) => s,
+            None => SETS.get(usize::from(*b) % 4).copied().unwrap_or(SETS[0]),
+        };
+        let c = set
+            .get(usize::from(*b) % set.len())
+            .copied()
+            .unwrap_or(b'x');
+        out.push(char::from(c));
+    }
+    Ok(Secret::new(out))
+}
+
+/// A sentence for a person (the command line) about an identity error; never a value.
+pub fn describe(e: &IdentityError) -> String {
+    match e {
+        IdentityError::Invalid(field, message) => format!("{field} {message}"),
+        IdentityError::Conflict(m) => (*m).to_owned(),
+        IdentityError::Policy(v) => {
+            format!("the password does not meet the policy: {}", v.join(", "))
+        }
+        other => other.to_string(),
+    }
+}
+
+fn seconds_until(now: OffsetDateTime, until: &str) -> u64 {
+    parse_ts(until)
+        .map(|u| (u - now).whole_seconds().max(1))
+        .and_then(|s| u64::try_from(s).ok())
+        .unwrap_or(1)
+}

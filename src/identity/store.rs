@@ -1,0 +1,861 @@
+//! The identity tables' queries, and only theirs.
+
+use sqlx::any::AnyRow;
+use sqlx::{AssertSqlSafe, Row};
+
+use super::model::User;
+use crate::store::{Db, StoreError};
+
+const USER_COLUMNS: &str = "id, username, email, role, active, password_hash, password_changed_at, \
+totp_secret, totp_enabled, totp_last_step, created_at, updated_at";
+
+fn user_from_row(r: &AnyRow) -> Result<User, sqlx::Error> {
+    Ok(User {
+        id: r.try_get("id")?,
+        username: r.try_get("username")?,
+        email: r.try_get("email")?,
+        role: r.try_get("role")?,
+        active: r.try_get::<i64, _>("active")? != 0,
+        password_hash: r.try_get("password_hash")?,
+        password_changed_at: r.try_get("password_changed_at")?,
+        totp_secret: r.try_get("totp_secret")?,
+        totp_enabled: r.try_get::<i64, _>("totp_enabled")? != 0,
+        totp_last_step: r.try_get("totp_last_step")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+pub async fn user_by_username(db: &Db, username: &str) -> Result<Option<User>, StoreError> {
+    let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE username = $1");
+    Ok(sqlx::query(AssertSqlSafe(sql))
+        .bind(username)
+        .fetch_optional(db.reader())
+        .await?
+        .map(|r| user_from_row(&r))
+        .transpose()?)
+}
+
+pub async fn user_by_id(db: &Db, id: &str) -> Result<Option<User>, StoreError> {
+    let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1");
+    Ok(sqlx::query(AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(db.reader())
+        .await?
+        .map(|r| user_from_row(&r))
+        .transpose()?)
+}
+
+pub async fn count_users(db: &Db) -> Result<i64, StoreError> {
+    Ok(sqlx::query("SELECT COUNT(*) AS n FROM users")
+        .fetch_one(db.reader())
+        .await?
+        .try_get("n")?)
+}
+
+/// Inserts a user and the first entry of their password history. Returns false when the
+/// username is taken.
+pub async fn insert_user(db: &Db, u: &User, history_id: &str) -> Result<bool, StoreError> {
+    let mut tx = db.writer().begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO users (id, username, email, role, active, password_hash, password_changed_at, \
+         totp_secret, totp_enabled, totp_last_step, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, 0, NULL, $8, $9) ON CONFLICT (username) DO NOTHING",
+    )
+    .bind(&u.id)
+    .bind(&u.username)
+    .bind(&u.email)
+    .bind(&u.role)
+    .bind(i64::from(u.active))
+    .bind(&u.password_hash)
+    .bind(&u.password_changed_at)
+    .bind(&u.created_at)
+    .bind(&u.updated_at)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    sqlx::query("INSERT INTO password_history (id, user_id, password_hash, created_at) VALUES ($1, $2, $3, $4)")
+        .bind(history_id)
+        .bind(&u.id)
+        .bind(&u.password_hash)
+        .bind(&u.password_changed_at)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+pub async fn role_exists(db: &Db, role: &str) -> Result<bool, StoreError> {
+    Ok(sqlx::query("SELECT 1 AS x FROM roles WHERE name = $1")
+        .bind(role)
+        .fetch_optional(db.reader())
+        .await?
+        .is_some())
+}
+
+pub async fn role_permissions(db: &Db, role: &str) -> Result<Vec<String>, StoreError> {
+    let rows =
+        sqlx::query("SELECT permission FROM role_permissions WHERE role = $1 ORDER BY permission")
+            .bind(role)
+            .fetch_all(db.reader())
+            .await?;
+    Ok(rows
+        .iter()
+        .map(|r| r.try_get("permission"))
+        .collect::<Result<_, _>>()?)
+}
+
+/// The newest `n` password hashes of a user (current one included).
+pub async fn recent_password_hashes(
+    db: &Db,
+    user_id: &str,
+    n: i64,
+) -> Result<Vec<String>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT password_hash FROM password_history WHERE user_id = $1 ORDER BY created_at DESC LIMIT $2",
+    )
+    .bind(user_id)
+    .bind(n)
+    .fetch_all(db.reader())
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| r.try_get("password_hash"))
+        .collect::<Result<_, _>>()?)
+}
+
+/// Sets a new password (with history) and revokes the user's sessions, except `keep`.
+pub async fn set_password(
+    db: &Db,
+    user_id: &str,
+    hash: &str,
+    now: &str,
+    history_id: &str,
+    keep_session: Option<&str>,
+) -> Result<(), StoreError> {
+    let mut tx = db.writer().begin().await?;
+    sqlx::query("UPDATE users SET password_hash = $1, password_changed_at = $2, updated_at = $2 WHERE id = $3")
+        .bind(hash)
+        .bind(now)
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO password_history (id, user_id, password_hash, created_at) VALUES ($1, $2, $3, $4)")
+        .bind(history_id)
+        .bind(user_id)
+        .bind(hash)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE sessions SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL AND id <> $3",
+    )
+    .bind(now)
+    .bind(user_id)
+    .bind(keep_session.unwrap_or(""))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Replaces the stored hash with one made with current parameters (same password).
+pub async fn rehash(db: &Db, user_id: &str, old: &str, new: &str) -> Result<(), StoreError> {
+    sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2 AND password_hash = $3")
+        .bind(new)
+        .bind(user_id)
+        .bind(old)
+        .execute(db.writer())
+        .await?;
+    Ok(())
+}
+
+// ---- TOTP -------------------------------------------------------------------------
+
+pub async fn set_totp_pending(
+    db: &Db,
+    user_id: &str,
+    sealed: &str,
+    now: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE users SET totp_secret = $1, totp_enabled = 0, totp_last_step = NULL, updated_at = $2 WHERE id = $3",
+    )
+    .bind(sealed)
+    .bind(now)
+    .bind(user_id)
+    .execute(db.writer())
+    .await?;
+    Ok(())
+}
+
+/// Records that the code of `step` was used, only if it is newer than the last one.
+/// Returns false when another request used this step (or a later one) first.
+pub async fn claim_totp_step(db: &Db, user_id: &str, step: i64) -> Result<bool, StoreError> {
+    let n = sqlx::query(
+        "UPDATE users SET totp_last_step = $1 WHERE id = $2 AND (totp_last_step IS NULL OR totp_last_step < $1)",
+    )
+    .bind(step)
+    .bind(user_id)
+    .execute(db.writer())
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+/// Turns TOTP on and stores the recovery codes' keyed hashes (replacing old ones).
+pub async fn enable_totp(
+    db: &Db,
+    user_id: &str,
+    code_hashes: &[String],
+    now: &str,
+) -> Result<(), StoreError> {
+    let mut tx = db.writer().begin().await?;
+    sqlx::query("UPDATE users SET totp_enabled = 1, updated_at = $1 WHERE id = $2")
+        .bind(now)
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    for h in code_hashes {
+        sqlx::query(
+            "INSERT INTO recovery_codes (user_id, code_hash, used_at) VALUES ($1, $2, NULL)",
+        )
+        .bind(user_id)
+        .bind(h)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+pub async fn disable_totp(db: &Db, user_id: &str, now: &str) -> Result<(), StoreError> {
+    let mut tx = db.writer().begin().await?;
+    sqlx::query(
+        "UPDATE users SET totp_secret = NULL, totp_enabled = 0, totp_last_step = NULL, updated_at = $1 WHERE id = $2",
+    )
+    .bind(now)
+    .bind(user_id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Uses a recovery code once. Returns false when it is unknown or already used.
+pub async fn use_recovery_code(
+    db: &Db,
+    user_id: &str,
+    code_hash: &str,
+    now: &str,
+) -> Result<bool, StoreError> {
+    let n = sqlx::query(
+        "UPDATE recovery_codes SET used_at = $1 WHERE user_id = $2 AND code_hash = $3 AND used_at IS NULL",
+    )
+    .bind(now)
+    .bind(user_id)
+    .bind(code_hash)
+    .execute(db.writer())
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+// ---- Lockout counters --------------------------------------------------------------
+
+/// Whether `key` is locked at `now`, and until when.
+pub async fn locked_until(db: &Db, key: &str, now: &str) -> Result<Option<String>, StoreError> {
+    let row = sqlx::query("SELECT locked_until FROM lockouts WHERE key = $1")
+        .bind(key)
+        .fetch_optional(db.reader())
+        .await?;
+    let until: Option<String> = match row {
+        Some(r) => r.try_get("locked_until")?,
+        None => None,
+    };
+    Ok(until.filter(|u| u.as_str() > now))
+}
+
+/// Counts one failure for `key` inside a window that starts at the first failure and
+/// lasts until `window_end_if_new`… expressed as: failures older than `window_start_min`
+/// (or a lock that has ended) start the count again. Returns the count after this one.
+pub async fn count_failure(
+    db: &Db,
+    key: &str,
+    now: &str,
+    restart_before: &str,
+) -> Result<i64, StoreError> {
+    let row = sqlx::query(
+        "INSERT INTO lockouts (key, failures, window_start, locked_until) VALUES ($1, 1, $2, NULL) \
+         ON CONFLICT (key) DO UPDATE SET \
+           failures = CASE WHEN lockouts.window_start < $3 OR (lockouts.locked_until IS NOT NULL AND lockouts.locked_until <= $2) \
+                      THEN 1 ELSE lockouts.failures + 1 END, \
+           window_start = CASE WHEN lockouts.window_start < $3 OR (lockouts.locked_until IS NOT NULL AND lockouts.locked_until <= $2) \
+                      THEN $2 ELSE lockouts.window_start END, \
+           locked_until = CASE WHEN lockouts.locked_until IS NOT NULL AND lockouts.locked_until <= $2 \
+                      THEN NULL ELSE lockouts.locked_until END \
+         RETURNING failures",
+    )
+    .bind(key)
+    .bind(now)
+    .bind(restart_before)
+    .fetch_one(db.writer())
+    .await?;
+    Ok(row.try_get("failures")?)
+}
+
+pub async fn lock(db: &Db, key: &str, until: &str) -> Result<(), StoreError> {
+    sqlx::query("UPDATE lockouts SET locked_until = $1 WHERE key = $2")
+        .bind(until)
+        .bind(key)
+        .execute(db.writer())
+        .await?;
+    Ok(())
+}
+
+pub async fn clear_failures(db: &Db, key: &str) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM lockouts WHERE key = $1")
+        .bind(key)
+        .execute(db.writer())
+        .await?;
+    Ok(())
+}
+
+// ---- Login history -----------------------------------------------------------------
+
+pub struct Attempt<'a> {
+    pub id: &'a str,
+    pub at: &'a str,
+    pub username: &'a str,
+    pub user_id: Option<&'a str>,
+    pub ip: Option<&'a str>,
+    pub user_agent: Option<&'a str>,
+    pub success: bool,
+    pub reason: &'a str,
+}
+
+pub async fn record_attempt(db: &Db, a: &Attempt<'_>) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO login_attempts (id, at, username, user_id, ip, user_agent, success, reason) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(a.id)
+    .bind(a.at)
+    .bind(a.username)
+    .bind(a.user_id)
+    .bind(a.ip)
+    .bind(a.user_agent)
+    .bind(i64::from(a.success))
+    .bind(a.reason)
+    .execute(db.writer())
+    .await?;
+    Ok(())
+}
+
+/// A user's login attempts, newest first, before `before` (a cursor: `at|id`).
+pub async fn attempts(
+    db: &Db,
+    user_id: &str,
+    before: Option<(&str, &str)>,
+    limit: i64,
+) -> Result<Vec<AttemptRow>, StoreError> {
+    let rows = match before {
+        None => sqlx::query(
+            "SELECT id, at, ip, user_agent, success, reason FROM login_attempts WHERE user_id = $1 \
+                 ORDER BY at DESC, id DESC LIMIT $2",
+        )
+        .bind(user_id)
+        .bind(limit)
+        .fetch_all(db.reader())
+        .await?,
+        Some((at, id)) => sqlx::query(
+            "SELECT id, at, ip, user_agent, success, reason FROM login_attempts WHERE user_id = $1 \
+                 AND (at < $2 OR (at = $2 AND id < $3)) ORDER BY at DESC, id DESC LIMIT $4",
+        )
+        .bind(user_id)
+        .bind(at)
+        .bind(id)
+        .bind(limit)
+        .fetch_all(db.reader())
+        .await?,
+    };
+    Ok(rows
+        .iter()
+        .map(|r| {
+            Ok(AttemptRow {
+                id: r.try_get("id")?,
+                at: r.try_get("at")?,
+                ip: r.try_get("ip")?,
+                user_agent: r.try_get("user_agent")?,
+                success: r.try_get::<i64, _>("success")? != 0,
+                reason: r.try_get("reason")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()?)
+}
+
+pub struct AttemptRow {
+    pub id: String,
+    pub at: String,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub success: bool,
+    pub reason: String,
+}
+
+// ---- Sessions ----------------------------------------------------------------------
+
+pub struct NewSession<'a> {
+    pub id: &'a str,
+    pub user_id: &'a str,
+    pub token_hash: &'a str,
+    pub now: &'a str,
+    pub absolute_expires_at: &'a str,
+    pub ip: Option<&'a str>,
+    pub user_agent: Option<&'a str>,
+}
+
+pub async fn insert_session(db: &Db, s: &NewSession<'_>) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO sessions (id, user_id, token_hash, created_at, last_used_at, absolute_expires_at, revoked_at, ip, user_agent) \
+         VALUES ($1, $2, $3, $4, $4, $5, NULL, $6, $7)",
+    )
+    .bind(s.id)
+    .bind(s.user_id)
+    .bind(s.token_hash)
+    .bind(s.now)
+    .bind(s.absolute_expires_at)
+    .bind(s.ip)
+    .bind(s.user_agent)
+    .execute(db.writer())
+    .await?;
+    Ok(())
+}
+
+/// What authenticating a bearer token needs, in one query.
+pub struct TokenLookup {
+    pub credential_id: String,
+    pub last_used_at: Option<String>,
+    pub expires_at: String,
+    pub revoked_at: Option<String>,
+    pub user: User,
+}
+
+fn lookup_from_row(r: &AnyRow) -> Result<TokenLookup, sqlx::Error> {
+    Ok(TokenLookup {
+        credential_id: r.try_get("credential_id")?,
+        last_used_at: r.try_get("last_used")?,
+        expires_at: r.try_get("expires")?,
+        revoked_at: r.try_get("revoked")?,
+        user: user_from_row(r)?,
+    })
+}
+
+pub async fn session_by_hash(db: &Db, hash: &str) -> Result<Option<TokenLookup>, StoreError> {
+    let sql = format!(
+        "SELECT s.id AS credential_id, s.last_used_at AS last_used, s.absolute_expires_at AS expires, \
+         s.revoked_at AS revoked, {} FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = $1",
+        prefixed_user_columns()
+    );
+    Ok(sqlx::query(AssertSqlSafe(sql))
+        .bind(hash)
+        .fetch_optional(db.reader())
+        .await?
+        .map(|r| lookup_from_row(&r))
+        .transpose()?)
+}
+
+pub async fn api_token_by_hash(db: &Db, hash: &str) -> Result<Option<TokenLookup>, StoreError> {
+    let sql = format!(
+        "SELECT t.id AS credential_id, t.last_used_at AS last_used, t.expires_at AS expires, \
+         t.revoked_at AS revoked, {} FROM api_tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = $1",
+        prefixed_user_columns()
+    );
+    Ok(sqlx::query(AssertSqlSafe(sql))
+        .bind(hash)
+        .fetch_optional(db.reader())
+        .await?
+        .map(|r| lookup_from_row(&r))
+        .transpose()?)
+}
+
+fn prefixed_user_columns() -> String {
+    USER_COLUMNS
+        .split(", ")
+        .map(|c| format!("u.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub async fn touch_session(db: &Db, id: &str, now: &str) -> Result<(), StoreError> {
+    sqlx::query("UPDATE sessions SET last_used_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+        .bind(now)
+        .bind(id)
+        .execute(db.writer())
+        .await?;
+    Ok(())
+}
+
+pub async fn touch_api_token(db: &Db, id: &str, now: &str) -> Result<(), StoreError> {
+    sqlx::query("UPDATE api_tokens SET last_used_at = $1 WHERE id = $2")
+        .bind(now)
+        .bind(id)
+        .execute(db.writer())
+        .await?;
+    Ok(())
+}
+
+pub async fn revoke_session(db: &Db, id: &str, now: &str) -> Result<bool, StoreError> {
+    let n = sqlx::query("UPDATE sessions SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+        .bind(now)
+        .bind(id)
+        .execute(db.writer())
+        .await?
+        .rows_affected();
+    Ok(n == 1)
+}
+
+/// Revokes every session of a user; with `tokens`, their API tokens too.
+pub async fn revoke_all(
+    db: &Db,
+    user_id: &str,
+    now: &str,
+    tokens: bool,
+) -> Result<u64, StoreError> {
+    let mut n = sqlx::query(
+        "UPDATE sessions SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
+    )
+    .bind(now)
+    .bind(user_id)
+    .execute(db.writer())
+    .await?
+    .rows_affected();
+    if tokens {
+        n += sqlx::query(
+            "UPDATE api_tokens SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(user_id)
+        .execute(db.writer())
+        .await?
+        .rows_affected();
+    }
+    Ok(n)
+}
+
+pub struct SessionRow {
+    pub id: String,
+    pub user_id: String,
+    pub created_at: String,
+    pub last_used_at: String,
+    pub absolute_expires_at: String,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+/// Sessions not revoked and not past their absolute end (idle ones are filtered by the caller).
+pub async fn live_sessions(
+    db: &Db,
+    user_id: Option<&str>,
+    now: &str,
+) -> Result<Vec<SessionRow>, StoreError> {
+    let base = "SELECT id, user_id, created_at, last_used_at, absolute_expires_at, ip, user_agent FROM sessions \
+                WHERE revoked_at IS NULL AND absolute_expires_at > $1";
+    let rows = match user_id {
+        Some(u) => {
+            sqlx::query(AssertSqlSafe(format!(
+                "{base} AND user_id = $2 ORDER BY created_at DESC"
+            )))
+            .bind(now)
+            .bind(u)
+            .fetch_all(db.reader())
+            .await?
+        }
+        None => {
+            sqlx::query(AssertSqlSafe(format!("{base} ORDER BY created_at DESC")))
+                .bind(now)
+                .fetch_all(db.reader())
+                .await?
+        }
+    };
+    Ok(rows
+        .iter()
+        .map(|r| {
+            Ok(SessionRow {
+                id: r.try_get("id")?,
+                user_id: r.try_get("user_id")?,
+                created_at: r.try_get("created_at")?,
+                last_used_at: r.try_get("last_used_at")?,
+                absolute_expires_at: r.try_get("absolute_expires_at")?,
+                ip: r.try_get("ip")?,
+                user_agent: r.try_get("user_agent")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()?)
+}
+
+// ---- API tokens --------------------------------------------------------------------
+
+pub struct TokenRow {
+    pub id: String,
+    pub user_id: String,
+    pub name: String,
+    pub created_at: String,
+    pub expires_at: String,
+    pub last_used_at: Option<String>,
+}
+
+pub async fn insert_api_token(db: &Db, t: &TokenRow, hash: &str) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO api_tokens (id, user_id, name, token_hash, created_at, expires_at, last_used_at, revoked_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, NULL, NULL)",
+    )
+    .bind(&t.id)
+    .bind(&t.user_id)
+    .bind(&t.name)
+    .bind(hash)
+    .bind(&t.created_at)
+    .bind(&t.expires_at)
+    .execute(db.writer())
+    .await?;
+    Ok(())
+}
+
+/// The user's tokens that are neither revoked nor expired.
+pub async fn api_tokens(db: &Db, user_id: &str, now: &str) -> Result<Vec<TokenRow>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id, user_id, name, created_at, expires_at, last_used_at FROM api_tokens \
+         WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > $2 ORDER BY created_at DESC",
+    )
+    .bind(user_id)
+    .bind(now)
+    .fetch_all(db.reader())
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            Ok(TokenRow {
+                id: r.try_get("id")?,
+                user_id: r.try_get("user_id")?,
+                name: r.try_get("name")?,
+                created_at: r.try_get("created_at")?,
+                expires_at: r.try_get("expires_at")?,
+                last_used_at: r.try_get("last_used_at")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()?)
+}
+
+/// Revokes one of the user's live tokens. Returns false when there is none with that id.
+pub async fn revoke_api_token(
+    db: &Db,
+    user_id: &str,
+    id: &str,
+    now: &str,
+) -> Result<bool, StoreError> {
+    let n = sqlx::query(
+        "UPDATE api_tokens SET revoked_at = $1 WHERE id = $2 AND user_id = $3 AND revoked_at IS NULL AND expires_at > $1",
+    )
+    .bind(now)
+    .bind(id)
+    .bind(user_id)
+    .execute(db.writer())
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+/// Replaces a live token by a new one with the same name and expiry, in one transaction.
+/// Returns the old row, or None when there is no such live token.
+pub async fn rotate_api_token(
+    db: &Db,
+    user_id: &str,
+    id: &str,
+    new: &TokenRow,
+    new_hash: &str,
+    now: &str,
+) -> Result<bool, StoreError> {
+    let mut tx = db.writer().begin().await?;
+    let n = sqlx::query(
+        "UPDATE api_tokens SET revoked_at = $1 WHERE id = $2 AND user_id = $3 AND revoked_at IS NULL AND expires_at > $1",
+    )
+    .bind(now)
+    .bind(id)
+    .bind(user_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if n != 1 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    sqlx::query(
+        "INSERT INTO api_tokens (id, user_id, name, token_hash, created_at, expires_at, last_used_at, revoked_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, NULL, NULL)",
+    )
+    .bind(&new.id)
+    .bind(&new.user_id)
+    .bind(&new.name)
+    .bind(new_hash)
+    .bind(&new.created_at)
+    .bind(&new.expires_at)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+pub async fn api_token_row(
+    db: &Db,
+    user_id: &str,
+    id: &str,
+    now: &str,
+) -> Result<Option<TokenRow>, StoreError> {
+    Ok(api_tokens(db, user_id, now)
+        .await?
+        .into_iter()
+        .find(|t| t.id == id))
+}
+
+// ---- Administration ----------------------------------------------------------------
+
+/// Users ordered by username, after `after` (a username cursor), optionally matching `q`
+/// (a substring of the username or email).
+pub async fn list_users(
+    db: &Db,
+    q: Option<&str>,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<User>, StoreError> {
+    let pattern = q.map(|q| format!("%{}%", q.to_lowercase().replace(['%', '_', '\\'], "")));
+    let sql = format!(
+        "SELECT {USER_COLUMNS} FROM users WHERE ($1 = '' OR username LIKE $1 OR LOWER(COALESCE(email, '')) LIKE $1) \
+         AND username > $2 ORDER BY username LIMIT $3"
+    );
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(pattern.unwrap_or_default())
+        .bind(after.unwrap_or(""))
+        .bind(limit)
+        .fetch_all(db.reader())
+        .await?;
+    Ok(rows.iter().map(user_from_row).collect::<Result<_, _>>()?)
+}
+
+/// Changes role, email and/or the active flag.
+pub async fn update_user(
+    db: &Db,
+    id: &str,
+    role: Option<&str>,
+    email: Option<Option<&str>>,
+    active: Option<bool>,
+    now: &str,
+) -> Result<(), StoreError> {
+    let mut tx = db.writer().begin().await?;
+    if let Some(r) = role {
+        sqlx::query("UPDATE users SET role = $1, updated_at = $2 WHERE id = $3")
+            .bind(r)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if let Some(e) = email {
+        sqlx::query("UPDATE users SET email = $1, updated_at = $2 WHERE id = $3")
+            .bind(e)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if let Some(a) = active {
+        sqlx::query("UPDATE users SET active = $1, updated_at = $2 WHERE id = $3")
+            .bind(i64::from(a))
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Active users whose role holds `permission`, other than `except`.
+pub async fn count_active_holders(
+    db: &Db,
+    permission: &str,
+    except: &str,
+) -> Result<i64, StoreError> {
+    Ok(sqlx::query(
+        "SELECT COUNT(*) AS n FROM users u JOIN role_permissions rp ON rp.role = u.role \
+         WHERE rp.permission = $1 AND u.active = 1 AND u.id <> $2",
+    )
+    .bind(permission)
+    .bind(except)
+    .fetch_one(db.reader())
+    .await?
+    .try_get("n")?)
+}
+
+pub async fn role_has(db: &Db, role: &str, permission: &str) -> Result<bool, StoreError> {
+    Ok(
+        sqlx::query("SELECT 1 AS x FROM role_permissions WHERE role = $1 AND permission = $2")
+            .bind(role)
+            .bind(permission)
+            .fetch_optional(db.reader())
+            .await?
+            .is_some(),
+    )
+}
+
+pub struct RoleRow {
+    pub name: String,
+    pub builtin: bool,
+    pub permissions: Vec<String>,
+}
+
+pub async fn roles(db: &Db) -> Result<Vec<RoleRow>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT r.name AS name, r.builtin AS builtin, rp.permission AS permission FROM roles r \
+         LEFT JOIN role_permissions rp ON rp.role = r.name ORDER BY r.name, rp.permission",
+    )
+    .fetch_all(db.reader())
+    .await?;
+    let mut out: Vec<RoleRow> = Vec::new();
+    for r in rows {
+        let name: String = r.try_get("name")?;
+        let builtin = r.try_get::<i64, _>("builtin")? != 0;
+        let permission: Option<String> = r.try_get("permission")?;
+        if out.last().is_none_or(|l| l.name != name) {
+            out.push(RoleRow {
+                name: name.clone(),
+                builtin,
+                permissions: Vec::new(),
+            });
+        }
+        if let (Some(p), Some(last)) = (permission, out.last_mut()) {
+            last.permissions.push(p);
+        }
+    }
+    Ok(out)
+}
+
+pub async fn session_user(db: &Db, session_id: &str) -> Result<Option<String>, StoreError> {
+    Ok(sqlx::query("SELECT user_id FROM sessions WHERE id = $1")
+        .bind(session_id)
+        .fetch_optional(db.reader())
+        .await?
+        .map(|r| r.try_get("user_id"))
+        .transpose()?)
+}

@@ -1,0 +1,803 @@
+//! Identity: sign-in, lockout, login history, TOTP, sessions, passwords, API tokens.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use custodian::identity::totp;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::both_backends;
+use crate::support::{Backend, Options, TestDb, TestServer, json, postgres_url};
+
+const PW: &str = "Correct-Horse-9!";
+const PW2: &str = "Battery-Staple-7?";
+
+async fn server(backend: Backend, sets: Vec<(&'static str, String)>) -> TestServer {
+    TestServer::start_with(
+        backend,
+        Options {
+            sets,
+            ..Options::default()
+        },
+    )
+    .await
+}
+
+async fn try_login(
+    s: &TestServer,
+    username: &str,
+    password: &str,
+    code: Option<&str>,
+) -> reqwest::Response {
+    let mut body = json!({"username": username, "password": password});
+    if let Some(c) = code {
+        body["totp_code"] = json!(c);
+    }
+    s.post("/api/v1/auth/login", None, body).await
+}
+
+async fn code_of(res: reqwest::Response) -> (u16, Value) {
+    let status = res.status().as_u16();
+    (status, json(res).await)
+}
+
+async fn sign_in_and_out(backend: Backend) {
+    let s = server(backend, vec![]).await;
+    s.user("dr_who", "doctor", PW).await;
+    let res = try_login(&s, "  DR_WHO ", PW, None).await;
+    assert_eq!(res.status(), 200);
+    let body = json(res).await;
+    let token = body["access_token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("cst_") && token.len() >= 47);
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["user"]["role"], "doctor");
+    assert_eq!(body["expires_in"], 300);
+
+    let me = json(s.get_as("/api/v1/auth/me", &token).await).await;
+    assert_eq!(me["username"], "dr_who");
+    assert_eq!(me["role"], "doctor");
+    let perms: Vec<&str> = me["permissions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert!(perms.contains(&"phi:ssn") && !perms.contains(&"users:manage"));
+
+    // The token is stored hashed: its text is nowhere in the database.
+    let row: (String,) = sqlx::query_as("SELECT token_hash FROM sessions")
+        .fetch_one(s.state.db().reader())
+        .await
+        .unwrap();
+    assert_ne!(row.0, token);
+
+    assert_eq!(
+        s.send_as(Method::POST, "/api/v1/auth/logout", &token, None)
+            .await
+            .status(),
+        204
+    );
+    let res = s.get_as("/api/v1/auth/me", &token).await;
+    assert_eq!(res.status(), 401);
+    assert_eq!(res.headers()["www-authenticate"], "Bearer");
+    assert_eq!(json(res).await["code"], "unauthorized");
+
+    // Tampered, foreign and missing tokens.
+    let mut tampered = s.login("dr_who", PW).await;
+    tampered.pop();
+    tampered.push('x');
+    for bad in [tampered.as_str(), "cst_nope", "Bearer", "cat_", ""] {
+        assert_eq!(
+            s.get_as("/api/v1/auth/me", bad).await.status(),
+            401,
+            "{bad}"
+        );
+    }
+    assert_eq!(s.get("/api/v1/auth/me").await.status(), 401);
+}
+both_backends!(sign_in_and_out);
+
+async fn wrong_password_and_unknown_user_answer_alike(backend: Backend) {
+    let s = server(backend, vec![]).await;
+    s.user("alice", "nurse", PW).await;
+    let (sa, mut a) = code_of(try_login(&s, "alice", "Wrong-Password-1!", None).await).await;
+    let (sb, mut b) = code_of(try_login(&s, "nobody", "Wrong-Password-1!", None).await).await;
+    assert_eq!((sa, sb), (401, 401));
+    a.as_object_mut().unwrap().remove("request_id");
+    b.as_object_mut().unwrap().remove("request_id");
+    assert_eq!(a, b);
+    assert_eq!(a["code"], "invalid_credentials");
+}
+both_backends!(wrong_password_and_unknown_user_answer_alike);
+
+async fn lockout_at_exactly_n_failures_then_release(backend: Backend) {
+    let s = server(
+        backend,
+        vec![
+            ("lockout.max_failures", "3".into()),
+            ("lockout.duration", "15m".into()),
+        ],
+    )
+    .await;
+    let id = s.user("bob", "nurse", PW).await;
+    for i in 1..=3 {
+        let (st, body) = code_of(try_login(&s, "bob", "Wrong-Password-1!", None).await).await;
+        assert_eq!(
+            (st, body["code"].as_str()),
+            (401, Some("invalid_credentials")),
+            "attempt {i}"
+        );
+    }
+    // Locked: even the right password answers 423 with Retry-After.
+    let res = try_login(&s, "bob", PW, None).await;
+    assert_eq!(res.status(), 423);
+    let retry: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry > 800 && retry <= 900, "{retry}");
+    assert_eq!(json(res).await["code"], "account_locked");
+    // The lock ends after the duration, and a success starts the count again.
+    s.clock.advance(Duration::from_secs(15 * 60 + 1));
+    assert_eq!(try_login(&s, "bob", PW, None).await.status(), 200);
+    for _ in 0..2 {
+        assert_eq!(
+            try_login(&s, "bob", "Wrong-Password-1!", None)
+                .await
+                .status(),
+            401
+        );
+    }
+    assert_eq!(try_login(&s, "bob", PW, None).await.status(), 200);
+
+    // Every attempt is in the login history, with its reason, newest first.
+    let admin = s.user("root_admin", "admin", PW).await;
+    let _ = admin;
+    let t = s.login("root_admin", PW).await;
+    let logins = json(s.get_as(&format!("/api/v1/users/{id}/logins"), &t).await).await;
+    let reasons: Vec<&str> = logins["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "success",
+            "bad_password",
+            "bad_password",
+            "success",
+            "locked",
+            "bad_password",
+            "bad_password",
+            "bad_password"
+        ]
+    );
+    assert_eq!(logins["items"][0]["ip"], "127.0.0.1");
+}
+both_backends!(lockout_at_exactly_n_failures_then_release);
+
+async fn unknown_usernames_lock_too_and_admins_unlock(backend: Backend) {
+    let s = server(backend, vec![("lockout.max_failures", "2".into())]).await;
+    for _ in 0..2 {
+        assert_eq!(
+            try_login(&s, "ghost", "Wrong-Password-1!", None)
+                .await
+                .status(),
+            401
+        );
+    }
+    assert_eq!(
+        try_login(&s, "ghost", "Wrong-Password-1!", None)
+            .await
+            .status(),
+        423
+    );
+
+    let carol = s.user("carol", "nurse", PW).await;
+    for _ in 0..2 {
+        try_login(&s, "carol", "Wrong-Password-1!", None).await;
+    }
+    assert_eq!(try_login(&s, "carol", PW, None).await.status(), 423);
+    s.user("boss", "admin", PW).await;
+    let t = s.login("boss", PW).await;
+    let user = json(s.get_as(&format!("/api/v1/users/{carol}"), &t).await).await;
+    assert!(user["locked_until"].is_string());
+    assert_eq!(
+        s.send_as(
+            Method::POST,
+            &format!("/api/v1/users/{carol}/unlock"),
+            &t,
+            None
+        )
+        .await
+        .status(),
+        204
+    );
+    assert_eq!(try_login(&s, "carol", PW, None).await.status(), 200);
+}
+both_backends!(unknown_usernames_lock_too_and_admins_unlock);
+
+async fn password_spraying_is_blocked_per_address(backend: Backend) {
+    let s = server(
+        backend,
+        vec![
+            ("lockout.ip_max_failures", "4".into()),
+            ("lockout.max_failures", "10".into()),
+        ],
+    )
+    .await;
+    s.user("dave", "nurse", PW).await;
+    for i in 0..4 {
+        assert_eq!(
+            try_login(&s, &format!("user{i}"), "Wrong-Password-1!", None)
+                .await
+                .status(),
+            401
+        );
+    }
+    let res = try_login(&s, "dave", PW, None).await;
+    assert_eq!(res.status(), 429);
+    assert!(res.headers().contains_key("retry-after"));
+    assert_eq!(json(res).await["code"], "rate_limited");
+}
+both_backends!(password_spraying_is_blocked_per_address);
+
+fn current_code(s: &TestServer, secret_b32: &str, offset_steps: i64) -> String {
+    let secret = totp::TotpSecret::from_base32(secret_b32).unwrap();
+    let now = s.clock.now_unix();
+    totp::code_at(&secret, totp::step_at(now + offset_steps * 30))
+}
+
+async fn enrol(s: &TestServer, token: &str) -> (String, Vec<String>) {
+    let res = s
+        .send_as(Method::POST, "/api/v1/auth/totp/enroll", token, None)
+        .await;
+    assert_eq!(res.status(), 200);
+    let e = json(res).await;
+    let secret = e["secret"].as_str().unwrap().to_owned();
+    assert!(
+        e["otpauth_uri"]
+            .as_str()
+            .unwrap()
+            .starts_with("otpauth://totp/Custodian:")
+    );
+    assert!(e["qr_svg"].as_str().unwrap().contains("<svg"));
+    let code = current_code(s, &secret, 0);
+    let res = s
+        .send_as(
+            Method::POST,
+            "/api/v1/auth/totp/confirm",
+            token,
+            Some(json!({"code": code})),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let codes: Vec<String> = json(res).await["recovery_codes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(codes.len(), 10);
+    (secret, codes)
+}
+
+async fn totp_second_factor(backend: Backend) {
+    let s = server(backend, vec![("lockout.max_failures", "10".into())]).await;
+    s.user("erin", "doctor", PW).await;
+    let t = s.login("erin", PW).await;
+    let (secret, recovery) = enrol(&s, &t).await;
+    // The secret is stored sealed, not as text.
+    let stored: (Option<String>,) =
+        sqlx::query_as("SELECT totp_secret FROM users WHERE username = 'erin'")
+            .fetch_one(s.state.db().reader())
+            .await
+            .unwrap();
+    assert!(!stored.0.unwrap().contains(&secret));
+
+    s.clock.advance(Duration::from_secs(30));
+    let (st, b) = code_of(try_login(&s, "erin", PW, None).await).await;
+    assert_eq!((st, b["code"].as_str()), (401, Some("mfa_required")));
+    let (st, b) = code_of(try_login(&s, "erin", PW, Some("000000")).await).await;
+    assert_eq!((st, b["code"].as_str()), (401, Some("invalid_totp")));
+    let code = current_code(&s, &secret, 0);
+    assert_eq!(try_login(&s, "erin", PW, Some(&code)).await.status(), 200);
+    // Replay of the same code: refused.
+    let (st, b) = code_of(try_login(&s, "erin", PW, Some(&code)).await).await;
+    assert_eq!((st, b["code"].as_str()), (401, Some("invalid_totp")));
+    // A code two steps old: refused; the previous step's code is still accepted once.
+    s.clock.advance(Duration::from_secs(30));
+    assert_eq!(
+        try_login(&s, "erin", PW, Some(&current_code(&s, &secret, -2)))
+            .await
+            .status(),
+        401
+    );
+    assert_eq!(
+        try_login(&s, "erin", PW, Some(&current_code(&s, &secret, 0)))
+            .await
+            .status(),
+        200
+    );
+    // Recovery codes: once each.
+    assert_eq!(
+        try_login(&s, "erin", PW, Some(&recovery[3])).await.status(),
+        200
+    );
+    assert_eq!(
+        try_login(&s, "erin", PW, Some(&recovery[3])).await.status(),
+        401
+    );
+    assert_eq!(
+        try_login(
+            &s,
+            "erin",
+            PW,
+            Some(&recovery[4].to_lowercase().replace('-', " "))
+        )
+        .await
+        .status(),
+        200
+    );
+    // A wrong code counts as a failed attempt in the history.
+    let failures: (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM login_attempts WHERE reason = 'bad_totp'")
+            .fetch_one(s.state.db().reader())
+            .await
+            .unwrap();
+    assert_eq!(failures.0, 4);
+}
+both_backends!(totp_second_factor);
+
+async fn mfa_required_forces_enrolment_first(backend: Backend) {
+    let s = server(backend, vec![("mfa.required", "true".into())]).await;
+    s.user("frank", "auditor", PW).await;
+    let t = s.login("frank", PW).await;
+    let res = s.get_as("/api/v1/audit/events", &t).await;
+    assert_eq!(res.status(), 403);
+    assert_eq!(json(res).await["code"], "mfa_enrollment_required");
+    let res = s.get_as("/api/v1/tokens", &t).await;
+    assert_eq!(json(res).await["code"], "mfa_enrollment_required");
+    let me = json(s.get_as("/api/v1/auth/me", &t).await).await;
+    assert_eq!(me["mfa_enrollment_required"], true);
+    enrol(&s, &t).await;
+    // The same session now has the user's permissions.
+    assert_eq!(s.get_as("/api/v1/audit/events", &t).await.status(), 200);
+    // And TOTP cannot be turned off while required.
+    let res = s
+        .send_as(
+            Method::DELETE,
+            "/api/v1/auth/totp",
+            &t,
+            Some(json!({"password": PW, "code": "123456"})),
+        )
+        .await;
+    assert_eq!(res.status(), 409);
+}
+both_backends!(mfa_required_forces_enrolment_first);
+
+async fn expired_passwords_must_be_changed_first(backend: Backend) {
+    let s = server(backend, vec![]).await;
+    s.user("gina", "nurse", PW).await;
+    s.clock.advance(Duration::from_secs(91 * 86_400));
+    let (st, b) = code_of(try_login(&s, "gina", PW, None).await).await;
+    assert_eq!((st, b["code"].as_str()), (403, Some("password_expired")));
+    assert!(b.get("access_token").is_none());
+    // The old password may not come back.
+    let res = s
+        .post(
+            "/api/v1/auth/password",
+            None,
+            json!({"username": "gina", "current_password": PW, "new_password": PW}),
+        )
+        .await;
+    assert_eq!(res.status(), 422);
+    let b = json(res).await;
+    assert_eq!(b["code"], "password_policy");
+    assert!(
+        b["violations"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("reused"))
+    );
+    // A wrong current password is a failed sign-in.
+    let res = s
+        .post(
+            "/api/v1/auth/password",
+            None,
+            json!({"username": "gina", "current_password": "Nope-Nope-1!", "new_password": PW2}),
+        )
+        .await;
+    assert_eq!(res.status(), 401);
+    let res = s
+        .post(
+            "/api/v1/auth/password",
+            None,
+            json!({"username": "gina", "current_password": PW, "new_password": PW2}),
+        )
+        .await;
+    assert_eq!(res.status(), 204);
+    assert_eq!(try_login(&s, "gina", PW2, None).await.status(), 200);
+    assert_eq!(try_login(&s, "gina", PW, None).await.status(), 401);
+}
+both_backends!(expired_passwords_must_be_changed_first);
+
+async fn idle_and_absolute_timeouts(backend: Backend) {
+    let s = server(
+        backend,
+        vec![
+            ("session.idle_timeout", "10s".into()),
+            ("session.absolute_timeout", "1m".into()),
+        ],
+    )
+    .await;
+    s.user("hank", "nurse", PW).await;
+    let t = s.login("hank", PW).await;
+    s.clock.advance(Duration::from_secs(8));
+    assert_eq!(s.get_as("/api/v1/auth/me", &t).await.status(), 200);
+    s.clock.advance(Duration::from_secs(8));
+    assert_eq!(
+        s.get_as("/api/v1/auth/me", &t).await.status(),
+        200,
+        "activity kept it alive"
+    );
+    s.clock.advance(Duration::from_secs(11));
+    assert_eq!(
+        s.get_as("/api/v1/auth/me", &t).await.status(),
+        401,
+        "idle too long"
+    );
+
+    // Absolute: continuous use still ends at one minute.
+    let t = s.login("hank", PW).await;
+    for _ in 0..7 {
+        s.clock.advance(Duration::from_secs(8));
+        assert_eq!(s.get_as("/api/v1/auth/me", &t).await.status(), 200);
+    }
+    s.clock.advance(Duration::from_secs(8));
+    assert_eq!(
+        s.get_as("/api/v1/auth/me", &t).await.status(),
+        401,
+        "past the absolute lifetime"
+    );
+}
+both_backends!(idle_and_absolute_timeouts);
+
+async fn a_password_change_ends_the_other_sessions(backend: Backend) {
+    let s = server(backend, vec![]).await;
+    s.user("ivy", "nurse", PW).await;
+    let (a, b) = (s.login("ivy", PW).await, s.login("ivy", PW).await);
+    let res = s
+        .send_as(
+            Method::POST,
+            "/api/v1/auth/password",
+            &a,
+            Some(json!({"current_password": PW, "new_password": PW2})),
+        )
+        .await;
+    assert_eq!(res.status(), 204);
+    assert_eq!(s.get_as("/api/v1/auth/me", &a).await.status(), 200);
+    assert_eq!(s.get_as("/api/v1/auth/me", &b).await.status(), 401);
+    // logout-all ends the rest.
+    assert_eq!(
+        s.send_as(Method::POST, "/api/v1/auth/logout-all", &a, None)
+            .await
+            .status(),
+        204
+    );
+    assert_eq!(s.get_as("/api/v1/auth/me", &a).await.status(), 401);
+}
+both_backends!(a_password_change_ends_the_other_sessions);
+
+/// Revocation on one instance holds on the other at once (PostgreSQL + Redis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_holds_across_instances() {
+    if postgres_url().is_none() {
+        return;
+    }
+    let db = Arc::new(TestDb::new(Backend::Postgres).await);
+    let a = TestServer::start_on(db.clone(), Options::default()).await;
+    let b = TestServer::start_on(db.clone(), Options::default()).await;
+    a.user("june", "nurse", PW).await;
+    let on_b = b.login("june", PW).await;
+    let on_a = a.login("june", PW).await;
+    assert_eq!(b.get_as("/api/v1/auth/me", &on_b).await.status(), 200);
+    let res = a
+        .send_as(
+            Method::POST,
+            "/api/v1/auth/password",
+            &on_a,
+            Some(json!({"current_password": PW, "new_password": PW2})),
+        )
+        .await;
+    assert_eq!(res.status(), 204);
+    assert_eq!(b.get_as("/api/v1/auth/me", &on_b).await.status(), 401);
+    // A logout on B is refused on A.
+    let t = b.login("june", PW2).await;
+    assert_eq!(a.get_as("/api/v1/auth/me", &t).await.status(), 200);
+    assert_eq!(
+        b.send_as(Method::POST, "/api/v1/auth/logout", &t, None)
+            .await
+            .status(),
+        204
+    );
+    assert_eq!(a.get_as("/api/v1/auth/me", &t).await.status(), 401);
+}
+
+async fn the_policy_applies_on_every_path(backend: Backend) {
+    let s = server(backend, vec![]).await;
+    let kim = s.user("kim", "nurse", PW).await;
+    s.user("lead", "admin", PW).await;
+    let admin = s.login("lead", PW).await;
+    // Admin reset.
+    let res = s
+        .send_as(
+            Method::POST,
+            &format!("/api/v1/users/{kim}/password"),
+            &admin,
+            Some(json!({"new_password": "short"})),
+        )
+        .await;
+    assert_eq!(res.status(), 422);
+    let v = json(res).await["violations"].clone();
+    for rule in [
+        "too_short",
+        "missing_uppercase",
+        "missing_digit",
+        "missing_special",
+    ] {
+        assert!(v.as_array().unwrap().contains(&json!(rule)), "{rule}: {v}");
+    }
+    // Admin create: common password, and one containing the username.
+    let res = s.send_as(Method::POST, "/api/v1/users", &admin, Some(json!({"username": "newbie", "email": "n@example.org", "password": "Password123!", "role": "nurse"}))).await;
+    assert_eq!(json(res).await["violations"], json!(["common_password"]));
+    let res = s.send_as(Method::POST, "/api/v1/users", &admin, Some(json!({"username": "newbie", "email": "n@example.org", "password": "Newbie-Rules-42!", "role": "nurse"}))).await;
+    assert!(
+        json(res).await["violations"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("contains_username"))
+    );
+    // Self-service change.
+    let t = s.login("kim", PW).await;
+    let res = s
+        .send_as(
+            Method::POST,
+            "/api/v1/auth/password",
+            &t,
+            Some(json!({"current_password": PW, "new_password": "alllowercase"})),
+        )
+        .await;
+    assert_eq!(res.status(), 422);
+    // A good reset works and ends the user's sessions.
+    let res = s
+        .send_as(
+            Method::POST,
+            &format!("/api/v1/users/{kim}/password"),
+            &admin,
+            Some(json!({"new_password": PW2})),
+        )
+        .await;
+    assert_eq!(res.status(), 204);
+    assert_eq!(s.get_as("/api/v1/auth/me", &t).await.status(), 401);
+}
+both_backends!(the_policy_applies_on_every_path);
+
+async fn api_tokens_rotate_and_die_with_their_user(backend: Backend) {
+    let s = server(backend, vec![("api_tokens.max_lifetime", "7d".into())]).await;
+    let uid = s.user("leo", "doctor", PW).await;
+    let t = s.login("leo", PW).await;
+    let res = s
+        .send_as(
+            Method::POST,
+            "/api/v1/tokens",
+            &t,
+            Some(json!({"name": "ci", "expires_in": 999_999_999})),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let created = json(res).await;
+    let cat = created["token"].as_str().unwrap().to_owned();
+    assert!(cat.starts_with("cat_"));
+    // Capped at seven days.
+    let exp = time::OffsetDateTime::parse(
+        created["expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let lifetime = exp.unix_timestamp() - s.clock.now_unix();
+    assert_eq!(lifetime, 7 * 86_400);
+    assert_eq!(
+        json(s.get_as("/api/v1/auth/me", &cat).await).await["username"],
+        "leo"
+    );
+    // Listed without the secret.
+    let list = s.get_as("/api/v1/tokens", &t).await.text().await.unwrap();
+    assert!(!list.contains(&cat));
+    let list: Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list["items"][0]["name"], "ci");
+    assert_eq!(list["items"][0]["expires_soon"], false);
+    assert!(list["items"][0]["last_used_at"].is_string());
+    // Rotation: the old secret dies at once.
+    let id = created["id"].as_str().unwrap();
+    let res = s
+        .send_as(
+            Method::POST,
+            &format!("/api/v1/tokens/{id}/rotate"),
+            &t,
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let rotated = json(res).await;
+    let cat2 = rotated["token"].as_str().unwrap().to_owned();
+    assert_eq!(s.get_as("/api/v1/auth/me", &cat).await.status(), 401);
+    assert_eq!(s.get_as("/api/v1/auth/me", &cat2).await.status(), 200);
+    // Expiry warning within 24 hours.
+    s.clock.advance(Duration::from_secs(6 * 86_400 + 3600));
+    let t = s.login("leo", PW).await;
+    let list = json(s.get_as("/api/v1/tokens", &t).await).await;
+    assert_eq!(list["items"][0]["expires_soon"], true);
+    // A deactivated user's token stops working.
+    s.user("chief", "admin", PW).await;
+    let admin = s.login("chief", PW).await;
+    let res = s
+        .send_as(
+            Method::PATCH,
+            &format!("/api/v1/users/{uid}"),
+            &admin,
+            Some(json!({"active": false})),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(s.get_as("/api/v1/auth/me", &cat2).await.status(), 401);
+    // Revocation.
+    let res = s
+        .send_as(
+            Method::PATCH,
+            &format!("/api/v1/users/{uid}"),
+            &admin,
+            Some(json!({"active": true})),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let t = s.login("leo", PW).await;
+    let c = json(
+        s.send_as(
+            Method::POST,
+            "/api/v1/tokens",
+            &t,
+            Some(json!({"name": "x"})),
+        )
+        .await,
+    )
+    .await;
+    let tid = c["id"].as_str().unwrap();
+    assert_eq!(
+        s.send_as(Method::DELETE, &format!("/api/v1/tokens/{tid}"), &t, None)
+            .await
+            .status(),
+        204
+    );
+    assert_eq!(
+        s.get_as("/api/v1/auth/me", c["token"].as_str().unwrap())
+            .await
+            .status(),
+        401
+    );
+    assert_eq!(
+        s.send_as(Method::DELETE, &format!("/api/v1/tokens/{tid}"), &t, None)
+            .await
+            .status(),
+        404
+    );
+}
+both_backends!(api_tokens_rotate_and_die_with_their_user);
+
+async fn a_role_change_holds_on_the_next_request(backend: Backend) {
+    let s = server(backend, vec![]).await;
+    let uid = s.user("mia", "auditor", PW).await;
+    s.user("top", "admin", PW).await;
+    let admin = s.login("top", PW).await;
+    let t = s.login("mia", PW).await;
+    assert_eq!(s.get_as("/api/v1/audit/events", &t).await.status(), 200);
+    let res = s
+        .send_as(
+            Method::PATCH,
+            &format!("/api/v1/users/{uid}"),
+            &admin,
+            Some(json!({"role": "nurse"})),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let res = s.get_as("/api/v1/audit/events", &t).await;
+    assert_eq!(res.status(), 403);
+    assert_eq!(json(res).await["code"], "forbidden");
+}
+both_backends!(a_role_change_holds_on_the_next_request);
+
+async fn the_last_admin_stays(backend: Backend) {
+    let s = server(backend, vec![]).await;
+    let only = s.user("sole", "admin", PW).await;
+    let t = s.login("sole", PW).await;
+    for patch in [json!({"active": false}), json!({"role": "nurse"})] {
+        let res = s
+            .send_as(
+                Method::PATCH,
+                &format!("/api/v1/users/{only}"),
+                &t,
+                Some(patch),
+            )
+            .await;
+        assert_eq!(res.status(), 409);
+        assert_eq!(json(res).await["code"], "conflict");
+    }
+    let second = s.user("second", "admin", PW).await;
+    let res = s
+        .send_as(
+            Method::PATCH,
+            &format!("/api/v1/users/{second}"),
+            &t,
+            Some(json!({"role": "doctor"})),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+}
+both_backends!(the_last_admin_stays);
+
+async fn bad_input_is_422_before_any_hashing(backend: Backend) {
+    let s = server(backend, vec![]).await;
+    for body in [
+        json!({"username": "a".repeat(65), "password": "x"}),
+        json!({"username": "a", "password": "x".repeat(1025)}),
+        json!({"username": 5, "password": "x"}),
+        json!({"username": "a"}),
+        json!({"username": "a", "password": "b", "admin": true}),
+    ] {
+        let res = s.post("/api/v1/auth/login", None, body.clone()).await;
+        assert_eq!(res.status(), 422, "{body}");
+        assert_eq!(json(res).await["code"], "validation_error");
+    }
+    let before: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM login_attempts")
+        .fetch_one(s.state.db().reader())
+        .await
+        .unwrap();
+    assert_eq!(before.0, 0, "refused input is not an attempt");
+}
+both_backends!(bad_input_is_422_before_any_hashing);
+
+async fn secrets_never_reach_the_audit_trail(backend: Backend) {
+    let s = server(backend, vec![]).await;
+    s.user("nia", "doctor", "Canary-Pass-777!").await;
+    try_login(&s, "nia", "Canary-Wrong-888!", None).await;
+    let t = s.login("nia", "Canary-Pass-777!").await;
+    let created = json(
+        s.send_as(
+            Method::POST,
+            "/api/v1/tokens",
+            &t,
+            Some(json!({"name": "n"})),
+        )
+        .await,
+    )
+    .await;
+    let cat = created["token"].as_str().unwrap();
+    let all = custodian::audit::store::query(s.state.db(), &Default::default(), 10_000, true)
+        .await
+        .unwrap();
+    let text = serde_json::to_string(&all).unwrap();
+    for canary in ["Canary-Pass", "Canary-Wrong", &t[4..], &cat[4..]] {
+        assert!(!text.contains(canary), "{canary} reached the audit trail");
+    }
+    let actions: Vec<&str> = all.iter().map(|e| e.action.as_str()).collect();
+    assert!(
+        actions.contains(&"login_failed")
+            && actions.contains(&"login")
+            && actions.contains(&"create")
+    );
+}
+both_backends!(secrets_never_reach_the_audit_trail);
