@@ -30,7 +30,8 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_sessions))
         .routes(routes!(delete_session))
         .routes(routes!(permissions))
-        .routes(routes!(roles))
+        .routes(routes!(roles, create_role))
+        .routes(routes!(update_role, delete_role))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -563,4 +564,121 @@ pub async fn roles(
             .collect(),
         next_cursor: None,
     }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewRole {
+    name: String,
+    permissions: Vec<String>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolePermissions {
+    permissions: Vec<String>,
+}
+
+fn known_permissions(names: &[String]) -> Result<Vec<Permission>, ApiError> {
+    super::roles::parse_permissions(names).map_err(|unknown| {
+        ApiError::validation(
+            unknown
+                .iter()
+                .map(|u| {
+                    FieldError::new(
+                        "permissions",
+                        format!(
+                            "unknown permission `{}`",
+                            u.chars().take(64).collect::<String>()
+                        ),
+                    )
+                })
+                .collect(),
+        )
+    })
+}
+
+async fn role_view(state: &AppState, name: &str) -> Result<RoleView, ApiError> {
+    let r = store::role(state.db(), name)
+        .await?
+        .ok_or(IdentityError::NotFound)?;
+    Ok(RoleView {
+        name: r.name,
+        permissions: r.permissions,
+        builtin: r.builtin,
+    })
+}
+
+/// Create a role (needs `roles:manage`); unknown permission names are a 422 listing them.
+#[utoipa::path(post, path = "/api/v1/roles", tag = "roles", security(("bearer" = ["roles:manage"])),
+    request_body = NewRole,
+    responses((status = 201, body = RoleView), (status = 409, description = "exists"), (status = 422, description = "validation_error")))]
+pub async fn create_role(
+    State(state): State<AppState>,
+    audit: Audit,
+    _auth: Authorized<need::RolesManage>,
+    JsonBody(req): JsonBody<NewRole>,
+) -> Result<Response, ApiError> {
+    audit.annotate(|a| {
+        a.action = Some(Action::Create);
+        a.resource_type = Some("role");
+        a.resource_id = Some(req.name.chars().take(64).collect());
+    });
+    let perms = known_permissions(&req.permissions)?;
+    super::roles::create(
+        state.db(),
+        &req.name,
+        &perms,
+        &state.identity().now_timestamp(),
+    )
+    .await?;
+    audit.context("permissions", ContextValue::Int(perms.len() as i64));
+    Ok((
+        StatusCode::CREATED,
+        Json(role_view(&state, &req.name).await?),
+    )
+        .into_response())
+}
+
+/// Replace a role's permissions (needs `roles:manage`). The admin role keeps
+/// `users:manage` and `roles:manage`; takes effect on its users' next request.
+#[utoipa::path(put, path = "/api/v1/roles/{name}", tag = "roles", security(("bearer" = ["roles:manage"])),
+    params(("name" = String, Path)), request_body = RolePermissions,
+    responses((status = 200, body = RoleView), (status = 404, description = "not_found"), (status = 409, description = "conflict"),
+        (status = 422, description = "validation_error")))]
+pub async fn update_role(
+    State(state): State<AppState>,
+    audit: Audit,
+    _auth: Authorized<need::RolesManage>,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<RolePermissions>,
+) -> Result<Json<RoleView>, ApiError> {
+    audit.annotate(|a| {
+        a.action = Some(Action::Update);
+        a.resource_type = Some("role");
+        a.resource_id = Some(name.chars().take(64).collect());
+    });
+    let perms = known_permissions(&req.permissions)?;
+    super::roles::update(state.db(), &name, &perms).await?;
+    audit.context("permissions", ContextValue::Int(perms.len() as i64));
+    Ok(Json(role_view(&state, &name).await?))
+}
+
+/// Delete a role (needs `roles:manage`); 409 while users hold it or for a built-in role.
+#[utoipa::path(delete, path = "/api/v1/roles/{name}", tag = "roles", security(("bearer" = ["roles:manage"])),
+    params(("name" = String, Path)),
+    responses((status = 204, description = "Deleted"), (status = 404, description = "not_found"), (status = 409, description = "conflict")))]
+pub async fn delete_role(
+    State(state): State<AppState>,
+    audit: Audit,
+    _auth: Authorized<need::RolesManage>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    audit.annotate(|a| {
+        a.action = Some(Action::Delete);
+        a.resource_type = Some("role");
+        a.resource_id = Some(name.chars().take(64).collect());
+    });
+    super::roles::delete(state.db(), &name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod extract;
 pub mod model;
 pub mod password;
+pub mod roles;
 pub mod routes;
 pub mod service;
 pub mod store;

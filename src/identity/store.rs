@@ -859,3 +859,96 @@ pub async fn session_user(db: &Db, session_id: &str) -> Result<Option<String>, S
         .map(|r| r.try_get("user_id"))
         .transpose()?)
 }
+
+/// Creates a role with its permissions. Returns false when the name is taken.
+pub async fn insert_role(
+    db: &Db,
+    name: &str,
+    permissions: &[&str],
+    now: &str,
+) -> Result<bool, StoreError> {
+    let mut tx = db.writer().begin().await?;
+    let n = sqlx::query("INSERT INTO roles (name, builtin, created_at) VALUES ($1, 0, $2) ON CONFLICT (name) DO NOTHING")
+        .bind(name)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if n == 0 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    for p in permissions {
+        sqlx::query("INSERT INTO role_permissions (role, permission) VALUES ($1, $2)")
+            .bind(name)
+            .bind(*p)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Replaces a role's permissions.
+pub async fn set_role_permissions(
+    db: &Db,
+    name: &str,
+    permissions: &[&str],
+) -> Result<(), StoreError> {
+    let mut tx = db.writer().begin().await?;
+    sqlx::query("DELETE FROM role_permissions WHERE role = $1")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    for p in permissions {
+        sqlx::query("INSERT INTO role_permissions (role, permission) VALUES ($1, $2)")
+            .bind(name)
+            .bind(*p)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+pub async fn role(db: &Db, name: &str) -> Result<Option<RoleRow>, StoreError> {
+    Ok(roles(db).await?.into_iter().find(|r| r.name == name))
+}
+
+pub async fn users_with_role(db: &Db, name: &str) -> Result<i64, StoreError> {
+    Ok(
+        sqlx::query("SELECT COUNT(*) AS n FROM users WHERE role = $1")
+            .bind(name)
+            .fetch_one(db.reader())
+            .await?
+            .try_get("n")?,
+    )
+}
+
+/// Active users holding `permission` through a role other than `role`.
+pub async fn active_holders_outside(
+    db: &Db,
+    permission: &str,
+    role: &str,
+) -> Result<i64, StoreError> {
+    Ok(sqlx::query(
+        "SELECT COUNT(*) AS n FROM users u JOIN role_permissions rp ON rp.role = u.role \
+         WHERE rp.permission = $1 AND u.active = 1 AND u.role <> $2",
+    )
+    .bind(permission)
+    .bind(role)
+    .fetch_one(db.reader())
+    .await?
+    .try_get("n")?)
+}
+
+pub async fn delete_role(db: &Db, name: &str) -> Result<bool, StoreError> {
+    Ok(
+        sqlx::query("DELETE FROM roles WHERE name = $1 AND builtin = 0")
+            .bind(name)
+            .execute(db.writer())
+            .await?
+            .rows_affected()
+            == 1,
+    )
+}

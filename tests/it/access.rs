@@ -164,3 +164,130 @@ async fn the_audit_log_reads_are_filtered_paged_and_audited(backend: Backend) {
     assert!(kinds.contains(&("audit_verify", "audit_log")), "{kinds:?}");
 }
 both_backends!(the_audit_log_reads_are_filtered_paged_and_audited);
+
+async fn roles_are_managed_with_guards(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    s.user("boss", "admin", PW).await;
+    let t = s.login("boss", PW).await;
+    let res = s
+        .send_as(
+            Method::POST,
+            "/api/v1/roles",
+            &t,
+            Some(json!({"name": "night", "permissions": ["patients:read", "root", "sudo"]})),
+        )
+        .await;
+    assert_eq!(res.status(), 422);
+    let b = json(res).await;
+    let messages: Vec<&str> = b["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        messages,
+        ["unknown permission `root`", "unknown permission `sudo`"]
+    );
+    let res = s
+        .send_as(
+            Method::POST,
+            "/api/v1/roles",
+            &t,
+            Some(json!({"name": "<b>x</b>", "permissions": []})),
+        )
+        .await;
+    assert_eq!(res.status(), 422);
+    let res = s
+        .send_as(
+            Method::POST,
+            "/api/v1/roles",
+            &t,
+            Some(json!({"name": "night", "permissions": ["audit:read"]})),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    assert_eq!(
+        json(res).await,
+        json!({"name": "night", "permissions": ["audit:read"], "builtin": false})
+    );
+    assert_eq!(
+        s.send_as(
+            Method::POST,
+            "/api/v1/roles",
+            &t,
+            Some(json!({"name": "night", "permissions": []}))
+        )
+        .await
+        .status(),
+        409
+    );
+
+    // A permission taken from a role is gone on its users' next request.
+    s.user("owl", "night", PW).await;
+    let owl = s.login("owl", PW).await;
+    assert_eq!(s.get_as("/api/v1/audit/events", &owl).await.status(), 200);
+    let res = s
+        .send_as(
+            Method::PUT,
+            "/api/v1/roles/night",
+            &t,
+            Some(json!({"permissions": ["patients:read"]})),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(s.get_as("/api/v1/audit/events", &owl).await.status(), 403);
+
+    // Guards.
+    let res = s
+        .send_as(
+            Method::PUT,
+            "/api/v1/roles/admin",
+            &t,
+            Some(json!({"permissions": ["audit:read"]})),
+        )
+        .await;
+    assert_eq!(res.status(), 409);
+    assert_eq!(
+        s.send_as(Method::DELETE, "/api/v1/roles/night", &t, None)
+            .await
+            .status(),
+        409,
+        "held by owl"
+    );
+    assert_eq!(
+        s.send_as(Method::DELETE, "/api/v1/roles/doctor", &t, None)
+            .await
+            .status(),
+        409,
+        "built in"
+    );
+    assert_eq!(
+        s.send_as(Method::DELETE, "/api/v1/roles/nope", &t, None)
+            .await
+            .status(),
+        404
+    );
+    let list = json(s.get_as("/api/v1/roles", &t).await).await;
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["admin", "auditor", "doctor", "night", "nurse"]);
+    let perms = json(s.get_as("/api/v1/permissions", &t).await).await;
+    assert_eq!(perms["items"].as_array().unwrap().len(), 9);
+    // Every change is in the audit trail, with who did it.
+    let events = custodian::audit::store::query(s.state.db(), &Default::default(), 1000, true)
+        .await
+        .unwrap();
+    let role_changes = events
+        .iter()
+        .filter(|e| {
+            e.resource_type.as_deref() == Some("role") && e.actor.as_deref() == Some("boss")
+        })
+        .count();
+    assert!(role_changes >= 8, "{role_changes}");
+}
+both_backends!(roles_are_managed_with_guards);
