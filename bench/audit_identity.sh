@@ -35,7 +35,8 @@
 #                                         the PostgreSQL server (trust auth) and the
 #                                         database to connect to for CREATE/DROP DATABASE
 #
-# Raw wrk output, server logs and the tables go to bench/results/<timestamp>/.
+# Raw wrk output, server logs, every measurement (summary.tsv, with the server's CPU and
+# the machine's idle time during each run) and the tables go to bench/results/<timestamp>/.
 # Everything listens on 127.0.0.1 only; servers, temporary directories and the
 # PostgreSQL databases created here are removed on exit.
 set -euo pipefail
@@ -224,7 +225,29 @@ to_ms() {
     }'
 }
 
-declare -A RPS P50 P99 ERRS
+declare -A RPS P50 P99 ERRS CPU IDLE
+CLK_TCK="$(getconf CLK_TCK)"
+
+# CPU accounting around a measured run: the server process's CPU time (all its threads;
+# not PostgreSQL's own processes) and the whole machine's idle time, from /proc.
+#   cpu_snapshot -> "server_ticks machine_idle_ticks machine_total_ticks wall_seconds"
+cpu_snapshot() {
+    local server
+    server="$(awk '{print $14 + $15}' "/proc/$SERVER_PID/stat" 2>/dev/null || echo 0)"
+    echo "$server $(awk '$1 == "cpu" { t = 0; for (i = 2; i <= NF; i++) t += $i; print $5 + $6, t }' /proc/stat) $(date +%s.%N)"
+}
+# Sets CPU[key] (server CPU in cores, e.g. 1.62 of 2) and IDLE[key] (machine idle %).
+#   cpu_account KEY "SNAPSHOT_BEFORE"
+cpu_account() {
+    local key="$1" before="$2" after
+    after="$(cpu_snapshot)"
+    CPU[$key]="$(awk -v b="$before" -v a="$after" -v hz="$CLK_TCK" 'BEGIN {
+        split(b, x, " "); split(a, y, " "); w = y[4] - x[4]
+        if (w > 0) printf "%.2f", (y[1] - x[1]) / hz / w; else print "n/a" }')"
+    IDLE[$key]="$(awk -v b="$before" -v a="$after" 'BEGIN {
+        split(b, x, " "); split(a, y, " "); t = y[3] - x[3]
+        if (t > 0) printf "%.0f %%", 100 * (y[2] - x[2]) / t; else print "n/a" }')"
+}
 # Parses a wrk output file into RPS/P50/P99/ERRS[key].
 parse_wrk() {
     local key="$1" raw="$2" non2xx sockerr
@@ -258,7 +281,10 @@ measure() {
         run_wrk "$OUT/wrk-$key-warmup.txt" "$WARMUP" "$threads" "$url" "$@"
     fi
     say "wrk $DURATION: $key"
+    local before
+    before="$(cpu_snapshot)"
     run_wrk "$OUT/wrk-$key.txt" "$DURATION" "$threads" "$url" "$@"
+    cpu_account "$key" "$before"
     parse_wrk "$key" "$OUT/wrk-$key.txt"
 }
 
@@ -302,6 +328,23 @@ CPU_MODEL="$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'
     fi
     echo "alone: wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency (warm-up $WARMUP)"
     echo "concurrent: wrk -t1 -c$CONNECTIONS each"
+    # Commit latency is bounded below by fsync: record what it costs here.
+    python3 - "$WORK" <<'PY' || true
+import os, statistics, sys, time
+path = os.path.join(sys.argv[1], "fsync-probe")
+fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+times = []
+for _ in range(200):
+    os.write(fd, b"x" * 4096)
+    t = time.perf_counter()
+    os.fsync(fd)
+    times.append(time.perf_counter() - t)
+os.close(fd)
+os.unlink(path)
+times.sort()
+print("fsync of a 4 KiB append (temp dir): median %.3f ms, p99 %.3f ms"
+      % (statistics.median(times) * 1000, times[int(0.99 * len(times))] * 1000))
+PY
 } >"$OUT/meta.txt"
 
 MODES=(off group per-event)
@@ -342,8 +385,10 @@ for backend in "${ACTIVE[@]}"; do
     FLOOD_PID="$!"
     sleep 1
     say "wrk $DURATION: $backend-me-loaded (login flood running)"
+    before="$(cpu_snapshot)"
     run_wrk "$OUT/wrk-$backend-me-loaded.txt" "$DURATION" 1 "$BASE/api/v1/auth/me" \
         -H "Authorization: Bearer $API_TOKEN"
+    cpu_account "$backend-me-loaded" "$before"
     parse_wrk "$backend-me-loaded" "$OUT/wrk-$backend-me-loaded.txt"
     wait "$FLOOD_PID" || die "the login flood's wrk failed or timed out"
     FLOOD_PID=""
@@ -355,11 +400,20 @@ done
 
 err() { echo "${ERRS[$1]:-none}"; }
 
+# Every measurement, one per line, for whoever wants more than the tables.
+{
+    printf 'key\treq_per_s\tp50_ms\tp99_ms\tserver_cpu_cores\tmachine_idle\terrors\n'
+    for k in $(printf '%s\n' "${!RPS[@]}" | sort); do
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$k" "${RPS[$k]}" "${P50[$k]}" "${P99[$k]}" \
+            "${CPU[$k]:-}" "${IDLE[$k]:-}" "$(err "$k")"
+    done
+} >"$OUT/summary.tsv"
+
 {
     echo "### Audit cost: GET /api/v1/auth/me with an API token, $CONNECTIONS clients"
     echo
-    echo "| backend | audit | /health req/s | /me req/s | /me p50 (ms) | /me p99 (ms) | /me ÷ /health | vs audit off | vs group commit | errors |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"
+    echo "| backend | audit | /health req/s | /me req/s | /me p50 (ms) | /me p99 (ms) | /me ÷ /health | vs audit off | vs group commit | /me: server CPU (cores) / machine idle | errors |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     for backend in "${ACTIVE[@]}"; do
         for mode in "${MODES[@]}"; do
             h="$backend-$mode-health" m="$backend-$mode-me"
@@ -378,13 +432,15 @@ err() { echo "${ERRS[$1]:-none}"; }
             else
                 e="/health: $e; /me: $(err "$m")"
             fi
-            printf '| %s | %s | %.0f | %.0f | %.3f | %.3f | %s | %s | %s | %s |\n' \
+            printf '| %s | %s | %.0f | %.0f | %.3f | %.3f | %s | %s | %s | %s / %s | %s |\n' \
                 "$backend" "${MODE_LABEL[$mode]}" "${RPS[$h]}" "${RPS[$m]}" "${P50[$m]}" "${P99[$m]}" \
-                "$(ratio "${RPS[$m]}" "${RPS[$h]}")" "$vs_off" "$vs_group" "$e"
+                "$(ratio "${RPS[$m]}" "${RPS[$h]}")" "$vs_off" "$vs_group" "${CPU[$m]}" "${IDLE[$m]}" "$e"
         done
     done
     echo
     echo "Ratios are of /me req/s; in brackets, normalised by each run's /health req/s."
+    echo "Server CPU is the custodian process only (of $(nproc) cores; PostgreSQL's processes are not in it);"
+    echo "machine idle is the whole machine's, wrk included."
     echo -n "Audit cost (1 − group commit ÷ off):"
     for backend in "${ACTIVE[@]}"; do
         r="$(ratio "${RPS[$backend-group-me]}" "${RPS[$backend-off-me]}")"
@@ -395,24 +451,25 @@ err() { echo "${ERRS[$1]:-none}"; }
     echo
     echo "### Login: POST /api/v1/auth/login, right password, $CONNECTIONS clients, wrk -t$THREADS"
     echo
-    echo "| backend | logins/s | p50 (ms) | p99 (ms) | errors |"
-    echo "|---|---:|---:|---:|---|"
+    echo "| backend | logins/s | p50 (ms) | p99 (ms) | server CPU (cores) / machine idle | errors |"
+    echo "|---|---:|---:|---:|---:|---|"
     for backend in "${ACTIVE[@]}"; do
         k="$backend-login"
-        printf '| %s | %.1f | %.1f | %.1f | %s |\n' "$backend" "${RPS[$k]}" "${P50[$k]}" "${P99[$k]}" "$(err "$k")"
+        printf '| %s | %.1f | %.1f | %.1f | %s / %s | %s |\n' "$backend" "${RPS[$k]}" "${P50[$k]}" "${P99[$k]}" \
+            "${CPU[$k]}" "${IDLE[$k]}" "$(err "$k")"
     done
     echo
     echo "### Read under a login flood: GET /api/v1/auth/me (wrk -t1 -c$CONNECTIONS) alone, then beside a login flood (wrk -t1 -c$CONNECTIONS)"
     echo
-    echo "| backend | /me alone req/s | p50 / p99 (ms) | /me under flood req/s | p50 / p99 (ms) | under flood ÷ alone | flood logins/s | errors |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---|"
+    echo "| backend | /me alone req/s | p50 / p99 (ms) | /me under flood req/s | p50 / p99 (ms) | under flood ÷ alone | flood logins/s | server CPU (cores): alone / under flood | errors |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---|"
     for backend in "${ACTIVE[@]}"; do
         u="$backend-me-unloaded" l="$backend-me-loaded" f="$backend-flood"
         e="alone: $(err "$u"); under flood: $(err "$l"); flood: $(err "$f")"
         [[ "$e" == "alone: none; under flood: none; flood: none" ]] && e=none
-        printf '| %s | %.0f | %.3f / %.3f | %.0f | %.3f / %.3f | %s | %.1f | %s |\n' "$backend" \
+        printf '| %s | %.0f | %.3f / %.3f | %.0f | %.3f / %.3f | %s | %.1f | %s / %s | %s |\n' "$backend" \
             "${RPS[$u]}" "${P50[$u]}" "${P99[$u]}" "${RPS[$l]}" "${P50[$l]}" "${P99[$l]}" \
-            "$(ratio "${RPS[$l]}" "${RPS[$u]}")" "${RPS[$f]}" "$e"
+            "$(ratio "${RPS[$l]}" "${RPS[$u]}")" "${RPS[$f]}" "${CPU[$u]}" "${CPU[$l]}" "$e"
     done
     echo
     echo "Goal: under flood ÷ alone ≥ 0.70."

@@ -70,6 +70,7 @@ pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
 
     let mut app: Router<AppState> = api
         .merge(docs::swagger(doc))
+        .merge(crate::web::router())
         .merge(extra)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);

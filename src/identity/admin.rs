@@ -10,7 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::model::{MAX_PASSWORD, User, parse_email};
+use super::model::{MAX_PASSWORD, User};
 use super::service::IdentityError;
 use super::store;
 use crate::access::{Authorized, Permission, need};
@@ -18,7 +18,7 @@ use crate::app::AppState;
 use crate::audit::{Action, Audit, ContextValue};
 use crate::config::Secret;
 use crate::http::json::{JsonBody, QueryParams};
-use crate::http::{ApiError, ErrorCode, FieldError};
+use crate::http::{ApiError, FieldError};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -230,55 +230,11 @@ pub async fn patch_user(
     JsonBody(req): JsonBody<UserPatch>,
 ) -> Result<Json<UserView>, ApiError> {
     audit_user(&audit, Action::Update, &id);
-    let db = state.db();
-    let user = state.identity().user(&id).await?;
-    let mut errors = Vec::new();
-    if let Some(r) = &req.role
-        && !store::role_exists(db, r).await?
-    {
-        errors.push(FieldError::new("role", "is not a role"));
-    }
-    let email = match &req.email {
-        Some(Some(e)) => match parse_email(e) {
-            Ok(e) => Some(Some(e)),
-            Err(m) => {
-                errors.push(FieldError::new("email", m));
-                None
-            }
-        },
-        Some(None) => Some(None),
-        None => None,
-    };
-    if !errors.is_empty() {
-        return Err(ApiError::validation(errors));
-    }
-    // Someone must always be able to manage users.
-    let manage = Permission::UsersManage.as_str();
-    let loses_manage = match &req.role {
-        Some(r) => !store::role_has(db, r, manage).await?,
-        None => false,
-    } || req.active == Some(false);
-    if loses_manage
-        && user.active
-        && store::role_has(db, &user.role, manage).await?
-        && store::count_active_holders(db, manage, &user.id).await? == 0
-    {
-        return Err(ApiError::new(ErrorCode::Conflict)
-            .with_detail("This is the last active user who can manage users; give the permission to someone else first."));
-    }
-    let now = state.identity().now_timestamp();
-    store::update_user(
-        db,
-        &id,
-        req.role.as_deref(),
-        email.as_ref().map(|e| e.as_deref()),
-        req.active,
-        &now,
-    )
-    .await?;
-    if req.active == Some(false) {
-        state.identity().revoke_all(&id, true).await?;
-    }
+    let email = req.email.as_ref().map(|e| e.as_deref());
+    state
+        .identity()
+        .update_user(&id, req.role.as_deref(), email, req.active)
+        .await?;
     audit.annotate(|a| {
         if let Some(r) = &req.role {
             a.context.insert("role", ContextValue::id(r));

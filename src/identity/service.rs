@@ -531,6 +531,12 @@ impl Identity {
         })
     }
 
+    /// Marks a session used now (the pages' "stay signed in").
+    pub async fn touch_session(&self, session_id: &str) -> Result<(), IdentityError> {
+        store::touch_session(&self.db, session_id, &timestamp(self.now())).await?;
+        Ok(())
+    }
+
     pub async fn logout(&self, session_id: &str) -> Result<(), IdentityError> {
         store::revoke_session(&self.db, session_id, &timestamp(self.now())).await?;
         Ok(())
@@ -600,6 +606,59 @@ impl Identity {
         )
         .await?;
         Ok(())
+    }
+
+    /// Changes a user's role, email and/or active flag. Someone must always be able to
+    /// manage users: the last active holder of `users:manage` cannot be deactivated or
+    /// given a role without it. Deactivation ends every session and API token at once.
+    pub async fn update_user(
+        &self,
+        id: &str,
+        role: Option<&str>,
+        email: Option<Option<&str>>,
+        active: Option<bool>,
+    ) -> Result<User, IdentityError> {
+        let user = self.user(id).await?;
+        if let Some(r) = role
+            && !store::role_exists(&self.db, r).await?
+        {
+            return Err(IdentityError::Invalid("role", "is not a role"));
+        }
+        let email = match email {
+            Some(Some(e)) => Some(Some(
+                parse_email(e).map_err(|m| IdentityError::Invalid("email", m))?,
+            )),
+            Some(None) => Some(None),
+            None => None,
+        };
+        let manage = Permission::UsersManage.as_str();
+        let loses_manage = match role {
+            Some(r) => !store::role_has(&self.db, r, manage).await?,
+            None => false,
+        } || active == Some(false);
+        if loses_manage
+            && user.active
+            && store::role_has(&self.db, &user.role, manage).await?
+            && store::count_active_holders(&self.db, manage, &user.id).await? == 0
+        {
+            return Err(IdentityError::Conflict(
+                "This is the last active user who can manage users; give the permission to someone else first.",
+            ));
+        }
+        let now = timestamp(self.now());
+        store::update_user(
+            &self.db,
+            id,
+            role,
+            email.as_ref().map(|e| e.as_deref()),
+            active,
+            &now,
+        )
+        .await?;
+        if active == Some(false) {
+            self.revoke_all(id, true).await?;
+        }
+        self.user(id).await
     }
 
     pub async fn user(&self, id: &str) -> Result<User, IdentityError> {

@@ -1,3 +1,104 @@
-//! The admin web pages (issue 5).
-//!
-//! Empty until its issue lands; the folder exists so the layout shows the architecture.
+//! The admin web pages: server-rendered (askama templates in `templates/`, escaped by
+//! default), the project's own CSS and script in `assets/` served from the binary, no
+//! inline script or style, so the strict content-security policy holds.
+
+pub mod pages;
+pub mod session;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+
+use crate::app::AppState;
+use crate::audit::Audit;
+use pages::UserAction;
+use session::WebForm;
+
+const APP_CSS: &str = include_str!("../../assets/app.css");
+const APP_JS: &str = include_str!("../../assets/app.js");
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/", get(|| async { Redirect::to("/admin") }))
+        .route("/login", get(pages::login_form).post(pages::login_submit))
+        .route("/login/password", post(pages::login_password))
+        .route("/logout", post(pages::logout))
+        .route("/admin", get(pages::home))
+        .route("/admin/keepalive", post(pages::keepalive))
+        .route("/admin/totp/enroll", post(pages::totp_enroll))
+        .route("/admin/totp/confirm", post(pages::totp_confirm))
+        .route("/admin/totp/disable", post(pages::totp_disable))
+        .route("/admin/tokens", post(pages::token_create))
+        .route("/admin/tokens/{id}/rotate", post(pages::token_rotate))
+        .route("/admin/tokens/{id}/revoke", post(pages::token_revoke))
+        .route("/admin/sessions/end-all", post(pages::end_my_sessions))
+        .route("/admin/users", get(pages::users).post(pages::user_create))
+        .route("/admin/users/{id}", get(pages::user))
+        .route(
+            "/admin/users/{id}/role",
+            post(user_action_route(UserAction::Role)),
+        )
+        .route(
+            "/admin/users/{id}/active",
+            post(user_action_route(UserAction::Active)),
+        )
+        .route(
+            "/admin/users/{id}/unlock",
+            post(user_action_route(UserAction::Unlock)),
+        )
+        .route(
+            "/admin/users/{id}/password",
+            post(user_action_route(UserAction::Password)),
+        )
+        .route(
+            "/admin/users/{id}/sessions/end",
+            post(user_action_route(UserAction::EndSessions)),
+        )
+        .route(
+            "/admin/roles",
+            get(pages::roles_list).post(pages::role_create),
+        )
+        .route("/admin/roles/{name}", post(pages::role_save))
+        .route("/admin/roles/{name}/delete", post(pages::role_delete))
+        .route("/admin/audit", get(pages::audit_log))
+        .route("/admin/audit.csv", get(pages::audit_csv))
+        .route(
+            "/assets/app.css",
+            get(|| async { asset("text/css; charset=utf-8", APP_CSS) }),
+        )
+        .route(
+            "/assets/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
+        )
+}
+
+#[allow(clippy::type_complexity)]
+fn user_action_route(
+    action: UserAction,
+) -> impl Fn(
+    State<AppState>,
+    Audit,
+    Path<String>,
+    WebForm,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>
++ Clone
++ Send
++ Sync
++ 'static {
+    move |State(state), audit, Path(id), form| {
+        Box::pin(pages::user_action(state, audit, id, form, action))
+    }
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}

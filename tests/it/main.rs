@@ -14,3 +14,4 @@ mod docs;
 mod health;
 mod identity;
 mod storage;
+mod web;

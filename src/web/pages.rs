@@ -1,0 +1,1417 @@
+//! The admin pages. Each handler: session → permission → service → audit → page.
+//! Every value in a page is escaped by the templates; forms re-render with messages on
+//! bad input (never a 500).
+
+use askama::Template;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use serde::Deserialize;
+
+use super::session::{
+    LoginForm, WebForm, WebUser, login_cookie_name, new_login_csrf, session_cookie_name, set_cookie,
+};
+use crate::access::Permission;
+use crate::app::AppState;
+use crate::audit::{Action, Actor, Audit, AuditEvent, ContextValue};
+use crate::config::Secret;
+use crate::http::ApiError;
+use crate::http::client_ip::ClientIp;
+use crate::identity::IdentityError;
+use crate::identity::service::{Origin, describe};
+use crate::identity::{roles, store};
+
+/// What every page's frame needs.
+pub struct Layout {
+    signed_in: bool,
+    username: String,
+    role: String,
+    csrf: String,
+    idle_seconds: u64,
+    can_users: bool,
+    can_roles: bool,
+    can_audit: bool,
+    notice: Option<String>,
+}
+
+impl Layout {
+    fn anonymous(notice: Option<String>) -> Self {
+        Self {
+            signed_in: false,
+            username: String::new(),
+            role: String::new(),
+            csrf: String::new(),
+            idle_seconds: 0,
+            can_users: false,
+            can_roles: false,
+            can_audit: false,
+            notice,
+        }
+    }
+
+    fn of(state: &AppState, u: &WebUser, notice: Option<String>) -> Self {
+        Self {
+            signed_in: true,
+            username: u.principal.username.clone(),
+            role: u.principal.role.clone(),
+            csrf: u.csrf.clone(),
+            idle_seconds: state.identity().settings().idle_timeout.as_secs(),
+            can_users: u.can(Permission::UsersManage),
+            can_roles: u.can(Permission::RolesManage),
+            can_audit: u.can(Permission::AuditRead),
+            notice,
+        }
+    }
+}
+
+fn render<T: Template>(t: &T) -> Response {
+    match t.render() {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => ApiError::internal(e).into_response(),
+    }
+}
+
+fn render_status<T: Template>(status: StatusCode, t: &T) -> Response {
+    let mut r = render(t);
+    *r.status_mut() = status;
+    r
+}
+
+#[derive(Template)]
+#[template(path = "message.html")]
+struct Message {
+    layout: Layout,
+    heading: &'static str,
+    text: String,
+    back: &'static str,
+}
+
+pub fn forbidden(u: &WebUser) -> Response {
+    let layout = Layout {
+        signed_in: true,
+        username: u.principal.username.clone(),
+        role: u.principal.role.clone(),
+        csrf: u.csrf.clone(),
+        idle_seconds: 0,
+        can_users: u.can(Permission::UsersManage),
+        can_roles: u.can(Permission::RolesManage),
+        can_audit: u.can(Permission::AuditRead),
+        notice: None,
+    };
+    render_status(
+        StatusCode::FORBIDDEN,
+        &Message {
+            layout,
+            heading: "Not allowed",
+            text: "Your role does not allow this page.".into(),
+            back: "/admin",
+        },
+    )
+}
+
+/// Notices chosen by code, so no request value is ever reflected into a page.
+fn notice(code: Option<&str>) -> Option<String> {
+    let text = match code? {
+        "expired" => "You were signed out after a period of inactivity.",
+        "signed-out" => "You are signed out.",
+        "saved" => "Saved.",
+        "created" => "Created.",
+        "deleted" => "Deleted.",
+        "unlocked" => "Unlocked.",
+        "sessions-ended" => "Every session of this user has ended.",
+        "password-set" => "The password was set and the user's sessions ended.",
+        "revoked" => "Revoked.",
+        _ => return None,
+    };
+    Some(text.to_owned())
+}
+
+#[derive(Deserialize)]
+pub struct NoticeQuery {
+    #[serde(default)]
+    ok: Option<String>,
+    #[serde(default)]
+    expired: Option<String>,
+}
+
+// ---- sign-in ---------------------------------------------------------------------------
+
+#[derive(Template)]
+#[template(path = "login.html")]
+struct LoginPage {
+    layout: Layout,
+    login_csrf: String,
+    username: String,
+    error: Option<String>,
+    need_totp: bool,
+    expired: bool,
+    violations: Vec<&'static str>,
+}
+
+fn login_page(state: &AppState, mut page: LoginPage) -> Response {
+    let csrf = new_login_csrf();
+    page.login_csrf.clone_from(&csrf);
+    let mut r = render(&page);
+    r.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(login_cookie_name(state.config().env), Some(&csrf)),
+    );
+    r
+}
+
+fn blank_login(notice: Option<String>) -> LoginPage {
+    LoginPage {
+        layout: Layout::anonymous(notice),
+        login_csrf: String::new(),
+        username: String::new(),
+        error: None,
+        need_totp: false,
+        expired: false,
+        violations: Vec::new(),
+    }
+}
+
+pub async fn login_form(
+    State(state): State<AppState>,
+    audit: Audit,
+    Query(q): Query<NoticeQuery>,
+) -> Response {
+    audit.annotate(|a| a.resource_type = Some("page"));
+    let n = if q.expired.is_some() {
+        notice(Some("expired"))
+    } else {
+        notice(q.ok.as_deref())
+    };
+    login_page(&state, blank_login(n))
+}
+
+fn origin(ip: ClientIp, headers: &HeaderMap) -> Origin {
+    Origin {
+        ip: Some(ip.0.to_string()),
+        user_agent: headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(256).collect()),
+    }
+}
+
+fn signed_in(state: &AppState, token: &Secret) -> Response {
+    let mut r = Redirect::to("/admin").into_response();
+    let env = state.config().env;
+    r.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(session_cookie_name(env), Some(token.expose())),
+    );
+    r.headers_mut()
+        .append(header::SET_COOKIE, set_cookie(login_cookie_name(env), None));
+    r
+}
+
+pub async fn login_submit(
+    State(state): State<AppState>,
+    audit: Audit,
+    ip: ClientIp,
+    headers: HeaderMap,
+    LoginForm { fields }: LoginForm,
+) -> Response {
+    let username = fields.text("username");
+    let password = Secret::new(fields.get("password").unwrap_or("").to_owned());
+    let code = fields.text("totp_code");
+    let mut page = blank_login(None);
+    page.username = username.chars().take(64).collect();
+    if username.chars().count() > 64 || password.expose().chars().count() > 1024 {
+        page.error = Some("The username or password is too long.".into());
+        return login_page(&state, page);
+    }
+    let origin = origin(ip, &headers);
+    let identity = state.identity();
+    let (result, facts) = identity
+        .login(
+            &username,
+            &password,
+            Some(code.as_str()).filter(|c| !c.is_empty()),
+            &origin,
+        )
+        .await;
+    if let Err(e) = identity.record_attempt(&facts, &origin).await {
+        return ApiError::from(e).into_response();
+    }
+    audit.set_actor(match &facts.user_id {
+        Some(id) => Actor::user(id, &facts.username),
+        None => Actor {
+            id: None,
+            name: facts.username.clone(),
+        },
+    });
+    audit.annotate(|a| {
+        a.action = Some(match (&result, facts.locked_now) {
+            (Ok(_), _) => Action::Login,
+            (Err(IdentityError::Locked { .. }), _) | (_, true) => Action::AccountLocked,
+            _ => Action::LoginFailed,
+        });
+        a.resource_type = Some("session");
+        a.context
+            .insert("reason", ContextValue::Code(facts.reason.as_str()));
+    });
+    match result {
+        Ok(ok) => signed_in(&state, &ok.token),
+        Err(IdentityError::MfaRequired) => {
+            page.need_totp = true;
+            login_page(&state, page)
+        }
+        Err(IdentityError::InvalidTotp) => {
+            page.need_totp = true;
+            page.error = Some("The authentication code is wrong or was already used.".into());
+            login_page(&state, page)
+        }
+        Err(IdentityError::PasswordExpired) => {
+            page.expired = true;
+            login_page(&state, page)
+        }
+        Err(IdentityError::Locked { retry_after }) => {
+            page.error = Some(format!(
+                "Too many failed sign-ins: this account is locked. Try again in {} minutes, or ask an administrator to unlock it.",
+                retry_after.div_ceil(60)
+            ));
+            login_page(&state, page)
+        }
+        Err(IdentityError::RateLimited { .. }) => {
+            page.error =
+                Some("Too many failed sign-ins from this address. Try again later.".into());
+            login_page(&state, page)
+        }
+        Err(IdentityError::InvalidCredentials) => {
+            page.error = Some("The username or password is wrong.".into());
+            login_page(&state, page)
+        }
+        Err(IdentityError::Busy) => {
+            page.error = Some("The server is busy. Try again in a moment.".into());
+            login_page(&state, page)
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// The expired-password form: change it, then sign in.
+pub async fn login_password(
+    State(state): State<AppState>,
+    audit: Audit,
+    ip: ClientIp,
+    headers: HeaderMap,
+    LoginForm { fields }: LoginForm,
+) -> Response {
+    let username = fields.text("username");
+    let current = Secret::new(fields.get("current_password").unwrap_or("").to_owned());
+    let new = Secret::new(fields.get("new_password").unwrap_or("").to_owned());
+    let mut page = blank_login(None);
+    page.username = username.chars().take(64).collect();
+    page.expired = true;
+    let origin = origin(ip, &headers);
+    let identity = state.identity();
+    audit.annotate(|a| {
+        a.action = Some(Action::Update);
+        a.resource_type = Some("user");
+        a.context.insert("change", ContextValue::Code("password"));
+    });
+    let (result, facts) = identity.login(&username, &current, None, &origin).await;
+    if let Err(e) = identity.record_attempt(&facts, &origin).await {
+        return ApiError::from(e).into_response();
+    }
+    let user = match result {
+        Ok(_) | Err(IdentityError::PasswordExpired) => {
+            match identity.user_by_username(&username).await {
+                Ok(Some(u)) => u,
+                _ => {
+                    page.error = Some("The username or password is wrong.".into());
+                    return login_page(&state, page);
+                }
+            }
+        }
+        Err(_) => {
+            page.error = Some("The username or current password is wrong.".into());
+            return login_page(&state, page);
+        }
+    };
+    audit.set_actor(Actor::user(&user.id, &user.username));
+    audit.annotate(|a| a.resource_id = Some(user.id.clone()));
+    match identity.set_password(&user, &new, None).await {
+        Ok(()) => {}
+        Err(IdentityError::Policy(v)) => {
+            page.violations = v;
+            page.error = Some("The new password does not meet the policy:".into());
+            return login_page(&state, page);
+        }
+        Err(e) => return ApiError::from(e).into_response(),
+    }
+    match identity.login(&username, &new, None, &origin).await {
+        (Ok(ok), facts) => {
+            let _ = identity.record_attempt(&facts, &origin).await;
+            signed_in(&state, &ok.token)
+        }
+        _ => Redirect::to("/login?ok=password-set").into_response(),
+    }
+}
+
+pub async fn logout(State(state): State<AppState>, audit: Audit, form: WebForm) -> Response {
+    audit.annotate(|a| {
+        a.action = Some(Action::Logout);
+        a.resource_type = Some("session");
+    });
+    if let Some(id) = form.user.principal.session_id()
+        && let Err(e) = state.identity().logout(id).await
+    {
+        return ApiError::from(e).into_response();
+    }
+    let mut r = Redirect::to("/login?ok=signed-out").into_response();
+    r.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(session_cookie_name(state.config().env), None),
+    );
+    r
+}
+
+// ---- dashboard -------------------------------------------------------------------------
+
+struct TokenRow {
+    id: String,
+    name: String,
+    created_at: String,
+    expires_at: String,
+    last_used_at: String,
+    expires_soon: bool,
+}
+
+struct SessionRow {
+    created_at: String,
+    last_used_at: String,
+    ip: String,
+    user_agent: String,
+}
+
+struct NewToken {
+    name: String,
+    token: String,
+}
+
+struct Enrol {
+    secret: String,
+    qr_svg: String,
+}
+
+#[derive(Template)]
+#[template(path = "dashboard.html")]
+struct Dashboard {
+    layout: Layout,
+    email: String,
+    permissions: Vec<String>,
+    password_expires: String,
+    mfa_enabled: bool,
+    mfa_pending: bool,
+    mfa_required: bool,
+    tokens: Vec<TokenRow>,
+    sessions: Vec<SessionRow>,
+    new_token: Option<NewToken>,
+    token_error: Option<String>,
+    enrol: Option<Enrol>,
+    recovery_codes: Vec<String>,
+    totp_error: Option<String>,
+}
+
+async fn dashboard(
+    state: &AppState,
+    u: &WebUser,
+    notice: Option<String>,
+) -> Result<Dashboard, ApiError> {
+    let identity = state.identity();
+    let p = &u.principal;
+    let tokens = if p.mfa_enrollment_pending {
+        Vec::new()
+    } else {
+        identity
+            .tokens(&p.user_id)
+            .await?
+            .into_iter()
+            .map(|t| TokenRow {
+                expires_soon: identity.expires_soon(&t.expires_at),
+                id: t.id,
+                name: t.name,
+                created_at: t.created_at,
+                expires_at: t.expires_at,
+                last_used_at: t.last_used_at.unwrap_or_else(|| "never".into()),
+            })
+            .collect()
+    };
+    let sessions = store::live_sessions(state.db(), Some(&p.user_id), &identity.now_timestamp())
+        .await?
+        .into_iter()
+        .map(|s| SessionRow {
+            created_at: s.created_at,
+            last_used_at: s.last_used_at,
+            ip: s.ip.unwrap_or_default(),
+            user_agent: s.user_agent.unwrap_or_default(),
+        })
+        .collect();
+    Ok(Dashboard {
+        layout: Layout::of(state, u, notice),
+        email: p.email.clone().unwrap_or_default(),
+        permissions: p
+            .permissions
+            .iter()
+            .map(|x| x.as_str().to_owned())
+            .collect(),
+        password_expires: p
+            .password_expires_at
+            .clone()
+            .unwrap_or_else(|| "never".into()),
+        mfa_enabled: p.mfa_enabled,
+        mfa_pending: p.mfa_enrollment_pending,
+        mfa_required: identity.settings().mfa_required,
+        tokens,
+        sessions,
+        new_token: None,
+        token_error: None,
+        enrol: None,
+        recovery_codes: Vec::new(),
+        totp_error: None,
+    })
+}
+
+fn or_error(r: Result<Dashboard, ApiError>) -> Response {
+    match r {
+        Ok(d) => render(&d),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn home(
+    State(state): State<AppState>,
+    audit: Audit,
+    u: WebUser,
+    Query(q): Query<NoticeQuery>,
+) -> Response {
+    audit.annotate(|a| {
+        a.action = Some(Action::Read);
+        a.resource_type = Some("user");
+        a.resource_id = Some(u.principal.user_id.clone());
+    });
+    or_error(dashboard(&state, &u, notice(q.ok.as_deref())).await)
+}
+
+pub async fn totp_enroll(State(state): State<AppState>, audit: Audit, form: WebForm) -> Response {
+    let u = &form.user;
+    audit.annotate(|a| {
+        a.action = Some(Action::Update);
+        a.resource_type = Some("user");
+        a.resource_id = Some(u.principal.user_id.clone());
+        a.context
+            .insert("change", ContextValue::Code("totp_enroll"));
+    });
+    let identity = state.identity();
+    let result = async {
+        let user = identity.user(&u.principal.user_id).await?;
+        let mut d = dashboard(&state, u, None)
+            .await
+            .map_err(|_| IdentityError::Internal("page".into()))?;
+        match identity.totp_enroll(&user).await {
+            Ok(e) => {
+                d.enrol = Some(Enrol {
+                    secret: e.secret.expose().to_owned(),
+                    qr_svg: e.qr_svg,
+                })
+            }
+            Err(IdentityError::Conflict(m)) => d.totp_error = Some(m.into()),
+            Err(e) => return Err(e),
+        }
+        Ok::<_, IdentityError>(d)
+    }
+    .await;
+    or_error(result.map_err(ApiError::from))
+}
+
+pub async fn totp_confirm(State(state): State<AppState>, audit: Audit, form: WebForm) -> Response {
+    let u = &form.user;
+    audit.annotate(|a| {
+        a.action = Some(Action::Update);
+        a.resource_type = Some("user");
+        a.resource_id = Some(u.principal.user_id.clone());
+        a.context
+            .insert("change", ContextValue::Code("totp_confirm"));
+    });
+    let identity = state.identity();
+    let result = async {
+        let user = identity.user(&u.principal.user_id).await?;
+        let outcome = identity
+            .totp_confirm(&user, &form.fields.text("code"))
+            .await;
+        // Re-read the principal: TOTP may be on now, and with it the user's permissions.
+        let mut d = dashboard(&state, u, None)
+            .await
+            .map_err(|_| IdentityError::Internal("page".into()))?;
+        match outcome {
+            Ok(codes) => {
+                d.mfa_enabled = true;
+                d.mfa_pending = false;
+                d.recovery_codes = codes;
+            }
+            Err(IdentityError::InvalidTotp) => {
+                d.totp_error = Some("That code is wrong or was already used; start again.".into())
+            }
+            Err(IdentityError::Conflict(m)) => d.totp_error = Some(m.into()),
+            Err(e) => return Err(e),
+        }
+        Ok::<_, IdentityError>(d)
+    }
+    .await;
+    or_error(result.map_err(ApiError::from))
+}
+
+pub async fn totp_disable(State(state): State<AppState>, audit: Audit, form: WebForm) -> Response {
+    let u = &form.user;
+    audit.annotate(|a| {
+        a.action = Some(Action::Update);
+        a.resource_type = Some("user");
+        a.resource_id = Some(u.principal.user_id.clone());
+        a.context
+            .insert("change", ContextValue::Code("totp_disable"));
+    });
+    let identity = state.identity();
+    let result = async {
+        let user = identity.user(&u.principal.user_id).await?;
+        let password = Secret::new(form.fields.get("password").unwrap_or("").to_owned());
+        let outcome = identity
+            .totp_disable(&user, &password, &form.fields.text("code"))
+            .await;
+        let mut d = dashboard(&state, u, None)
+            .await
+            .map_err(|_| IdentityError::Internal("page".into()))?;
+        match outcome {
+            Ok(()) => d.mfa_enabled = false,
+            Err(IdentityError::InvalidCredentials | IdentityError::InvalidTotp) => {
+                d.totp_error = Some("The password or code is wrong.".into());
+            }
+            Err(IdentityError::Conflict(m)) => d.totp_error = Some(m.into()),
+            Err(e) => return Err(e),
+        }
+        Ok::<_, IdentityError>(d)
+    }
+    .await;
+    or_error(result.map_err(ApiError::from))
+}
+
+pub async fn token_create(State(state): State<AppState>, audit: Audit, form: WebForm) -> Response {
+    let u = &form.user;
+    if u.principal.mfa_enrollment_pending {
+        return Redirect::to("/admin#totp").into_response();
+    }
+    audit.annotate(|a| {
+        a.action = Some(Action::Create);
+        a.resource_type = Some("api_token");
+    });
+    let days: u64 = form.fields.text("days").parse().unwrap_or(7);
+    let name = form.fields.text("name");
+    let created = state
+        .identity()
+        .create_token(
+            &u.principal.user_id,
+            &name,
+            Some(days.saturating_mul(86_400)),
+        )
+        .await;
+    let mut d = match dashboard(&state, u, None).await {
+        Ok(d) => d,
+        Err(e) => return e.into_response(),
+    };
+    match created {
+        Ok((row, token)) => {
+            audit.annotate(|a| a.resource_id = Some(row.id.clone()));
+            d.new_token = Some(NewToken {
+                name: row.name,
+                token: token.expose().to_owned(),
+            });
+            if let Ok(fresh) = dashboard(&state, u, None).await {
+                d.tokens = fresh.tokens;
+            }
+        }
+        Err(IdentityError::Invalid(_, m)) => d.token_error = Some(format!("The name {m}.")),
+        Err(e) => return ApiError::from(e).into_response(),
+    }
+    render(&d)
+}
+
+pub async fn token_rotate(
+    State(state): State<AppState>,
+    audit: Audit,
+    Path(id): Path<String>,
+    form: WebForm,
+) -> Response {
+    let u = &form.user;
+    if u.principal.mfa_enrollment_pending {
+        return Redirect::to("/admin#totp").into_response();
+    }
+    audit.annotate(|a| {
+        a.action = Some(Action::Update);
+        a.resource_type = Some("api_token");
+        a.resource_id = Some(id.clone());
+        a.context.insert("change", ContextValue::Code("rotate"));
+    });
+    match state
+        .identity()
+        .rotate_token(&u.principal.user_id, &id)
+        .await
+    {
+        Ok((row, token)) => match dashboard(&state, u, None).await {
+            Ok(mut d) => {
+                d.new_token = Some(NewToken {
+                    name: row.name,
+                    token: token.expose().to_owned(),
+                });
+                render(&d)
+            }
+            Err(e) => e.into_response(),
+        },
+        Err(IdentityError::NotFound) => Redirect::to("/admin#tokens").into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+pub async fn token_revoke(
+    State(state): State<AppState>,
+    audit: Audit,
+    Path(id): Path<String>,
+    form: WebForm,
+) -> Response {
+    audit.annotate(|a| {
+        a.action = Some(Action::Delete);
+        a.resource_type = Some("api_token");
+        a.resource_id = Some(id.clone());
+    });
+    match state
+        .identity()
+        .revoke_token(&form.user.principal.user_id, &id)
+        .await
+    {
+        Ok(()) | Err(IdentityError::NotFound) => {
+            Redirect::to("/admin?ok=revoked#tokens").into_response()
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+pub async fn end_my_sessions(
+    State(state): State<AppState>,
+    audit: Audit,
+    form: WebForm,
+) -> Response {
+    audit.annotate(|a| {
+        a.action = Some(Action::Logout);
+        a.resource_type = Some("session");
+        a.context.insert("all", ContextValue::Bool(true));
+    });
+    if let Err(e) = state
+        .identity()
+        .revoke_all(&form.user.principal.user_id, false)
+        .await
+    {
+        return ApiError::from(e).into_response();
+    }
+    let mut r = Redirect::to("/login?ok=signed-out").into_response();
+    r.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(session_cookie_name(state.config().env), None),
+    );
+    r
+}
+
+/// "Stay signed in": a real request that refreshes the server session.
+pub async fn keepalive(State(state): State<AppState>, audit: Audit, form: WebForm) -> Response {
+    audit.annotate(|a| {
+        a.action = Some(Action::Access);
+        a.resource_type = Some("session");
+        a.context.insert("keepalive", ContextValue::Bool(true));
+    });
+    match form.user.principal.session_id() {
+        Some(id) => match state.identity().touch_session(id).await {
+            Ok(()) => StatusCode::NO_CONTENT.into_response(),
+            Err(e) => ApiError::from(e).into_response(),
+        },
+        None => StatusCode::UNAUTHORIZED.into_response(),
+    }
+}
+
+// ---- users -----------------------------------------------------------------------------
+
+struct UserRow {
+    id: String,
+    username: String,
+    email: String,
+    role: String,
+    active: bool,
+    mfa_enabled: bool,
+    locked_until: Option<String>,
+    password_changed_at: String,
+    password_age_days: i64,
+}
+
+async fn user_row(state: &AppState, u: crate::identity::model::User) -> Result<UserRow, ApiError> {
+    let now = state.clock().now();
+    let locked_until = store::locked_until(
+        state.db(),
+        &format!("user:{}", u.username),
+        &state.identity().now_timestamp(),
+    )
+    .await?;
+    let age = time::OffsetDateTime::parse(
+        &u.password_changed_at,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .map_or(0, |t| (now - t).whole_days());
+    Ok(UserRow {
+        id: u.id,
+        username: u.username,
+        email: u.email.unwrap_or_default(),
+        role: u.role,
+        active: u.active,
+        mfa_enabled: u.totp_enabled,
+        locked_until,
+        password_changed_at: u.password_changed_at,
+        password_age_days: age,
+    })
+}
+
+#[derive(Template)]
+#[template(path = "users.html")]
+struct UsersPage {
+    layout: Layout,
+    q: String,
+    users: Vec<UserRow>,
+    next: Option<String>,
+    roles: Vec<String>,
+    errors: Vec<String>,
+    form_username: String,
+    form_email: String,
+    form_role: String,
+}
+
+#[derive(Deserialize)]
+pub struct UsersQuery {
+    #[serde(default)]
+    q: Option<String>,
+    #[serde(default)]
+    after: Option<String>,
+    #[serde(default)]
+    ok: Option<String>,
+}
+
+async fn users_page(
+    state: &AppState,
+    u: &WebUser,
+    q: &str,
+    after: Option<&str>,
+    notice: Option<String>,
+) -> Result<UsersPage, ApiError> {
+    const PAGE: usize = 50;
+    let q: String = q.chars().take(64).collect();
+    let rows = store::list_users(
+        state.db(),
+        Some(q.as_str()).filter(|s| !s.is_empty()),
+        after,
+        PAGE as i64 + 1,
+    )
+    .await?;
+    let more = rows.len() > PAGE;
+    let mut users = Vec::new();
+    for r in rows.into_iter().take(PAGE) {
+        users.push(user_row(state, r).await?);
+    }
+    let next = if more {
+        users.last().map(|r| r.username.clone())
+    } else {
+        None
+    };
+    Ok(UsersPage {
+        layout: Layout::of(state, u, notice),
+        q,
+        users,
+        next,
+        roles: store::roles(state.db())
+            .await?
+            .into_iter()
+            .map(|r| r.name)
+            .collect(),
+        errors: Vec::new(),
+        form_username: String::new(),
+        form_email: String::new(),
+        form_role: "nurse".into(),
+    })
+}
+
+pub async fn users(
+    State(state): State<AppState>,
+    audit: Audit,
+    u: WebUser,
+    Query(q): Query<UsersQuery>,
+) -> Response {
+    if let Some(r) = u.refuse(Permission::UsersManage) {
+        return r;
+    }
+    audit.annotate(|a| {
+        a.action = Some(Action::Read);
+        a.resource_type = Some("user");
+    });
+    match users_page(
+        &state,
+        &u,
+        q.q.as_deref().unwrap_or(""),
+        q.after.as_deref(),
+        notice(q.ok.as_deref()),
+    )
+    .await
+    {
+        Ok(p) => render(&p),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn user_create(State(state): State<AppState>, audit: Audit, form: WebForm) -> Response {
+    let u = &form.user;
+    if let Some(r) = u.refuse(Permission::UsersManage) {
+        return r;
+    }
+    audit.annotate(|a| {
+        a.action = Some(Action::Create);
+        a.resource_type = Some("user");
+    });
+    let f = &form.fields;
+    let (username, email, role) = (f.text("username"), f.text("email"), f.text("role"));
+    let password = Secret::new(f.get("password").unwrap_or("").to_owned());
+    let email_opt = Some(email.as_str()).filter(|e| !e.is_empty());
+    match state
+        .identity()
+        .create_user(&username, email_opt, &role, &password)
+        .await
+    {
+        Ok(user) => {
+            audit.annotate(|a| {
+                a.resource_id = Some(user.id.clone());
+                a.context.insert("role", ContextValue::id(&user.role));
+            });
+            Redirect::to(&format!("/admin/users/{}?ok=created", user.id)).into_response()
+        }
+        Err(
+            e
+            @ (IdentityError::Invalid(..) | IdentityError::Conflict(_) | IdentityError::Policy(_)),
+        ) => match users_page(&state, u, "", None, None).await {
+            Ok(mut p) => {
+                p.errors = vec![describe(&e)];
+                p.form_username = username.chars().take(64).collect();
+                p.form_email = email.chars().take(254).collect();
+                p.form_role = role;
+                render_status(StatusCode::UNPROCESSABLE_ENTITY, &p)
+            }
+            Err(e) => e.into_response(),
+        },
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+struct LoginRow {
+    at: String,
+    success: bool,
+    reason: String,
+    ip: String,
+    user_agent: String,
+}
+
+#[derive(Template)]
+#[template(path = "user.html")]
+struct UserPage {
+    layout: Layout,
+    user: UserRow,
+    roles: Vec<String>,
+    logins: Vec<LoginRow>,
+    errors: Vec<String>,
+}
+
+async fn user_page(
+    state: &AppState,
+    u: &WebUser,
+    id: &str,
+    notice: Option<String>,
+) -> Result<UserPage, ApiError> {
+    let user = state.identity().user(id).await?;
+    let logins = store::attempts(state.db(), id, None, 50)
+        .await?
+        .into_iter()
+        .map(|a| LoginRow {
+            at: a.at,
+            success: a.success,
+            reason: a.reason,
+            ip: a.ip.unwrap_or_default(),
+            user_agent: a.user_agent.unwrap_or_default(),
+        })
+        .collect();
+    Ok(UserPage {
+        layout: Layout::of(state, u, notice),
+        user: user_row(state, user).await?,
+        roles: store::roles(state.db())
+            .await?
+            .into_iter()
+            .map(|r| r.name)
+            .collect(),
+        logins,
+        errors: Vec::new(),
+    })
+}
+
+pub async fn user(
+    State(state): State<AppState>,
+    audit: Audit,
+    u: WebUser,
+    Path(id): Path<String>,
+    Query(q): Query<NoticeQuery>,
+) -> Response {
+    if let Some(r) = u.refuse(Permission::UsersManage) {
+        return r;
+    }
+    audit.annotate(|a| {
+        a.action = Some(Action::Read);
+        a.resource_type = Some("user");
+        a.resource_id = Some(id.clone());
+    });
+    match user_page(&state, &u, &id, notice(q.ok.as_deref())).await {
+        Ok(p) => render(&p),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The user-administration actions, one route each.
+#[derive(Clone, Copy)]
+pub enum UserAction {
+    Role,
+    Active,
+    Unlock,
+    Password,
+    EndSessions,
+}
+
+pub async fn user_action(
+    state: AppState,
+    audit: Audit,
+    id: String,
+    form: WebForm,
+    action: UserAction,
+) -> Response {
+    let u = &form.user;
+    if let Some(r) = u.refuse(Permission::UsersManage) {
+        return r;
+    }
+    audit.annotate(|a| {
+        a.action = Some(Action::Update);
+        a.resource_type = Some("user");
+        a.resource_id = Some(id.clone());
+    });
+    let identity = state.identity();
+    let f = &form.fields;
+    let result: Result<&'static str, IdentityError> = match action {
+        UserAction::Role => {
+            let role = f.text("role");
+            audit.context("role", ContextValue::id(&role));
+            identity
+                .update_user(&id, Some(&role), None, None)
+                .await
+                .map(|_| "saved")
+        }
+        UserAction::Active => {
+            let active = f.text("active") == "true";
+            audit.context("active", ContextValue::Bool(active));
+            identity
+                .update_user(&id, None, None, Some(active))
+                .await
+                .map(|_| "saved")
+        }
+        UserAction::Unlock => {
+            audit.context("change", ContextValue::Code("unlock"));
+            identity.unlock(&id).await.map(|()| "unlocked")
+        }
+        UserAction::Password => {
+            audit.context("change", ContextValue::Code("password_reset"));
+            let new = Secret::new(f.get("new_password").unwrap_or("").to_owned());
+            match identity.user(&id).await {
+                Ok(user) => identity
+                    .set_password(&user, &new, None)
+                    .await
+                    .map(|()| "password-set"),
+                Err(e) => Err(e),
+            }
+        }
+        UserAction::EndSessions => {
+            audit.context("change", ContextValue::Code("end_sessions"));
+            identity
+                .revoke_all(&id, false)
+                .await
+                .map(|_| "sessions-ended")
+        }
+    };
+    match result {
+        Ok(code) => Redirect::to(&format!("/admin/users/{id}?ok={code}")).into_response(),
+        Err(
+            e
+            @ (IdentityError::Invalid(..) | IdentityError::Conflict(_) | IdentityError::Policy(_)),
+        ) => match user_page(&state, u, &id, None).await {
+            Ok(mut p) => {
+                p.errors = vec![describe(&e)];
+                render_status(StatusCode::UNPROCESSABLE_ENTITY, &p)
+            }
+            Err(e) => e.into_response(),
+        },
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+// ---- roles -----------------------------------------------------------------------------
+
+struct RoleRow {
+    name: String,
+    builtin: bool,
+    permissions: Vec<String>,
+}
+
+#[derive(Template)]
+#[template(path = "roles.html")]
+struct RolesPage {
+    layout: Layout,
+    roles: Vec<RoleRow>,
+    permissions: Vec<String>,
+    errors: Vec<String>,
+}
+
+async fn roles_page(
+    state: &AppState,
+    u: &WebUser,
+    notice: Option<String>,
+    errors: Vec<String>,
+) -> Result<RolesPage, ApiError> {
+    Ok(RolesPage {
+        layout: Layout::of(state, u, notice),
+        roles: store::roles(state.db())
+            .await?
+            .into_iter()
+            .map(|r| RoleRow {
+                name: r.name,
+                builtin: r.builtin,
+                permissions: r.permissions,
+            })
+            .collect(),
+        permissions: Permission::ALL
+            .iter()
+            .map(|p| p.as_str().to_owned())
+            .collect(),
+        errors,
+    })
+}
+
+pub async fn roles_list(
+    State(state): State<AppState>,
+    audit: Audit,
+    u: WebUser,
+    Query(q): Query<NoticeQuery>,
+) -> Response {
+    if let Some(r) = u.refuse(Permission::RolesManage) {
+        return r;
+    }
+    audit.annotate(|a| {
+        a.action = Some(Action::Read);
+        a.resource_type = Some("role");
+    });
+    match roles_page(&state, &u, notice(q.ok.as_deref()), Vec::new()).await {
+        Ok(p) => render(&p),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn role_result(
+    state: &AppState,
+    u: &WebUser,
+    r: Result<&'static str, IdentityError>,
+) -> Response {
+    match r {
+        Ok(code) => Redirect::to(&format!("/admin/roles?ok={code}")).into_response(),
+        Err(
+            e @ (IdentityError::Invalid(..) | IdentityError::Conflict(_) | IdentityError::NotFound),
+        ) => match roles_page(state, u, None, vec![describe(&e)]).await {
+            Ok(p) => render_status(StatusCode::UNPROCESSABLE_ENTITY, &p),
+            Err(e) => e.into_response(),
+        },
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+pub async fn role_create(State(state): State<AppState>, audit: Audit, form: WebForm) -> Response {
+    let u = &form.user;
+    if let Some(r) = u.refuse(Permission::RolesManage) {
+        return r;
+    }
+    let name = form.fields.text("name");
+    audit.annotate(|a| {
+        a.action = Some(Action::Create);
+        a.resource_type = Some("role");
+        a.resource_id = Some(name.chars().take(64).collect());
+    });
+    let r = roles::create(state.db(), &name, &[], &state.identity().now_timestamp())
+        .await
+        .map(|()| "created");
+    role_result(&state, u, r).await
+}
+
+pub async fn role_save(
+    State(state): State<AppState>,
+    audit: Audit,
+    Path(name): Path<String>,
+    form: WebForm,
+) -> Response {
+    let u = &form.user;
+    if let Some(r) = u.refuse(Permission::RolesManage) {
+        return r;
+    }
+    audit.annotate(|a| {
+        a.action = Some(Action::Update);
+        a.resource_type = Some("role");
+        a.resource_id = Some(name.chars().take(64).collect());
+    });
+    let r = match roles::parse_permissions(&form.fields.all("permission")) {
+        Ok(perms) => {
+            audit.context("permissions", ContextValue::Int(perms.len() as i64));
+            roles::update(state.db(), &name, &perms)
+                .await
+                .map(|()| "saved")
+        }
+        Err(unknown) => Err(IdentityError::Invalid(
+            "permission",
+            if unknown.is_empty() {
+                "is unknown"
+            } else {
+                "is not a known permission"
+            },
+        )),
+    };
+    role_result(&state, u, r).await
+}
+
+pub async fn role_delete(
+    State(state): State<AppState>,
+    audit: Audit,
+    Path(name): Path<String>,
+    form: WebForm,
+) -> Response {
+    let u = &form.user;
+    if let Some(r) = u.refuse(Permission::RolesManage) {
+        return r;
+    }
+    audit.annotate(|a| {
+        a.action = Some(Action::Delete);
+        a.resource_type = Some("role");
+        a.resource_id = Some(name.chars().take(64).collect());
+    });
+    let r = roles::delete(state.db(), &name).await.map(|()| "deleted");
+    role_result(&state, u, r).await
+}
+
+// ---- audit -----------------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+pub struct AuditFilter {
+    #[serde(default)]
+    actor: String,
+    #[serde(default)]
+    patient_id: String,
+    #[serde(default)]
+    action: String,
+    #[serde(default)]
+    since: String,
+    #[serde(default)]
+    until: String,
+    #[serde(default)]
+    cursor: Option<String>,
+}
+
+struct EventRow {
+    seq: i64,
+    at: String,
+    actor: String,
+    action: String,
+    resource: String,
+    patient_id: String,
+    method: String,
+    path: String,
+    status: String,
+    outcome: String,
+    ip: String,
+    break_glass: bool,
+}
+
+impl From<AuditEvent> for EventRow {
+    fn from(e: AuditEvent) -> Self {
+        let resource = match (e.resource_type, e.resource_id) {
+            (Some(t), Some(id)) => format!("{t} {id}"),
+            (Some(t), None) => t,
+            _ => String::new(),
+        };
+        Self {
+            seq: e.seq,
+            at: e.at,
+            actor: e.actor.unwrap_or_default(),
+            action: e.action,
+            resource,
+            patient_id: e.patient_id.unwrap_or_default(),
+            method: e.method.unwrap_or_default(),
+            path: e.path.unwrap_or_default(),
+            status: e.status.map(|s| s.to_string()).unwrap_or_default(),
+            outcome: e.outcome,
+            ip: e.ip.unwrap_or_default(),
+            break_glass: e.break_glass,
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "audit.html")]
+struct AuditPage {
+    layout: Layout,
+    f: AuditFilter,
+    actions: Vec<String>,
+    events: Vec<EventRow>,
+    next_cursor: Option<String>,
+    query: String,
+    errors: Vec<String>,
+}
+
+fn audit_filter(f: &AuditFilter) -> (crate::audit::store::Filter, Vec<String>) {
+    let mut errors = Vec::new();
+    let mut out = crate::audit::store::Filter::default();
+    let opt = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
+    out.actor = opt(&f.actor);
+    out.patient_id = opt(&f.patient_id);
+    if let Some(a) = opt(&f.action) {
+        match Action::parse(&a) {
+            Some(a) => out.action = Some(a.as_str().to_owned()),
+            None => errors.push("Action: not an audit action.".to_owned()),
+        }
+    }
+    for (label, raw, slot) in [
+        ("Since", &f.since, &mut out.since),
+        ("Until", &f.until, &mut out.until),
+    ] {
+        if let Some(v) = opt(raw) {
+            match crate::clock::parse_rfc3339(&v) {
+                Some(t) => *slot = Some(t),
+                None => errors.push(format!(
+                    "{label}: use an RFC 3339 time such as 2026-01-31T00:00:00Z."
+                )),
+            }
+        }
+    }
+    if let Some(c) = &f.cursor {
+        out.before_seq = crate::audit::service::decode_cursor(c);
+    }
+    (out, errors)
+}
+
+fn filter_query(f: &AuditFilter) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .append_pair("actor", &f.actor)
+        .append_pair("patient_id", &f.patient_id)
+        .append_pair("action", &f.action)
+        .append_pair("since", &f.since)
+        .append_pair("until", &f.until)
+        .finish()
+}
+
+pub async fn audit_log(
+    State(state): State<AppState>,
+    audit: Audit,
+    u: WebUser,
+    Query(f): Query<AuditFilter>,
+) -> Response {
+    if let Some(r) = u.refuse(Permission::AuditRead) {
+        return r;
+    }
+    let (filter, errors) = audit_filter(&f);
+    let page = if errors.is_empty() {
+        match state.audit().page(&filter, 100).await {
+            Ok(p) => p,
+            Err(e) => return ApiError::from(e).into_response(),
+        }
+    } else {
+        crate::audit::service::Page {
+            items: Vec::new(),
+            next_cursor: None,
+        }
+    };
+    audit.annotate(|a| {
+        a.action = Some(Action::Read);
+        a.resource_type = Some("audit_log");
+        a.context
+            .insert("count", ContextValue::Int(page.items.len() as i64));
+    });
+    let p = AuditPage {
+        layout: Layout::of(&state, &u, None),
+        query: filter_query(&f),
+        actions: Action::ALL.iter().map(|a| a.as_str().to_owned()).collect(),
+        events: page.items.into_iter().map(EventRow::from).collect(),
+        next_cursor: page.next_cursor,
+        errors,
+        f,
+    };
+    render(&p)
+}
+
+/// The filtered audit log as CSV (audited as an export).
+pub async fn audit_csv(
+    State(state): State<AppState>,
+    audit: Audit,
+    u: WebUser,
+    Query(f): Query<AuditFilter>,
+) -> Response {
+    if let Some(r) = u.refuse(Permission::AuditRead) {
+        return r;
+    }
+    let (filter, errors) = audit_filter(&f);
+    if !errors.is_empty() {
+        return (StatusCode::UNPROCESSABLE_ENTITY, errors.join(" ")).into_response();
+    }
+    let mut out = Vec::new();
+    let fmt = crate::audit::export::Format::Csv;
+    if crate::audit::export::write_header(&mut out, fmt).is_err() {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    let n = match state
+        .audit()
+        .export(&filter, |e| {
+            crate::audit::export::write_event(&mut out, fmt, e)
+        })
+        .await
+    {
+        Ok(n) => n,
+        Err(e) => return ApiError::internal(e).into_response(),
+    };
+    audit.annotate(|a| {
+        a.action = Some(Action::Export);
+        a.resource_type = Some("audit_log");
+        a.context.insert(
+            "count",
+            ContextValue::Int(i64::try_from(n).unwrap_or(i64::MAX)),
+        );
+        a.context.insert("format", ContextValue::Code("csv"));
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"audit.csv\"",
+            ),
+        ],
+        out,
+    )
+        .into_response()
+}

@@ -1,0 +1,375 @@
+//! The admin pages over HTTP: session cookie, CSRF on every change, permissions, escaping.
+
+use std::collections::HashMap;
+
+use reqwest::header::{COOKIE, SET_COOKIE};
+
+use crate::both_backends;
+use crate::support::{Backend, TestServer};
+
+const PW: &str = "Correct-Horse-9!";
+const XSS: &str = "<script>alert(1)</script>";
+
+/// A browser that keeps cookies (by hand, to see exactly what is set).
+struct Browser<'a> {
+    s: &'a TestServer,
+    cookies: HashMap<String, String>,
+}
+
+impl<'a> Browser<'a> {
+    fn new(s: &'a TestServer) -> Self {
+        Self {
+            s,
+            cookies: HashMap::new(),
+        }
+    }
+
+    fn keep(&mut self, res: &reqwest::Response) {
+        for v in res.headers().get_all(SET_COOKIE) {
+            let text = v.to_str().unwrap();
+            assert!(
+                text.contains("HttpOnly")
+                    && text.contains("Secure")
+                    && text.contains("SameSite=Strict")
+                    && text.contains("Path=/"),
+                "{text}"
+            );
+            let (pair, _) = text.split_once(';').unwrap();
+            let (k, val) = pair.split_once('=').unwrap();
+            if val.is_empty() {
+                self.cookies.remove(k);
+            } else {
+                self.cookies.insert(k.to_owned(), val.to_owned());
+            }
+        }
+    }
+
+    fn cookie_header(&self) -> String {
+        self.cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    async fn get(&mut self, path: &str) -> (u16, String) {
+        let res = self
+            .s
+            .client
+            .get(self.s.url(path))
+            .header(COOKIE, self.cookie_header())
+            .send()
+            .await
+            .unwrap();
+        self.keep(&res);
+        let status = res.status().as_u16();
+        (status, res.text().await.unwrap())
+    }
+
+    async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> (u16, String, Option<String>) {
+        let res = self
+            .s
+            .client
+            .post(self.s.url(path))
+            .header(COOKIE, self.cookie_header())
+            .form(form)
+            .send()
+            .await
+            .unwrap();
+        self.keep(&res);
+        let status = res.status().as_u16();
+        let location = res
+            .headers()
+            .get("location")
+            .map(|l| l.to_str().unwrap().to_owned());
+        (status, res.text().await.unwrap(), location)
+    }
+
+    async fn sign_in(&mut self, username: &str, password: &str) {
+        let (_, html) = self.get("/login").await;
+        let csrf = field(&html, "csrf");
+        let (status, _, location) = self
+            .post(
+                "/login",
+                &[
+                    ("csrf", &csrf),
+                    ("username", username),
+                    ("password", password),
+                ],
+            )
+            .await;
+        assert_eq!((status, location.as_deref()), (303, Some("/admin")));
+        assert!(self.cookies.contains_key("custodian"));
+    }
+}
+
+/// The value of a hidden input in a page.
+fn field(html: &str, name: &str) -> String {
+    let marker = format!("name=\"{name}\" value=\"");
+    html.split(&marker)
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+async fn sign_in_page_flow_and_csrf(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    s.user("webby", "admin", PW).await;
+    let mut b = Browser::new(&s);
+    // Without the double-submit cookie and field: refused and recorded.
+    let res = s
+        .client
+        .post(s.url("/login"))
+        .form(&[("username", "webby"), ("password", PW)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    b.sign_in("webby", PW).await;
+    let (status, html) = b.get("/admin").await;
+    assert_eq!(status, 200);
+    assert!(html.contains("webby") && html.contains("Protected health information"));
+    // Pages use no inline script or style (the CSP forbids them).
+    assert!(!html.contains("<script>") && !html.contains(" style=") && !html.contains("<style"));
+    let csrf = field(&html, "csrf");
+    assert_eq!(csrf.len(), 64);
+    // A change with a forged token: 403, nothing changes, and the audit trail says so.
+    let (status, _, _) = b
+        .post(
+            "/admin/tokens",
+            &[("csrf", &"0".repeat(64)), ("name", "forged")],
+        )
+        .await;
+    assert_eq!(status, 403);
+    let (status, _, _) = b.post("/admin/tokens", &[("name", "no-token")]).await;
+    assert_eq!(status, 403);
+    let denied = custodian::audit::store::query(
+        s.state.db(),
+        &custodian::audit::store::Filter {
+            action: Some("permission_denied".into()),
+            ..Default::default()
+        },
+        100,
+        true,
+    )
+    .await
+    .unwrap();
+    assert!(denied.len() >= 3, "{denied:?}");
+    assert!(denied.iter().all(|e| e.context.contains("csrf")));
+    // With the right token it works, and the secret is shown once.
+    let (status, html, _) = b
+        .post("/admin/tokens", &[("csrf", &csrf), ("name", "gui")])
+        .await;
+    assert_eq!(status, 200);
+    let token = html
+        .split("value=\"cat_")
+        .nth(1)
+        .map(|r| r.split('"').next().unwrap().to_owned())
+        .unwrap();
+    let (_, again) = b.get("/admin").await;
+    assert!(!again.contains(&token), "the secret is shown only once");
+    // Sign out ends the session.
+    let (status, _, location) = b.post("/logout", &[("csrf", &csrf)]).await;
+    assert_eq!(
+        (status, location.as_deref()),
+        (303, Some("/login?ok=signed-out"))
+    );
+    let (status, _) = b.get("/admin").await;
+    assert_eq!(status, 303);
+}
+both_backends!(sign_in_page_flow_and_csrf);
+
+async fn pages_need_their_permission(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    s.user("nursey", "nurse", PW).await;
+    let mut b = Browser::new(&s);
+    b.sign_in("nursey", PW).await;
+    for page in [
+        "/admin/users",
+        "/admin/roles",
+        "/admin/audit",
+        "/admin/audit.csv",
+    ] {
+        let (status, _) = b.get(page).await;
+        assert_eq!(status, 403, "{page}");
+    }
+    let (_, html) = b.get("/admin").await;
+    assert!(!html.contains("href=\"/admin/users\""));
+    // Without a session: to the sign-in page.
+    let res = s.get("/admin/users").await;
+    assert_eq!(res.status(), 303);
+    assert_eq!(res.headers()["location"], "/login");
+}
+both_backends!(pages_need_their_permission);
+
+async fn every_user_controlled_field_comes_back_escaped(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let admin_id = s.user("chief", "admin", PW).await;
+    // Markup in a failed sign-in's username, in a user agent, and in a token name.
+    s.client
+        .post(s.url("/api/v1/auth/login"))
+        .header("user-agent", XSS)
+        .json(&serde_json::json!({"username": XSS, "password": "x"}))
+        .send()
+        .await
+        .unwrap();
+    let res = s
+        .client
+        .post(s.url("/api/v1/auth/login"))
+        .header("user-agent", XSS)
+        .json(&serde_json::json!({"username": "chief", "password": PW}))
+        .send()
+        .await
+        .unwrap();
+    let t = crate::support::json(res).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let res = s
+        .send_as(
+            reqwest::Method::POST,
+            "/api/v1/tokens",
+            &t,
+            Some(serde_json::json!({"name": XSS})),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    // A user whose email holds markup is refused by validation; a search for it is echoed.
+    let mut b = Browser::new(&s);
+    b.sign_in("chief", PW).await;
+    for page in [
+        "/admin".to_owned(),
+        format!("/admin/users/{admin_id}"),
+        "/admin/audit".to_owned(),
+        format!("/admin/users?q={}", urlencode(XSS)),
+        format!("/admin/audit?actor={}", urlencode(XSS)),
+        "/admin/roles".to_owned(),
+    ] {
+        let (status, html) = b.get(&page).await;
+        assert_eq!(status, 200, "{page}");
+        assert!(!html.contains(XSS), "{page} echoes markup unescaped");
+        assert!(!html.contains("<script>alert"), "{page}");
+    }
+    let (_, dashboard) = b.get("/admin").await;
+    assert!(
+        dashboard.contains("&lt;script&gt;alert(1)&lt;/script&gt;")
+            || dashboard.contains("&#60;script&#62;"),
+        "the token name is shown, escaped"
+    );
+    let (_, audit) = b
+        .get(&format!("/admin/audit?actor={}", urlencode(XSS)))
+        .await;
+    assert!(
+        audit.contains("&lt;script&gt;") || audit.contains("&#60;script"),
+        "the failed username is shown, escaped"
+    );
+}
+both_backends!(every_user_controlled_field_comes_back_escaped);
+
+async fn admins_manage_users_and_roles_from_the_pages(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    s.user("root1", "admin", PW).await;
+    let mut b = Browser::new(&s);
+    b.sign_in("root1", PW).await;
+    let (_, html) = b.get("/admin/users").await;
+    let csrf = field(&html, "csrf");
+    // Validation errors re-render the form with a message (never a 500).
+    let (status, html, _) = b
+        .post(
+            "/admin/users",
+            &[
+                ("csrf", &csrf),
+                ("username", "bad name"),
+                ("email", ""),
+                ("role", "nurse"),
+                ("password", PW),
+            ],
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert!(html.contains("username"), "{html}");
+    let (status, html, _) = b
+        .post(
+            "/admin/users",
+            &[
+                ("csrf", &csrf),
+                ("username", "newnurse"),
+                ("email", ""),
+                ("role", "nurse"),
+                ("password", "weak"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert!(html.contains("too_short"));
+    let (status, _, location) = b
+        .post(
+            "/admin/users",
+            &[
+                ("csrf", &csrf),
+                ("username", "newnurse"),
+                ("email", "nn@example.org"),
+                ("role", "nurse"),
+                ("password", PW),
+            ],
+        )
+        .await;
+    assert_eq!(status, 303);
+    let location = location.unwrap();
+    let id = location
+        .trim_start_matches("/admin/users/")
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (status, _, _) = b
+        .post(
+            &format!("/admin/users/{id}/role"),
+            &[("csrf", &csrf), ("role", "doctor")],
+        )
+        .await;
+    assert_eq!(status, 303);
+    assert_eq!(s.state.identity().user(&id).await.unwrap().role, "doctor");
+    // Roles matrix: grant audit:read to a new role through the checkboxes.
+    let (status, _, _) = b
+        .post("/admin/roles", &[("csrf", &csrf), ("name", "reviewer")])
+        .await;
+    assert_eq!(status, 303);
+    let (status, _, _) = b
+        .post(
+            "/admin/roles/reviewer",
+            &[
+                ("csrf", &csrf),
+                ("permission", "audit:read"),
+                ("permission", "records:read"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 303);
+    let role = custodian::identity::store::role(s.state.db(), "reviewer")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(role.permissions, ["audit:read", "records:read"]);
+    let (status, html, _) = b
+        .post(
+            "/admin/roles/admin",
+            &[("csrf", &csrf), ("permission", "audit:read")],
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert!(html.contains("admin role keeps"));
+    // The audit page shows the changes; the CSV export has them too.
+    let (_, audit) = b.get("/admin/audit?action=update").await;
+    assert!(audit.contains("role reviewer"));
+    let (status, csv) = b.get("/admin/audit.csv?action=create").await;
+    assert_eq!(status, 200);
+    assert!(csv.starts_with("seq,id,at,"));
+    assert!(csv.contains(",create,user,"));
+}
+both_backends!(admins_manage_users_and_roles_from_the_pages);
+
+fn urlencode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
