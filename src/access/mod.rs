@@ -1,9 +1,10 @@
 //! Access control: permissions, and the principal every protected handler must ask.
 //!
 //! Deny by default: a handler gets a [`Principal`] only through authentication, and the
-//! only way to act is `principal.require(Permission::…)?`. A user who must still enrol
-//! TOTP (`mfa.required`) is refused by `require` with `mfa_enrollment_required`; the few
-//! endpoints that enrolment needs use [`Principal::require_signed_in`] instead.
+//! only way a route gets one is through [`Authorized<R>`], whose requirement `R` (a
+//! permission, or "signed in") is part of the handler's signature. A user who must still
+//! enrol TOTP (`mfa.required`) is refused with `mfa_enrollment_required` except by the
+//! few routes that enrolment needs (`need::SignedIn`).
 
 use std::collections::BTreeSet;
 
@@ -93,9 +94,8 @@ pub struct Principal {
 }
 
 impl Principal {
-    /// Allows the request only with `permission`.
+    /// Allows the request only with `permission` (and no pending TOTP enrolment).
     pub fn require(&self, permission: Permission) -> Result<(), ApiError> {
-        self.require_signed_in()?;
         if self.mfa_enrollment_pending {
             return Err(ApiError::new(ErrorCode::MfaEnrollmentRequired));
         }
@@ -104,19 +104,6 @@ impl Principal {
         } else {
             Err(ApiError::new(ErrorCode::Forbidden))
         }
-    }
-
-    /// Allows any signed-in user, even one who must still enrol TOTP.
-    pub fn require_signed_in(&self) -> Result<(), ApiError> {
-        Ok(())
-    }
-
-    /// Allows any signed-in user who has no pending TOTP enrolment.
-    pub fn require_enrolled(&self) -> Result<(), ApiError> {
-        if self.mfa_enrollment_pending {
-            return Err(ApiError::new(ErrorCode::MfaEnrollmentRequired));
-        }
-        Ok(())
     }
 
     pub fn has(&self, permission: Permission) -> bool {
@@ -243,7 +230,22 @@ mod tests {
             pending.require(Permission::AuditRead).unwrap_err().code(),
             ErrorCode::MfaEnrollmentRequired
         );
-        assert!(pending.require_signed_in().is_ok());
         assert!(!pending.has(Permission::AuditRead));
+        assert!(Authorized::<need::SignedIn>::check(pending.clone()).is_ok());
+        assert_eq!(
+            Authorized::<need::Enrolled>::check(pending)
+                .err()
+                .unwrap()
+                .code(),
+            ErrorCode::MfaEnrollmentRequired
+        );
+        let nurse = principal(&[Permission::PatientsRead], false);
+        assert_eq!(
+            Authorized::<need::AuditRead>::check(nurse)
+                .err()
+                .unwrap()
+                .code(),
+            ErrorCode::Forbidden
+        );
     }
 }
