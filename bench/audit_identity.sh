@@ -225,28 +225,40 @@ to_ms() {
     }'
 }
 
-declare -A RPS P50 P99 ERRS CPU IDLE
+declare -A RPS P50 P99 ERRS CPU PGCPU WRKCPU OTHER IDLE
 CLK_TCK="$(getconf CLK_TCK)"
+NPROC="$(nproc)"
 
-# CPU accounting around a measured run: the server process's CPU time (all its threads;
-# not PostgreSQL's own processes) and the whole machine's idle time, from /proc.
-#   cpu_snapshot -> "server_ticks machine_idle_ticks machine_total_ticks wall_seconds"
+# CPU accounting around a measured run, from /proc, as
+#   "server pg wrk idle total wall": CPU ticks of the server process (all its threads),
+#   of all PostgreSQL processes, of this script's finished children (the wrk that was
+#   waited for), the machine's idle and total ticks (all cores), and the wall clock.
 cpu_snapshot() {
-    local server
+    local server pg=0 kids pids
     server="$(awk '{print $14 + $15}' "/proc/$SERVER_PID/stat" 2>/dev/null || echo 0)"
-    echo "$server $(awk '$1 == "cpu" { t = 0; for (i = 2; i <= NF; i++) t += $i; print $5 + $6, t }' /proc/stat) $(date +%s.%N)"
+    if pids="$(pgrep -x postgres 2>/dev/null)"; then
+        # shellcheck disable=SC2086 # one path per pid
+        pg="$(cd /proc && for p in $pids; do cat "$p/stat" 2>/dev/null || true; done \
+            | awk '{s += $14 + $15} END {print s + 0}')"
+    fi
+    kids="$(awk '{print $16 + $17}' "/proc/$$/stat")"
+    echo "$server $pg $kids $(awk '$1 == "cpu" { t = 0; for (i = 2; i <= 9; i++) t += $i; print $5 + $6, t }' /proc/stat) $(date +%s.%N)"
 }
-# Sets CPU[key] (server CPU in cores, e.g. 1.62 of 2) and IDLE[key] (machine idle %).
+# Sets, in cores (e.g. 1.62 of 2): CPU[key] (server), PGCPU[key] (PostgreSQL), WRKCPU[key]
+# (the measuring wrk), OTHER[key] (everything else that ran: other processes on the
+# machine, and a wrk still running in the background); and IDLE[key] (machine idle %).
 #   cpu_account KEY "SNAPSHOT_BEFORE"
 cpu_account() {
-    local key="$1" before="$2" after
+    local key="$1" before="$2" after r
     after="$(cpu_snapshot)"
-    CPU[$key]="$(awk -v b="$before" -v a="$after" -v hz="$CLK_TCK" 'BEGIN {
-        split(b, x, " "); split(a, y, " "); w = y[4] - x[4]
-        if (w > 0) printf "%.2f", (y[1] - x[1]) / hz / w; else print "n/a" }')"
-    IDLE[$key]="$(awk -v b="$before" -v a="$after" 'BEGIN {
-        split(b, x, " "); split(a, y, " "); t = y[3] - x[3]
-        if (t > 0) printf "%.0f %%", 100 * (y[2] - x[2]) / t; else print "n/a" }')"
+    r="$(awk -v b="$before" -v a="$after" -v hz="$CLK_TCK" -v n="$NPROC" 'BEGIN {
+        split(b, x, " "); split(a, y, " "); w = y[6] - x[6]; t = y[5] - x[5]
+        if (w <= 0 || t <= 0) { print "n/a n/a n/a n/a n/a"; exit }
+        s = (y[1] - x[1]) / hz / w; p = (y[2] - x[2]) / hz / w; k = (y[3] - x[3]) / hz / w
+        busy = n * (1 - (y[4] - x[4]) / t); o = busy - s - p - k; if (o < 0) o = 0
+        printf "%.2f %.2f %.2f %.2f %.0f%%\n", s, p, k, o, 100 * (y[4] - x[4]) / t }')"
+    read -r "CPU[$key]" "PGCPU[$key]" "WRKCPU[$key]" "OTHER[$key]" "IDLE[$key]" <<<"$r"
+    IDLE[$key]="${IDLE[$key]/\%/ %}"
 }
 # Parses a wrk output file into RPS/P50/P99/ERRS[key].
 parse_wrk() {
@@ -402,10 +414,10 @@ err() { echo "${ERRS[$1]:-none}"; }
 
 # Every measurement, one per line, for whoever wants more than the tables.
 {
-    printf 'key\treq_per_s\tp50_ms\tp99_ms\tserver_cpu_cores\tmachine_idle\terrors\n'
+    printf 'key\treq_per_s\tp50_ms\tp99_ms\tserver_cores\tpostgres_cores\twrk_cores\tother_cores\tmachine_idle\terrors\n'
     for k in $(printf '%s\n' "${!RPS[@]}" | sort); do
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$k" "${RPS[$k]}" "${P50[$k]}" "${P99[$k]}" \
-            "${CPU[$k]:-}" "${IDLE[$k]:-}" "$(err "$k")"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$k" "${RPS[$k]}" "${P50[$k]}" "${P99[$k]}" \
+            "${CPU[$k]:-}" "${PGCPU[$k]:-}" "${WRKCPU[$k]:-}" "${OTHER[$k]:-}" "${IDLE[$k]:-}" "$(err "$k")"
     done
 } >"$OUT/summary.tsv"
 
@@ -439,8 +451,13 @@ err() { echo "${ERRS[$1]:-none}"; }
     done
     echo
     echo "Ratios are of /me req/s; in brackets, normalised by each run's /health req/s."
-    echo "Server CPU is the custodian process only (of $(nproc) cores; PostgreSQL's processes are not in it);"
+    echo "Server CPU is the custodian process only (of $NPROC cores; PostgreSQL's processes are not in it);"
     echo "machine idle is the whole machine's, wrk included."
+    # Interference: CPU that neither the server, PostgreSQL nor the measuring wrk used.
+    worst="$(for k in "${!OTHER[@]}"; do
+        [[ "$k" == *-me-loaded ]] || echo "${OTHER[$k]} $k"
+    done | sort -rn | head -n1)"
+    echo "Noise: the most CPU used by anything else during one measured run was ${worst% *} cores (${worst#* }; see summary.tsv)."
     echo -n "Audit cost (1 − group commit ÷ off):"
     for backend in "${ACTIVE[@]}"; do
         r="$(ratio "${RPS[$backend-group-me]}" "${RPS[$backend-off-me]}")"

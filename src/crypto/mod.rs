@@ -70,20 +70,10 @@ pub fn new_token(prefix: &str) -> Result<(String, String), CryptoError> {
     Ok((token, hash))
 }
 
-/// Seals `plaintext` with AES-256-GCM under the current key version's `purpose` key,
-/// bound to `aad` (e.g. the row id it belongs to): `v<version>.<base64url(nonce|ciphertext)>`.
-pub fn seal(
-    keys: &SharedKeyring,
-    purpose: &str,
-    aad: &[u8],
-    plaintext: &[u8],
-) -> Result<String, CryptoError> {
-    use base64::Engine;
+/// AES-256-GCM with a fresh random nonce: `nonce | ciphertext | tag`.
+pub fn aead_seal(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
     use ring::aead;
-    let version = keys.current_version();
-    let key = keys.derive(version, purpose)?;
-    let unbound =
-        aead::UnboundKey::new(&aead::AES_256_GCM, key.bytes()).map_err(|_| CryptoError::Open)?;
+    let unbound = aead::UnboundKey::new(&aead::AES_256_GCM, key).map_err(|_| CryptoError::Open)?;
     let sealing = aead::LessSafeKey::new(unbound);
     let nonce_bytes = random_bytes::<12>()?;
     let mut buf = zeroize::Zeroizing::new(plaintext.to_vec());
@@ -97,37 +87,22 @@ pub fn seal(
     let mut out = Vec::with_capacity(12 + buf.len());
     out.extend_from_slice(&nonce_bytes);
     out.extend_from_slice(&buf);
-    Ok(format!(
-        "v{version}.{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(out)
-    ))
+    Ok(out)
 }
 
-/// Opens what [`seal`] made with the same `purpose` and `aad`.
-pub fn open(
-    keys: &SharedKeyring,
-    purpose: &str,
+/// Opens what [`aead_seal`] made with the same key and `aad`.
+pub fn aead_open(
+    key: &[u8; 32],
     aad: &[u8],
-    sealed: &str,
+    sealed: &[u8],
 ) -> Result<zeroize::Zeroizing<Vec<u8>>, CryptoError> {
-    use base64::Engine;
     use ring::aead;
-    let (version, body) = sealed
-        .strip_prefix('v')
-        .and_then(|r| r.split_once('.'))
-        .ok_or(CryptoError::Malformed)?;
-    let version: u32 = version.parse().map_err(|_| CryptoError::Malformed)?;
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(body)
-        .map_err(|_| CryptoError::Malformed)?;
-    if raw.len() < 12 + 16 {
+    if sealed.len() < 12 + 16 {
         return Err(CryptoError::Malformed);
     }
-    let (nonce, ct) = raw.split_at(12);
+    let (nonce, ct) = sealed.split_at(12);
     let nonce: [u8; 12] = nonce.try_into().map_err(|_| CryptoError::Malformed)?;
-    let key = keys.derive(version, purpose)?;
-    let unbound =
-        aead::UnboundKey::new(&aead::AES_256_GCM, key.bytes()).map_err(|_| CryptoError::Open)?;
+    let unbound = aead::UnboundKey::new(&aead::AES_256_GCM, key).map_err(|_| CryptoError::Open)?;
     let opening = aead::LessSafeKey::new(unbound);
     let mut buf = zeroize::Zeroizing::new(ct.to_vec());
     let plain_len = opening
@@ -140,6 +115,49 @@ pub fn open(
         .len();
     buf.truncate(plain_len);
     Ok(buf)
+}
+
+/// Seals `plaintext` with AES-256-GCM under the current key version's `purpose` key,
+/// bound to `aad` (e.g. the row id it belongs to): `v<version>.<base64url(nonce|ciphertext)>`.
+pub fn seal(
+    keys: &SharedKeyring,
+    purpose: &str,
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<String, CryptoError> {
+    use base64::Engine;
+    let version = keys.current_version();
+    let key = keys.derive(version, purpose)?;
+    let out = aead_seal(key.bytes(), aad, plaintext)?;
+    Ok(format!(
+        "v{version}.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(out)
+    ))
+}
+
+/// The key version a [`seal`]ed value was made with.
+pub fn sealed_version(sealed: &str) -> Option<u32> {
+    sealed.strip_prefix('v')?.split_once('.')?.0.parse().ok()
+}
+
+/// Opens what [`seal`] made with the same `purpose` and `aad`.
+pub fn open(
+    keys: &SharedKeyring,
+    purpose: &str,
+    aad: &[u8],
+    sealed: &str,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, CryptoError> {
+    use base64::Engine;
+    let (version, body) = sealed
+        .strip_prefix('v')
+        .and_then(|r| r.split_once('.'))
+        .ok_or(CryptoError::Malformed)?;
+    let version: u32 = version.parse().map_err(|_| CryptoError::Malformed)?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(body)
+        .map_err(|_| CryptoError::Malformed)?;
+    let key = keys.derive(version, purpose)?;
+    aead_open(key.bytes(), aad, &raw)
 }
 
 /// Compares two byte strings in constant time.

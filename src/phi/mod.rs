@@ -1,3 +1,4 @@
-//! PHI protection: the keyring, envelope encryption, blind indexes and de-identification (issue 6).
-//!
-//! Empty until its issue lands; the folder exists so the layout shows the architecture.
+//! PHI protection: envelope encryption of patient fields, blind indexes, and (with the
+//! records module) masking and de-identification.
+
+pub mod envelope;
