@@ -45,6 +45,10 @@
       return;
     }
     if (now >= warnAt && warning) {
+      if (warning.hidden && stay) {
+        warning.hidden = false;
+        stay.focus();
+      }
       warning.hidden = false;
       if (seconds) seconds.textContent = String(Math.ceil((deadline - now) / 1000));
     }

@@ -65,6 +65,10 @@ pub fn router() -> Router<AppState> {
         .route("/admin/audit", get(pages::audit_log))
         .route("/admin/audit.csv", get(pages::audit_csv))
         .route(
+            "/favicon.ico",
+            get(|| async { axum::http::StatusCode::NO_CONTENT }),
+        )
+        .route(
             "/assets/app.css",
             get(|| async { asset("text/css; charset=utf-8", APP_CSS) }),
         )

@@ -109,6 +109,14 @@ pub fn forbidden(u: &WebUser) -> Response {
     )
 }
 
+/// A stored time as people read it: `2026-11-23 03:59:51 UTC`.
+fn display_time(s: &str) -> String {
+    match (s.get(..10), s.get(11..19)) {
+        (Some(d), Some(t)) if s.get(10..11) == Some("T") => format!("{d} {t} UTC"),
+        _ => s.to_owned(),
+    }
+}
+
 /// Notices chosen by code, so no request value is ever reflected into a page.
 fn notice(code: Option<&str>) -> Option<String> {
     let text = match code? {
@@ -435,9 +443,12 @@ async fn dashboard(
                 expires_soon: identity.expires_soon(&t.expires_at),
                 id: t.id,
                 name: t.name,
-                created_at: t.created_at,
-                expires_at: t.expires_at,
-                last_used_at: t.last_used_at.unwrap_or_else(|| "never".into()),
+                created_at: display_time(&t.created_at),
+                expires_at: display_time(&t.expires_at),
+                last_used_at: t
+                    .last_used_at
+                    .as_deref()
+                    .map_or_else(|| "never".into(), display_time),
             })
             .collect()
     };
@@ -445,8 +456,8 @@ async fn dashboard(
         .await?
         .into_iter()
         .map(|s| SessionRow {
-            created_at: s.created_at,
-            last_used_at: s.last_used_at,
+            created_at: display_time(&s.created_at),
+            last_used_at: display_time(&s.last_used_at),
             ip: s.ip.unwrap_or_default(),
             user_agent: s.user_agent.unwrap_or_default(),
         })
@@ -461,8 +472,8 @@ async fn dashboard(
             .collect(),
         password_expires: p
             .password_expires_at
-            .clone()
-            .unwrap_or_else(|| "never".into()),
+            .as_deref()
+            .map_or_else(|| "never".into(), display_time),
         mfa_enabled: p.mfa_enabled,
         mfa_pending: p.mfa_enrollment_pending,
         mfa_required: identity.settings().mfa_required,
@@ -772,8 +783,8 @@ async fn user_row(state: &AppState, u: crate::identity::model::User) -> Result<U
         role: u.role,
         active: u.active,
         mfa_enabled: u.totp_enabled,
-        locked_until,
-        password_changed_at: u.password_changed_at,
+        locked_until: locked_until.as_deref().map(display_time),
+        password_changed_at: display_time(&u.password_changed_at),
         password_age_days: age,
     })
 }
@@ -943,7 +954,7 @@ async fn user_page(
         .await?
         .into_iter()
         .map(|a| LoginRow {
-            at: a.at,
+            at: display_time(&a.at),
             success: a.success,
             reason: a.reason,
             ip: a.ip.unwrap_or_default(),
@@ -1258,7 +1269,7 @@ impl From<AuditEvent> for EventRow {
         };
         Self {
             seq: e.seq,
-            at: e.at,
+            at: display_time(&e.at),
             actor: e.actor.unwrap_or_default(),
             action: e.action,
             resource,
