@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::crypto::{Keyring, SharedKeyring};
 use crate::identity::Identity;
 use crate::identity::password::{HashParams, Hasher};
+use crate::records::Patients;
 use crate::store::{self, Db, PoolSettings};
 
 /// Shared state handed to every handler.
@@ -29,6 +30,7 @@ struct Inner {
     keys: Arc<SharedKeyring>,
     audit: AuditLog,
     identity: Identity,
+    patients: Patients,
 }
 
 impl AppState {
@@ -55,6 +57,9 @@ impl AppState {
     }
     pub fn identity(&self) -> &Identity {
         &self.inner.identity
+    }
+    pub fn patients(&self) -> &Patients {
+        &self.inner.patients
     }
 }
 
@@ -145,6 +150,12 @@ impl App {
         let keys = open_keyring(&config, clock.as_ref())?;
         let audit = AuditLog::start(db.clone(), keys.clone(), clock.clone(), &config.audit)?;
         let identity = identity_service(&config, db.clone(), clock.clone(), keys.clone())?;
+        let patients = Patients::new(
+            db.clone(),
+            keys.clone(),
+            clock.clone(),
+            config.keys.min_decryption_version,
+        );
         let redis = match &secrets.redis_url {
             Some(url) => Some(
                 redis::Client::open(url.expose())
@@ -163,6 +174,7 @@ impl App {
                     keys,
                     audit,
                     identity,
+                    patients,
                 }),
             },
         })

@@ -59,6 +59,9 @@ pub enum Command {
     /// Accounts.
     #[command(subcommand)]
     User(UserCommand),
+    /// Synthetic data for demos and benchmarks.
+    #[command(subcommand)]
+    Demo(DemoCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -99,6 +102,17 @@ pub enum AuditCommand {
 pub enum KeysCommand {
     /// Add a key version used for new work (creates the keyring when absent).
     Rotate,
+    /// Re-wrap every patient data key under the newest key version (online, in batches).
+    Rewrap,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DemoCommand {
+    /// Create synthetic patients and records (fake names, never real data).
+    Seed {
+        #[arg(long, default_value_t = 100)]
+        patients: u32,
+    },
 }
 
 impl Cli {
@@ -162,6 +176,8 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Openapi => print_openapi(),
             Command::Audit(cmd) => audit_command(config, cmd).await,
             Command::Keys(KeysCommand::Rotate) => keys_rotate(config).await,
+            Command::Keys(KeysCommand::Rewrap) => keys_rewrap(config).await,
+            Command::Demo(DemoCommand::Seed { patients }) => demo_seed(config, patients).await,
             Command::User(UserCommand::Create {
                 username,
                 role,
@@ -665,4 +681,114 @@ async fn bootstrap_admin(app: &App) -> anyhow::Result<()> {
         password.expose()
     );
     Ok(())
+}
+
+fn patients_service(
+    config: &Config,
+    db: &crate::store::Db,
+) -> anyhow::Result<crate::records::Patients> {
+    let keys = crate::app::open_keyring(config, &SystemClock)?;
+    Ok(crate::records::Patients::new(
+        db.clone(),
+        keys,
+        Arc::new(SystemClock),
+        config.keys.min_decryption_version,
+    ))
+}
+
+async fn keys_rewrap(config: Config) -> ExitCode {
+    let (db, log) = match offline_context(&config).await {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("custodian keys rewrap: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let patients = match patients_service(&config, &db) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("custodian keys rewrap: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match patients.rewrap_all(500).await {
+        Ok(n) => {
+            let versions = patients.key_versions().await.unwrap_or_default();
+            println!(
+                "{}",
+                serde_json::json!({"rewrapped": n, "data_keys_by_version": versions})
+            );
+            let ctx = vec![
+                (
+                    "rewrapped",
+                    crate::audit::ContextValue::Int(i64::try_from(n).unwrap_or(i64::MAX)),
+                ),
+                ("change", crate::audit::ContextValue::Code("rewrap")),
+            ];
+            match record_system_event(
+                &log,
+                "keys-rewrap",
+                crate::audit::Action::KeyRotated,
+                "keyring",
+                ctx,
+            )
+            .await
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!(
+                        "custodian keys rewrap: done, but not recorded in the audit trail: {e}"
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("custodian keys rewrap: {e}");
+            ExitCode::FAILURE
+        }
+    };
+    db.close().await;
+    code
+}
+
+async fn demo_seed(config: Config, count: u32) -> ExitCode {
+    let (db, log) = match offline_context(&config).await {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("custodian demo seed: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let patients = match patients_service(&config, &db) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("custodian demo seed: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let made = crate::records::demo::seed(&patients, count).await;
+    db.close().await;
+    match made {
+        Ok((p, r)) => {
+            let ctx = vec![
+                ("patients", crate::audit::ContextValue::Int(i64::from(p))),
+                ("records", crate::audit::ContextValue::Int(i64::from(r))),
+            ];
+            let _ = record_system_event(
+                &log,
+                "demo-seed",
+                crate::audit::Action::Create,
+                "patient",
+                ctx,
+            )
+            .await;
+            println!("{}", serde_json::json!({"patients": p, "records": r}));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("custodian demo seed: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -138,6 +138,9 @@ pub struct RedisConfig {
 pub struct KeysConfig {
     /// Path of the keyring file. Default: `<data_dir>/keyring`.
     pub keyring: Option<PathBuf>,
+    /// Data keys wrapped under an older key version are refused (retire a version after
+    /// `custodian keys rewrap`).
+    pub min_decryption_version: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -35,6 +35,8 @@ pub const SWAGGER_STYLE_HASH: &str = "'sha256-RL3ie0nH+Lzz2YNqQN83mnU0J1ot4QL7b9
         (name = "users", description = "Accounts and sessions (users:manage)"),
         (name = "roles", description = "Roles and permissions (roles:manage)"),
         (name = "audit", description = "The audit trail (audit:read)"),
+        (name = "patients", description = "Patients (PHI, sealed field by field)"),
+        (name = "records", description = "Medical records (PHI)"),
     )
 )]
 pub struct ApiDoc;

@@ -43,6 +43,7 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(crate::identity::routes::router())
         .merge(crate::identity::admin::router())
         .merge(crate::audit::routes::router())
+        .merge(crate::records::routes::router())
 }
 
 /// The OpenAPI document alone (for `custodian openapi` and the drift check).

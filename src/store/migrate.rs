@@ -34,6 +34,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(1, "0001_meta"),
     migration!(2, "0002_audit"),
     migration!(3, "0003_identity"),
+    migration!(4, "0004_phi"),
 ];
 
 impl Migration {

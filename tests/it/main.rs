@@ -13,5 +13,6 @@ mod conventions;
 mod docs;
 mod health;
 mod identity;
+mod phi;
 mod storage;
 mod web;

@@ -1,0 +1,624 @@
+//! HTTP for patients and records. Each read names the patient in the audit trail before
+//! the response leaves (the activity middleware waits for the commit); SSNs are masked
+//! without `phi:ssn`; `?anonymize=true` gives the de-identified view; break-glass lets a
+//! user with `breakglass` read with a stated reason, flagged and raised.
+
+use axum::Json;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::model::{
+    NewPatient, NewRecord, PatientPatch, PatientView, RecordPatch, RecordView, mask_email, mask_ssn,
+};
+use super::service::{Patient, PhiError, Record};
+use crate::access::{Authorized, Permission, Principal, need};
+use crate::app::AppState;
+use crate::audit::{Action, Audit, ContextValue};
+use crate::http::json::{JsonBody, QueryParams};
+use crate::http::{ApiError, ErrorCode};
+
+impl From<PhiError> for ApiError {
+    fn from(e: PhiError) -> Self {
+        match e {
+            PhiError::NotFound => ApiError::new(ErrorCode::NotFound),
+            PhiError::Invalid(errors) => ApiError::validation(errors),
+            PhiError::Conflict(m) => ApiError::new(ErrorCode::Conflict).with_detail(m),
+            PhiError::PreconditionFailed => ApiError::new(ErrorCode::PreconditionFailed),
+            PhiError::Store(e) => ApiError::from(e),
+            PhiError::Envelope(e) => {
+                // Never wrong data: a generic 500, and a security event in the log.
+                tracing::error!(target: "custodian::security", error = %e, "security event: a sealed PHI value did not open");
+                ApiError::internal(anyhow::anyhow!("decryption failed"))
+            }
+        }
+    }
+}
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_patients, create_patient))
+        .routes(routes!(get_patient, patch_patient, delete_patient))
+        .routes(routes!(list_records, create_record))
+        .routes(routes!(get_record, patch_record, delete_record))
+        .routes(routes!(disclosures))
+}
+
+/// Minimum length of a break-glass reason.
+const MIN_REASON: usize = 10;
+
+/// Who may read PHI on this request, and how: with the read permission, or by
+/// break-glass (`breakglass` + `X-Break-Glass-Reason`).
+pub struct PhiReader {
+    principal: Principal,
+    break_glass: Option<String>,
+}
+
+impl PhiReader {
+    fn check(p: Principal, permission: Permission, headers: &HeaderMap) -> Result<Self, ApiError> {
+        if p.has(permission) {
+            return Ok(Self {
+                principal: p,
+                break_glass: None,
+            });
+        }
+        let reason = headers
+            .get("x-break-glass-reason")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|r| !r.is_empty());
+        match reason {
+            Some(r) if p.has(Permission::BreakGlass) => {
+                if r.chars().count() < MIN_REASON {
+                    return Err(ApiError::field(
+                        "X-Break-Glass-Reason",
+                        "must state the reason in at least 10 characters",
+                    ));
+                }
+                Ok(Self {
+                    principal: p,
+                    break_glass: Some(r.chars().take(500).collect()),
+                })
+            }
+            _ => Err(ApiError::new(ErrorCode::Forbidden)),
+        }
+    }
+
+    fn sees_ssn(&self) -> bool {
+        self.principal.has(Permission::PhiSsn)
+    }
+
+    /// Marks the request's events as break-glass, and raises it.
+    fn flag(&self, audit: &Audit) {
+        if let Some(reason) = &self.break_glass {
+            audit.annotate(|a| {
+                a.break_glass = true;
+                a.reason = Some(reason.clone());
+            });
+            tracing::warn!(target: "custodian::security", user_id = %self.principal.user_id, "security event: break-glass access to PHI");
+        }
+    }
+}
+
+/// Reading patients: `patients:read`, or break-glass.
+pub struct PatientReader(PhiReader);
+/// Reading records: `records:read`, or break-glass.
+pub struct RecordReader(PhiReader);
+
+impl FromRequestParts<AppState> for PatientReader {
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let auth = Authorized::<need::Enrolled>::from_request_parts(parts, state).await?;
+        PhiReader::check(auth.0, Permission::PatientsRead, &parts.headers).map(PatientReader)
+    }
+}
+
+impl FromRequestParts<AppState> for RecordReader {
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let auth = Authorized::<need::Enrolled>::from_request_parts(parts, state).await?;
+        PhiReader::check(auth.0, Permission::RecordsRead, &parts.headers).map(RecordReader)
+    }
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ViewQuery {
+    /// The de-identified view (Safe Harbor for the fields present).
+    #[serde(default)]
+    anonymize: Option<bool>,
+}
+
+fn patient_view(state: &AppState, p: &Patient, sees_ssn: bool, anonymize: bool) -> PatientView {
+    let f = &p.fields;
+    if anonymize {
+        let today = state.clock().now().date();
+        let birth = super::model::parse_date(&f.birth_date);
+        let age = birth.map(|b| {
+            let mut a = today.year() - b.year();
+            if (today.month() as u8, today.day()) < (b.month() as u8, b.day()) {
+                a -= 1;
+            }
+            a
+        });
+        return PatientView {
+            id: state.patients().pseudonym(&p.id),
+            mrn: None,
+            given_name: "REDACTED".into(),
+            family_name: "REDACTED".into(),
+            birth_date: match (age, birth) {
+                (Some(a), _) if a > 89 => "90+".into(),
+                (_, Some(b)) => b.year().to_string(),
+                _ => "REDACTED".into(),
+            },
+            sex: f.sex.clone(),
+            ssn: f.ssn.as_deref().map(mask_ssn),
+            email: f.email.as_deref().map(mask_email),
+            phone: None,
+            address: None,
+            created_at: None,
+            updated_at: None,
+        };
+    }
+    PatientView {
+        id: p.id.clone(),
+        mrn: Some(f.mrn.clone()),
+        given_name: f.given_name.clone(),
+        family_name: f.family_name.clone(),
+        birth_date: f.birth_date.clone(),
+        sex: f.sex.clone(),
+        ssn: f
+            .ssn
+            .as_deref()
+            .map(|s| if sees_ssn { s.to_owned() } else { mask_ssn(s) }),
+        email: f.email.clone(),
+        phone: f.phone.clone(),
+        address: f.address.clone(),
+        created_at: Some(p.created_at.clone()),
+        updated_at: Some(p.updated_at.clone()),
+    }
+}
+
+fn record_view(state: &AppState, r: &Record, anonymize: bool) -> RecordView {
+    if anonymize {
+        return RecordView {
+            id: state.patients().pseudonym(&r.id),
+            patient_id: state.patients().pseudonym(&r.patient_id),
+            diagnosis: "REDACTED".into(),
+            treatment: r.treatment.as_ref().map(|_| "REDACTED".into()),
+            notes: r.notes.as_ref().map(|_| "REDACTED".into()),
+            recorded_at: r.recorded_at.get(..4).unwrap_or("").to_owned(),
+            created_at: None,
+            updated_at: None,
+        };
+    }
+    RecordView {
+        id: r.id.clone(),
+        patient_id: r.patient_id.clone(),
+        diagnosis: r.diagnosis.clone(),
+        treatment: r.treatment.clone(),
+        notes: r.notes.clone(),
+        recorded_at: r.recorded_at.clone(),
+        created_at: Some(r.created_at.clone()),
+        updated_at: Some(r.updated_at.clone()),
+    }
+}
+
+fn etag(version: i64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"v{version}\"")).unwrap_or(HeaderValue::from_static("\"v0\""))
+}
+
+/// The version an `If-Match` header names (`"v3"`, `v3`, `W/"v3"`); a malformed one is a 412.
+fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = v.to_str().unwrap_or("").trim();
+    if text == "*" {
+        return Ok(None);
+    }
+    text.trim_start_matches("W/")
+        .trim_matches('"')
+        .strip_prefix('v')
+        .and_then(|n| n.parse().ok())
+        .map(Some)
+        .ok_or_else(|| ApiError::new(ErrorCode::PreconditionFailed))
+}
+
+fn with_etag(status: StatusCode, version: i64, body: impl Serialize) -> Response {
+    let mut r = (status, Json(body)).into_response();
+    r.headers_mut().insert(header::ETAG, etag(version));
+    r
+}
+
+fn touch(audit: &Audit, action: Action, resource: &'static str, id: &str, patient_id: &str) {
+    audit.annotate(|a| {
+        a.action = Some(action);
+        a.resource_type = Some(resource);
+        a.resource_id = Some(id.to_owned());
+        a.patient_id = Some(patient_id.to_owned());
+    });
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PatientPage {
+    items: Vec<PatientView>,
+    next_cursor: Option<String>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PatientQuery {
+    /// Exact MRN, SSN, birth date (YYYY-MM-DD), or given or family name (any case).
+    q: Option<String>,
+    /// 1–100, default 20.
+    limit: Option<u32>,
+    cursor: Option<String>,
+    #[serde(default)]
+    anonymize: Option<bool>,
+}
+
+/// Search patients (`patients:read`). Each patient returned is named in its own audit
+/// event.
+#[utoipa::path(get, path = "/api/v1/patients", tag = "patients", security(("bearer" = ["patients:read"])),
+    params(PatientQuery), responses((status = 200, body = PatientPage), (status = 422, description = "validation_error")))]
+pub async fn list_patients(
+    State(state): State<AppState>,
+    audit: Audit,
+    PatientReader(reader): PatientReader,
+    QueryParams(q): QueryParams<PatientQuery>,
+) -> Result<Json<PatientPage>, ApiError> {
+    let limit = q.limit.unwrap_or(20);
+    if limit == 0 || limit > 100 {
+        return Err(ApiError::field("limit", "must be between 1 and 100"));
+    }
+    if q.q.as_ref().is_some_and(|s| s.chars().count() > 200) {
+        return Err(ApiError::field("q", "must be at most 200 characters"));
+    }
+    reader.flag(&audit);
+    audit.annotate(|a| {
+        a.action = Some(Action::Search);
+        a.resource_type = Some("patient");
+    });
+    let after = q.cursor.clone().unwrap_or_default();
+    let mut found = state
+        .patients()
+        .search(q.q.as_deref(), &after, i64::from(limit) + 1)
+        .await?;
+    let more = found.len() > limit as usize;
+    found.truncate(limit as usize);
+    audit.context("count", ContextValue::Int(found.len() as i64));
+    for p in &found {
+        audit.touch_patient(Action::Read, "patient", &p.id, &p.id);
+    }
+    let anonymize = q.anonymize.unwrap_or(false);
+    Ok(Json(PatientPage {
+        next_cursor: if more {
+            found.last().map(|p| p.id.clone())
+        } else {
+            None
+        },
+        items: found
+            .iter()
+            .map(|p| patient_view(&state, p, reader.sees_ssn(), anonymize))
+            .collect(),
+    }))
+}
+
+/// Register a patient (`patients:write`).
+#[utoipa::path(post, path = "/api/v1/patients", tag = "patients", security(("bearer" = ["patients:write"])),
+    request_body = NewPatient,
+    responses((status = 201, body = PatientView), (status = 409, description = "MRN taken"), (status = 422, description = "validation_error")))]
+pub async fn create_patient(
+    State(state): State<AppState>,
+    audit: Audit,
+    auth: Authorized<need::PatientsWrite>,
+    JsonBody(input): JsonBody<NewPatient>,
+) -> Result<Response, ApiError> {
+    audit.annotate(|a| {
+        a.action = Some(Action::Create);
+        a.resource_type = Some("patient");
+    });
+    let p = state.patients().create(input).await?;
+    touch(&audit, Action::Create, "patient", &p.id, &p.id);
+    Ok(with_etag(
+        StatusCode::CREATED,
+        p.version,
+        patient_view(&state, &p, auth.has(Permission::PhiSsn), false),
+    ))
+}
+
+/// One patient (`patients:read`, or break-glass with `X-Break-Glass-Reason`).
+#[utoipa::path(get, path = "/api/v1/patients/{id}", tag = "patients", security(("bearer" = ["patients:read"])),
+    params(("id" = String, Path), ViewQuery,
+        ("X-Break-Glass-Reason" = Option<String>, Header, description = "Emergency access: the reason (at least 10 characters); needs `breakglass`")),
+    responses((status = 200, body = PatientView), (status = 404, description = "not_found")))]
+pub async fn get_patient(
+    State(state): State<AppState>,
+    audit: Audit,
+    PatientReader(reader): PatientReader,
+    Path(id): Path<String>,
+    QueryParams(v): QueryParams<ViewQuery>,
+) -> Result<Response, ApiError> {
+    reader.flag(&audit);
+    touch(&audit, Action::Read, "patient", &id, &id);
+    let p = state.patients().get(&id).await?;
+    if reader.break_glass.is_some() {
+        audit.touch_patient(Action::BreakGlass, "patient", &id, &id);
+    }
+    Ok(with_etag(
+        StatusCode::OK,
+        p.version,
+        patient_view(&state, &p, reader.sees_ssn(), v.anonymize.unwrap_or(false)),
+    ))
+}
+
+/// Change a patient (`patients:write`); `If-Match` with the `ETag` read → 412 when changed since.
+#[utoipa::path(patch, path = "/api/v1/patients/{id}", tag = "patients", security(("bearer" = ["patients:write"])),
+    params(("id" = String, Path)), request_body = PatientPatch,
+    responses((status = 200, body = PatientView), (status = 412, description = "precondition_failed"), (status = 422, description = "validation_error")))]
+pub async fn patch_patient(
+    State(state): State<AppState>,
+    audit: Audit,
+    auth: Authorized<need::PatientsWrite>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(patch): JsonBody<PatientPatch>,
+) -> Result<Response, ApiError> {
+    touch(&audit, Action::Update, "patient", &id, &id);
+    let p = state
+        .patients()
+        .update(&id, patch, if_match(&headers)?)
+        .await?;
+    Ok(with_etag(
+        StatusCode::OK,
+        p.version,
+        patient_view(&state, &p, auth.has(Permission::PhiSsn), false),
+    ))
+}
+
+/// Delete a patient (`patients:write`): soft delete; the data stays sealed for retention.
+#[utoipa::path(delete, path = "/api/v1/patients/{id}", tag = "patients", security(("bearer" = ["patients:write"])),
+    params(("id" = String, Path)), responses((status = 204, description = "Deleted"), (status = 404, description = "not_found")))]
+pub async fn delete_patient(
+    State(state): State<AppState>,
+    audit: Audit,
+    _auth: Authorized<need::PatientsWrite>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    touch(&audit, Action::Delete, "patient", &id, &id);
+    state.patients().delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RecordPage {
+    items: Vec<RecordView>,
+    next_cursor: Option<String>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RecordQuery {
+    limit: Option<u32>,
+    cursor: Option<String>,
+    #[serde(default)]
+    anonymize: Option<bool>,
+}
+
+/// A patient's records (`records:read`, or break-glass).
+#[utoipa::path(get, path = "/api/v1/patients/{id}/records", tag = "records", security(("bearer" = ["records:read"])),
+    params(("id" = String, Path), RecordQuery), responses((status = 200, body = RecordPage)))]
+pub async fn list_records(
+    State(state): State<AppState>,
+    audit: Audit,
+    RecordReader(reader): RecordReader,
+    Path(id): Path<String>,
+    QueryParams(q): QueryParams<RecordQuery>,
+) -> Result<Json<RecordPage>, ApiError> {
+    let limit = q.limit.unwrap_or(50);
+    if limit == 0 || limit > 200 {
+        return Err(ApiError::field("limit", "must be between 1 and 200"));
+    }
+    reader.flag(&audit);
+    touch(&audit, Action::Read, "record", &id, &id);
+    let mut rows = state
+        .patients()
+        .records(&id, &q.cursor.unwrap_or_default(), i64::from(limit) + 1)
+        .await?;
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    audit.context("count", ContextValue::Int(rows.len() as i64));
+    let anonymize = q.anonymize.unwrap_or(false);
+    Ok(Json(RecordPage {
+        next_cursor: if more {
+            rows.last().map(|r| r.id.clone())
+        } else {
+            None
+        },
+        items: rows
+            .iter()
+            .map(|r| record_view(&state, r, anonymize))
+            .collect(),
+    }))
+}
+
+/// Add a record to a patient (`records:write`).
+#[utoipa::path(post, path = "/api/v1/patients/{id}/records", tag = "records", security(("bearer" = ["records:write"])),
+    params(("id" = String, Path)), request_body = NewRecord,
+    responses((status = 201, body = RecordView), (status = 404, description = "not_found"), (status = 422, description = "validation_error")))]
+pub async fn create_record(
+    State(state): State<AppState>,
+    audit: Audit,
+    _auth: Authorized<need::RecordsWrite>,
+    Path(id): Path<String>,
+    JsonBody(input): JsonBody<NewRecord>,
+) -> Result<Response, ApiError> {
+    touch(&audit, Action::Create, "record", &id, &id);
+    let r = state.patients().add_record(&id, input).await?;
+    audit.annotate(|a| a.resource_id = Some(r.id.clone()));
+    Ok(with_etag(
+        StatusCode::CREATED,
+        r.version,
+        record_view(&state, &r, false),
+    ))
+}
+
+/// One record (`records:read`, or break-glass).
+#[utoipa::path(get, path = "/api/v1/records/{id}", tag = "records", security(("bearer" = ["records:read"])),
+    params(("id" = String, Path), ViewQuery), responses((status = 200, body = RecordView), (status = 404, description = "not_found")))]
+pub async fn get_record(
+    State(state): State<AppState>,
+    audit: Audit,
+    RecordReader(reader): RecordReader,
+    Path(id): Path<String>,
+    QueryParams(v): QueryParams<ViewQuery>,
+) -> Result<Response, ApiError> {
+    reader.flag(&audit);
+    let patient = state.patients().record_patient(&id).await?;
+    touch(&audit, Action::Read, "record", &id, &patient);
+    let r = state.patients().record(&id).await?;
+    Ok(with_etag(
+        StatusCode::OK,
+        r.version,
+        record_view(&state, &r, v.anonymize.unwrap_or(false)),
+    ))
+}
+
+/// Change a record (`records:write`); `If-Match` → 412 when changed since.
+#[utoipa::path(patch, path = "/api/v1/records/{id}", tag = "records", security(("bearer" = ["records:write"])),
+    params(("id" = String, Path)), request_body = RecordPatch,
+    responses((status = 200, body = RecordView), (status = 412, description = "precondition_failed")))]
+pub async fn patch_record(
+    State(state): State<AppState>,
+    audit: Audit,
+    _auth: Authorized<need::RecordsWrite>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(patch): JsonBody<RecordPatch>,
+) -> Result<Response, ApiError> {
+    let patient = state.patients().record_patient(&id).await?;
+    touch(&audit, Action::Update, "record", &id, &patient);
+    let r = state
+        .patients()
+        .update_record(&id, patch, if_match(&headers)?)
+        .await?;
+    Ok(with_etag(
+        StatusCode::OK,
+        r.version,
+        record_view(&state, &r, false),
+    ))
+}
+
+/// Delete a record (`records:write`; soft delete).
+#[utoipa::path(delete, path = "/api/v1/records/{id}", tag = "records", security(("bearer" = ["records:write"])),
+    params(("id" = String, Path)), responses((status = 204, description = "Deleted")))]
+pub async fn delete_record(
+    State(state): State<AppState>,
+    audit: Audit,
+    _auth: Authorized<need::RecordsWrite>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let patient = state.patients().record_patient(&id).await?;
+    touch(&audit, Action::Delete, "record", &id, &patient);
+    state.patients().delete_record(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Disclosure {
+    at: String,
+    actor_id: Option<String>,
+    actor: Option<String>,
+    action: String,
+    resource_type: Option<String>,
+    resource_id: Option<String>,
+    /// The break-glass reason, or what was done.
+    purpose: String,
+    break_glass: bool,
+    request_id: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DisclosurePage {
+    items: Vec<Disclosure>,
+    next_cursor: Option<String>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DisclosureQuery {
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+/// The accounting of disclosures of a patient (HIPAA §164.528): who read or exported
+/// their data, when and why, over the last six years (`audit:read`).
+#[utoipa::path(get, path = "/api/v1/patients/{id}/disclosures", tag = "patients", security(("bearer" = ["audit:read"])),
+    params(("id" = String, Path), DisclosureQuery), responses((status = 200, body = DisclosurePage)))]
+pub async fn disclosures(
+    State(state): State<AppState>,
+    audit: Audit,
+    _auth: Authorized<need::AuditRead>,
+    Path(id): Path<String>,
+    QueryParams(q): QueryParams<DisclosureQuery>,
+) -> Result<Json<DisclosurePage>, ApiError> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 500);
+    audit.annotate(|a| {
+        a.action = Some(Action::Read);
+        a.resource_type = Some("disclosures");
+        // Reading the accounting is not itself a disclosure of the patient's data.
+        a.context.insert("patient_id", ContextValue::id(&id));
+    });
+    let six_years = time::Duration::days(6 * 365 + 2);
+    let filter = crate::audit::store::Filter {
+        patient_id: Some(id.clone()),
+        since: Some(crate::clock::timestamp(state.clock().now() - six_years)),
+        before_seq: q
+            .cursor
+            .as_deref()
+            .and_then(crate::audit::service::decode_cursor),
+        ..Default::default()
+    };
+    let page = state.audit().page(&filter, limit).await?;
+    let items = page
+        .items
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e.action.as_str(),
+                "read" | "export" | "search" | "break_glass" | "update" | "create"
+            )
+        })
+        .map(|e| Disclosure {
+            purpose: e.reason.clone().unwrap_or_else(|| e.action.clone()),
+            at: e.at,
+            actor_id: e.actor_id,
+            actor: e.actor,
+            action: e.action,
+            resource_type: e.resource_type,
+            resource_id: e.resource_id,
+            break_glass: e.break_glass,
+            request_id: e.request_id,
+        })
+        .collect();
+    Ok(Json(DisclosurePage {
+        items,
+        next_cursor: page.next_cursor,
+    }))
+}

@@ -1,0 +1,526 @@
+//! The PHI rules: sealing and opening patients and records, search by blind index,
+//! optimistic concurrency, soft delete, key rewrapping. No HTTP here.
+
+use std::sync::Arc;
+
+use super::model::{
+    Checks, NewPatient, NewRecord, PatientFields, PatientPatch, RecordPatch, norm_name, parse_date,
+};
+use super::store::{self, PatientRow, RecordRow, SearchIndex};
+use crate::clock::{SharedClock, timestamp};
+use crate::crypto::{self, SharedKeyring};
+use crate::http::FieldError;
+use crate::phi::envelope::{self, DataKey, EnvelopeError};
+use crate::store::{Db, StoreError};
+
+const PATIENTS: &str = "patients";
+const RECORDS: &str = "records";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PhiError {
+    #[error("not found")]
+    NotFound,
+    #[error("invalid input")]
+    Invalid(Vec<FieldError>),
+    #[error("conflict: {0}")]
+    Conflict(&'static str),
+    #[error("the resource changed since it was read")]
+    PreconditionFailed,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A sealed value did not open: never answered with data, always a 500 and a
+    /// security event.
+    #[error("decryption failed: {0}")]
+    Envelope(#[from] EnvelopeError),
+}
+
+/// A patient in the clear (only in memory, only for the response).
+#[derive(Debug)]
+pub struct Patient {
+    pub id: String,
+    pub fields: PatientFields,
+    pub version: i64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug)]
+pub struct Record {
+    pub id: String,
+    pub patient_id: String,
+    pub diagnosis: String,
+    pub treatment: Option<String>,
+    pub notes: Option<String>,
+    pub recorded_at: String,
+    pub version: i64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Clone)]
+pub struct Patients {
+    db: Db,
+    keys: Arc<SharedKeyring>,
+    clock: SharedClock,
+    min_version: u32,
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+impl Patients {
+    pub fn new(db: Db, keys: Arc<SharedKeyring>, clock: SharedClock, min_version: u32) -> Self {
+        Self {
+            db,
+            keys,
+            clock,
+            min_version,
+        }
+    }
+
+    fn now(&self) -> String {
+        timestamp(self.clock.now())
+    }
+
+    fn today(&self) -> time::Date {
+        self.clock.now().date()
+    }
+
+    fn bi(&self, column: &str, value: &str) -> Result<String, PhiError> {
+        Ok(envelope::blind_index(&self.keys, column, value)?)
+    }
+
+    fn data_key(&self, row: &PatientRow) -> Result<DataKey, PhiError> {
+        let wrapped = row.data_key.as_deref().ok_or(EnvelopeError::Shredded)?;
+        Ok(envelope::unwrap(
+            &self.keys,
+            &row.id,
+            wrapped,
+            self.min_version,
+        )?)
+    }
+
+    /// A stable pseudonym for the de-identified view: a keyed HMAC of the id, so it is
+    /// derivable from neither the MRN nor the SSN, and not reversible without the keyring.
+    pub fn pseudonym(&self, id: &str) -> String {
+        match self.keys.derive(1, "custodian/phi/pseudonym/v1") {
+            Ok(k) => format!(
+                "anon-{}",
+                crypto::hex(
+                    crypto::hmac_sha256(&k, &[id.as_bytes()])
+                        .get(..12)
+                        .unwrap_or(&[])
+                )
+            ),
+            Err(_) => "anon".into(),
+        }
+    }
+
+    fn seal_row(&self, id: &str, key: &DataKey, f: &PatientFields) -> Result<PatientRow, PhiError> {
+        let seal = |column: &str, v: &str| envelope::seal_field(key, PATIENTS, column, id, v);
+        let opt =
+            |column: &str, v: &Option<String>| v.as_deref().map(|x| seal(column, x)).transpose();
+        Ok(PatientRow {
+            id: id.to_owned(),
+            data_key: None,
+            kek_version: 0,
+            mrn: seal("mrn", &f.mrn)?,
+            given_name: seal("given_name", &f.given_name)?,
+            family_name: seal("family_name", &f.family_name)?,
+            birth_date: seal("birth_date", &f.birth_date)?,
+            sex: f.sex.clone(),
+            ssn: opt("ssn", &f.ssn)?,
+            email: opt("email", &f.email)?,
+            phone: opt("phone", &f.phone)?,
+            address: opt("address", &f.address)?,
+            bi_mrn: self.bi("mrn", &f.mrn)?,
+            bi_ssn: f
+                .ssn
+                .as_deref()
+                .map(|s| self.bi("ssn", &s.replace('-', "")))
+                .transpose()?,
+            bi_birth_date: Some(self.bi("birth_date", &f.birth_date)?),
+            bi_given_name: Some(self.bi("given_name", &norm_name(&f.given_name))?),
+            bi_family_name: Some(self.bi("family_name", &norm_name(&f.family_name))?),
+            version: 1,
+            created_at: String::new(),
+            updated_at: String::new(),
+            deleted_at: None,
+        })
+    }
+
+    fn open_row(&self, row: &PatientRow) -> Result<Patient, PhiError> {
+        let key = self.data_key(row)?;
+        let open = |column: &str, v: &str| {
+            envelope::open_field(&key, PATIENTS, column, &row.id, v).map(|s| s.to_string())
+        };
+        let opt =
+            |column: &str, v: &Option<String>| v.as_deref().map(|x| open(column, x)).transpose();
+        Ok(Patient {
+            id: row.id.clone(),
+            fields: PatientFields {
+                mrn: open("mrn", &row.mrn)?,
+                given_name: open("given_name", &row.given_name)?,
+                family_name: open("family_name", &row.family_name)?,
+                birth_date: open("birth_date", &row.birth_date)?,
+                sex: row.sex.clone(),
+                ssn: opt("ssn", &row.ssn)?,
+                email: opt("email", &row.email)?,
+                phone: opt("phone", &row.phone)?,
+                address: opt("address", &row.address)?,
+            },
+            version: row.version,
+            created_at: row.created_at.clone(),
+            updated_at: row.updated_at.clone(),
+        })
+    }
+
+    fn new_mrn() -> Result<String, PhiError> {
+        let b = crypto::random_bytes::<8>().map_err(|e| PhiError::Envelope(e.into()))?;
+        let n = u64::from_be_bytes(b) % 100_000_000;
+        Ok(format!("MRN-{n:08}"))
+    }
+
+    pub async fn create(&self, input: NewPatient) -> Result<Patient, PhiError> {
+        let mut c = Checks::default();
+        let today = self.today();
+        let mut f = PatientFields {
+            given_name: c.name("given_name", &input.given_name),
+            family_name: c.name("family_name", &input.family_name),
+            birth_date: c.birth_date(&input.birth_date, today),
+            sex: input.sex.as_deref().map(|s| c.sex(s)),
+            ssn: input.ssn.as_deref().map(|s| c.ssn(s)),
+            email: input.email.as_deref().map(|s| c.email(s)),
+            phone: input.phone.as_deref().map(|s| c.phone(s)),
+            address: input.address.as_deref().map(|s| c.address(s)),
+            mrn: String::new(),
+        };
+        f.mrn = match input.mrn.as_deref() {
+            Some(m) => c.mrn(m),
+            None => Self::new_mrn()?,
+        };
+        c.done().map_err(PhiError::Invalid)?;
+        let id = new_id();
+        let key = DataKey::generate().map_err(|e| PhiError::Envelope(e.into()))?;
+        let (wrapped, version) = envelope::wrap(&self.keys, &id, &key)?;
+        let mut row = self.seal_row(&id, &key, &f)?;
+        row.data_key = Some(wrapped);
+        row.kek_version = i64::from(version);
+        let now = self.now();
+        row.created_at.clone_from(&now);
+        row.updated_at = now;
+        if !store::insert_patient(&self.db, &row).await? {
+            return Err(PhiError::Conflict("a patient with this MRN exists"));
+        }
+        self.open_row(&row)
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Patient, PhiError> {
+        let row = store::patient_by_id(&self.db, id)
+            .await?
+            .ok_or(PhiError::NotFound)?;
+        self.open_row(&row)
+    }
+
+    pub async fn update(
+        &self,
+        id: &str,
+        patch: PatientPatch,
+        if_match: Option<i64>,
+    ) -> Result<Patient, PhiError> {
+        let row = store::patient_by_id(&self.db, id)
+            .await?
+            .ok_or(PhiError::NotFound)?;
+        if if_match.is_some_and(|v| v != row.version) {
+            return Err(PhiError::PreconditionFailed);
+        }
+        let mut current = self.open_row(&row)?;
+        let mut c = Checks::default();
+        let today = self.today();
+        let f = &mut current.fields;
+        if let Some(v) = &patch.given_name {
+            f.given_name = c.name("given_name", v);
+        }
+        if let Some(v) = &patch.family_name {
+            f.family_name = c.name("family_name", v);
+        }
+        if let Some(v) = &patch.birth_date {
+            f.birth_date = c.birth_date(v, today);
+        }
+        if let Some(v) = &patch.mrn {
+            f.mrn = c.mrn(v);
+        }
+        if let Some(v) = &patch.sex {
+            f.sex = v.as_deref().map(|s| c.sex(s));
+        }
+        if let Some(v) = &patch.ssn {
+            f.ssn = v.as_deref().map(|s| c.ssn(s));
+        }
+        if let Some(v) = &patch.email {
+            f.email = v.as_deref().map(|s| c.email(s));
+        }
+        if let Some(v) = &patch.phone {
+            f.phone = v.as_deref().map(|s| c.phone(s));
+        }
+        if let Some(v) = &patch.address {
+            f.address = v.as_deref().map(|s| c.address(s));
+        }
+        c.done().map_err(PhiError::Invalid)?;
+        let key = self.data_key(&row)?;
+        let mut new = self.seal_row(id, &key, &current.fields)?;
+        if store::mrn_taken(&self.db, &new.bi_mrn, id).await? {
+            return Err(PhiError::Conflict("a patient with this MRN exists"));
+        }
+        new.version = row.version + 1;
+        new.updated_at = self.now();
+        if !store::update_patient(&self.db, &new, row.version).await? {
+            return Err(PhiError::PreconditionFailed);
+        }
+        self.get(id).await
+    }
+
+    pub async fn delete(&self, id: &str) -> Result<(), PhiError> {
+        if store::soft_delete_patient(&self.db, id, &self.now()).await? {
+            Ok(())
+        } else {
+            Err(PhiError::NotFound)
+        }
+    }
+
+    /// Exact search on MRN, SSN, birth date, given or family name, by blind index only:
+    /// no table is decrypted to search it.
+    pub async fn search(
+        &self,
+        q: Option<&str>,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<Patient>, PhiError> {
+        let index = match q.map(str::trim).filter(|s| !s.is_empty()) {
+            None => None,
+            Some(q) => {
+                // A value that cannot be of a kind matches nothing of that kind.
+                let none = || "-".to_owned();
+                let ssn = if super::model::valid_ssn(q) {
+                    self.bi("ssn", &q.replace('-', ""))?
+                } else {
+                    none()
+                };
+                let birth = if parse_date(q).is_some() {
+                    self.bi("birth_date", q)?
+                } else {
+                    none()
+                };
+                let name = norm_name(q);
+                Some(SearchIndex {
+                    mrn: self.bi("mrn", &q.to_ascii_uppercase())?,
+                    ssn,
+                    birth_date: birth,
+                    given_name: self.bi("given_name", &name)?,
+                    family_name: self.bi("family_name", &name)?,
+                })
+            }
+        };
+        let rows = store::search(&self.db, index.as_ref(), after, limit).await?;
+        rows.iter().map(|r| self.open_row(r)).collect()
+    }
+
+    // ---- records ---------------------------------------------------------------------
+
+    fn record_fields(
+        &self,
+        c: &mut Checks,
+        diagnosis: &str,
+        treatment: Option<&str>,
+        notes: Option<&str>,
+    ) -> (String, Option<String>, Option<String>) {
+        (
+            c.text("diagnosis", diagnosis, 2000),
+            treatment.map(|t| c.text("treatment", t, 2000)),
+            notes.map(|n| c.text("notes", n, 10_000)),
+        )
+    }
+
+    fn recorded_at(&self, c: &mut Checks, v: Option<&str>) -> String {
+        match v {
+            None => self.now(),
+            Some(s) => crate::clock::parse_rfc3339(s).unwrap_or_else(|| {
+                c.0.push(FieldError::new("recorded_at", "must be an RFC 3339 time"));
+                String::new()
+            }),
+        }
+    }
+
+    fn seal_record(&self, key: &DataKey, r: &Record) -> Result<RecordRow, PhiError> {
+        let seal = |column: &str, v: &str| envelope::seal_field(key, RECORDS, column, &r.id, v);
+        Ok(RecordRow {
+            id: r.id.clone(),
+            patient_id: r.patient_id.clone(),
+            diagnosis: seal("diagnosis", &r.diagnosis)?,
+            treatment: r
+                .treatment
+                .as_deref()
+                .map(|t| seal("treatment", t))
+                .transpose()?,
+            notes: r.notes.as_deref().map(|n| seal("notes", n)).transpose()?,
+            recorded_at: r.recorded_at.clone(),
+            version: r.version,
+            created_at: r.created_at.clone(),
+            updated_at: r.updated_at.clone(),
+        })
+    }
+
+    fn open_record(&self, key: &DataKey, r: &RecordRow) -> Result<Record, PhiError> {
+        let open = |column: &str, v: &str| {
+            envelope::open_field(key, RECORDS, column, &r.id, v).map(|s| s.to_string())
+        };
+        Ok(Record {
+            id: r.id.clone(),
+            patient_id: r.patient_id.clone(),
+            diagnosis: open("diagnosis", &r.diagnosis)?,
+            treatment: r
+                .treatment
+                .as_deref()
+                .map(|t| open("treatment", t))
+                .transpose()?,
+            notes: r.notes.as_deref().map(|n| open("notes", n)).transpose()?,
+            recorded_at: r.recorded_at.clone(),
+            version: r.version,
+            created_at: r.created_at.clone(),
+            updated_at: r.updated_at.clone(),
+        })
+    }
+
+    async fn patient_key(&self, patient_id: &str) -> Result<DataKey, PhiError> {
+        let row = store::patient_by_id(&self.db, patient_id)
+            .await?
+            .ok_or(PhiError::NotFound)?;
+        self.data_key(&row)
+    }
+
+    pub async fn add_record(&self, patient_id: &str, input: NewRecord) -> Result<Record, PhiError> {
+        let key = self.patient_key(patient_id).await?;
+        let mut c = Checks::default();
+        let (diagnosis, treatment, notes) = self.record_fields(
+            &mut c,
+            &input.diagnosis,
+            input.treatment.as_deref(),
+            input.notes.as_deref(),
+        );
+        let recorded_at = self.recorded_at(&mut c, input.recorded_at.as_deref());
+        c.done().map_err(PhiError::Invalid)?;
+        let now = self.now();
+        let r = Record {
+            id: new_id(),
+            patient_id: patient_id.to_owned(),
+            diagnosis,
+            treatment,
+            notes,
+            recorded_at,
+            version: 1,
+            created_at: now.clone(),
+            updated_at: now,
+        };
+        store::insert_record(&self.db, &self.seal_record(&key, &r)?).await?;
+        Ok(r)
+    }
+
+    pub async fn record(&self, id: &str) -> Result<Record, PhiError> {
+        let row = store::record_by_id(&self.db, id)
+            .await?
+            .ok_or(PhiError::NotFound)?;
+        let key = self.patient_key(&row.patient_id).await?;
+        self.open_record(&key, &row)
+    }
+
+    /// The patient a record belongs to (to name it in the audit trail before opening it).
+    pub async fn record_patient(&self, id: &str) -> Result<String, PhiError> {
+        Ok(store::record_by_id(&self.db, id)
+            .await?
+            .ok_or(PhiError::NotFound)?
+            .patient_id)
+    }
+
+    pub async fn records(
+        &self,
+        patient_id: &str,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<Record>, PhiError> {
+        let key = self.patient_key(patient_id).await?;
+        let rows = store::records_of(&self.db, patient_id, after, limit).await?;
+        rows.iter().map(|r| self.open_record(&key, r)).collect()
+    }
+
+    pub async fn update_record(
+        &self,
+        id: &str,
+        patch: RecordPatch,
+        if_match: Option<i64>,
+    ) -> Result<Record, PhiError> {
+        let row = store::record_by_id(&self.db, id)
+            .await?
+            .ok_or(PhiError::NotFound)?;
+        if if_match.is_some_and(|v| v != row.version) {
+            return Err(PhiError::PreconditionFailed);
+        }
+        let key = self.patient_key(&row.patient_id).await?;
+        let mut r = self.open_record(&key, &row)?;
+        let mut c = Checks::default();
+        if let Some(d) = &patch.diagnosis {
+            r.diagnosis = c.text("diagnosis", d, 2000);
+        }
+        if let Some(t) = &patch.treatment {
+            r.treatment = t.as_deref().map(|t| c.text("treatment", t, 2000));
+        }
+        if let Some(n) = &patch.notes {
+            r.notes = n.as_deref().map(|n| c.text("notes", n, 10_000));
+        }
+        if let Some(at) = &patch.recorded_at {
+            r.recorded_at = self.recorded_at(&mut c, Some(at));
+        }
+        c.done().map_err(PhiError::Invalid)?;
+        r.version = row.version + 1;
+        r.updated_at = self.now();
+        if !store::update_record(&self.db, &self.seal_record(&key, &r)?, row.version).await? {
+            return Err(PhiError::PreconditionFailed);
+        }
+        Ok(r)
+    }
+
+    pub async fn delete_record(&self, id: &str) -> Result<(), PhiError> {
+        if store::soft_delete_record(&self.db, id, &self.now()).await? {
+            Ok(())
+        } else {
+            Err(PhiError::NotFound)
+        }
+    }
+
+    /// Re-wraps every data key under the newest key version, `batch` at a time, while
+    /// the server runs (each row is swapped only if unchanged). Returns how many.
+    pub async fn rewrap_all(&self, batch: i64) -> Result<u64, PhiError> {
+        self.keys
+            .reload()
+            .map_err(|e| PhiError::Envelope(crypto::CryptoError::from(e).into()))?;
+        let current = i64::from(self.keys.current_version());
+        let mut done = 0;
+        loop {
+            let stale = store::stale_keys(&self.db, current, batch).await?;
+            if stale.is_empty() {
+                break;
+            }
+            for (id, wrapped) in stale {
+                let key = envelope::unwrap(&self.keys, &id, &wrapped, 0)?;
+                let (new, version) = envelope::wrap(&self.keys, &id, &key)?;
+                if store::rewrap(&self.db, &id, &wrapped, &new, i64::from(version)).await? {
+                    done += 1;
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    pub async fn key_versions(&self) -> Result<Vec<(i64, i64)>, PhiError> {
+        Ok(store::count_by_version(&self.db).await?)
+    }
+}

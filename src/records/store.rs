@@ -1,0 +1,373 @@
+//! The patients and records tables' queries, and only theirs. Everything here is
+//! ciphertext, blind indexes, ids and times.
+
+use sqlx::any::AnyRow;
+use sqlx::{AssertSqlSafe, Row};
+
+use crate::store::{Db, StoreError};
+
+/// A stored patient: sealed fields.
+#[derive(Clone, Debug)]
+pub struct PatientRow {
+    pub id: String,
+    pub data_key: Option<String>,
+    pub kek_version: i64,
+    pub mrn: String,
+    pub given_name: String,
+    pub family_name: String,
+    pub birth_date: String,
+    pub sex: Option<String>,
+    pub ssn: Option<String>,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub address: Option<String>,
+    pub bi_mrn: String,
+    pub bi_ssn: Option<String>,
+    pub bi_birth_date: Option<String>,
+    pub bi_given_name: Option<String>,
+    pub bi_family_name: Option<String>,
+    pub version: i64,
+    pub created_at: String,
+    pub updated_at: String,
+    pub deleted_at: Option<String>,
+}
+
+const PATIENT_COLUMNS: &str = "id, data_key, kek_version, mrn, given_name, family_name, birth_date, sex, ssn, \
+email, phone, address, bi_mrn, bi_ssn, bi_birth_date, bi_given_name, bi_family_name, version, created_at, \
+updated_at, deleted_at";
+
+fn patient(r: &AnyRow) -> Result<PatientRow, sqlx::Error> {
+    Ok(PatientRow {
+        id: r.try_get("id")?,
+        data_key: r.try_get("data_key")?,
+        kek_version: r.try_get("kek_version")?,
+        mrn: r.try_get("mrn")?,
+        given_name: r.try_get("given_name")?,
+        family_name: r.try_get("family_name")?,
+        birth_date: r.try_get("birth_date")?,
+        sex: r.try_get("sex")?,
+        ssn: r.try_get("ssn")?,
+        email: r.try_get("email")?,
+        phone: r.try_get("phone")?,
+        address: r.try_get("address")?,
+        bi_mrn: r.try_get("bi_mrn")?,
+        bi_ssn: r.try_get("bi_ssn")?,
+        bi_birth_date: r.try_get("bi_birth_date")?,
+        bi_given_name: r.try_get("bi_given_name")?,
+        bi_family_name: r.try_get("bi_family_name")?,
+        version: r.try_get("version")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+        deleted_at: r.try_get("deleted_at")?,
+    })
+}
+
+/// Inserts a patient. Returns false when the MRN is taken.
+pub async fn insert_patient(db: &Db, p: &PatientRow) -> Result<bool, StoreError> {
+    let n = sqlx::query(
+        "INSERT INTO patients (id, data_key, kek_version, mrn, given_name, family_name, birth_date, sex, ssn, email, \
+         phone, address, bi_mrn, bi_ssn, bi_birth_date, bi_given_name, bi_family_name, version, created_at, updated_at) \
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20) ON CONFLICT (bi_mrn) DO NOTHING",
+    )
+    .bind(&p.id)
+    .bind(&p.data_key)
+    .bind(p.kek_version)
+    .bind(&p.mrn)
+    .bind(&p.given_name)
+    .bind(&p.family_name)
+    .bind(&p.birth_date)
+    .bind(&p.sex)
+    .bind(&p.ssn)
+    .bind(&p.email)
+    .bind(&p.phone)
+    .bind(&p.address)
+    .bind(&p.bi_mrn)
+    .bind(&p.bi_ssn)
+    .bind(&p.bi_birth_date)
+    .bind(&p.bi_given_name)
+    .bind(&p.bi_family_name)
+    .bind(p.version)
+    .bind(&p.created_at)
+    .bind(&p.updated_at)
+    .execute(db.writer())
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+/// Replaces a patient's sealed fields if its version is still `expected`.
+/// Returns false when someone changed it first (or the MRN is taken: see the caller).
+pub async fn update_patient(db: &Db, p: &PatientRow, expected: i64) -> Result<bool, StoreError> {
+    let n = sqlx::query(
+        "UPDATE patients SET mrn=$1, given_name=$2, family_name=$3, birth_date=$4, sex=$5, ssn=$6, email=$7, phone=$8, \
+         address=$9, bi_mrn=$10, bi_ssn=$11, bi_birth_date=$12, bi_given_name=$13, bi_family_name=$14, version=$15, \
+         updated_at=$16 WHERE id=$17 AND version=$18 AND deleted_at IS NULL",
+    )
+    .bind(&p.mrn)
+    .bind(&p.given_name)
+    .bind(&p.family_name)
+    .bind(&p.birth_date)
+    .bind(&p.sex)
+    .bind(&p.ssn)
+    .bind(&p.email)
+    .bind(&p.phone)
+    .bind(&p.address)
+    .bind(&p.bi_mrn)
+    .bind(&p.bi_ssn)
+    .bind(&p.bi_birth_date)
+    .bind(&p.bi_given_name)
+    .bind(&p.bi_family_name)
+    .bind(p.version)
+    .bind(&p.updated_at)
+    .bind(&p.id)
+    .bind(expected)
+    .execute(db.writer())
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+pub async fn mrn_taken(db: &Db, bi_mrn: &str, except: &str) -> Result<bool, StoreError> {
+    Ok(
+        sqlx::query("SELECT 1 AS x FROM patients WHERE bi_mrn = $1 AND id <> $2")
+            .bind(bi_mrn)
+            .bind(except)
+            .fetch_optional(db.reader())
+            .await?
+            .is_some(),
+    )
+}
+
+pub async fn patient_by_id(db: &Db, id: &str) -> Result<Option<PatientRow>, StoreError> {
+    let sql =
+        format!("SELECT {PATIENT_COLUMNS} FROM patients WHERE id = $1 AND deleted_at IS NULL");
+    Ok(sqlx::query(AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(db.reader())
+        .await?
+        .map(|r| patient(&r))
+        .transpose()?)
+}
+
+/// Patients matching any of the blind indexes given (or all when none), by id, after `after`.
+pub async fn search(
+    db: &Db,
+    index: Option<&SearchIndex>,
+    after: &str,
+    limit: i64,
+) -> Result<Vec<PatientRow>, StoreError> {
+    let rows = match index {
+        None => {
+            let sql = format!(
+                "SELECT {PATIENT_COLUMNS} FROM patients WHERE deleted_at IS NULL AND id > $1 ORDER BY id LIMIT $2"
+            );
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(after)
+                .bind(limit)
+                .fetch_all(db.reader())
+                .await?
+        }
+        Some(ix) => {
+            let sql = format!(
+                "SELECT {PATIENT_COLUMNS} FROM patients WHERE deleted_at IS NULL AND id > $1 AND \
+                 (bi_mrn = $2 OR bi_ssn = $3 OR bi_birth_date = $4 OR bi_given_name = $5 OR bi_family_name = $6) \
+                 ORDER BY id LIMIT $7"
+            );
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(after)
+                .bind(&ix.mrn)
+                .bind(&ix.ssn)
+                .bind(&ix.birth_date)
+                .bind(&ix.given_name)
+                .bind(&ix.family_name)
+                .bind(limit)
+                .fetch_all(db.reader())
+                .await?
+        }
+    };
+    Ok(rows.iter().map(patient).collect::<Result<_, _>>()?)
+}
+
+/// The blind indexes a search term may match (a column's index, or a value that
+/// matches nothing when the term cannot be that kind of value).
+pub struct SearchIndex {
+    pub mrn: String,
+    pub ssn: String,
+    pub birth_date: String,
+    pub given_name: String,
+    pub family_name: String,
+}
+
+pub async fn soft_delete_patient(db: &Db, id: &str, now: &str) -> Result<bool, StoreError> {
+    Ok(
+        sqlx::query("UPDATE patients SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL")
+            .bind(now)
+            .bind(id)
+            .execute(db.writer())
+            .await?
+            .rows_affected()
+            == 1,
+    )
+}
+
+/// Data keys wrapped under a version older than `current`, a batch at a time.
+pub async fn stale_keys(
+    db: &Db,
+    current: i64,
+    limit: i64,
+) -> Result<Vec<(String, String)>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id, data_key FROM patients WHERE kek_version < $1 AND data_key IS NOT NULL ORDER BY id LIMIT $2",
+    )
+    .bind(current)
+    .bind(limit)
+    .fetch_all(db.reader())
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Ok((r.try_get("id")?, r.try_get("data_key")?)))
+        .collect::<Result<_, sqlx::Error>>()?)
+}
+
+/// Replaces a wrapped key only if it is still the one read (another rewrap may race).
+pub async fn rewrap(
+    db: &Db,
+    id: &str,
+    old: &str,
+    new: &str,
+    version: i64,
+) -> Result<bool, StoreError> {
+    Ok(sqlx::query(
+        "UPDATE patients SET data_key = $1, kek_version = $2 WHERE id = $3 AND data_key = $4",
+    )
+    .bind(new)
+    .bind(version)
+    .bind(id)
+    .bind(old)
+    .execute(db.writer())
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+pub async fn count_by_version(db: &Db) -> Result<Vec<(i64, i64)>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT kek_version, COUNT(*) AS n FROM patients WHERE data_key IS NOT NULL GROUP BY kek_version ORDER BY kek_version",
+    )
+    .fetch_all(db.reader())
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Ok((r.try_get("kek_version")?, r.try_get("n")?)))
+        .collect::<Result<_, sqlx::Error>>()?)
+}
+
+// ---- records -----------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct RecordRow {
+    pub id: String,
+    pub patient_id: String,
+    pub diagnosis: String,
+    pub treatment: Option<String>,
+    pub notes: Option<String>,
+    pub recorded_at: String,
+    pub version: i64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+const RECORD_COLUMNS: &str =
+    "id, patient_id, diagnosis, treatment, notes, recorded_at, version, created_at, updated_at";
+
+fn record(r: &AnyRow) -> Result<RecordRow, sqlx::Error> {
+    Ok(RecordRow {
+        id: r.try_get("id")?,
+        patient_id: r.try_get("patient_id")?,
+        diagnosis: r.try_get("diagnosis")?,
+        treatment: r.try_get("treatment")?,
+        notes: r.try_get("notes")?,
+        recorded_at: r.try_get("recorded_at")?,
+        version: r.try_get("version")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+pub async fn insert_record(db: &Db, r: &RecordRow) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO records (id, patient_id, diagnosis, treatment, notes, recorded_at, version, created_at, updated_at) \
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
+    )
+    .bind(&r.id)
+    .bind(&r.patient_id)
+    .bind(&r.diagnosis)
+    .bind(&r.treatment)
+    .bind(&r.notes)
+    .bind(&r.recorded_at)
+    .bind(r.version)
+    .bind(&r.created_at)
+    .bind(&r.updated_at)
+    .execute(db.writer())
+    .await?;
+    Ok(())
+}
+
+pub async fn record_by_id(db: &Db, id: &str) -> Result<Option<RecordRow>, StoreError> {
+    let sql = format!("SELECT {RECORD_COLUMNS} FROM records WHERE id = $1 AND deleted_at IS NULL");
+    Ok(sqlx::query(AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(db.reader())
+        .await?
+        .map(|r| record(&r))
+        .transpose()?)
+}
+
+pub async fn records_of(
+    db: &Db,
+    patient_id: &str,
+    after: &str,
+    limit: i64,
+) -> Result<Vec<RecordRow>, StoreError> {
+    let sql = format!(
+        "SELECT {RECORD_COLUMNS} FROM records WHERE patient_id = $1 AND deleted_at IS NULL AND id > $2 ORDER BY id LIMIT $3"
+    );
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(patient_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(db.reader())
+        .await?;
+    Ok(rows.iter().map(record).collect::<Result<_, _>>()?)
+}
+
+pub async fn update_record(db: &Db, r: &RecordRow, expected: i64) -> Result<bool, StoreError> {
+    Ok(sqlx::query(
+        "UPDATE records SET diagnosis=$1, treatment=$2, notes=$3, recorded_at=$4, version=$5, updated_at=$6 \
+         WHERE id=$7 AND version=$8 AND deleted_at IS NULL",
+    )
+    .bind(&r.diagnosis)
+    .bind(&r.treatment)
+    .bind(&r.notes)
+    .bind(&r.recorded_at)
+    .bind(r.version)
+    .bind(&r.updated_at)
+    .bind(&r.id)
+    .bind(expected)
+    .execute(db.writer())
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+pub async fn soft_delete_record(db: &Db, id: &str, now: &str) -> Result<bool, StoreError> {
+    Ok(
+        sqlx::query("UPDATE records SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL")
+            .bind(now)
+            .bind(id)
+            .execute(db.writer())
+            .await?
+            .rows_affected()
+            == 1,
+    )
+}
