@@ -62,6 +62,20 @@ pub enum Command {
     /// Synthetic data for demos and benchmarks.
     #[command(subcommand)]
     Demo(DemoCommand),
+    /// Patients: retention.
+    #[command(subcommand)]
+    Patients(PatientsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PatientsCommand {
+    /// Destroy the data keys of patients deleted before a time (crypto-shredding): their
+    /// data can never be read again. Audited per patient.
+    Shred {
+        /// RFC 3339: patients deleted before this (e.g. six years ago).
+        #[arg(long)]
+        deleted_before: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -178,6 +192,9 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Keys(KeysCommand::Rotate) => keys_rotate(config).await,
             Command::Keys(KeysCommand::Rewrap) => keys_rewrap(config).await,
             Command::Demo(DemoCommand::Seed { patients }) => demo_seed(config, patients).await,
+            Command::Patients(PatientsCommand::Shred { deleted_before }) => {
+                patients_shred(config, &deleted_before).await
+            }
             Command::User(UserCommand::Create {
                 username,
                 role,
@@ -791,4 +808,63 @@ async fn demo_seed(config: Config, count: u32) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn patients_shred(config: Config, before: &str) -> ExitCode {
+    let (db, log) = match offline_context(&config).await {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("custodian patients shred: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let patients = match patients_service(&config, &db) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("custodian patients shred: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match patients.shred_deleted_before(before).await {
+        Ok(ids) => {
+            let events = ids
+                .iter()
+                .map(|id| {
+                    let mut e =
+                        log.event(crate::audit::Action::Delete, crate::audit::Outcome::Success);
+                    e.actor = Some(crate::audit::Actor::system("patients-shred").name);
+                    e.resource_type = Some("patient");
+                    e.resource_id = Some(id.clone());
+                    e.patient_id = Some(id.clone());
+                    e.context
+                        .insert("shredded", crate::audit::ContextValue::Bool(true));
+                    e
+                })
+                .collect();
+            match log.record(events).await {
+                Ok(()) => {
+                    println!("{}", serde_json::json!({"shredded": ids.len()}));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!(
+                        "custodian patients shred: done, but not recorded in the audit trail: {e}"
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(crate::records::PhiError::Invalid(_)) => {
+            eprintln!(
+                "custodian patients shred: --deleted-before must be an RFC 3339 time such as 2020-01-01T00:00:00Z"
+            );
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("custodian patients shred: {e}");
+            ExitCode::FAILURE
+        }
+    };
+    db.close().await;
+    code
 }

@@ -520,6 +520,18 @@ impl Patients {
         Ok(done)
     }
 
+    /// Crypto-shredding: destroys the data keys of patients deleted before `before`
+    /// (RFC 3339). Returns their ids (for the audit trail).
+    pub async fn shred_deleted_before(&self, before: &str) -> Result<Vec<String>, PhiError> {
+        let before = crate::clock::parse_rfc3339(before).ok_or_else(|| {
+            PhiError::Invalid(vec![FieldError::new(
+                "deleted_before",
+                "must be an RFC 3339 time",
+            )])
+        })?;
+        Ok(store::shred(&self.db, &before, &self.now()).await?)
+    }
+
     pub async fn key_versions(&self) -> Result<Vec<(i64, i64)>, PhiError> {
         Ok(store::count_by_version(&self.db).await?)
     }

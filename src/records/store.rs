@@ -371,3 +371,30 @@ pub async fn soft_delete_record(db: &Db, id: &str, now: &str) -> Result<bool, St
             == 1,
     )
 }
+
+/// Destroys the data keys of patients deleted before `before` (crypto-shredding): their
+/// sealed fields can never be opened again. Blind indexes are cleared too.
+pub async fn shred(db: &Db, before: &str, now: &str) -> Result<Vec<String>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id FROM patients WHERE deleted_at IS NOT NULL AND deleted_at < $1 AND data_key IS NOT NULL ORDER BY id",
+    )
+    .bind(before)
+    .fetch_all(db.reader())
+    .await?;
+    let ids: Vec<String> = rows
+        .iter()
+        .map(|r| r.try_get("id"))
+        .collect::<Result<_, _>>()?;
+    for id in &ids {
+        sqlx::query(
+            "UPDATE patients SET data_key = NULL, shredded_at = $1, bi_mrn = $2, bi_ssn = NULL, bi_birth_date = NULL, \
+             bi_given_name = NULL, bi_family_name = NULL WHERE id = $3 AND data_key IS NOT NULL",
+        )
+        .bind(now)
+        .bind(format!("shredded:{id}"))
+        .bind(id)
+        .execute(db.writer())
+        .await?;
+    }
+    Ok(ids)
+}

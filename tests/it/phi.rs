@@ -744,3 +744,66 @@ async fn rewrap_under_load(backend: Backend) {
     assert_eq!(versions, [(2, 21)]);
 }
 both_backends!(rewrap_under_load);
+
+async fn deleted_patients_can_be_crypto_shredded(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let t = team(&s).await;
+    let pid = create(&s, &t.doctor, ada()).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut keep = ada();
+    keep["mrn"] = json!("MRN-KEEP");
+    let kept = create(&s, &t.doctor, keep).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        s.send_as(
+            Method::DELETE,
+            &format!("/api/v1/patients/{pid}"),
+            &t.doctor,
+            None
+        )
+        .await
+        .status(),
+        204
+    );
+    // Not yet past the cut-off: nothing happens.
+    assert!(
+        s.state
+            .patients()
+            .shred_deleted_before("2000-01-01T00:00:00Z")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let shredded = s
+        .state
+        .patients()
+        .shred_deleted_before("2999-01-01T00:00:00Z")
+        .await
+        .unwrap();
+    assert_eq!(shredded, [pid.as_str()]);
+    let row: (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT data_key, shredded_at FROM patients WHERE id = $1")
+            .bind(&pid)
+            .fetch_one(s.state.db().reader())
+            .await
+            .unwrap();
+    assert!(row.0.is_none() && row.1.is_some());
+    assert_eq!(
+        s.get_as(&format!("/api/v1/patients/{kept}"), &t.doctor)
+            .await
+            .status(),
+        200
+    );
+    assert!(
+        s.state
+            .patients()
+            .shred_deleted_before("not a time")
+            .await
+            .is_err()
+    );
+}
+both_backends!(deleted_patients_can_be_crypto_shredded);
