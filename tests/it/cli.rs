@@ -472,3 +472,94 @@ fn user_create_reads_the_password_from_standard_input() {
     );
     assert_eq!(code, 2);
 }
+
+/// PHI canaries sent through every kind of request never reach the server's log.
+#[tokio::test]
+async fn phi_never_reaches_the_log() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let env = [
+        ("CUSTODIAN_DATA_DIR", data.as_str()),
+        ("CUSTODIAN_PASSWORD__HASH_MEMORY_KIB", "1024"),
+        ("CUSTODIAN_PASSWORD__HASH_ITERATIONS", "1"),
+        ("CUSTODIAN_LOGGING__LEVEL", "info"),
+    ];
+    let mut cmd = command(dir.path());
+    cmd.args([
+        "user",
+        "create",
+        "--username",
+        "logdoc",
+        "--role",
+        "doctor",
+        "--password-stdin",
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Correct-Horse-9!\n")
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let mut s = serve(dir.path(), &env);
+    let c = reqwest::Client::new();
+    let base = format!("http://{}", s.addr);
+    let login: serde_json::Value = c
+        .post(format!("{base}/api/v1/auth/login"))
+        .json(&serde_json::json!({"username": "logdoc", "password": "Correct-Horse-9!"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let t = login["access_token"].as_str().unwrap().to_owned();
+    let p: serde_json::Value = c
+        .post(format!("{base}/api/v1/patients"))
+        .bearer_auth(&t)
+        .json(&serde_json::json!({"given_name": "Logcanarygiven", "family_name": "Logcanaryfamily", "birth_date": "1970-01-01",
+            "ssn": "512-34-5678", "email": "logcanary@example.org", "phone": "+1 555 0177", "address": "9 Logcanary Road"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = p["id"].as_str().unwrap();
+    for url in [
+        format!("{base}/api/v1/patients/{id}"),
+        format!("{base}/api/v1/patients?q=Logcanaryfamily"),
+        format!("{base}/api/v1/patients?q=512-34-5678&limit=0"),
+        format!("{base}/api/v1/patients/Logcanarypath"),
+    ] {
+        c.get(url)
+            .bearer_auth(&t)
+            .header("x-note", "Logcanaryheader")
+            .send()
+            .await
+            .unwrap();
+    }
+    c.patch(format!("{base}/api/v1/patients/{id}"))
+        .bearer_auth(&t)
+        .json(&serde_json::json!({"email": "Logcanarybad", "ssn": "Logcanaryssn"}))
+        .send()
+        .await
+        .unwrap();
+    kill_term(&s.child);
+    s.child.wait().unwrap();
+    let lines: Vec<String> = s.early.iter().cloned().chain(s.lines.iter()).collect();
+    assert!(lines.len() > 5);
+    for l in &lines {
+        for canary in ["Logcanary", "logcanary", "512-34-5678", "0177"] {
+            assert!(!l.contains(canary), "PHI reached the log: {l}");
+        }
+    }
+}
