@@ -64,7 +64,7 @@ impl AppState {
 }
 
 /// The identity service for a configuration: argon2id with the configured parameters on
-/// a pool as wide as the machine, at most 256 callers waiting.
+/// a pool of half the machine's cores, at most 256 callers waiting.
 pub fn identity_service(
     config: &Config,
     db: Db,
@@ -76,7 +76,9 @@ pub fn identity_service(
         iterations: config.password.hash_iterations,
         parallelism: config.password.hash_parallelism,
     };
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // Half the cores hash passwords (at least one): a login flood then leaves the other
+    // half to every other request.
+    let workers = std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1));
     let hasher =
         Hasher::new(params, workers, 256).map_err(|e| anyhow::anyhow!("password hashing: {e}"))?;
     Ok(Identity::new(

@@ -468,6 +468,7 @@ impl Identity {
             last_used_at,
             expires_at,
             revoked_at,
+            locked_until,
             user,
         }) = found
         else {
@@ -487,10 +488,8 @@ impl Identity {
                 return Err(IdentityError::Unauthorized);
             }
         }
-        if store::locked_until(&self.db, &format!("user:{}", user.username), &now_s)
-            .await?
-            .is_some()
-        {
+        // A locked user's tokens stop working while the lock lasts.
+        if locked_until.as_deref().is_some_and(|u| u > now_s.as_str()) {
             return Err(IdentityError::Unauthorized);
         }
         // Last-use writes are throttled: at most one per tenth of the idle timeout

@@ -450,6 +450,8 @@ pub struct TokenLookup {
     pub last_used_at: Option<String>,
     pub expires_at: String,
     pub revoked_at: Option<String>,
+    /// The user's sign-in lock, if any (read in the same query).
+    pub locked_until: Option<String>,
     pub user: User,
 }
 
@@ -459,6 +461,7 @@ fn lookup_from_row(r: &AnyRow) -> Result<TokenLookup, sqlx::Error> {
         last_used_at: r.try_get("last_used")?,
         expires_at: r.try_get("expires")?,
         revoked_at: r.try_get("revoked")?,
+        locked_until: r.try_get("locked_until")?,
         user: user_from_row(r)?,
     })
 }
@@ -466,7 +469,8 @@ fn lookup_from_row(r: &AnyRow) -> Result<TokenLookup, sqlx::Error> {
 pub async fn session_by_hash(db: &Db, hash: &str) -> Result<Option<TokenLookup>, StoreError> {
     let sql = format!(
         "SELECT s.id AS credential_id, s.last_used_at AS last_used, s.absolute_expires_at AS expires, \
-         s.revoked_at AS revoked, {} FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = $1",
+         s.revoked_at AS revoked, l.locked_until AS locked_until, {} FROM sessions s JOIN users u ON u.id = s.user_id \
+         LEFT JOIN lockouts l ON l.key = 'user:' || u.username WHERE s.token_hash = $1",
         prefixed_user_columns()
     );
     Ok(sqlx::query(AssertSqlSafe(sql))
@@ -480,7 +484,8 @@ pub async fn session_by_hash(db: &Db, hash: &str) -> Result<Option<TokenLookup>,
 pub async fn api_token_by_hash(db: &Db, hash: &str) -> Result<Option<TokenLookup>, StoreError> {
     let sql = format!(
         "SELECT t.id AS credential_id, t.last_used_at AS last_used, t.expires_at AS expires, \
-         t.revoked_at AS revoked, {} FROM api_tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = $1",
+         t.revoked_at AS revoked, l.locked_until AS locked_until, {} FROM api_tokens t JOIN users u ON u.id = t.user_id \
+         LEFT JOIN lockouts l ON l.key = 'user:' || u.username WHERE t.token_hash = $1",
         prefixed_user_columns()
     );
     Ok(sqlx::query(AssertSqlSafe(sql))

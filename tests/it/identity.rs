@@ -801,3 +801,42 @@ async fn secrets_never_reach_the_audit_trail(backend: Backend) {
     );
 }
 both_backends!(secrets_never_reach_the_audit_trail);
+
+async fn a_lock_stops_existing_tokens_until_it_ends(backend: Backend) {
+    let s = server(backend, vec![("lockout.max_failures", "2".into())]).await;
+    let uid = s.user("olly", "nurse", PW).await;
+    let t = s.login("olly", PW).await;
+    let cat = json(
+        s.send_as(
+            Method::POST,
+            "/api/v1/tokens",
+            &t,
+            Some(json!({"name": "x"})),
+        )
+        .await,
+    )
+    .await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..2 {
+        try_login(&s, "olly", "Wrong-Password-1!", None).await;
+    }
+    assert_eq!(s.get_as("/api/v1/auth/me", &t).await.status(), 401);
+    assert_eq!(s.get_as("/api/v1/auth/me", &cat).await.status(), 401);
+    s.user("ad", "admin", PW).await;
+    let admin = s.login("ad", PW).await;
+    assert_eq!(
+        s.send_as(
+            Method::POST,
+            &format!("/api/v1/users/{uid}/unlock"),
+            &admin,
+            None
+        )
+        .await
+        .status(),
+        204
+    );
+    assert_eq!(s.get_as("/api/v1/auth/me", &cat).await.status(), 200);
+}
+both_backends!(a_lock_stops_existing_tokens_until_it_ends);
