@@ -65,7 +65,8 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(revoke_token))
 }
 
-fn origin(ip: ClientIp, headers: &axum::http::HeaderMap) -> Origin {
+/// Where a sign-in comes from: the client address and (the start of) its user agent.
+pub fn origin(ip: ClientIp, headers: &axum::http::HeaderMap) -> Origin {
     Origin {
         ip: Some(ip.0.to_string()),
         user_agent: headers
@@ -73,6 +74,31 @@ fn origin(ip: ClientIp, headers: &axum::http::HeaderMap) -> Origin {
             .and_then(|v| v.to_str().ok())
             .map(|s| s.chars().take(256).collect()),
     }
+}
+
+/// Describes a sign-in attempt in the request's audit event: who (the user, or the name
+/// typed), `login` / `login_failed` / `account_locked`, and the reason.
+pub fn audit_attempt(audit: &Audit, ok: bool, facts: &super::service::AttemptFacts) {
+    audit.set_actor(match &facts.user_id {
+        Some(id) => Actor::user(id, &facts.username),
+        None => Actor {
+            id: None,
+            name: facts.username.clone(),
+        },
+    });
+    let action = if ok {
+        Action::Login
+    } else if facts.reason == AttemptReason::Locked || facts.locked_now {
+        Action::AccountLocked
+    } else {
+        Action::LoginFailed
+    };
+    audit.annotate(|a| {
+        a.action = Some(action);
+        a.resource_type = Some("session");
+        a.context
+            .insert("reason", ContextValue::Code(facts.reason.as_str()));
+    });
 }
 
 /// Refuses over-long input before any hashing work.
@@ -154,25 +180,7 @@ pub async fn login(
         .login(&req.username, &password, req.totp_code.as_deref(), &origin)
         .await;
     identity.record_attempt(&facts, &origin).await?;
-    audit.set_actor(match &facts.user_id {
-        Some(id) => Actor::user(id, &facts.username),
-        None => Actor {
-            id: None,
-            name: facts.username.clone(),
-        },
-    });
-    let action = match (&result, facts.reason) {
-        (Ok(_), _) => Action::Login,
-        (Err(_), AttemptReason::Locked) => Action::AccountLocked,
-        _ if facts.locked_now => Action::AccountLocked,
-        _ => Action::LoginFailed,
-    };
-    audit.annotate(|a| {
-        a.action = Some(action);
-        a.resource_type = Some("session");
-        a.context
-            .insert("reason", ContextValue::Code(facts.reason.as_str()));
-    });
+    audit_attempt(&audit, result.is_ok(), &facts);
     let ok = result?;
     if ok.used_recovery_code {
         audit.context("recovery_code", ContextValue::Bool(true));

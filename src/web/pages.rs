@@ -18,7 +18,8 @@ use crate::config::Secret;
 use crate::http::ApiError;
 use crate::http::client_ip::ClientIp;
 use crate::identity::IdentityError;
-use crate::identity::service::{Origin, describe};
+use crate::identity::routes::origin;
+use crate::identity::service::describe;
 use crate::identity::{roles, store};
 
 /// What every page's frame needs.
@@ -193,16 +194,6 @@ pub async fn login_form(
     login_page(&state, blank_login(n))
 }
 
-fn origin(ip: ClientIp, headers: &HeaderMap) -> Origin {
-    Origin {
-        ip: Some(ip.0.to_string()),
-        user_agent: headers
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.chars().take(256).collect()),
-    }
-}
-
 fn signed_in(state: &AppState, token: &Secret) -> Response {
     let mut r = Redirect::to("/admin").into_response();
     let env = state.config().env;
@@ -244,23 +235,7 @@ pub async fn login_submit(
     if let Err(e) = identity.record_attempt(&facts, &origin).await {
         return ApiError::from(e).into_response();
     }
-    audit.set_actor(match &facts.user_id {
-        Some(id) => Actor::user(id, &facts.username),
-        None => Actor {
-            id: None,
-            name: facts.username.clone(),
-        },
-    });
-    audit.annotate(|a| {
-        a.action = Some(match (&result, facts.locked_now) {
-            (Ok(_), _) => Action::Login,
-            (Err(IdentityError::Locked { .. }), _) | (_, true) => Action::AccountLocked,
-            _ => Action::LoginFailed,
-        });
-        a.resource_type = Some("session");
-        a.context
-            .insert("reason", ContextValue::Code(facts.reason.as_str()));
-    });
+    crate::identity::routes::audit_attempt(&audit, result.is_ok(), &facts);
     match result {
         Ok(ok) => signed_in(&state, &ok.token),
         Err(IdentityError::MfaRequired) => {
