@@ -115,6 +115,8 @@ pub async fn open_database(config: &Config, clock: &dyn crate::clock::Clock) -> 
     let settings = PoolSettings {
         max_connections: config.database.max_connections,
         acquire_timeout: config.database.acquire_timeout.std(),
+        sqlite_synchronous_full: config.database.sqlite_synchronous
+            == crate::config::SqliteSync::Full,
     };
     let db = Db::connect(&secrets.database_url, &settings)
         .await

@@ -122,6 +122,17 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
     /// How long a request waits for a free connection.
     pub acquire_timeout: Duration,
+    /// SQLite only: `full` (default) fsyncs every commit, so an acknowledged write
+    /// survives a power loss; `normal` fsyncs at checkpoints only, so it survives a crash
+    /// of the process but the last commits may be lost with the machine.
+    pub sqlite_synchronous: SqliteSync,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SqliteSync {
+    Full,
+    Normal,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, Default)]
@@ -282,6 +293,7 @@ impl Default for DatabaseConfig {
             url_file: None,
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
+            sqlite_synchronous: SqliteSync::Full,
         }
     }
 }

@@ -60,6 +60,19 @@ impl StoreError {
 pub struct PoolSettings {
     pub max_connections: u32,
     pub acquire_timeout: Duration,
+    /// SQLite: fsync at every commit (survives power loss) rather than only at
+    /// checkpoints (survives a crash of the process).
+    pub sqlite_synchronous_full: bool,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+            sqlite_synchronous_full: true,
+        }
+    }
 }
 
 /// The database handle every service uses.
@@ -112,8 +125,8 @@ fn create_private_file(path: &Path) -> Result<(), StoreError> {
 type PragmaFuture<'c> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), sqlx::Error>> + Send + 'c>>;
 
-/// Run on every new SQLite connection.
-fn sqlite_pragmas(
+/// Run on every new SQLite connection (`synchronous = FULL`).
+fn sqlite_pragmas_full(
     conn: &mut sqlx::AnyConnection,
     _: sqlx::pool::PoolConnectionMetadata,
 ) -> PragmaFuture<'_> {
@@ -121,6 +134,21 @@ fn sqlite_pragmas(
         conn.execute(
             "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; \
              PRAGMA busy_timeout = 5000; PRAGMA synchronous = FULL;",
+        )
+        .await?;
+        Ok(())
+    })
+}
+
+/// Run on every new SQLite connection (`synchronous = NORMAL`).
+fn sqlite_pragmas_normal(
+    conn: &mut sqlx::AnyConnection,
+    _: sqlx::pool::PoolConnectionMetadata,
+) -> PragmaFuture<'_> {
+    Box::pin(async move {
+        conn.execute(
+            "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; \
+             PRAGMA busy_timeout = 5000; PRAGMA synchronous = NORMAL;",
         )
         .await?;
         Ok(())
@@ -157,7 +185,11 @@ impl Db {
         } else {
             format!("sqlite://{path}?mode=rwc")
         };
-        let pragmas = sqlite_pragmas;
+        let pragmas = if settings.sqlite_synchronous_full {
+            sqlite_pragmas_full
+        } else {
+            sqlite_pragmas_normal
+        };
         // One writer: SQLite serialises writes anyway, and a single connection turns
         // contention into queueing instead of SQLITE_BUSY.
         let write = AnyPoolOptions::new()

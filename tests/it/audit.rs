@@ -496,6 +496,7 @@ mod commands {
             &custodian::store::PoolSettings {
                 max_connections: 1,
                 acquire_timeout: std::time::Duration::from_secs(5),
+                ..Default::default()
             },
         )
         .await
@@ -576,6 +577,7 @@ mod commands {
             &custodian::store::PoolSettings {
                 max_connections: 1,
                 acquire_timeout: std::time::Duration::from_secs(5),
+                ..Default::default()
             },
         )
         .await

@@ -12,6 +12,7 @@ fn settings() -> PoolSettings {
     PoolSettings {
         max_connections: 4,
         acquire_timeout: std::time::Duration::from_secs(5),
+        ..Default::default()
     }
 }
 
