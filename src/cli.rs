@@ -311,6 +311,10 @@ async fn serve(config: Config) -> ExitCode {
         let _ = trigger.send(true);
     });
     let result = server.wait().await;
+    // Every queued audit event is committed before the database closes.
+    if let Err(e) = app.state.audit().flush().await {
+        tracing::error!(error = %e, "shutdown: queued audit events could not all be committed");
+    }
     app.state.db().close().await;
     match result {
         Ok(()) => {

@@ -79,6 +79,14 @@ impl AuditLog {
         NewEvent::new(action, outcome, self.now())
     }
 
+    /// Waits until every event handed to the writer so far is committed.
+    pub async fn flush(&self) -> Result<(), AuditError> {
+        match &self.writer {
+            Some(w) => w.flush().await,
+            None => Ok(()),
+        }
+    }
+
     pub fn writer(&self) -> Option<&Writer> {
         self.writer.as_ref()
     }

@@ -603,3 +603,25 @@ mod commands {
         assert_eq!(code, 0, "{out} {err}");
     }
 }
+
+async fn flush_waits_for_everything_queued(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let log = s.state.audit().clone();
+    let mut pending = Vec::new();
+    for i in 0..50 {
+        let log = log.clone();
+        pending.push(tokio::spawn(async move {
+            let mut e = log.event(Action::Access, custodian::audit::Outcome::Success);
+            e.request_id = Some(format!("flush-{i}"));
+            log.record(vec![e]).await
+        }));
+    }
+    tokio::task::yield_now().await;
+    log.flush().await.unwrap();
+    for p in pending {
+        p.await.unwrap().unwrap();
+    }
+    assert_eq!(all_events(s.state.db()).await.len(), 50);
+    assert!(log.verify().await.unwrap().ok);
+}
+both_backends!(flush_waits_for_everything_queued);
