@@ -789,8 +789,7 @@ async fn demo_seed(config: Config, count: u32) -> ExitCode {
         }
     };
     let made = crate::records::demo::seed(&patients, count).await;
-    db.close().await;
-    match made {
+    let code = match made {
         Ok((p, r)) => {
             let ctx = vec![
                 ("patients", crate::audit::ContextValue::Int(i64::from(p))),
@@ -811,7 +810,9 @@ async fn demo_seed(config: Config, count: u32) -> ExitCode {
             eprintln!("custodian demo seed: {e}");
             ExitCode::FAILURE
         }
-    }
+    };
+    db.close().await;
+    code
 }
 
 async fn patients_shred(config: Config, before: &str) -> ExitCode {

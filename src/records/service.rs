@@ -178,8 +178,10 @@ impl Patients {
 
     fn new_mrn() -> Result<String, PhiError> {
         let b = crypto::random_bytes::<8>().map_err(|e| PhiError::Envelope(e.into()))?;
-        let n = u64::from_be_bytes(b) % 100_000_000;
-        Ok(format!("MRN-{n:08}"))
+        // 12 digits: collisions stay rare in any realistic population, and an assigned
+        // MRN that is taken is drawn again (see `create`).
+        let n = u64::from_be_bytes(b) % 1_000_000_000_000;
+        Ok(format!("MRN-{n:012}"))
     }
 
     pub async fn create(&self, input: NewPatient) -> Result<Patient, PhiError> {
@@ -196,6 +198,7 @@ impl Patients {
             address: input.address.as_deref().map(|s| c.address(s)),
             mrn: String::new(),
         };
+        let assigned = input.mrn.is_none();
         f.mrn = match input.mrn.as_deref() {
             Some(m) => c.mrn(m),
             None => Self::new_mrn()?,
@@ -210,8 +213,16 @@ impl Patients {
         let now = self.now();
         row.created_at.clone_from(&now);
         row.updated_at = now;
-        if !store::insert_patient(&self.db, &row).await? {
-            return Err(PhiError::Conflict("a patient with this MRN exists"));
+        let mut tries = 0;
+        while !store::insert_patient(&self.db, &row).await? {
+            tries += 1;
+            if !assigned || tries > 5 {
+                return Err(PhiError::Conflict("a patient with this MRN exists"));
+            }
+            // The MRN we drew is taken: draw another.
+            f.mrn = Self::new_mrn()?;
+            row.mrn = envelope::seal_field(&key, PATIENTS, "mrn", &id, &f.mrn)?;
+            row.bi_mrn = self.bi("mrn", &f.mrn)?;
         }
         self.open_row(&row)
     }

@@ -563,3 +563,24 @@ async fn phi_never_reaches_the_log() {
         }
     }
 }
+
+#[test]
+fn demo_seed_creates_fake_patients_and_records_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let env = [("CUSTODIAN_DATA_DIR", data.as_str())];
+    let (code, out, err) = run(dir.path(), &["demo", "seed", "--patients", "5"], &env);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["patients"], 5);
+    assert!(v["records"].as_i64().unwrap() >= 5);
+    assert!(!err.contains("could not be stored"), "{err}");
+    let (code, out, _) = run(dir.path(), &["audit", "export"], &env);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("system:demo-seed"),
+        "the seeding is in the audit trail"
+    );
+    let (code, _, err) = run(dir.path(), &["audit", "verify"], &env);
+    assert_eq!(code, 0, "{err}");
+}
