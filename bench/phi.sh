@@ -24,6 +24,10 @@
 #                                              blind-index search, ~N/24 matches, a page of
 #                                              20 (each named in its own audit event);
 #                                              cycles over the 24 family names of the seed
+#       GET /api/v1/patients?q=<family>&limit=1
+#                                              the same search with a page of 1: the
+#                                              difference is the cost of 19 more rows
+#                                              (decryption, audit events, JSON)
 #
 # Before seeding and before each backend's measurements, the script waits until no
 # process named `wrk` and no `bench/audit_identity.sh` has run for QUIET seconds (another
@@ -41,6 +45,9 @@
 #   NOISE_MAX=0.25 ATTEMPTS=3             see above
 #   SKIP_BUILD=1                          use the binary already in target/release
 #   BACKENDS="sqlite postgres"
+#   PG_ANALYZE=1                          on PostgreSQL, after the measurements: ANALYZE
+#                                         the tables and measure both searches again
+#                                         (0 to skip); useful where autovacuum is off
 #   PGHOST=127.0.0.1 PGPORT=5432 PGUSER=postgres PGADMIN_DB=test
 #                                         the PostgreSQL server (trust auth) and the
 #                                         database to connect to for CREATE/DROP DATABASE
@@ -68,6 +75,7 @@ QUIET="${QUIET:-30}"
 QUIET_MAX="${QUIET_MAX:-2h}"
 NOISE_MAX="${NOISE_MAX:-0.25}"
 ATTEMPTS="${ATTEMPTS:-3}"
+PG_ANALYZE="${PG_ANALYZE:-1}"
 PG_HOST="${PGHOST:-127.0.0.1}"
 PG_PORT="${PGPORT:-5432}"
 PG_USER="${PGUSER:-postgres}"
@@ -568,11 +576,13 @@ with open(p + "-mrn.paths", "w") as f:
     f.writelines("/api/v1/patients?q=%s\n" % urllib.parse.quote(x) for x in mrns)
 with open(p + "-name.paths", "w") as f:
     f.writelines("/api/v1/patients?q=%s&limit=20\n" % urllib.parse.quote(x) for x in families)
+with open(p + "-name1.paths", "w") as f:
+    f.writelines("/api/v1/patients?q=%s&limit=1\n" % urllib.parse.quote(x) for x in families)
 print("ids %d, family names %d" % (len(ids), len(families)), file=sys.stderr)
 print(len(m["items"]), len(n["items"]))
 PY
     read -r "ROWS[$backend-mrn]" "ROWS[$backend-name]" <"$OUT/$backend-sample.txt"
-    for kind in get mrn name; do
+    for kind in get mrn name name1; do
         cycle_lua "$OUT/$backend-$kind.paths" >"$OUT/$backend-$kind.lua"
     done
     say "$backend: $(wc -l <"$OUT/$backend-get.paths") ids, $(wc -l <"$OUT/$backend-name.paths") family names"
@@ -585,8 +595,27 @@ PY
     measure "$backend-get" "$BASE/" "${auth[@]}" -s "$OUT/$backend-get.lua"
     measure "$backend-mrn" "$BASE/" "${auth[@]}" -s "$OUT/$backend-mrn.lua"
     measure "$backend-name" "$BASE/" "${auth[@]}" -s "$OUT/$backend-name.lua"
-    stop_server
-    capture_plans "after the measurements"
+    measure "$backend-name1" "$BASE/" "${auth[@]}" -s "$OUT/$backend-name1.lua"
+    ROWS[$backend-name1]=1
+    if [[ "$backend" == postgres && "$PG_ANALYZE" == 1 ]]; then
+        # The planner's statistics: autovacuum may be off (or not have run yet) on this
+        # server, so measure the searches again once the tables are analysed.
+        capture_plans "after the measurements, before ANALYZE"
+        timeout 300 psql -X -q -v ON_ERROR_STOP=1 -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d "$db" \
+            -c "ANALYZE patients" -c "ANALYZE records" || die "ANALYZE failed"
+        capture_plans "after ANALYZE"
+        wait_quiet
+        measure "$backend-mrn+analyze" "$BASE/" "${auth[@]}" -s "$OUT/$backend-mrn.lua"
+        measure "$backend-name+analyze" "$BASE/" "${auth[@]}" -s "$OUT/$backend-name.lua"
+        measure "$backend-name1+analyze" "$BASE/" "${auth[@]}" -s "$OUT/$backend-name1.lua"
+        ROWS[$backend-name1+analyze]=1
+        ROWS[$backend-mrn+analyze]="${ROWS[$backend-mrn]}"
+        ROWS[$backend-name+analyze]="${ROWS[$backend-name]}"
+        stop_server
+    else
+        stop_server
+        capture_plans "after the measurements"
+    fi
 done
 
 err() { echo "${ERRS[$1]:-none}"; }
@@ -652,12 +681,17 @@ yes_no() { awk -v v="$1" -v t="$2" -v op="$3" 'BEGIN {
     echo "| backend | patients | query | rows per answer | req/s | p50 (ms) | p99 (ms) | ÷ /health req/s | server µs CPU / req | PostgreSQL µs CPU / req | errors |"
     echo "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"
     for b in "${ACTIVE[@]}"; do
-        for e in mrn name; do
+        for e in mrn name name1 mrn+analyze name+analyze name1+analyze; do
             k="$b-$e"
+            [[ -n "${RPS[$k]:-}" ]] || continue
             # shellcheck disable=SC2016 # backquotes for markdown
             case "$e" in
                 mrn) label="\`q=<MRN>\` (cycles over $SAMPLE)" ;;
                 name) label='`q=<family name>&limit=20` (cycles over 24)' ;;
+                mrn+analyze) label="\`q=<MRN>\`, after \`ANALYZE\`" ;;
+                name+analyze) label='`q=<family name>&limit=20`, after `ANALYZE`' ;;
+                name1) label='`q=<family name>&limit=1` (same query, 1 row)' ;;
+                name1+analyze) label='`q=<family name>&limit=1`, after `ANALYZE`' ;;
             esac
             pg="—"; [[ "$b" == postgres ]] && pg="$(us_per "${PGCPU[$k]}" "${RPS[$k]}")"
             printf '| %s | %s | %s | %s | %s | %.3f | %.3f | %s | %s | %s | %s |\n' "$b" "${SEED_N[$b]}" "$label" \
@@ -669,6 +703,9 @@ yes_no() { awk -v v="$1" -v t="$2" -v op="$3" 'BEGIN {
     echo -n "Target for search by name: p99 ≤ 20 ms."
     for b in "${ACTIVE[@]}"; do
         echo -n " $b: ${P99[$b-name]} ms ($(yes_no "${P99[$b-name]}" 20 '<='));"
+        if [[ -n "${RPS[$b-name+analyze]:-}" ]]; then
+            echo -n " $b after ANALYZE: ${P99[$b-name+analyze]} ms ($(yes_no "${P99[$b-name+analyze]}" 20 '<='));"
+        fi
     done
     echo
     echo
