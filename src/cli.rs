@@ -315,6 +315,19 @@ async fn serve(config: Config) -> ExitCode {
     if let Err(e) = app.state.audit().flush().await {
         tracing::error!(error = %e, "shutdown: queued audit events could not all be committed");
     }
+    if let Some(w) = app.state.audit().writer() {
+        let [batches, events, failures, micros, largest, moved] = w.stats().snapshot();
+        tracing::info!(
+            batches,
+            events,
+            failures,
+            largest,
+            head_moved = moved,
+            mean_batch = events.checked_div(batches).unwrap_or(0),
+            mean_store_us = micros.checked_div(batches).unwrap_or(0),
+            "audit writer totals"
+        );
+    }
     app.state.db().close().await;
     match result {
         Ok(()) => {

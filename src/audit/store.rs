@@ -104,28 +104,7 @@ pub async fn append(
         let sql = insert_sql(chunk.len());
         let mut q = sqlx::query(AssertSqlSafe(sql));
         for e in chunk {
-            q = q
-                .bind(e.seq)
-                .bind(e.id.clone())
-                .bind(e.at.clone())
-                .bind(e.actor_id.clone())
-                .bind(e.actor.clone())
-                .bind(e.action.clone())
-                .bind(e.resource_type.clone())
-                .bind(e.resource_id.clone())
-                .bind(e.patient_id.clone())
-                .bind(e.method.clone())
-                .bind(e.path.clone())
-                .bind(e.status)
-                .bind(e.ip.clone())
-                .bind(e.user_agent.clone())
-                .bind(e.request_id.clone())
-                .bind(e.outcome.clone())
-                .bind(i64::from(e.break_glass))
-                .bind(e.reason.clone())
-                .bind(e.context.clone())
-                .bind(e.prev_hash.clone())
-                .bind(e.hash.clone());
+            q = bind_event(q, e);
         }
         q.execute(&mut *tx).await?;
     }
@@ -142,6 +121,185 @@ pub async fn append(
     .await?;
     tx.commit().await?;
     Ok(chained)
+}
+
+/// Where the writer believes the chain ends: the last committed `seq` and its hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tail {
+    pub seq: i64,
+    pub hash: String,
+}
+
+impl AuditEvent {
+    fn tail(&self) -> Tail {
+        Tail {
+            seq: self.seq,
+            hash: self.hash.clone(),
+        }
+    }
+}
+
+/// The most rows the one-statement append takes (PostgreSQL allows 65,535 parameters
+/// per statement); bigger batches go through [`append`].
+pub const FAST_MAX_ROWS: usize = 3000;
+
+/// What [`append_after`] did.
+pub enum Appended {
+    /// Committed; the chain now ends at the last event.
+    Done(Vec<AuditEvent>),
+    /// The chain did not end at `tail` (another process appended): nothing was written.
+    Moved,
+}
+
+/// Appends `events` after `tail`, the end of the chain as this writer last committed
+/// it, in one round trip: the events and the head move together, only if the head is
+/// still at `tail`, and nothing is written otherwise.
+///
+/// - SQLite: one multi-statement script, `BEGIN IMMEDIATE; INSERT…; UPDATE audit_head
+///   … WHERE seq = tail; <fail unless that changed a row>; COMMIT`. An event whose
+///   `seq` exists (another process appended) fails the primary key.
+/// - PostgreSQL: one statement, `WITH h AS (UPDATE audit_head … WHERE seq = tail
+///   RETURNING 1) INSERT … SELECT … WHERE EXISTS (SELECT 1 FROM h)`, atomic on its own.
+///
+/// [`append`] (head read and locked in a transaction) is the general path; this one
+/// saves four of its five round trips, which matters because every audited request
+/// waits for its batch.
+pub async fn append_after(
+    db: &Db,
+    tail: &Tail,
+    events: &[NewEvent],
+    sign: &(dyn Fn(i64, &str) -> (i64, String) + Send + Sync),
+    now: &str,
+) -> Result<Appended, StoreError> {
+    let mut chained = Vec::with_capacity(events.len());
+    let mut prev = tail.hash.clone();
+    let mut seq = tail.seq;
+    for e in events {
+        seq += 1;
+        let c = AuditEvent::chained(e, seq, &prev);
+        prev.clone_from(&c.hash);
+        chained.push(c);
+    }
+    if chained.is_empty() || chained.len() > FAST_MAX_ROWS {
+        return Ok(Appended::Moved);
+    }
+    let (key_version, mac) = sign(seq, &prev);
+    // Head parameters come first: $1 new seq, $2 hash, $3 key version, $4 mac,
+    // $5 updated_at, $6 expected seq, $7 expected hash; the rows follow from $8.
+    const HEAD_PARAMS: usize = 7;
+    let rows_sql = |rows: &[AuditEvent], first_row: usize| {
+        let mut sql = String::new();
+        for r in 0..rows.len() {
+            if r > 0 {
+                sql.push(',');
+            }
+            sql.push('(');
+            for c in 0..NCOLS {
+                if c > 0 {
+                    sql.push(',');
+                }
+                sql.push('$');
+                sql.push_str(&(HEAD_PARAMS + (first_row + r) * NCOLS + c + 1).to_string());
+            }
+            sql.push(')');
+        }
+        sql
+    };
+    let sql = match db.backend() {
+        Backend::Sqlite => {
+            let mut sql = String::from("BEGIN IMMEDIATE;");
+            for (i, chunk) in chained.chunks(ROWS_PER_INSERT).enumerate() {
+                sql.push_str(&format!("INSERT INTO audit_events ({COLUMNS}) VALUES "));
+                sql.push_str(&rows_sql(chunk, i * ROWS_PER_INSERT));
+                sql.push(';');
+            }
+            sql.push_str(
+                "UPDATE audit_head SET seq = $1, hash = $2, key_version = $3, mac = $4, updated_at = $5 \
+                 WHERE id = 1 AND seq = $6 AND hash = $7;\
+                 INSERT INTO audit_head (id, seq, hash, key_version, mac, updated_at) \
+                 SELECT 1, 0, '', 0, '', '' WHERE changes() = 0;\
+                 COMMIT;",
+            );
+            sql
+        }
+        Backend::Postgres => format!(
+            "WITH h AS (UPDATE audit_head SET seq = $1, hash = $2, key_version = $3, mac = $4, updated_at = $5 \
+             WHERE id = 1 AND seq = $6 AND hash = $7 RETURNING 1) \
+             INSERT INTO audit_events ({COLUMNS}) SELECT * FROM (VALUES {}) AS v \
+             WHERE EXISTS (SELECT 1 FROM h)",
+            rows_sql(&chained, 0)
+        ),
+    };
+    let mut conn = db.writer().acquire().await?;
+    let mut q = sqlx::query(AssertSqlSafe(sql))
+        .bind(seq)
+        .bind(prev)
+        .bind(key_version)
+        .bind(mac)
+        .bind(now.to_owned())
+        .bind(tail.seq)
+        .bind(tail.hash.clone());
+    for e in &chained {
+        q = bind_event(q, e);
+    }
+    match q.execute(&mut *conn).await {
+        Ok(done) => {
+            // PostgreSQL inserts nothing when the head moved; SQLite fails instead.
+            if db.backend() == Backend::Postgres && done.rows_affected() != chained.len() as u64 {
+                return Ok(Appended::Moved);
+            }
+            Ok(Appended::Done(chained))
+        }
+        Err(e) => {
+            if db.backend() == Backend::Sqlite {
+                // The script stopped at the failing statement: end its transaction.
+                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+                if is_constraint(&e) {
+                    return Ok(Appended::Moved);
+                }
+            } else if is_constraint(&e) {
+                return Ok(Appended::Moved);
+            }
+            Err(e.into())
+        }
+    }
+}
+
+fn is_constraint(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+impl Tail {
+    /// The end of the chain after `chained`, or `None` for an empty batch.
+    pub fn after(chained: &[AuditEvent]) -> Option<Self> {
+        chained.last().map(AuditEvent::tail)
+    }
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
+
+fn bind_event<'q>(q: AnyQuery<'q>, e: &AuditEvent) -> AnyQuery<'q> {
+    q.bind(e.seq)
+        .bind(e.id.clone())
+        .bind(e.at.clone())
+        .bind(e.actor_id.clone())
+        .bind(e.actor.clone())
+        .bind(e.action.clone())
+        .bind(e.resource_type.clone())
+        .bind(e.resource_id.clone())
+        .bind(e.patient_id.clone())
+        .bind(e.method.clone())
+        .bind(e.path.clone())
+        .bind(e.status)
+        .bind(e.ip.clone())
+        .bind(e.user_agent.clone())
+        .bind(e.request_id.clone())
+        .bind(e.outcome.clone())
+        .bind(i64::from(e.break_glass))
+        .bind(e.reason.clone())
+        .bind(e.context.clone())
+        .bind(e.prev_hash.clone())
+        .bind(e.hash.clone())
 }
 
 fn insert_sql(rows: usize) -> String {

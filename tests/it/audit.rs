@@ -12,7 +12,7 @@ use custodian::audit::{Action, Actor, Audit, AuditEvent, ContextValue};
 use custodian::store::{Backend as DbBackend, Db};
 
 use crate::both_backends;
-use crate::support::{Backend, Options, TestDb, TestServer, postgres_url};
+use crate::support::{Backend, Options, TestDb, TestServer};
 
 async fn events_for(db: &Db, request_id: &str) -> Vec<AuditEvent> {
     let all = query(db, &Filter::default(), 100_000, true).await.unwrap();
@@ -378,15 +378,29 @@ async fn retention_purge_keeps_the_chain_verifiable(backend: Backend) {
 }
 both_backends!(retention_purge_keeps_the_chain_verifiable);
 
-/// Two server processes' worth of writers on one PostgreSQL database keep one chain.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_instances_on_one_postgres_keep_one_chain() {
-    if postgres_url().is_none() {
-        return;
-    }
-    let db = Arc::new(TestDb::new(Backend::Postgres).await);
+/// Two servers' writers on one database (two instances on PostgreSQL, or a server
+/// and another process on one SQLite file) keep one chain.
+async fn two_writers_on_one_database_keep_one_chain(backend: Backend) {
+    let db = Arc::new(TestDb::new(backend).await);
     let a = TestServer::start_on(db.clone(), Options::default()).await;
     let b = TestServer::start_on(db.clone(), Options::default()).await;
+    // Taking turns: each writer finds, at its next batch, that the other moved the
+    // head since its own last commit, and must store through the locked path.
+    for i in 0..6 {
+        for s in [&a, &b] {
+            let r = s
+                .client
+                .get(s.url(&format!("/api/v1/turns/{i}")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 404);
+        }
+    }
+    for s in [&a, &b] {
+        let moved = s.state.audit().writer().unwrap().stats().snapshot()[5];
+        assert!(moved >= 1, "the head-moved path was not taken: {moved}");
+    }
     let mut tasks = Vec::new();
     for i in 0..150 {
         for s in [&a, &b] {
@@ -401,9 +415,16 @@ async fn two_instances_on_one_postgres_keep_one_chain() {
     }
     let r = a.state.audit().verify().await.unwrap();
     assert!(r.ok, "{r:?}");
-    assert_eq!(r.events, 300);
+    assert_eq!(r.events, 312);
     assert_eq!(b.state.audit().verify().await.unwrap(), r);
+    let seqs: Vec<i64> = all_events(a.state.db())
+        .await
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, (1..=312).collect::<Vec<_>>());
 }
+both_backends!(two_writers_on_one_database_keep_one_chain);
 
 /// `custodian audit verify` / `export` on a data directory.
 mod commands {
