@@ -31,6 +31,7 @@ struct Inner {
     audit: AuditLog,
     identity: Identity,
     patients: Patients,
+    limiter: crate::ratelimit::Limiter,
 }
 
 impl AppState {
@@ -45,6 +46,9 @@ impl AppState {
     }
     pub fn clock(&self) -> &SharedClock {
         &self.inner.clock
+    }
+    pub fn limiter(&self) -> &crate::ratelimit::Limiter {
+        &self.inner.limiter
     }
     pub fn installation_id(&self) -> &str {
         &self.inner.installation_id
@@ -167,6 +171,12 @@ impl App {
             ),
             None => None,
         };
+        let limiter = crate::ratelimit::Limiter::new(
+            &config.rate_limit,
+            redis.clone(),
+            &installation_id,
+            clock.clone(),
+        );
         Ok(Self {
             state: AppState {
                 inner: Arc::new(Inner {
@@ -179,6 +189,7 @@ impl App {
                     audit,
                     identity,
                     patients,
+                    limiter,
                 }),
             },
         })

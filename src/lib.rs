@@ -17,6 +17,7 @@ pub mod access;
 pub mod audit;
 pub mod identity;
 pub mod phi;
+pub mod ratelimit;
 pub mod records;
 pub mod smart;
 pub mod web;

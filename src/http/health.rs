@@ -20,7 +20,8 @@ pub struct Health {
 
 #[derive(Serialize, ToSchema)]
 pub struct Readiness {
-    /// `ok` or `unavailable`.
+    /// `ok`, `degraded` (serving, but the rate limiter has fallen back to this
+    /// instance's own memory because Redis failed) or `unavailable`.
     pub status: &'static str,
     /// Each dependency: `ok`, `unavailable`, or `not_configured`.
     pub checks: Checks,
@@ -30,6 +31,9 @@ pub struct Readiness {
 pub struct Checks {
     pub database: &'static str,
     pub redis: &'static str,
+    /// Where rate limits are counted: `shared` (Redis), `local` (this instance),
+    /// `degraded` (Redis configured but failing: counted locally) or `off`.
+    pub rate_limit: &'static str,
 }
 
 /// Liveness: the process answers.
@@ -73,9 +77,19 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         },
     };
     let ok = database == "ok" && redis != "unavailable";
+    let rate_limit = state.limiter().mode();
+    let status = match (ok, rate_limit) {
+        (false, _) => "unavailable",
+        (true, crate::ratelimit::Mode::Degraded) => "degraded",
+        (true, _) => "ok",
+    };
     let body = Readiness {
-        status: if ok { "ok" } else { "unavailable" },
-        checks: Checks { database, redis },
+        status,
+        checks: Checks {
+            database,
+            redis,
+            rate_limit: rate_limit.as_str(),
+        },
     };
     let status = if ok {
         StatusCode::OK

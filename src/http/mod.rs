@@ -80,7 +80,11 @@ pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
         .layer(axum::Extension(json::BodyLimit(limit)))
         .layer(DefaultBodyLimit::max(limit))
         .layer(from_fn_with_state(timeout, timeout_middleware))
-        .layer(CatchPanicLayer::custom(panic_response));
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(from_fn_with_state(
+            state.clone(),
+            crate::ratelimit::middleware::middleware,
+        ));
     if let Some(cors) = cors {
         app = app.layer(cors);
     }

@@ -46,6 +46,25 @@ async fn authenticate(
     Ok(principal)
 }
 
+/// A principal already authenticated for this request (by the rate limiter, which
+/// limits authenticated requests per user).
+#[derive(Clone)]
+struct PreAuthenticated(Principal);
+
+/// Authenticates a request's bearer token ahead of its handler and keeps the result
+/// for the handler's extractor; returns the user id. `None` when there is no token or
+/// it is not valid (the extractor then answers 401 as usual).
+pub async fn pre_authenticate(parts: &mut Parts, state: &AppState) -> Option<String> {
+    let token = match bearer(parts) {
+        Some(Ok(t)) => t.to_owned(),
+        _ => return None,
+    };
+    let principal = authenticate(parts, state, &token).await.ok()?;
+    let id = principal.user_id.clone();
+    parts.extensions.insert(PreAuthenticated(principal));
+    Some(id)
+}
+
 impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
@@ -53,6 +72,9 @@ impl FromRequestParts<AppState> for Principal {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
+        if let Some(PreAuthenticated(p)) = parts.extensions.get::<PreAuthenticated>() {
+            return Ok(p.clone());
+        }
         match bearer(parts) {
             Some(Ok(token)) => {
                 let token = token.to_owned();

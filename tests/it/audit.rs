@@ -14,7 +14,7 @@ use custodian::store::{Backend as DbBackend, Db};
 use crate::both_backends;
 use crate::support::{Backend, Options, TestDb, TestServer};
 
-async fn events_for(db: &Db, request_id: &str) -> Vec<AuditEvent> {
+pub(crate) async fn events_for(db: &Db, request_id: &str) -> Vec<AuditEvent> {
     let all = query(db, &Filter::default(), 100_000, true).await.unwrap();
     all.into_iter()
         .filter(|e| e.request_id.as_deref() == Some(request_id))
@@ -382,8 +382,12 @@ both_backends!(retention_purge_keeps_the_chain_verifiable);
 /// and another process on one SQLite file) keep one chain.
 async fn two_writers_on_one_database_keep_one_chain(backend: Backend) {
     let db = Arc::new(TestDb::new(backend).await);
-    let a = TestServer::start_on(db.clone(), Options::default()).await;
-    let b = TestServer::start_on(db.clone(), Options::default()).await;
+    let unlimited = || Options {
+        sets: vec![("rate_limit.enabled", "false".into())],
+        ..Options::default()
+    };
+    let a = TestServer::start_on(db.clone(), unlimited()).await;
+    let b = TestServer::start_on(db.clone(), unlimited()).await;
     // Taking turns: each writer finds, at its next batch, that the other moved the
     // head since its own last commit, and must store through the locked path.
     for i in 0..6 {
@@ -430,8 +434,12 @@ both_backends!(two_writers_on_one_database_keep_one_chain);
 mod commands {
     use crate::cli::{run, serve};
 
-    fn env(data: &str) -> [(&'static str, &str); 1] {
-        [("CUSTODIAN_DATA_DIR", data)]
+    fn env(data: &str) -> [(&'static str, &str); 2] {
+        // Thousands of requests from one address: limits off, as in the benchmarks.
+        [
+            ("CUSTODIAN_DATA_DIR", data),
+            ("CUSTODIAN_RATE_LIMIT__ENABLED", "false"),
+        ]
     }
 
     #[tokio::test]

@@ -14,5 +14,6 @@ mod docs;
 mod health;
 mod identity;
 mod phi;
+mod ratelimit;
 mod storage;
 mod web;
