@@ -32,6 +32,8 @@ struct Inner {
     identity: Identity,
     patients: Patients,
     limiter: crate::ratelimit::Limiter,
+    metrics: crate::metrics::Metrics,
+    security: crate::security::Security,
 }
 
 impl AppState {
@@ -46,6 +48,12 @@ impl AppState {
     }
     pub fn clock(&self) -> &SharedClock {
         &self.inner.clock
+    }
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.inner.metrics
+    }
+    pub fn security(&self) -> &crate::security::Security {
+        &self.inner.security
     }
     pub fn limiter(&self) -> &crate::ratelimit::Limiter {
         &self.inner.limiter
@@ -177,6 +185,9 @@ impl App {
             &installation_id,
             clock.clone(),
         );
+        let security =
+            crate::security::Security::new(db.clone(), clock.clone(), config.security.clone());
+        audit.observe_with(security.clone());
         Ok(Self {
             state: AppState {
                 inner: Arc::new(Inner {
@@ -190,6 +201,8 @@ impl App {
                     identity,
                     patients,
                     limiter,
+                    metrics: crate::metrics::Metrics::default(),
+                    security,
                 }),
             },
         })

@@ -10,6 +10,8 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod http;
+pub mod metrics;
+pub mod scrub;
 pub mod store;
 pub mod telemetry;
 
@@ -19,5 +21,6 @@ pub mod identity;
 pub mod phi;
 pub mod ratelimit;
 pub mod records;
+pub mod security;
 pub mod smart;
 pub mod web;

@@ -130,6 +130,16 @@ pub async fn verify(
     _auth: Authorized<need::AuditRead>,
 ) -> Result<Json<VerifyReport>, ApiError> {
     let report = state.audit().verify().await?;
+    if !report.ok {
+        state.security().raise(
+            crate::security::Rule::AuditChainBroken,
+            "audit_log",
+            &format!(
+                "verification failed at event {}",
+                report.first_bad.as_deref().unwrap_or("(the head)")
+            ),
+        );
+    }
     audit.annotate(|a| {
         a.action = Some(Action::AuditVerify);
         a.resource_type = Some("audit_log");

@@ -24,6 +24,8 @@ pub struct AuditLog {
     db: Db,
     keys: Arc<SharedKeyring>,
     clock: SharedClock,
+    counts: Arc<[std::sync::atomic::AtomicU64; Action::ALL.len()]>,
+    observer: Arc<std::sync::OnceLock<crate::security::Security>>,
 }
 
 impl AuditLog {
@@ -58,15 +60,46 @@ impl AuditLog {
             db,
             keys,
             clock,
+            counts: Arc::new(std::array::from_fn(|_| {
+                std::sync::atomic::AtomicU64::new(0)
+            })),
+            observer: Arc::new(std::sync::OnceLock::new()),
         })
     }
 
     /// Stores `events` durably; returns when they are committed.
     pub async fn record(&self, events: Vec<NewEvent>) -> Result<(), AuditError> {
-        match &self.writer {
+        let actions: Vec<Action> = events.iter().map(|e| e.action).collect();
+        let observed = self.observer.get().map(|o| (o, events.clone()));
+        let result = match &self.writer {
             Some(w) => w.append(events).await,
             None => Ok(()),
+        };
+        if result.is_ok() {
+            if let Some((o, events)) = observed {
+                o.observe(&events);
+            }
+            for a in actions {
+                if let Some(i) = Action::ALL.iter().position(|x| *x == a) {
+                    self.counts[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
         }
+        result
+    }
+
+    /// Hands every committed batch to the security rules (set once, at start-up).
+    pub fn observe_with(&self, security: crate::security::Security) {
+        let _ = self.observer.set(security);
+    }
+
+    /// Events recorded so far in this process, by action (for `/metrics`).
+    pub fn action_counts(&self) -> Vec<(&'static str, u64)> {
+        Action::ALL
+            .iter()
+            .zip(self.counts.iter())
+            .map(|(a, c)| (a.as_str(), c.load(std::sync::atomic::Ordering::Relaxed)))
+            .collect()
     }
 
     /// The fixed-width timestamp of now.

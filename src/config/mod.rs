@@ -79,6 +79,7 @@ pub struct Config {
     pub audit: AuditConfig,
     pub logging: LoggingConfig,
     pub monitoring: MonitoringConfig,
+    pub security: SecurityConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -257,12 +258,59 @@ pub struct LoggingConfig {
     pub level: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MonitoringConfig {
     /// Sentry DSN for error reports (off when unset).
     pub sentry_dsn: Option<Secret>,
     pub sentry_dsn_file: Option<PathBuf>,
+    /// Name of this deployment in error reports (default: the environment).
+    pub sentry_environment: Option<String>,
+    /// Share of errors reported, 0.0–1.0 (default 1.0).
+    pub sentry_sample_rate: f32,
+    /// Share of requests traced, 0.0–1.0 (default 0: no performance tracing).
+    pub sentry_traces_sample_rate: f32,
+    /// Addresses that may read `GET /metrics` without signing in (the scraper);
+    /// anyone else needs `audit:read`.
+    pub metrics_allow: NetList,
+}
+
+impl Default for MonitoringConfig {
+    fn default() -> Self {
+        Self {
+            sentry_dsn: None,
+            sentry_dsn_file: None,
+            sentry_environment: None,
+            sentry_sample_rate: 1.0,
+            sentry_traces_sample_rate: 0.0,
+            metrics_allow: NetList::loopback(),
+        }
+    }
+}
+
+/// The rules that raise security events over the audit stream.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Failed sign-ins for one account within `window` that raise an event (0 = off).
+    pub failed_logins_per_account: u32,
+    /// Failed sign-ins from one address within `window` that raise an event (0 = off).
+    pub failed_logins_per_address: u32,
+    /// The window of the two counts above.
+    pub window: Duration,
+    /// Distinct patients one user may read within an hour before an event (0 = off).
+    pub distinct_patients_per_hour: u32,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        Self {
+            failed_logins_per_account: 3,
+            failed_logins_per_address: 10,
+            window: Duration::from_secs(15 * 60),
+            distinct_patients_per_hour: 50,
+        }
+    }
 }
 
 impl Default for Config {
@@ -392,6 +440,7 @@ impl Config {
             audit: AuditConfig::default(),
             logging: LoggingConfig::default(),
             monitoring: MonitoringConfig::default(),
+            security: SecurityConfig::default(),
         };
         match env {
             Environment::Dev => {}

@@ -279,6 +279,14 @@ impl<'de> Deserialize<'de> for ByteSize {
 pub struct NetList(pub Vec<IpNet>);
 
 impl NetList {
+    /// The loopback networks, IPv4 and IPv6.
+    pub fn loopback() -> Self {
+        Self(vec![
+            IpNet::from(IpAddr::from([127, 0, 0, 1])),
+            IpNet::from(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
+        ])
+    }
+
     pub fn contains(&self, ip: &IpAddr) -> bool {
         let ip = canonical_ip(*ip);
         self.0.iter().any(|n| n.contains(&ip))

@@ -189,6 +189,11 @@ impl SharedKeyring {
         self.inner.read().map_or(0, |k| k.current_version())
     }
 
+    /// How many key versions the keyring holds (old ones still decrypt).
+    pub fn version_count(&self) -> usize {
+        self.inner.read().map_or(0, |k| k.versions().len())
+    }
+
     /// A purpose key of `version`, reloading the file once if the version is unknown.
     pub fn derive(&self, version: u32, purpose: &str) -> Result<Key, KeyringError> {
         let first = match self.inner.read() {

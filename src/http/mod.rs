@@ -44,6 +44,7 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(crate::identity::admin::router())
         .merge(crate::audit::routes::router())
         .merge(crate::records::routes::router())
+        .merge(crate::security::routes::router())
 }
 
 /// The OpenAPI document alone (for `custodian openapi` and the drift check).
@@ -72,6 +73,7 @@ pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
     let mut app: Router<AppState> = api
         .merge(docs::swagger(doc))
         .merge(crate::web::router())
+        .route("/metrics", axum::routing::get(crate::metrics::handler))
         .merge(extra)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
@@ -84,6 +86,10 @@ pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
         .layer(from_fn_with_state(
             state.clone(),
             crate::ratelimit::middleware::middleware,
+        ))
+        .layer(from_fn_with_state(
+            state.clone(),
+            crate::metrics::middleware,
         ));
     if let Some(cors) = cors {
         app = app.layer(cors);

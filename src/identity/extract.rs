@@ -52,17 +52,16 @@ async fn authenticate(
 struct PreAuthenticated(Principal);
 
 /// Authenticates a request's bearer token ahead of its handler and keeps the result
-/// for the handler's extractor; returns the user id. `None` when there is no token or
+/// for the handler's extractor; returns the principal. `None` when there is no token or
 /// it is not valid (the extractor then answers 401 as usual).
-pub async fn pre_authenticate(parts: &mut Parts, state: &AppState) -> Option<String> {
+pub async fn pre_authenticate(parts: &mut Parts, state: &AppState) -> Option<Principal> {
     let token = match bearer(parts) {
         Some(Ok(t)) => t.to_owned(),
         _ => return None,
     };
     let principal = authenticate(parts, state, &token).await.ok()?;
-    let id = principal.user_id.clone();
-    parts.extensions.insert(PreAuthenticated(principal));
-    Some(id)
+    parts.extensions.insert(PreAuthenticated(principal.clone()));
+    Some(principal)
 }
 
 impl FromRequestParts<AppState> for Principal {

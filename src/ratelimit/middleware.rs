@@ -38,7 +38,7 @@ pub async fn middleware(State(state): State<AppState>, req: Request, next: Next)
     };
     let (mut parts, body) = req.into_parts();
     let client = match crate::identity::extract::pre_authenticate(&mut parts, &state).await {
-        Some(user_id) => format!("user:{user_id}"),
+        Some(p) => format!("user:{}", p.user_id),
         None => match parts.extensions.get::<ClientIp>() {
             Some(ClientIp(ip)) => format!("ip:{ip}"),
             None => "ip:unknown".to_owned(),

@@ -35,6 +35,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(2, "0002_audit"),
     migration!(3, "0003_identity"),
     migration!(4, "0004_phi"),
+    migration!(5, "0005_security"),
 ];
 
 impl Migration {

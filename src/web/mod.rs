@@ -63,6 +63,7 @@ pub fn router() -> Router<AppState> {
         .route("/admin/roles/{name}", post(pages::role_save))
         .route("/admin/roles/{name}/delete", post(pages::role_delete))
         .route("/admin/audit", get(pages::audit_log))
+        .route("/admin/security", get(pages::security_events))
         .route("/admin/audit.csv", get(pages::audit_csv))
         .route(
             "/favicon.ico",

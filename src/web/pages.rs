@@ -1351,6 +1351,34 @@ pub async fn audit_log(
     render(&p)
 }
 
+#[derive(Template)]
+#[template(path = "security.html")]
+struct SecurityPage {
+    layout: Layout,
+    events: Vec<crate::security::SecurityEvent>,
+}
+
+/// The newest security events (needs `audit:read`; the read is audited).
+pub async fn security_events(State(state): State<AppState>, audit: Audit, u: WebUser) -> Response {
+    if let Some(r) = u.refuse(Permission::AuditRead) {
+        return r;
+    }
+    let events = match state.security().list(200).await {
+        Ok(e) => e,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    audit.annotate(|a| {
+        a.action = Some(Action::Read);
+        a.resource_type = Some("security_events");
+        a.context
+            .insert("count", ContextValue::Int(events.len() as i64));
+    });
+    render(&SecurityPage {
+        layout: Layout::of(&state, &u, None),
+        events,
+    })
+}
+
 /// The filtered audit log as CSV (audited as an export).
 pub async fn audit_csv(
     State(state): State<AppState>,

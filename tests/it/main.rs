@@ -13,6 +13,7 @@ mod conventions;
 mod docs;
 mod health;
 mod identity;
+mod monitoring;
 mod phi;
 mod ratelimit;
 mod storage;

@@ -407,6 +407,9 @@ async fn break_glass_is_allowed_flagged_and_accounted(backend: Backend) {
         "XXX-XX-6789",
         "break-glass does not lift SSN masking"
     );
+    // Every break-glass use raises a security event (counted before the answer).
+    let raised = s.state.security().counts();
+    assert!(raised.contains(&("break_glass", 1)), "{raised:?}");
     // A nurse (no breakglass permission) cannot use the header to read more than allowed.
     let res = s
         .client
