@@ -171,7 +171,30 @@ pub fn run(cli: Cli) -> ExitCode {
     } else {
         crate::telemetry::LogTarget::Stderr
     };
-    crate::telemetry::init(&config.logging, target);
+    // Error reports (Sentry) for the server only, when a DSN is configured.
+    let reporting = match (&cli.command, config.resolve_secrets()) {
+        (Command::Serve { .. }, Ok(secrets)) => match &secrets.sentry_dsn {
+            Some(dsn) => match crate::reporting::init(&crate::reporting::Settings {
+                dsn,
+                environment: config
+                    .monitoring
+                    .sentry_environment
+                    .clone()
+                    .unwrap_or_else(|| config.env.to_string()),
+                sample_rate: config.monitoring.sentry_sample_rate,
+                traces_sample_rate: config.monitoring.sentry_traces_sample_rate,
+            }) {
+                Ok(guard) => Some(guard),
+                Err(e) => {
+                    eprintln!("custodian: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            },
+            None => None,
+        },
+        _ => None,
+    };
+    crate::telemetry::init(&config.logging, target, reporting.is_some());
     crate::telemetry::install_panic_hook();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

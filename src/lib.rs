@@ -21,6 +21,7 @@ pub mod identity;
 pub mod phi;
 pub mod ratelimit;
 pub mod records;
+pub mod reporting;
 pub mod security;
 pub mod smart;
 pub mod web;

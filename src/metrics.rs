@@ -321,6 +321,18 @@ pub fn render(state: &AppState) -> String {
         state.keys().version_count()
     );
 
+    head(
+        &mut out,
+        "custodian_error_reports_dropped_total",
+        "counter",
+        "Error reports dropped (queue full or Sentry not answering).",
+    );
+    let _ = writeln!(
+        out,
+        "custodian_error_reports_dropped_total {}",
+        crate::reporting::DROPPED.load(Ordering::Relaxed)
+    );
+
     // Security events.
     head(
         &mut out,

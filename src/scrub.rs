@@ -138,7 +138,8 @@ pub fn scrub(text: &str) -> Cow<'_, str> {
 }
 
 /// Scrubs a JSON value in place: sensitive keys lose their value, strings are scrubbed.
-/// Keys in `keep` (e.g. a log line's own `timestamp`) are left as they are.
+/// Keys in `keep` (e.g. a log line's own `timestamp`), at any depth, are left as they
+/// are: they are the format's bookkeeping, written by code, not data.
 pub fn scrub_json(value: &mut serde_json::Value, keep: &[&str]) {
     match value {
         serde_json::Value::String(s) => {
@@ -146,7 +147,7 @@ pub fn scrub_json(value: &mut serde_json::Value, keep: &[&str]) {
                 *s = clean;
             }
         }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| scrub_json(v, &[])),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| scrub_json(v, keep)),
         serde_json::Value::Object(map) => {
             for (k, v) in map.iter_mut() {
                 if keep.contains(&k.as_str()) {
@@ -155,7 +156,7 @@ pub fn scrub_json(value: &mut serde_json::Value, keep: &[&str]) {
                 if is_sensitive_field(k) && !v.is_null() {
                     *v = serde_json::Value::String("[redacted:field]".into());
                 } else {
-                    scrub_json(v, &[]);
+                    scrub_json(v, keep);
                 }
             }
         }

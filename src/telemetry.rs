@@ -13,8 +13,10 @@ pub enum LogTarget {
     Stderr,
 }
 
-/// Installs the global subscriber. A second call (tests) is a no-op.
-pub fn init(cfg: &LoggingConfig, target: LogTarget) {
+/// Installs the global subscriber. A second call (tests) is a no-op. With `sentry`,
+/// ERROR lines also become error reports and lower ones their breadcrumbs (see
+/// `crate::reporting`, which scrubs both).
+pub fn init(cfg: &LoggingConfig, target: LogTarget, sentry: bool) {
     let filter = EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = match target {
         LogTarget::Stdout => std::io::IsTerminal::is_terminal(&std::io::stdout()),
@@ -28,17 +30,25 @@ pub fn init(cfg: &LoggingConfig, target: LogTarget) {
                 LogTarget::Stderr => Box::new(crate::scrub::ScrubWriter::new(std::io::stderr())),
             }
         });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_ansi(ansi);
+    let registry = tracing_subscriber::registry().with(filter);
     let _ = match cfg.format {
-        LogFormat::Text => builder.compact().try_init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
+        LogFormat::Text => registry
+            .with(fmt.compact())
+            .with(reports(sentry))
+            .try_init(),
+        LogFormat::Json => registry
+            .with(
+                fmt.json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false),
+            )
+            .with(reports(sentry))
             .try_init(),
     };
 }
@@ -56,7 +66,25 @@ pub fn install_panic_hook() {
     }));
 }
 
+/// The layers that turn log lines into error reports: ERROR lines become events, WARN
+/// and INFO lines breadcrumbs of the next event.
+fn reports<S>(on: bool) -> Option<impl tracing_subscriber::Layer<S>>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use sentry::integrations::tracing::{BreadcrumbLayer, ErrorLayer};
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::{LevelFilter, filter_fn};
+    on.then(|| {
+        BreadcrumbLayer::new()
+            .with_filter(filter_fn(|m| {
+                matches!(*m.level(), tracing::Level::WARN | tracing::Level::INFO)
+            }))
+            .and_then(ErrorLayer::new().with_filter(LevelFilter::ERROR))
+    })
+}
+
 /// Sends a security event to the error reporter when one is configured.
 pub fn report_security_event(rule: &str, severity: &str, detail: &str) {
-    let _ = (rule, severity, detail);
+    crate::reporting::security_event(rule, severity, detail);
 }

@@ -201,3 +201,114 @@ async fn rules_over_the_audit_stream_raise_security_events(backend: Backend) {
     );
 }
 both_backends!(rules_over_the_audit_stream_raise_security_events);
+
+/// A fake Sentry: accepts envelopes on a local port and keeps their bytes.
+async fn fake_sentry() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let store = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                // Read the head, then Content-Length bytes of body.
+                loop {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                store
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf).to_string());
+                let _ = sock
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+                    )
+                    .await;
+            });
+        }
+    });
+    (port, got)
+}
+
+/// With a DSN, security events and their breadcrumbs reach Sentry, scrubbed: no
+/// canary of the requests (an e-mail as username, an SSN-like password, a token) does.
+#[tokio::test]
+async fn error_reports_reach_sentry_without_phi_or_secrets() {
+    let (port, got) = fake_sentry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let dsn = format!("http://abc123publickey@127.0.0.1:{port}/42");
+    let served = crate::cli::serve(
+        dir.path(),
+        &[
+            ("CUSTODIAN_DATA_DIR", &data),
+            ("CUSTODIAN_MONITORING__SENTRY_DSN", &dsn),
+            ("CUSTODIAN_PASSWORD__HASH_MEMORY_KIB", "1024"),
+            ("CUSTODIAN_PASSWORD__HASH_ITERATIONS", "1"),
+            ("CUSTODIAN_LOGGING__LEVEL", "info"),
+        ],
+    );
+    let base = format!("http://{}", served.addr);
+    let c = reqwest::Client::new();
+    for _ in 0..3 {
+        let r = c
+            .post(format!("{base}/api/v1/auth/login?ssn=987-65-4321"))
+            .header("authorization", "Bearer cat_canaryTOKENvalue")
+            .header("cookie", "custodian_session=cst_canaryCOOKIE")
+            .json(&json!({"username": "jane.canary@example.org", "password": "Pw-123-45-6789-x"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    // The report is sent in the background: wait (bounded) for it.
+    let mut all = String::new();
+    for _ in 0..200 {
+        all = got.lock().unwrap().join("\n");
+        if all.contains("failed_logins_account") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        all.contains("security event failed_logins_account"),
+        "no report arrived: {all}"
+    );
+    assert!(all.contains("X-Sentry-Auth: Sentry sentry_key=abc123publickey"));
+    for canary in [
+        "jane.canary",
+        "123-45-6789",
+        "987-65-4321",
+        "cat_canary",
+        "cst_canary",
+        "Pw-123",
+    ] {
+        assert!(!all.contains(canary), "{canary} reached Sentry: {all}");
+    }
+    drop(served);
+}
