@@ -101,6 +101,28 @@ impl Gcra {
         }
     }
 
+    /// How many requests one Redis round trip takes for an instance to spend locally:
+    /// a twentieth of the burst, at most 50, and 1 (exact) for small budgets such as
+    /// sign-in. Taken requests are charged in Redis first, so leasing can only make a
+    /// client's budget stricter (requests leased and not used within their interval
+    /// are lost), never looser.
+    pub fn lease_size(&self) -> u32 {
+        (self.burst / 20).clamp(1, 50)
+    }
+
+    /// What [`GCRA_SCRIPT`] does, for the tests: `(new TAT, taken, µs ahead or until
+    /// one fits)`.
+    pub fn take(&self, tat: Option<i64>, now: i64, want: u32) -> (i64, u32, i64) {
+        let tat = tat.unwrap_or(now).max(now);
+        let fit = (self.tau - (tat - now)).div_euclid(self.t);
+        if fit < 1 {
+            return (tat, 0, tat + self.t - now - self.tau);
+        }
+        let fit = fit.min(i64::from(want.max(1)));
+        let new_tat = tat + fit * self.t;
+        (new_tat, u32::try_from(fit).unwrap_or(0), new_tat - now)
+    }
+
     fn decision_after(&self, ahead: i64) -> Decision {
         let remaining = ((self.tau - ahead) / self.t).clamp(0, i64::from(self.burst));
         Decision {
@@ -182,23 +204,27 @@ fn refuse(gcra: Gcra) -> Decision {
     }
 }
 
-/// The check as one atomic Redis script. KEYS[1] the key; ARGV: now, T and τ in µs.
-/// Returns `{allowed (0/1), µs ahead (allowed) or until retry (refused), µs ahead now}`.
-/// Numbers stay below 2^53, so Lua's doubles hold them exactly; `%.0f` writes them
-/// back without an exponent.
+/// The check as one atomic Redis script. KEYS[1] the key; ARGV: now, T and τ in µs,
+/// and how many requests to take at once (a lease, see [`Gcra::lease_size`]).
+/// Takes as many as fit, up to that number; returns `{taken, µs ahead after taking
+/// (or until one fits, when none did), µs ahead before}`. Numbers stay below 2^53, so
+/// Lua's doubles hold them exactly; `%.0f` writes them back without an exponent.
 pub const GCRA_SCRIPT: &str = r"
 local now = tonumber(ARGV[1])
 local t = tonumber(ARGV[2])
 local tau = tonumber(ARGV[3])
+local want = tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[1])
 if tat < now then tat = now end
-local new_tat = tat + t
-local ahead = new_tat - now
-if ahead > tau then
-  return {0, ahead - tau, tat - now}
+local fit = math.floor((tau - (tat - now)) / t)
+if fit < 1 then
+  return {0, tat + t - now - tau, tat - now}
 end
+if fit > want then fit = want end
+local new_tat = tat + fit * t
+local ahead = new_tat - now
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.floor(ahead / 1000) + 1000)
-return {1, ahead, ahead}
+return {fit, ahead, tat - now}
 ";
 
 /// How long one Redis check may take before the local limiter answers instead.
@@ -213,6 +239,8 @@ struct Shared {
     prefix: String,
     /// While now is before this (µs), Redis is not tried.
     down_until: AtomicI64,
+    /// Requests taken from Redis and not yet spent here: key → lease.
+    leases: Mutex<HashMap<String, Lease>>,
     degraded: AtomicBool,
 }
 
@@ -283,6 +311,7 @@ impl Limiter {
             script: redis::Script::new(GCRA_SCRIPT),
             prefix: format!("custodian:rl:{prefix}:"),
             down_until: AtomicI64::new(0),
+            leases: Mutex::new(HashMap::new()),
             degraded: AtomicBool::new(false),
         });
         Self {
@@ -399,7 +428,49 @@ impl RedisFailure {
     }
 }
 
+/// Requests an instance took from Redis ahead of time for one key.
+#[derive(Clone, Copy, Debug)]
+struct Lease {
+    left: u32,
+    /// µs: unused requests lapse then (they have been charged already).
+    until: i64,
+    /// What the headers say while spending it.
+    decision: Decision,
+}
+
 impl Shared {
+    /// Spends one leased request, if there is one.
+    fn spend_lease(&self, key: &str, now: i64) -> Option<Decision> {
+        let mut leases = self
+            .leases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let lease = leases.get_mut(key)?;
+        if lease.left == 0 || now >= lease.until {
+            leases.remove(key);
+            return None;
+        }
+        lease.left -= 1;
+        let mut d = lease.decision;
+        // Left here plus left in Redis.
+        d.remaining = d.remaining.saturating_add(lease.left);
+        if lease.left == 0 {
+            leases.remove(key);
+        }
+        Some(d)
+    }
+
+    fn keep_lease(&self, key: &str, lease: Lease, now: i64) {
+        let mut leases = self
+            .leases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if leases.len() >= SHARD_SWEEP * SHARDS {
+            leases.retain(|_, l| l.until > now);
+        }
+        leases.insert(key.to_owned(), lease);
+    }
+
     async fn connection(&self) -> Result<redis::aio::MultiplexedConnection, RedisFailure> {
         let mut slot = self.conn.lock().await;
         if let Some(c) = slot.as_ref() {
@@ -415,6 +486,10 @@ impl Shared {
     }
 
     async fn check(&self, key: &str, gcra: Gcra, now: i64) -> Result<Decision, RedisFailure> {
+        if let Some(d) = self.spend_lease(key, now) {
+            return Ok(d);
+        }
+        let want = gcra.lease_size();
         let mut conn = self.connection().await?;
         let reply: Vec<i64> = self
             .script
@@ -422,11 +497,11 @@ impl Shared {
             .arg(now)
             .arg(gcra.t)
             .arg(gcra.tau)
+            .arg(want)
             .invoke_async(&mut conn)
             .await
             .map_err(|_| RedisFailure::Command)?;
         match reply.as_slice() {
-            [1, ahead, _] => Ok(gcra.decision_after(*ahead)),
             [0, retry, ahead_now] => Ok(Decision {
                 allowed: false,
                 limit: gcra.burst,
@@ -434,6 +509,28 @@ impl Shared {
                 reset: ceil_secs(*ahead_now),
                 retry_after: ceil_secs(*retry).max(1),
             }),
+            [taken, ahead, _] if *taken >= 1 => {
+                let taken = u32::try_from(*taken).unwrap_or(1);
+                let decision = gcra.decision_after(*ahead);
+                let first = Decision {
+                    remaining: decision.remaining.saturating_add(taken - 1),
+                    ..decision
+                };
+                if taken > 1 {
+                    // The rest is spent here, within the time it took to earn.
+                    let span = gcra.t.saturating_mul(i64::from(taken));
+                    self.keep_lease(
+                        key,
+                        Lease {
+                            left: taken - 1,
+                            until: now.saturating_add(span),
+                            decision,
+                        },
+                        now,
+                    );
+                }
+                Ok(first)
+            }
             _ => Err(RedisFailure::Reply),
         }
     }
@@ -530,6 +627,30 @@ mod tests {
         }
         // Keys still inside their hour were kept: the first is still refused.
         assert!(!local.check("k0", g, 1).allowed);
+    }
+
+    #[test]
+    fn taking_several_never_exceeds_the_budget() {
+        let g = rate("100/s burst 200");
+        assert_eq!(g.lease_size(), 10);
+        assert_eq!(rate("10/m").lease_size(), 1, "sign-in stays exact");
+        // Taking ten at a time from a full budget: twenty takes, then nothing.
+        let mut tat = None;
+        let mut total = 0;
+        for _ in 0..25 {
+            let (new_tat, taken, _) = g.take(tat, 0, 10);
+            tat = Some(new_tat);
+            total += taken;
+        }
+        assert_eq!(total, 200);
+        // Take what fits when fewer than asked remain.
+        let (_, taken, _) = g.take(tat, 35_000, 10);
+        assert_eq!(taken, 3, "35 ms refill three at 10 ms each");
+        // Single takes agree with the one-request check.
+        let one = rate("3/m");
+        let (t1, n1, _) = one.take(None, 0, 1);
+        assert_eq!(n1, 1);
+        assert_eq!(one.check(None, 0).0, Some(t1));
     }
 
     #[test]

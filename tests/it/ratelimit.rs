@@ -306,3 +306,30 @@ mod instances {
         assert_eq!(login(&c, &a, "alice", PASSWORD).await.status(), 429);
     }
 }
+
+/// Instances take several requests per Redis round trip for large budgets; the shared
+/// budget still holds: two instances together never let more through than the burst.
+#[tokio::test]
+async fn leased_requests_never_exceed_the_shared_budget() {
+    if crate::support::redis_url().is_none() || crate::support::postgres_url().is_none() {
+        return;
+    }
+    let db = std::sync::Arc::new(crate::support::TestDb::new(Backend::Postgres).await);
+    let opts = || me_limited("100/h burst 40");
+    let a = TestServer::start_on(db.clone(), opts()).await;
+    let b = TestServer::start_on(db.clone(), opts()).await;
+    assert!(a.state.redis().is_some());
+    a.user("erin", "admin", PASSWORD).await;
+    let token = a.login("erin", PASSWORD).await;
+    let mut allowed = 0;
+    for i in 0..100 {
+        let s = if i % 3 == 0 { &b } else { &a };
+        match s.get_as("/api/v1/auth/me", &token).await.status().as_u16() {
+            200 => allowed += 1,
+            429 => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    // Burst 40, lease 2: each instance may strand at most one leased request.
+    assert!((38..=40).contains(&allowed), "{allowed} allowed");
+}
