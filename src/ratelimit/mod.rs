@@ -7,7 +7,8 @@
 //!
 //! - Alone, the limiter keeps the TATs in memory ([`Local`]).
 //! - With `redis.url`, the TATs live in Redis and each check is one Lua script
-//!   ([`GCRA_SCRIPT`]), so every instance draws on one budget. If Redis fails, the
+//!   ([`GCRA_SCRIPT`]), so every instance draws on one budget (large budgets are taken
+//!   a few requests per round trip, see [`Gcra::lease_size`]). If Redis fails, the
 //!   check falls back to the local limiter for a second at a time, says so in the log
 //!   (once per outage) and in `/ready`, and never lets requests through unchecked.
 //!
@@ -103,9 +104,10 @@ impl Gcra {
 
     /// How many requests one Redis round trip takes for an instance to spend locally:
     /// a twentieth of the burst, at most 50, and 1 (exact) for small budgets such as
-    /// sign-in. Taken requests are charged in Redis first, so leasing can only make a
-    /// client's budget stricter (requests leased and not used within their interval
-    /// are lost), never looser.
+    /// sign-in. Taken requests are charged in Redis before they are spent, so over any
+    /// period a client gets no more than its budget (leased requests not spent within
+    /// their time lapse); spending may lag charging by up to [`LEASE_MIN`], so at one
+    /// moment a client may see up to `lease_size - 1` more per instance than the burst.
     pub fn lease_size(&self) -> u32 {
         (self.burst / 20).clamp(1, 50)
     }
@@ -227,6 +229,8 @@ redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.floor(ahea
 return {fit, ahead, tat - now}
 ";
 
+/// Leased requests may be spent this long (µs) after they were charged, at least.
+const LEASE_MIN: i64 = 250_000;
 /// How long one Redis check may take before the local limiter answers instead.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 /// After a Redis failure, how long the local limiter answers before Redis is tried again.
@@ -460,6 +464,8 @@ impl Shared {
         Some(d)
     }
 
+    /// Keeps leased requests; several requests that found no lease at the same moment
+    /// each bring some, and they add up rather than replace each other.
     fn keep_lease(&self, key: &str, lease: Lease, now: i64) {
         let mut leases = self
             .leases
@@ -468,7 +474,16 @@ impl Shared {
         if leases.len() >= SHARD_SWEEP * SHARDS {
             leases.retain(|_, l| l.until > now);
         }
-        leases.insert(key.to_owned(), lease);
+        match leases.get_mut(key) {
+            Some(l) if l.until > now => {
+                l.left = l.left.saturating_add(lease.left);
+                l.until = l.until.max(lease.until);
+                l.decision = lease.decision;
+            }
+            _ => {
+                leases.insert(key.to_owned(), lease);
+            }
+        }
     }
 
     async fn connection(&self) -> Result<redis::aio::MultiplexedConnection, RedisFailure> {
@@ -517,8 +532,9 @@ impl Shared {
                     ..decision
                 };
                 if taken > 1 {
-                    // The rest is spent here, within the time it took to earn.
-                    let span = gcra.t.saturating_mul(i64::from(taken));
+                    // The rest is spent here, within the time it took to earn or
+                    // LEASE_MIN, whichever is longer; then it lapses.
+                    let span = gcra.t.saturating_mul(i64::from(taken)).max(LEASE_MIN);
                     self.keep_lease(
                         key,
                         Lease {
