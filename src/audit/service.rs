@@ -70,7 +70,15 @@ impl AuditLog {
     /// Stores `events` durably; returns when they are committed.
     pub async fn record(&self, events: Vec<NewEvent>) -> Result<(), AuditError> {
         let actions: Vec<Action> = events.iter().map(|e| e.action).collect();
-        let observed = self.observer.get().map(|o| (o, events.clone()));
+        // Only what a security rule looks at is copied for the rules.
+        let observed = self.observer.get().and_then(|o| {
+            let relevant: Vec<NewEvent> = events
+                .iter()
+                .filter(|e| crate::security::Security::looks_at(e))
+                .cloned()
+                .collect();
+            (!relevant.is_empty()).then_some((o, relevant))
+        });
         let result = match &self.writer {
             Some(w) => w.append(events).await,
             None => Ok(()),

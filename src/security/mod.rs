@@ -169,15 +169,18 @@ impl Security {
             .collect()
     }
 
+    /// Whether any rule looks at this event.
+    pub fn looks_at(e: &NewEvent) -> bool {
+        match e.action {
+            Action::LoginFailed | Action::AccountLocked | Action::BreakGlass => true,
+            Action::Read => e.patient_id.is_some(),
+            _ => false,
+        }
+    }
+
     /// Runs the rules over committed audit events; raises what they find.
     pub fn observe(&self, events: &[NewEvent]) {
-        let relevant = events.iter().any(|e| {
-            matches!(
-                e.action,
-                Action::LoginFailed | Action::AccountLocked | Action::BreakGlass | Action::Read
-            )
-        });
-        if !relevant {
+        if !events.iter().any(Self::looks_at) {
             return;
         }
         let now = self.inner.clock.now().unix_timestamp();

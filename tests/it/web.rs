@@ -190,6 +190,7 @@ async fn pages_need_their_permission(backend: Backend) {
         "/admin/roles",
         "/admin/audit",
         "/admin/audit.csv",
+        "/admin/security",
     ] {
         let (status, _) = b.get(page).await;
         assert_eq!(status, 403, "{page}");
@@ -373,3 +374,30 @@ both_backends!(admins_manage_users_and_roles_from_the_pages);
 fn urlencode(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
+
+async fn security_events_are_listed_for_auditors(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    s.user("auditee", "auditor", PW).await;
+    s.state.security().raise(
+        custodian::security::Rule::FailedLoginsAddress,
+        "203.0.113.9",
+        "10 failed sign-ins from one address within 15m",
+    );
+    let mut b = Browser::new(&s);
+    b.sign_in("auditee", PW).await;
+    let (_, home) = b.get("/admin").await;
+    assert!(home.contains("href=\"/admin/security\""));
+    // Stored in the background: look until it is there (bounded).
+    for _ in 0..100 {
+        let (status, html) = b.get("/admin/security").await;
+        assert_eq!(status, 200);
+        if html.contains("failed_logins_address") {
+            assert!(html.contains("203.0.113.9"));
+            assert!(html.contains("warning"));
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the security event is not listed");
+}
+both_backends!(security_events_are_listed_for_auditors);
