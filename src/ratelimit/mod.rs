@@ -245,6 +245,9 @@ struct Shared {
     down_until: AtomicI64,
     /// Requests taken from Redis and not yet spent here: key → lease.
     leases: Mutex<HashMap<String, Lease>>,
+    /// One lease request per key at a time: the others wait for it and spend from it,
+    /// instead of each taking requests that a burst then finds spent.
+    turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     degraded: AtomicBool,
 }
 
@@ -316,6 +319,7 @@ impl Limiter {
             prefix: format!("custodian:rl:{prefix}:"),
             down_until: AtomicI64::new(0),
             leases: Mutex::new(HashMap::new()),
+            turns: Mutex::new(HashMap::new()),
             degraded: AtomicBool::new(false),
         });
         Self {
@@ -505,6 +509,43 @@ impl Shared {
             return Ok(d);
         }
         let want = gcra.lease_size();
+        if want == 1 {
+            return self.take(key, gcra, now, want).await;
+        }
+        let turn = {
+            let mut turns = self
+                .turns
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            turns.entry(key.to_owned()).or_default().clone()
+        };
+        let result = {
+            let _mine = turn.lock().await;
+            // Whoever had the turn before may have left a lease.
+            match self.spend_lease(key, now) {
+                Some(d) => Ok(d),
+                None => self.take(key, gcra, now, want).await,
+            }
+        };
+        let mut turns = self
+            .turns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The map and this function hold the last two references: nobody waits.
+        if Arc::strong_count(&turn) <= 2 {
+            turns.remove(key);
+        }
+        result
+    }
+
+    /// One round trip: takes up to `want` requests for `key`.
+    async fn take(
+        &self,
+        key: &str,
+        gcra: Gcra,
+        now: i64,
+        want: u32,
+    ) -> Result<Decision, RedisFailure> {
         let mut conn = self.connection().await?;
         let reply: Vec<i64> = self
             .script
