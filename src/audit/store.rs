@@ -187,30 +187,15 @@ pub async fn append_after(
     // Head parameters come first: $1 new seq, $2 hash, $3 key version, $4 mac,
     // $5 updated_at, $6 expected seq, $7 expected hash; the rows follow from $8.
     const HEAD_PARAMS: usize = 7;
-    let rows_sql = |rows: &[AuditEvent], first_row: usize| {
-        let mut sql = String::new();
-        for r in 0..rows.len() {
-            if r > 0 {
-                sql.push(',');
-            }
-            sql.push('(');
-            for c in 0..NCOLS {
-                if c > 0 {
-                    sql.push(',');
-                }
-                sql.push('$');
-                sql.push_str(&(HEAD_PARAMS + (first_row + r) * NCOLS + c + 1).to_string());
-            }
-            sql.push(')');
-        }
-        sql
-    };
     let sql = match db.backend() {
         Backend::Sqlite => {
             let mut sql = String::from("BEGIN IMMEDIATE;");
             for (i, chunk) in chained.chunks(ROWS_PER_INSERT).enumerate() {
                 sql.push_str(&format!("INSERT INTO audit_events ({COLUMNS}) VALUES "));
-                sql.push_str(&rows_sql(chunk, i * ROWS_PER_INSERT));
+                sql.push_str(&values_sql(
+                    chunk.len(),
+                    HEAD_PARAMS + i * ROWS_PER_INSERT * NCOLS,
+                ));
                 sql.push(';');
             }
             sql.push_str(
@@ -227,7 +212,7 @@ pub async fn append_after(
              WHERE id = 1 AND seq = $6 AND hash = $7 RETURNING 1) \
              INSERT INTO audit_events ({COLUMNS}) SELECT * FROM (VALUES {}) AS v \
              WHERE EXISTS (SELECT 1 FROM h)",
-            rows_sql(&chained, 0)
+            values_sql(chained.len(), HEAD_PARAMS)
         ),
     };
     let mut conn = db.writer().acquire().await?;
@@ -303,7 +288,15 @@ fn bind_event<'q>(q: AnyQuery<'q>, e: &AuditEvent) -> AnyQuery<'q> {
 }
 
 fn insert_sql(rows: usize) -> String {
-    let mut sql = format!("INSERT INTO audit_events ({COLUMNS}) VALUES ");
+    format!(
+        "INSERT INTO audit_events ({COLUMNS}) VALUES {}",
+        values_sql(rows, 0)
+    )
+}
+
+/// `($n+1,…,$n+21),(…)` for `rows` rows of the audit columns, numbered after `first`.
+fn values_sql(rows: usize, first: usize) -> String {
+    let mut sql = String::new();
     for r in 0..rows {
         if r > 0 {
             sql.push(',');
@@ -314,7 +307,7 @@ fn insert_sql(rows: usize) -> String {
                 sql.push(',');
             }
             sql.push('$');
-            sql.push_str(&(r * NCOLS + c + 1).to_string());
+            sql.push_str(&(first + r * NCOLS + c + 1).to_string());
         }
         sql.push(')');
     }

@@ -415,6 +415,14 @@ test('phone (390×844): dashboard and users page do not overflow sideways', { ti
   }
 });
 
+test('security events page: its heading, table and the link to it', async () => {
+  await page.goto('/admin');
+  await page.getByRole('link', { name: 'Security events' }).click();
+  await page.waitForURL((u) => u.pathname === '/admin/security');
+  await page.getByRole('heading', { name: 'Security events' }).waitFor();
+  assert.ok(await page.getByRole('columnheader', { name: 'Rule' }).isVisible());
+});
+
 test('no console errors, page errors or CSP violations on any page', async () => {
   // The binding reports violations as they happen; as a backstop, also read window.__csp
   // of the page still open.
