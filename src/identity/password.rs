@@ -337,6 +337,44 @@ struct Inner {
     running: Arc<Semaphore>,
     /// Callers admitted, running or waiting: `max_concurrent + max_waiting`.
     admitted: Arc<Semaphore>,
+    /// The hashing threads' queue (see [`start_threads`]).
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// `n` threads of their own for Argon2, at the lowest scheduling priority: under a
+/// sign-in flood they take the CPU other requests leave, not the other way round
+/// (measured in docs/performance.md). If the priority cannot be lowered they run at the
+/// normal one. They end when the hasher is dropped.
+fn start_threads(n: usize) -> Result<std::sync::mpsc::Sender<Job>, PasswordError> {
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    let rx = Arc::new(std::sync::Mutex::new(rx));
+    for i in 0..n {
+        let rx = Arc::clone(&rx);
+        std::thread::Builder::new()
+            .name(format!("password-hash-{i}"))
+            .spawn(move || {
+                let _ = thread_priority::set_current_thread_priority(
+                    thread_priority::ThreadPriority::Min,
+                );
+                loop {
+                    let job = match rx.lock() {
+                        Ok(r) => r.recv(),
+                        Err(_) => return,
+                    };
+                    match job {
+                        // A panic ends that job (its caller sees an error), not the thread.
+                        Ok(job) => {
+                            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                        }
+                        Err(_) => return,
+                    }
+                }
+            })
+            .map_err(|_| PasswordError::Settings("the hashing threads could not start"))?;
+    }
+    Ok(tx)
 }
 
 impl fmt::Debug for Hasher {
@@ -390,6 +428,7 @@ impl Hasher {
                 max_waiting,
                 running: Arc::new(Semaphore::new(max_concurrent)),
                 admitted: Arc::new(Semaphore::new(admitted)),
+                jobs: start_threads(max_concurrent)?,
             }),
         })
     }
@@ -464,12 +503,16 @@ impl Hasher {
             .await
             .map_err(|_| PasswordError::Busy)?;
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
-            let _slot = (admitted, running);
-            work(&inner)
-        })
-        .await
-        .map_err(|_| PasswordError::Hash)
+        let (reply, result) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let slot = (admitted, running);
+            let out = work(&inner);
+            // Free the slot before answering, so the caller finds it free.
+            drop(slot);
+            let _ = reply.send(out);
+        });
+        self.inner.jobs.send(job).map_err(|_| PasswordError::Hash)?;
+        result.await.map_err(|_| PasswordError::Hash)
     }
 
     /// Callers running or waiting (for tests).
