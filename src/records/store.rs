@@ -168,10 +168,26 @@ pub async fn search(
                 .await?
         }
         Some(ix) => {
+            // One page from each blind index, in id order through its (value, id)
+            // index, then the first page of their union: the first `limit` matches
+            // after the cursor are among them, and no index is read further than a
+            // page, however many patients share a name.
+            let branch = |column: &str, param: u8, alias: &str| {
+                format!(
+                    "SELECT id FROM (SELECT id FROM patients WHERE {column} = ${param} \
+                     AND deleted_at IS NULL AND id > $1 ORDER BY id LIMIT $7) AS {alias}"
+                )
+            };
+            let union = [
+                branch("bi_mrn", 2, "m"),
+                branch("bi_ssn", 3, "s"),
+                branch("bi_birth_date", 4, "b"),
+                branch("bi_given_name", 5, "g"),
+                branch("bi_family_name", 6, "f"),
+            ]
+            .join(" UNION ");
             let sql = format!(
-                "SELECT {PATIENT_COLUMNS} FROM patients WHERE deleted_at IS NULL AND id > $1 AND \
-                 (bi_mrn = $2 OR bi_ssn = $3 OR bi_birth_date = $4 OR bi_given_name = $5 OR bi_family_name = $6) \
-                 ORDER BY id LIMIT $7"
+                "SELECT {PATIENT_COLUMNS} FROM patients WHERE id IN ({union}) ORDER BY id LIMIT $7"
             );
             sqlx::query(AssertSqlSafe(sql))
                 .bind(after)

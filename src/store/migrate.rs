@@ -36,6 +36,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(3, "0003_identity"),
     migration!(4, "0004_phi"),
     migration!(5, "0005_security"),
+    migration!(6, "0006_search_paging"),
 ];
 
 impl Migration {

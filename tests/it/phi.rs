@@ -810,3 +810,61 @@ async fn deleted_patients_can_be_crypto_shredded(backend: Backend) {
     );
 }
 both_backends!(deleted_patients_can_be_crypto_shredded);
+
+async fn name_search_pages_in_id_order_without_repeats(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let t = team(&s).await;
+    let mut made = Vec::new();
+    for (i, family) in ["Zyx", "Other", "Zyx", "Zyx", "Else", "Zyx", "Zyx", "Zyx"]
+        .iter()
+        .enumerate()
+    {
+        let mut p = ada();
+        p["family_name"] = json!(family);
+        p["given_name"] = json!(format!("G{i}"));
+        p["ssn"] = json!(format!("345-67-{:04}", 1000 + i));
+        p["birth_date"] = json!(format!("1970-01-{:02}", 10 + i));
+        let id = create(&s, &t.doctor, p).await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        made.push((id, *family));
+    }
+    // One of them is deleted: it never appears.
+    let deleted = made[2].0.clone();
+    assert_eq!(
+        s.send_as(
+            Method::DELETE,
+            &format!("/api/v1/patients/{deleted}"),
+            &t.doctor,
+            None
+        )
+        .await
+        .status(),
+        204
+    );
+    let mut expected: Vec<String> = made
+        .iter()
+        .filter(|(id, f)| *f == "Zyx" && *id != deleted)
+        .map(|(id, _)| id.clone())
+        .collect();
+    expected.sort();
+    let mut got = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..10 {
+        let mut url = "/api/v1/patients?q=zyx&limit=2".to_owned();
+        if let Some(c) = &cursor {
+            url.push_str(&format!("&cursor={c}"));
+        }
+        let page = json(s.get_as(&url, &t.nurse).await).await;
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= 2, "{page}");
+        got.extend(items.iter().map(|p| p["id"].as_str().unwrap().to_owned()));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(got, expected, "every match once, in id order");
+}
+both_backends!(name_search_pages_in_id_order_without_repeats);
