@@ -440,11 +440,23 @@ async fn audit_command(config: Config, cmd: AuditCommand) -> ExitCode {
                     eprintln!("audit chain intact: {} events", report.events);
                     ExitCode::SUCCESS
                 } else {
+                    let at = report.first_bad.as_deref().unwrap_or("?");
                     eprintln!(
-                        "audit chain BROKEN at {}: {}",
-                        report.first_bad.as_deref().unwrap_or("?"),
+                        "audit chain BROKEN at {at}: {}",
                         report.reason.as_deref().unwrap_or("")
                     );
+                    let event = crate::security::SecurityEvent::new(
+                        crate::security::Rule::AuditChainBroken,
+                        "audit_log",
+                        &format!("verification failed at event {at}"),
+                        log.now(),
+                    );
+                    tracing::warn!(rule = %event.rule, "security event: {}", event.detail);
+                    if let Err(e) = crate::security::insert(&db, &event).await {
+                        eprintln!(
+                            "custodian audit verify: could not store the security event: {e}"
+                        );
+                    }
                     ExitCode::from(3)
                 }
             }

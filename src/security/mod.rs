@@ -89,6 +89,19 @@ pub struct SecurityEvent {
     pub detail: String,
 }
 
+impl SecurityEvent {
+    pub fn new(rule: Rule, subject: &str, detail: &str, at: String) -> Self {
+        Self {
+            id: uuid::Uuid::now_v7().to_string(),
+            at,
+            rule: rule.as_str().to_owned(),
+            severity: rule.severity().to_owned(),
+            subject: subject.to_owned(),
+            detail: detail.to_owned(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct RuleState {
     failures_by_account: HashMap<String, VecDeque<i64>>,
@@ -310,14 +323,12 @@ impl Security {
             "security event: {detail}"
         );
         crate::telemetry::report_security_event(rule.as_str(), rule.severity(), detail);
-        let event = SecurityEvent {
-            id: uuid::Uuid::now_v7().to_string(),
-            at: crate::clock::timestamp(self.inner.clock.now()),
-            rule: rule.as_str().to_owned(),
-            severity: rule.severity().to_owned(),
-            subject: subject.to_owned(),
-            detail: detail.to_owned(),
-        };
+        let event = SecurityEvent::new(
+            rule,
+            subject,
+            detail,
+            crate::clock::timestamp(self.inner.clock.now()),
+        );
         let db = self.inner.db.clone();
         let store = async move {
             if let Err(e) = insert(&db, &event).await {

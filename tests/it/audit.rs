@@ -553,6 +553,23 @@ mod commands {
         assert_eq!(report["ok"], false);
         assert_eq!(report["first_bad"], second.as_str());
         assert!(err.contains(&second), "{err}");
+        // The failure is a stored security event too.
+        let db = custodian::store::Db::connect(
+            &url,
+            &custodian::store::PoolSettings {
+                max_connections: 1,
+                acquire_timeout: std::time::Duration::from_secs(5),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let events = custodian::security::list(&db, 10).await.unwrap();
+        db.close().await;
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].rule, "audit_chain_broken");
+        assert_eq!(events[0].severity, "critical");
+        assert!(events[0].detail.contains(&second));
     }
 
     #[tokio::test]
