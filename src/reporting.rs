@@ -175,8 +175,12 @@ impl sentry::Transport for HttpTransport {
 }
 
 async fn sender(dsn: Dsn, rx: Receiver<Job>) {
-    let auth = dsn.to_auth(Some(concat!("custodian/", env!("CARGO_PKG_VERSION"))));
+    let auth = dsn
+        .to_auth(Some(concat!("custodian/", env!("CARGO_PKG_VERSION"))))
+        .to_string();
     let url = dsn.envelope_api_url();
+    // The TLS set-up is made once, not per report.
+    let tls = (url.scheme() == "https").then(tls_connector).flatten();
     // `recv` blocks this thread, which only sends reports.
     while let Ok(job) = rx.recv() {
         match job {
@@ -185,7 +189,8 @@ async fn sender(dsn: Dsn, rx: Receiver<Job>) {
             }
             Job::Send(body) => {
                 let sent =
-                    tokio::time::timeout(SEND_TIMEOUT, post(&url, &auth.to_string(), &body)).await;
+                    tokio::time::timeout(SEND_TIMEOUT, post(&url, &auth, tls.as_ref(), &body))
+                        .await;
                 if !matches!(sent, Ok(Ok(s)) if (200..300).contains(&s)) {
                     DROPPED.fetch_add(1, Ordering::Relaxed);
                 }
@@ -194,8 +199,27 @@ async fn sender(dsn: Dsn, rx: Receiver<Job>) {
     }
 }
 
-/// One HTTP/1.1 POST; returns the status code.
-async fn post(url: &url::Url, auth: &str, body: &[u8]) -> std::io::Result<u16> {
+/// A TLS client over the webpki roots, with the ring provider the server uses.
+fn tls_connector() -> Option<tokio_rustls::TlsConnector> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .ok()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// One HTTP/1.1 POST (over `tls` for https); returns the status code.
+async fn post(
+    url: &url::Url,
+    auth: &str,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    body: &[u8],
+) -> std::io::Result<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, m.to_owned());
     let host = url.host_str().ok_or_else(|| bad("no host"))?.to_owned();
@@ -212,20 +236,10 @@ async fn post(url: &url::Url, auth: &str, body: &[u8]) -> std::io::Result<u16> {
     let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
     let mut response = Vec::new();
     if url.scheme() == "https" {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|_| bad("TLS set-up failed"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let connector = tls.ok_or_else(|| bad("TLS set-up failed"))?;
         let name = rustls::pki_types::ServerName::try_from(host.clone())
             .map_err(|_| bad("bad host name"))?;
-        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(name, tcp)
-            .await?;
+        let mut tls = connector.connect(name, tcp).await?;
         tls.write_all(head.as_bytes()).await?;
         tls.write_all(body).await?;
         tls.flush().await?;

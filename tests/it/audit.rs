@@ -450,6 +450,20 @@ mod commands {
         ]
     }
 
+    /// The data directory's database, opened directly (to tamper with it, or look).
+    async fn open(url: &custodian::config::Secret) -> custodian::store::Db {
+        custodian::store::Db::connect(
+            url,
+            &custodian::store::PoolSettings {
+                max_connections: 1,
+                acquire_timeout: std::time::Duration::from_secs(5),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+    }
+
     #[tokio::test]
     async fn verify_and_export_from_the_command_line() {
         let dir = tempfile::tempdir().unwrap();
@@ -528,16 +542,7 @@ mod commands {
         // Tamper with the file directly: verify names the event and fails.
         let db_path = dir.path().join("custodian.sqlite");
         let url = custodian::config::Secret::new(format!("sqlite://{}", db_path.display()));
-        let db = custodian::store::Db::connect(
-            &url,
-            &custodian::store::PoolSettings {
-                max_connections: 1,
-                acquire_timeout: std::time::Duration::from_secs(5),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        let db = open(&url).await;
         let second: String = sqlx::Row::get(
             &sqlx::query("SELECT id FROM audit_events WHERE seq = 2")
                 .fetch_one(db.reader())
@@ -554,16 +559,7 @@ mod commands {
         assert_eq!(report["first_bad"], second.as_str());
         assert!(err.contains(&second), "{err}");
         // The failure is a stored security event too.
-        let db = custodian::store::Db::connect(
-            &url,
-            &custodian::store::PoolSettings {
-                max_connections: 1,
-                acquire_timeout: std::time::Duration::from_secs(5),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        let db = open(&url).await;
         let events = custodian::security::list(&db, 10).await.unwrap();
         db.close().await;
         assert_eq!(events.len(), 1, "{events:?}");
@@ -626,16 +622,7 @@ mod commands {
         assert!(received.len() >= 300);
 
         let url = custodian::config::Secret::new(format!("sqlite://{}/custodian.sqlite", data));
-        let db = custodian::store::Db::connect(
-            &url,
-            &custodian::store::PoolSettings {
-                max_connections: 1,
-                acquire_timeout: std::time::Duration::from_secs(5),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        let db = open(&url).await;
         let stored: std::collections::HashSet<String> =
             sqlx::query("SELECT request_id FROM audit_events WHERE request_id IS NOT NULL")
                 .fetch_all(db.reader())

@@ -98,6 +98,40 @@ pub(crate) fn serve(dir: &Path, env: &[(&str, &str)]) -> Served {
     }
 }
 
+/// `custodian user create --password-stdin` with `password`; panics with its stderr
+/// unless it succeeds.
+pub(crate) fn create_user(
+    dir: &Path,
+    env: &[(&str, &str)],
+    name: &str,
+    role: &str,
+    password: &str,
+) {
+    use std::io::Write;
+    let mut cmd = command(dir);
+    cmd.args(["user", "create", "--username", name, "--role", role])
+        .arg("--password-stdin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(password.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn kill_term(child: &Child) {
     let ok = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -476,7 +510,6 @@ fn user_create_reads_the_password_from_standard_input() {
 /// PHI canaries sent through every kind of request never reach the server's log.
 #[tokio::test]
 async fn phi_never_reaches_the_log() {
-    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().display().to_string();
     let env = [
@@ -485,30 +518,7 @@ async fn phi_never_reaches_the_log() {
         ("CUSTODIAN_PASSWORD__HASH_ITERATIONS", "1"),
         ("CUSTODIAN_LOGGING__LEVEL", "info"),
     ];
-    let mut cmd = command(dir.path());
-    cmd.args([
-        "user",
-        "create",
-        "--username",
-        "logdoc",
-        "--role",
-        "doctor",
-        "--password-stdin",
-    ])
-    .stdin(Stdio::piped())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"Correct-Horse-9!\n")
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    create_user(dir.path(), &env, "logdoc", "doctor", "Correct-Horse-9!");
     let mut s = serve(dir.path(), &env);
     let c = reqwest::Client::new();
     let base = format!("http://{}", s.addr);

@@ -177,39 +177,11 @@ both_backends!(ready_reports_where_limits_are_counted);
 /// Two server processes on one PostgreSQL database and one Redis: what one instance
 /// decides about a client holds on the other at once.
 mod instances {
-    use std::io::Write;
-    use std::process::Stdio;
-
     use serde_json::json;
 
     use super::PASSWORD;
     use crate::cli::serve;
-    use crate::support::{Backend, TestDb, command, redis_url};
-
-    fn create_user(dir: &std::path::Path, env: &[(&str, &str)], name: &str) {
-        let mut cmd = command(dir);
-        cmd.args(["user", "create", "--username", name, "--role", "admin"])
-            .arg("--password-stdin")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(PASSWORD.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    use crate::support::{Backend, TestDb, redis_url};
 
     async fn login(c: &reqwest::Client, base: &str, user: &str, pw: &str) -> reqwest::Response {
         c.post(format!("{base}/api/v1/auth/login"))
@@ -251,7 +223,7 @@ mod instances {
             ),
         ];
         for name in ["alice", "bob", "carol"] {
-            create_user(&dir, &env, name);
+            crate::cli::create_user(&dir, &env, name, "admin", PASSWORD);
         }
         let a = serve(&dir, &env);
         let b = serve(&dir, &env);
