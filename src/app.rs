@@ -34,6 +34,7 @@ struct Inner {
     limiter: crate::ratelimit::Limiter,
     metrics: crate::metrics::Metrics,
     security: crate::security::Security,
+    smart: crate::smart::Smart,
 }
 
 impl AppState {
@@ -72,6 +73,9 @@ impl AppState {
     }
     pub fn patients(&self) -> &Patients {
         &self.inner.patients
+    }
+    pub fn smart(&self) -> &crate::smart::Smart {
+        &self.inner.smart
     }
 }
 
@@ -188,6 +192,14 @@ impl App {
         let security =
             crate::security::Security::new(db.clone(), clock.clone(), config.security.clone());
         audit.observe_with(security.clone());
+        let smart = crate::smart::Smart::new(
+            &config,
+            secrets.smart_client_secret,
+            db.clone(),
+            keys.clone(),
+            clock.clone(),
+            identity.clone(),
+        )?;
         Ok(Self {
             state: AppState {
                 inner: Arc::new(Inner {
@@ -203,6 +215,7 @@ impl App {
                     limiter,
                     metrics: crate::metrics::Metrics::default(),
                     security,
+                    smart,
                 }),
             },
         })

@@ -28,10 +28,11 @@ pub enum Action {
     KeyRotated,
     AuditPurge,
     AuditVerify,
+    Calculate,
 }
 
 impl Action {
-    pub const ALL: [Action; 16] = [
+    pub const ALL: [Action; 17] = [
         Action::Create,
         Action::Read,
         Action::Update,
@@ -48,6 +49,7 @@ impl Action {
         Action::KeyRotated,
         Action::AuditPurge,
         Action::AuditVerify,
+        Action::Calculate,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -68,6 +70,7 @@ impl Action {
             Action::KeyRotated => "key_rotated",
             Action::AuditPurge => "audit_purge",
             Action::AuditVerify => "audit_verify",
+            Action::Calculate => "calculate",
         }
     }
 

@@ -306,11 +306,13 @@ async fn run(
                 stats
                     .last_batch
                     .store(chained.len() as u64, Ordering::Relaxed);
-                for j in jobs {
-                    let _ = j.reply.send(Ok(()));
-                }
+                // The copy is written before the requests are answered, so an answered
+                // request's event is already in the sink.
                 if let Some(s) = &sink {
                     s.write(&chained);
+                }
+                for j in jobs {
+                    let _ = j.reply.send(Ok(()));
                 }
             }
             Err(e) => {

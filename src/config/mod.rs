@@ -80,6 +80,7 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub monitoring: MonitoringConfig,
     pub security: SecurityConfig,
+    pub smart: SmartConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -313,6 +314,74 @@ impl Default for SecurityConfig {
     }
 }
 
+/// The SMART on FHIR app (`docs/smart.md`). Off until `allowed_issuers` lists a FHIR
+/// server.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmartConfig {
+    /// FHIR base URLs (the `iss` of a launch) the app may talk to, exactly as the EHR
+    /// sends them (a trailing `/` is ignored). Any other `iss` is refused before any
+    /// outbound request. Empty = the app is off.
+    #[serde(deserialize_with = "types::string_list")]
+    pub allowed_issuers: Vec<String>,
+    /// The client id registered with the EHR's authorization server.
+    pub client_id: String,
+    /// A confidential client's secret (prefer `client_secret_file`); none = public client.
+    pub client_secret: Option<Secret>,
+    pub client_secret_file: Option<PathBuf>,
+    /// The redirect URI registered with the EHR (`https://<host>/smart/callback`).
+    /// Required in staging and prod; in dev it defaults to this server's address as the
+    /// browser reached it.
+    pub redirect_uri: Option<String>,
+    /// Scopes asked for at an EHR launch (`launch/patient` is added for a standalone
+    /// launch).
+    pub scopes: String,
+    /// EHR origins allowed to frame the app page (`frame-ancestors`); empty = no framing.
+    #[serde(deserialize_with = "types::string_list")]
+    pub frame_ancestors: Vec<String>,
+    /// Connecting to the FHIR or authorization server may take this long.
+    pub connect_timeout: Duration,
+    /// One whole FHIR request may take this long.
+    pub timeout: Duration,
+    /// Retries of a GET answered 502, 503 or 504.
+    pub retries: u32,
+    /// Wait before the first retry (doubled each time).
+    pub retry_backoff: Duration,
+    /// Most pages read per search (`next` links).
+    pub max_pages: u32,
+    /// Largest FHIR or token response read.
+    pub max_response: ByteSize,
+    /// A launch not completed within this is refused.
+    pub launch_ttl: Duration,
+    /// The access token is refreshed when it expires within this.
+    pub refresh_before: Duration,
+}
+
+pub const DEFAULT_SMART_SCOPES: &str = "launch openid fhirUser patient/Patient.rs \
+patient/Observation.rs patient/Condition.rs patient/MedicationRequest.rs patient/Procedure.rs";
+
+impl Default for SmartConfig {
+    fn default() -> Self {
+        Self {
+            allowed_issuers: Vec::new(),
+            client_id: "custodian".into(),
+            client_secret: None,
+            client_secret_file: None,
+            redirect_uri: None,
+            scopes: DEFAULT_SMART_SCOPES.into(),
+            frame_ancestors: Vec::new(),
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(20),
+            retries: 2,
+            retry_backoff: Duration::from_millis(200),
+            max_pages: 10,
+            max_response: ByteSize(4 * 1024 * 1024),
+            launch_ttl: Duration::from_secs(600),
+            refresh_before: Duration::from_secs(60),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self::builtin(Environment::Dev)
@@ -441,6 +510,7 @@ impl Config {
             logging: LoggingConfig::default(),
             monitoring: MonitoringConfig::default(),
             security: SecurityConfig::default(),
+            smart: SmartConfig::default(),
         };
         match env {
             Environment::Dev => {}
@@ -486,6 +556,7 @@ pub struct ResolvedSecrets {
     pub database_url: Secret,
     pub redis_url: Option<Secret>,
     pub sentry_dsn: Option<Secret>,
+    pub smart_client_secret: Option<Secret>,
 }
 
 impl fmt::Debug for ResolvedSecrets {
@@ -531,10 +602,16 @@ impl Config {
             self.monitoring.sentry_dsn.as_ref(),
             self.monitoring.sentry_dsn_file.as_deref(),
         )?;
+        let smart_client_secret = read_secret(
+            "smart.client_secret",
+            self.smart.client_secret.as_ref(),
+            self.smart.client_secret_file.as_deref(),
+        )?;
         Ok(ResolvedSecrets {
             database_url,
             redis_url,
             sentry_dsn,
+            smart_client_secret,
         })
     }
 }

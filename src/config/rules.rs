@@ -187,6 +187,43 @@ pub fn insecure_settings(c: &Config) -> Vec<Finding> {
         );
     }
 
+    // The SMART app: TLS to the EHR, a registered HTTPS redirect, exact frame origins.
+    for iss in &c.smart.allowed_issuers {
+        if !iss.starts_with("https://") {
+            add(
+                "smart.allowed_issuers",
+                format!("`{iss}` is not HTTPS: PHI and tokens would cross the network in clear"),
+            );
+        }
+    }
+    if !c.smart.allowed_issuers.is_empty() {
+        match &c.smart.redirect_uri {
+            None => add(
+                "smart.redirect_uri",
+                "set the redirect URI registered with the EHR (https://<host>/smart/callback)"
+                    .into(),
+            ),
+            Some(u) if !u.starts_with("https://") => {
+                add("smart.redirect_uri", format!("`{u}` is not HTTPS"));
+            }
+            Some(_) => {}
+        }
+    }
+    for o in &c.smart.frame_ancestors {
+        if !o.starts_with("https://") || o.contains('*') {
+            add(
+                "smart.frame_ancestors",
+                format!("`{o}` is not an exact HTTPS origin"),
+            );
+        }
+    }
+    if c.smart.client_secret.is_some() {
+        add(
+            "smart.client_secret",
+            "the client secret is inline; put it in a file (mode 0600) and set smart.client_secret_file".into(),
+        );
+    }
+
     // Warnings that are not refusals are in `advisories`.
     out
 }
@@ -269,13 +306,17 @@ fn mode_problem(_: &Path, _: &std::fs::Metadata) -> Option<String> {
 }
 
 /// The `…_file` keys that name secret files.
-fn secret_files(c: &Config) -> [(&'static str, Option<&Path>); 3] {
+fn secret_files(c: &Config) -> [(&'static str, Option<&Path>); 4] {
     [
         ("database.url_file", c.database.url_file.as_deref()),
         ("redis.url_file", c.redis.url_file.as_deref()),
         (
             "monitoring.sentry_dsn_file",
             c.monitoring.sentry_dsn_file.as_deref(),
+        ),
+        (
+            "smart.client_secret_file",
+            c.smart.client_secret_file.as_deref(),
         ),
     ]
 }
@@ -471,6 +512,30 @@ mod tests {
         let (_d, mut c) = secure();
         c.audit.enabled = false;
         assert_eq!(keys(&c), ["audit.enabled"]);
+    }
+
+    #[test]
+    fn rule_smart_needs_https_and_a_registered_redirect() {
+        let (_d, mut c) = secure();
+        c.smart.allowed_issuers = vec!["https://ehr.example/fhir".into()];
+        assert_eq!(keys(&c), vec!["smart.redirect_uri"]);
+        c.smart.redirect_uri = Some("https://app.example/smart/callback".into());
+        assert!(keys(&c).is_empty());
+        c.smart
+            .allowed_issuers
+            .push("http://ehr.example/fhir".into());
+        c.smart.frame_ancestors = vec!["https://*.ehr.example".into()];
+        c.smart.client_secret = Some(Secret::new("s".into()));
+        c.smart.redirect_uri = Some("http://app.example/smart/callback".into());
+        assert_eq!(
+            keys(&c),
+            vec![
+                "smart.allowed_issuers",
+                "smart.redirect_uri",
+                "smart.frame_ancestors",
+                "smart.client_secret"
+            ]
+        );
     }
 
     #[test]

@@ -20,6 +20,9 @@ impl Duration {
     pub const fn from_secs(secs: u64) -> Self {
         Self(StdDuration::from_secs(secs))
     }
+    pub const fn from_millis(millis: u64) -> Self {
+        Self(StdDuration::from_millis(millis))
+    }
     pub const fn from_mins(mins: u64) -> Self {
         Self(StdDuration::from_secs(mins * 60))
     }

@@ -48,7 +48,15 @@ fn apply(h: &mut HeaderMap, settings: HeaderSettings, csp: Option<HeaderValue>, 
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    // A page that lets named EHR origins frame it (the SMART app) says so in its
+    // `frame-ancestors`; `X-Frame-Options` cannot name origins, so it is left out there.
+    let framable = h
+        .get(header::CONTENT_SECURITY_POLICY)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.contains("frame-ancestors 'none'"));
+    if !framable {
+        h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    }
     h.insert(
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),

@@ -45,6 +45,7 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(crate::audit::routes::router())
         .merge(crate::records::routes::router())
         .merge(crate::security::routes::router())
+        .merge(crate::smart::routes::api_router())
 }
 
 /// The OpenAPI document alone (for `custodian openapi` and the drift check).
@@ -73,6 +74,7 @@ pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
     let mut app: Router<AppState> = api
         .merge(docs::swagger(doc))
         .merge(crate::web::router())
+        .merge(crate::smart::routes::web_router())
         .route("/metrics", axum::routing::get(crate::metrics::handler))
         .merge(extra)
         .fallback(not_found)

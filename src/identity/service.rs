@@ -463,6 +463,24 @@ impl Identity {
         } else {
             store::api_token_by_hash(&self.db, &hash).await?
         };
+        self.principal_of(found, is_session).await
+    }
+
+    /// The principal of a session known by its id (the SMART app's pages, whose own
+    /// cookie names a launch tied to a session): the same checks as [`Self::authenticate`].
+    pub async fn authenticate_session_id(
+        &self,
+        session_id: &str,
+    ) -> Result<Principal, IdentityError> {
+        let found = store::session_by_id(&self.db, session_id).await?;
+        self.principal_of(found, true).await
+    }
+
+    async fn principal_of(
+        &self,
+        found: Option<TokenLookup>,
+        is_session: bool,
+    ) -> Result<Principal, IdentityError> {
         let Some(TokenLookup {
             credential_id,
             last_used_at,
@@ -538,12 +556,15 @@ impl Identity {
 
     pub async fn logout(&self, session_id: &str) -> Result<(), IdentityError> {
         store::revoke_session(&self.db, session_id, &timestamp(self.now())).await?;
+        crate::smart::store::forget_session(&self.db, session_id).await?;
         Ok(())
     }
 
     /// Revokes every session of a user (and their API tokens when `tokens`).
     pub async fn revoke_all(&self, user_id: &str, tokens: bool) -> Result<u64, IdentityError> {
-        Ok(store::revoke_all(&self.db, user_id, &timestamp(self.now()), tokens).await?)
+        let n = store::revoke_all(&self.db, user_id, &timestamp(self.now()), tokens).await?;
+        crate::smart::store::forget_user(&self.db, user_id).await?;
+        Ok(n)
     }
 
     // ---- passwords -------------------------------------------------------------

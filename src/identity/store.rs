@@ -467,14 +467,26 @@ fn lookup_from_row(r: &AnyRow) -> Result<TokenLookup, sqlx::Error> {
 }
 
 pub async fn session_by_hash(db: &Db, hash: &str) -> Result<Option<TokenLookup>, StoreError> {
+    session_where(db, "s.token_hash = $1", hash).await
+}
+
+pub async fn session_by_id(db: &Db, id: &str) -> Result<Option<TokenLookup>, StoreError> {
+    session_where(db, "s.id = $1", id).await
+}
+
+async fn session_where(
+    db: &Db,
+    condition: &'static str,
+    value: &str,
+) -> Result<Option<TokenLookup>, StoreError> {
     let sql = format!(
         "SELECT s.id AS credential_id, s.last_used_at AS last_used, s.absolute_expires_at AS expires, \
          s.revoked_at AS revoked, l.locked_until AS locked_until, {} FROM sessions s JOIN users u ON u.id = s.user_id \
-         LEFT JOIN lockouts l ON l.key = 'user:' || u.username WHERE s.token_hash = $1",
+         LEFT JOIN lockouts l ON l.key = 'user:' || u.username WHERE {condition}",
         prefixed_user_columns()
     );
     Ok(sqlx::query(AssertSqlSafe(sql))
-        .bind(hash)
+        .bind(value)
         .fetch_optional(db.reader())
         .await?
         .map(|r| lookup_from_row(&r))

@@ -37,6 +37,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(4, "0004_phi"),
     migration!(5, "0005_security"),
     migration!(6, "0006_search_paging"),
+    migration!(7, "0007_smart"),
 ];
 
 impl Migration {

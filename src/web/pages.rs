@@ -9,7 +9,8 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
 use super::session::{
-    LoginForm, WebForm, WebUser, login_cookie_name, new_login_csrf, session_cookie_name, set_cookie,
+    LoginForm, WebForm, WebUser, login_cookie_name, new_login_csrf, safe_next, session_cookie_name,
+    set_cookie, set_embedded_cookie,
 };
 use crate::access::Permission;
 use crate::app::AppState;
@@ -24,19 +25,20 @@ use crate::identity::{roles, store};
 
 /// What every page's frame needs.
 pub struct Layout {
-    signed_in: bool,
-    username: String,
-    role: String,
-    csrf: String,
-    idle_seconds: u64,
-    can_users: bool,
-    can_roles: bool,
-    can_audit: bool,
-    notice: Option<String>,
+    pub(crate) signed_in: bool,
+    pub(crate) username: String,
+    pub(crate) role: String,
+    pub(crate) csrf: String,
+    pub(crate) idle_seconds: u64,
+    pub(crate) can_users: bool,
+    pub(crate) can_roles: bool,
+    pub(crate) can_audit: bool,
+    pub(crate) can_calc: bool,
+    pub(crate) notice: Option<String>,
 }
 
 impl Layout {
-    fn anonymous(notice: Option<String>) -> Self {
+    pub(crate) fn anonymous(notice: Option<String>) -> Self {
         Self {
             signed_in: false,
             username: String::new(),
@@ -46,11 +48,12 @@ impl Layout {
             can_users: false,
             can_roles: false,
             can_audit: false,
+            can_calc: false,
             notice,
         }
     }
 
-    fn of(state: &AppState, u: &WebUser, notice: Option<String>) -> Self {
+    pub(crate) fn of(state: &AppState, u: &WebUser, notice: Option<String>) -> Self {
         Self {
             signed_in: true,
             username: u.principal.username.clone(),
@@ -60,19 +63,20 @@ impl Layout {
             can_users: u.can(Permission::UsersManage),
             can_roles: u.can(Permission::RolesManage),
             can_audit: u.can(Permission::AuditRead),
+            can_calc: u.can(Permission::RecordsRead),
             notice,
         }
     }
 }
 
-fn render<T: Template>(t: &T) -> Response {
+pub(crate) fn render<T: Template>(t: &T) -> Response {
     match t.render() {
         Ok(html) => Html(html).into_response(),
         Err(e) => ApiError::internal(e).into_response(),
     }
 }
 
-fn render_status<T: Template>(status: StatusCode, t: &T) -> Response {
+pub(crate) fn render_status<T: Template>(status: StatusCode, t: &T) -> Response {
     let mut r = render(t);
     *r.status_mut() = status;
     r
@@ -97,6 +101,7 @@ pub fn forbidden(u: &WebUser) -> Response {
         can_users: u.can(Permission::UsersManage),
         can_roles: u.can(Permission::RolesManage),
         can_audit: u.can(Permission::AuditRead),
+        can_calc: u.can(Permission::RecordsRead),
         notice: None,
     };
     render_status(
@@ -141,6 +146,9 @@ pub struct NoticeQuery {
     ok: Option<String>,
     #[serde(default)]
     expired: Option<String>,
+    /// Where to go after signing in (only the SMART app's paths are honoured).
+    #[serde(default)]
+    next: Option<String>,
 }
 
 // ---- sign-in ---------------------------------------------------------------------------
@@ -151,6 +159,7 @@ struct LoginPage {
     layout: Layout,
     login_csrf: String,
     username: String,
+    next: String,
     error: Option<String>,
     need_totp: bool,
     expired: bool,
@@ -160,12 +169,27 @@ struct LoginPage {
 fn login_page(state: &AppState, mut page: LoginPage) -> Response {
     let csrf = new_login_csrf();
     page.login_csrf.clone_from(&csrf);
+    let embedded = embedded_flow(state, &page.next);
     let mut r = render(&page);
+    let name = login_cookie_name(state.config().env);
     r.headers_mut().append(
         header::SET_COOKIE,
-        set_cookie(login_cookie_name(state.config().env), Some(&csrf)),
+        if embedded {
+            set_embedded_cookie(name, Some(&csrf))
+        } else {
+            set_cookie(name, Some(&csrf))
+        },
     );
+    if embedded {
+        crate::smart::routes::allow_framing(state, &mut r);
+    }
     r
+}
+
+/// Whether a sign-in is part of a SMART launch that an EHR may frame: its cookies then
+/// cross sites (`SameSite=None; Partitioned`) and its page may be framed by the EHR.
+fn embedded_flow(state: &AppState, next: &str) -> bool {
+    !next.is_empty() && !state.config().smart.frame_ancestors.is_empty()
 }
 
 fn blank_login(notice: Option<String>) -> LoginPage {
@@ -173,6 +197,7 @@ fn blank_login(notice: Option<String>) -> LoginPage {
         layout: Layout::anonymous(notice),
         login_csrf: String::new(),
         username: String::new(),
+        next: String::new(),
         error: None,
         need_totp: false,
         expired: false,
@@ -191,18 +216,35 @@ pub async fn login_form(
     } else {
         notice(q.ok.as_deref())
     };
-    login_page(&state, blank_login(n))
+    let mut page = blank_login(n);
+    page.next = q
+        .next
+        .as_deref()
+        .and_then(safe_next)
+        .unwrap_or("")
+        .to_owned();
+    login_page(&state, page)
 }
 
-fn signed_in(state: &AppState, token: &Secret) -> Response {
-    let mut r = Redirect::to("/admin").into_response();
+fn signed_in(state: &AppState, token: &Secret, next: &str) -> Response {
+    let embedded = embedded_flow(state, next);
+    let mut r = Redirect::to(if next.is_empty() { "/admin" } else { next }).into_response();
     let env = state.config().env;
-    r.headers_mut().append(
-        header::SET_COOKIE,
-        set_cookie(session_cookie_name(env), Some(token.expose())),
-    );
-    r.headers_mut()
-        .append(header::SET_COOKIE, set_cookie(login_cookie_name(env), None));
+    let (session, login) = (session_cookie_name(env), login_cookie_name(env));
+    let headers = r.headers_mut();
+    if embedded {
+        headers.append(
+            header::SET_COOKIE,
+            set_embedded_cookie(session, Some(token.expose())),
+        );
+        headers.append(header::SET_COOKIE, set_embedded_cookie(login, None));
+    } else {
+        headers.append(
+            header::SET_COOKIE,
+            set_cookie(session, Some(token.expose())),
+        );
+        headers.append(header::SET_COOKIE, set_cookie(login, None));
+    }
     r
 }
 
@@ -218,6 +260,7 @@ pub async fn login_submit(
     let code = fields.text("totp_code");
     let mut page = blank_login(None);
     page.username = username.chars().take(64).collect();
+    page.next = safe_next(&fields.text("next")).unwrap_or("").to_owned();
     if username.chars().count() > 64 || password.expose().chars().count() > 1024 {
         page.error = Some("The username or password is too long.".into());
         return login_page(&state, page);
@@ -237,7 +280,7 @@ pub async fn login_submit(
     }
     crate::identity::routes::audit_attempt(&audit, result.is_ok(), &facts);
     match result {
-        Ok(ok) => signed_in(&state, &ok.token),
+        Ok(ok) => signed_in(&state, &ok.token, &page.next),
         Err(IdentityError::MfaRequired) => {
             page.need_totp = true;
             login_page(&state, page)
@@ -288,6 +331,7 @@ pub async fn login_password(
     let new = Secret::new(fields.get("new_password").unwrap_or("").to_owned());
     let mut page = blank_login(None);
     page.username = username.chars().take(64).collect();
+    page.next = safe_next(&fields.text("next")).unwrap_or("").to_owned();
     page.expired = true;
     let origin = origin(ip, &headers);
     let identity = state.identity();
@@ -329,7 +373,7 @@ pub async fn login_password(
     match identity.login(&username, &new, None, &origin).await {
         (Ok(ok), facts) => {
             let _ = identity.record_attempt(&facts, &origin).await;
-            signed_in(&state, &ok.token)
+            signed_in(&state, &ok.token, &page.next)
         }
         _ => Redirect::to("/login?ok=password-set").into_response(),
     }
@@ -346,10 +390,14 @@ pub async fn logout(State(state): State<AppState>, audit: Audit, form: WebForm) 
         return ApiError::from(e).into_response();
     }
     let mut r = Redirect::to("/login?ok=signed-out").into_response();
-    r.headers_mut().append(
-        header::SET_COOKIE,
-        set_cookie(session_cookie_name(state.config().env), None),
-    );
+    let name = session_cookie_name(state.config().env);
+    r.headers_mut()
+        .append(header::SET_COOKIE, set_cookie(name, None));
+    if !state.config().smart.frame_ancestors.is_empty() {
+        // A session begun inside an EHR frame has a partitioned cookie of its own.
+        r.headers_mut()
+            .append(header::SET_COOKIE, set_embedded_cookie(name, None));
+    }
     r
 }
 

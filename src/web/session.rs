@@ -50,6 +50,48 @@ pub fn set_cookie(name: &str, value: Option<&str>) -> HeaderValue {
     HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("invalid=; Max-Age=0"))
 }
 
+/// `Set-Cookie` for the SMART launch flow, which crosses sites (the EHR frames the app,
+/// and the authorization server redirects back): `SameSite=None; Secure; Partitioned`
+/// (CHIPS: the cookie is kept per top-level site, so it is usable only inside the EHR
+/// that framed the app). Every change still needs its CSRF token.
+pub fn set_embedded_cookie(name: &str, value: Option<&str>) -> HeaderValue {
+    let text = match value {
+        Some(v) => format!("{name}={v}; HttpOnly; Secure; SameSite=None; Partitioned; Path=/"),
+        None => format!("{name}=; HttpOnly; Secure; SameSite=None; Partitioned; Path=/; Max-Age=0"),
+    };
+    HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("invalid=; Max-Age=0"))
+}
+
+/// Where the sign-in form may send the user afterwards: only the SMART app's own paths
+/// (no open redirect).
+pub fn safe_next(next: &str) -> Option<&str> {
+    let ok = next.starts_with("/smart/")
+        && !next.contains("//")
+        && !next.contains('\\')
+        && next.len() <= 2048
+        && next.chars().all(|c| c.is_ascii_graphic());
+    ok.then_some(next)
+}
+
+/// The signed-in browser user of a request, when there is one (for handlers that answer
+/// something other than a redirect to the sign-in page when there is not).
+pub async fn signed_in_user(
+    state: &AppState,
+    headers: &HeaderMap,
+    audit: Option<&Audit>,
+) -> Option<WebUser> {
+    let token = cookie(headers, session_cookie_name(state.config().env))?.to_owned();
+    let principal = state.identity().authenticate(&token).await.ok()?;
+    if let Some(audit) = audit {
+        audit.set_actor(Actor::user(&principal.user_id, &principal.username));
+    }
+    let csrf = principal
+        .session_id()
+        .map(|s| csrf_token(state, s))
+        .unwrap_or_default();
+    Some(WebUser { principal, csrf })
+}
+
 /// A cookie's value from the request.
 pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers

@@ -16,5 +16,7 @@ mod identity;
 mod monitoring;
 mod phi;
 mod ratelimit;
+mod smart;
+mod smart_fixture;
 mod storage;
 mod web;
