@@ -226,9 +226,30 @@ pub async fn login_form(
     login_page(&state, page)
 }
 
+/// Where a sign-in that came with `next` goes on: a page that moves on by itself. Not a
+/// redirect, because the SMART launch it returns to redirects to the EHR, and browsers
+/// hold a redirect chain that began with a form post to `form-action 'self'`.
+#[derive(Template)]
+#[template(path = "continue.html")]
+struct Continue {
+    layout: Layout,
+    next: String,
+}
+
 fn signed_in(state: &AppState, token: &Secret, next: &str) -> Response {
     let embedded = embedded_flow(state, next);
-    let mut r = Redirect::to(if next.is_empty() { "/admin" } else { next }).into_response();
+    let mut r = if next.is_empty() {
+        Redirect::to("/admin").into_response()
+    } else {
+        let mut r = render(&Continue {
+            layout: Layout::anonymous(None),
+            next: next.to_owned(),
+        });
+        if embedded {
+            crate::smart::routes::allow_framing(state, &mut r);
+        }
+        r
+    };
     let env = state.config().env;
     let (session, login) = (session_cookie_name(env), login_cookie_name(env));
     let headers = r.headers_mut();

@@ -46,14 +46,14 @@ function cleanEnv(dir) {
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 /**
- * Start the server. Returns { baseURL, logPath, stop() }. stop() is idempotent and
+ * Start the server (`env`: extra CUSTODIAN_* variables). Returns { baseURL, logPath, stop() }. stop() is idempotent and
  * also runs on process exit, so the server never outlives the test run.
  */
-export async function startServer({ bin = process.env.CUSTODIAN_BIN || join(repoRoot, 'target', 'debug', 'custodian') } = {}) {
+export async function startServer({ bin = process.env.CUSTODIAN_BIN || join(repoRoot, 'target', 'debug', 'custodian'), env: extra = {} } = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'custodian-browser-'));
   const work = join(dir, 'cwd');
   mkdirSync(work);
-  const env = cleanEnv(dir);
+  const env = Object.assign(cleanEnv(dir), extra);
 
   const created = spawnSync(
     bin,
