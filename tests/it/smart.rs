@@ -829,3 +829,46 @@ async fn tokens_and_phi_never_reach_the_log() {
         }
     }
 }
+
+both_backends!(confidential_client_and_the_page_cap);
+async fn confidential_client_and_the_page_cap(backend: Backend) {
+    use std::os::unix::fs::PermissionsExt;
+    let fx = smart_fixture::start().await;
+    *fx.client_secret.lock().unwrap() = Some("SECRET-CANARY".into());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("client_secret");
+    std::fs::write(&file, "SECRET-CANARY\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let s = server(
+        backend,
+        &fx,
+        vec![
+            ("smart.client_secret_file", file.display().to_string()),
+            ("smart.max_pages", "1".to_owned()),
+        ],
+    )
+    .await;
+    let mut jar = doctor(&s).await;
+    let q = format!(
+        "iss={}&launch=p-high",
+        urlencode(&format!("{}/fhir", fx.base))
+    );
+    let res = launch(&s, &fx, &mut jar, &q).await;
+    // The token endpoint accepted HTTP Basic with the secret from the file.
+    assert_eq!(res.status(), 200);
+    let html = res.text().await.unwrap();
+    // One page of Observations only: eGFR (page 2) is not read, and the page says why.
+    assert!(
+        html.contains("Only the first pages of Observation were read"),
+        "{html}"
+    );
+    assert!(html.contains("Incomplete"));
+    assert!(!html.contains("SECRET-CANARY"));
+    // A public client's request is refused by this (confidential) registration.
+    *fx.client_secret.lock().unwrap() = Some("another".into());
+    let before = fx.token_requests.load(Ordering::SeqCst);
+    let res = launch(&s, &fx, &mut jar, &q).await;
+    assert_eq!(res.status(), 400);
+    assert!(res.text().await.unwrap().contains("token_refused"));
+    assert_eq!(fx.token_requests.load(Ordering::SeqCst), before + 1);
+}

@@ -52,6 +52,8 @@ pub struct Fixture {
     pub expires_in: Mutex<i64>,
     /// Record a wrong PKCE challenge (to prove the token endpoint's check is used).
     pub corrupt_challenge: Mutex<bool>,
+    /// A confidential client's secret: the token endpoint then needs HTTP Basic with it.
+    pub client_secret: Mutex<Option<String>>,
     pub inner: Mutex<Inner>,
 }
 
@@ -65,6 +67,7 @@ pub async fn start() -> Arc<Fixture> {
         refreshes: AtomicUsize::new(0),
         expires_in: Mutex::new(3600),
         corrupt_challenge: Mutex::new(false),
+        client_secret: Mutex::new(None),
         inner: Mutex::new(Inner::default()),
     });
     let app = Router::new()
@@ -158,8 +161,30 @@ fn oauth_error(code: &str) -> Response {
     (StatusCode::BAD_REQUEST, axum::Json(json!({"error": code}))).into_response()
 }
 
-async fn token(State(fx): State<Arc<Fixture>>, Form(f): Form<HashMap<String, String>>) -> Response {
+async fn token(
+    State(fx): State<Arc<Fixture>>,
+    headers: HeaderMap,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
     fx.token_requests.fetch_add(1, Ordering::SeqCst);
+    // A public client names itself in the form; a confidential one uses HTTP Basic.
+    let basic = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|b| String::from_utf8(b).ok());
+    let client_ok = match fx.client_secret.lock().unwrap().as_deref() {
+        Some(secret) => basic.as_deref() == Some(format!("custodian:{secret}").as_str()),
+        None => basic.is_none() && f.get("client_id").map(String::as_str) == Some("custodian"),
+    };
+    if !client_ok {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"error": "invalid_client"})),
+        )
+            .into_response();
+    }
     let mut inner = fx.inner.lock().unwrap();
     let expires_in = *fx.expires_in.lock().unwrap();
     let patient = match f.get("grant_type").map(String::as_str) {
@@ -167,9 +192,7 @@ async fn token(State(fx): State<Arc<Fixture>>, Form(f): Form<HashMap<String, Str
             let Some(grant) = f.get("code").and_then(|c| inner.codes.remove(c)) else {
                 return oauth_error("invalid_grant");
             };
-            if f.get("client_id").map(String::as_str) != Some("custodian")
-                || f.get("redirect_uri") != Some(&grant.redirect_uri)
-            {
+            if f.get("redirect_uri") != Some(&grant.redirect_uri) {
                 return oauth_error("invalid_client");
             }
             let verifier = f.get("code_verifier").cloned().unwrap_or_default();
