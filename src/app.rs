@@ -125,8 +125,8 @@ pub fn open_keyring(
     Ok(Arc::new(SharedKeyring::new(ring)))
 }
 
-/// Opens the database named by the configuration and migrates it.
-pub async fn open_database(config: &Config, clock: &dyn crate::clock::Clock) -> anyhow::Result<Db> {
+/// Opens the database named by the configuration, without migrating it.
+pub async fn connect_database(config: &Config) -> anyhow::Result<Db> {
     let secrets = config.resolve_secrets().map_err(anyhow::Error::msg)?;
     let settings = PoolSettings {
         max_connections: config.database.max_connections,
@@ -134,14 +134,19 @@ pub async fn open_database(config: &Config, clock: &dyn crate::clock::Clock) -> 
         sqlite_synchronous_full: config.database.sqlite_synchronous
             == crate::config::SqliteSync::Full,
     };
-    let db = Db::connect(&secrets.database_url, &settings)
+    Db::connect(&secrets.database_url, &settings)
         .await
         .map_err(|e| {
             anyhow::anyhow!(
                 "cannot open the database ({}): {e}",
                 scheme_of(secrets.database_url.expose())
             )
-        })?;
+        })
+}
+
+/// Opens the database named by the configuration and migrates it.
+pub async fn open_database(config: &Config, clock: &dyn crate::clock::Clock) -> anyhow::Result<Db> {
+    let db = connect_database(config).await?;
     let report = store::migrate::migrate(&db, clock)
         .await
         .context("migrating the database")?;

@@ -65,6 +65,52 @@ pub enum Command {
     /// Patients: retention.
     #[command(subcommand)]
     Patients(PatientsCommand),
+    /// Pre-deploy checks: configuration rules, key file permissions, the database (reachable,
+    /// migrated) and the audit chain; with --code, clippy, cargo-deny and cargo-audit.
+    /// Exits 1 when any check fails.
+    Check {
+        /// Also run the code checks (in a source checkout).
+        #[arg(long)]
+        code: bool,
+        /// The source checkout for --code (default: the current directory).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// text or json.
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
+    /// The HIPAA / HITRUST control map evaluated against this configuration. Exits 1 when
+    /// a control is not met.
+    Compliance {
+        /// text, json or html.
+        #[arg(long, default_value = "text")]
+        format: String,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// An online, consistent, encrypted backup of the database (never the keyring).
+    Backup {
+        /// The backup file to create (must not exist).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Restores a backup into an empty database, then verifies the audit chain.
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+    },
+    /// Copies everything from one database to another (e.g. SQLite to PostgreSQL), then
+    /// verifies the counts and the audit chain. The target must be empty.
+    MigrateDb {
+        /// The source database URL (`sqlite://…` or `postgres://…`).
+        #[arg(long)]
+        from: String,
+        /// The target database URL; it is migrated first and must hold no data.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -218,6 +264,13 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Patients(PatientsCommand::Shred { deleted_before }) => {
                 patients_shred(config, &deleted_before).await
             }
+            Command::Check { code, dir, format } => ops_check(config, code, &dir, &format).await,
+            Command::Compliance { format, output } => {
+                ops_compliance(&config, &format, output.as_deref())
+            }
+            Command::Backup { to } => ops_backup(config, &to).await,
+            Command::Restore { from } => ops_restore(config, &from).await,
+            Command::MigrateDb { from, to } => ops_migrate_db(config, &from, &to).await,
             Command::User(UserCommand::Create {
                 username,
                 role,
@@ -920,4 +973,283 @@ async fn patients_shred(config: Config, before: &str) -> ExitCode {
     };
     db.close().await;
     code
+}
+
+// ---- operations ---------------------------------------------------------------------------
+
+async fn ops_check(config: Config, code: bool, dir: &std::path::Path, format: &str) -> ExitCode {
+    use crate::ops::check;
+    if !matches!(format, "text" | "json") {
+        eprintln!("custodian check: --format is text or json, not `{format}`");
+        return ExitCode::from(2);
+    }
+    let mut rows = check::configuration(&config);
+    rows.extend(check::files(&config));
+    rows.extend(check::database(&config).await);
+    if code {
+        let dir = dir.to_owned();
+        match tokio::task::spawn_blocking(move || check::code(&dir)).await {
+            Ok(r) => rows.extend(r),
+            Err(e) => eprintln!("custodian check: the code checks stopped: {e}"),
+        }
+    }
+    if format == "json" {
+        println!(
+            "{}",
+            serde_json::json!({"env": config.env.as_str(), "checks": rows})
+        );
+    } else {
+        print!("{}", check::table(&rows));
+    }
+    if rows.iter().any(|r| r.status == check::Status::Fail) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn ops_compliance(config: &Config, format: &str, output: Option<&std::path::Path>) -> ExitCode {
+    use crate::ops::compliance;
+    let items = match compliance::evaluate(config) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("custodian compliance: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let now = crate::clock::rfc3339(crate::clock::Clock::now(&SystemClock));
+    let text = match format {
+        "text" => compliance::text(&items, config.env.as_str()),
+        "json" => {
+            serde_json::json!({"env": config.env.as_str(), "generated_at": now, "controls": items})
+                .to_string()
+        }
+        "html" => compliance::html(&items, config.env.as_str(), &now),
+        other => {
+            eprintln!("custodian compliance: --format is text, json or html, not `{other}`");
+            return ExitCode::from(2);
+        }
+    };
+    match output {
+        Some(path) => {
+            if let Err(e) = std::fs::write(path, text) {
+                eprintln!("custodian compliance: cannot write {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        }
+        None => println!("{text}"),
+    }
+    let not_met: Vec<&str> = items
+        .iter()
+        .filter(|e| e.verdict == compliance::Verdict::NotMet)
+        .map(|e| e.control.id.as_str())
+        .collect();
+    if not_met.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "custodian compliance: not met by this configuration: {}",
+            not_met.join(", ")
+        );
+        ExitCode::FAILURE
+    }
+}
+
+fn print_tables(verb: &str, tables: &[(String, u64)]) {
+    let rows: u64 = tables.iter().map(|(_, n)| n).sum();
+    eprintln!("{verb} {} tables, {rows} rows:", tables.len());
+    for (t, n) in tables {
+        eprintln!("  {t:<20} {n}");
+    }
+}
+
+async fn ops_backup(config: Config, to: &std::path::Path) -> ExitCode {
+    use crate::audit::{Action, ContextValue};
+    let (db, log) = match offline_context(&config).await {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("custodian backup: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let keys = match crate::app::open_keyring(&config, &SystemClock) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("custodian backup: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let now = crate::clock::rfc3339(crate::clock::Clock::now(&SystemClock));
+    match crate::ops::backup::backup(&db, &keys, to, &now).await {
+        Ok(summary) => {
+            print_tables("backed up", &summary.tables);
+            println!(
+                "{}",
+                serde_json::json!({"backup": to.display().to_string(), "backup_id": summary.backup_id, "schema_version": summary.schema_version})
+            );
+            let rows: u64 = summary.tables.iter().map(|(_, n)| n).sum();
+            let ctx = vec![(
+                "rows",
+                ContextValue::Int(i64::try_from(rows).unwrap_or(i64::MAX)),
+            )];
+            if let Err(e) =
+                record_system_event(&log, "backup", Action::Export, "database_backup", ctx).await
+            {
+                eprintln!("custodian backup: could not record this backup in the audit trail: {e}");
+            }
+            eprintln!(
+                "The keyring is not in the backup: back up {} separately.",
+                config.keyring_path().display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("custodian backup: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn verify_after(db: &crate::store::Db, config: &Config, what: &str) -> bool {
+    let keys = match crate::app::open_keyring(config, &SystemClock) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("custodian {what}: {e:#}");
+            return false;
+        }
+    };
+    match crate::audit::service::verify(db, &keys).await {
+        Ok(r) if r.ok => {
+            eprintln!("audit chain intact: {} events", r.events);
+            true
+        }
+        Ok(r) => {
+            eprintln!(
+                "custodian {what}: the audit chain does NOT verify at {}: {}",
+                r.first_bad.unwrap_or_default(),
+                r.reason.unwrap_or_default()
+            );
+            false
+        }
+        Err(e) => {
+            eprintln!("custodian {what}: cannot verify the audit chain: {e}");
+            false
+        }
+    }
+}
+
+async fn ops_restore(config: Config, from: &std::path::Path) -> ExitCode {
+    let db = match crate::app::open_database(&config, &SystemClock).await {
+        Ok(db) => db,
+        Err(e) => {
+            eprintln!("custodian restore: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let keys = match crate::app::open_keyring(&config, &SystemClock) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("custodian restore: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let summary = match crate::ops::backup::restore(&db, &keys, from).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("custodian restore: {e:#}; nothing was restored");
+            return ExitCode::FAILURE;
+        }
+    };
+    print_tables("restored", &summary.tables);
+    let ok = verify_after(&db, &config, "restore").await;
+    db.close().await;
+    if !ok {
+        return ExitCode::from(3);
+    }
+    record_offline(&config, "restore", "database_restore").await;
+    println!(
+        "{}",
+        serde_json::json!({"restored": from.display().to_string(), "backup_id": summary.backup_id})
+    );
+    ExitCode::SUCCESS
+}
+
+/// Records an offline operation in the audit trail of the configured database.
+async fn record_offline(config: &Config, command: &str, resource: &'static str) {
+    match offline_context(config).await {
+        Ok((db, log)) => {
+            if let Err(e) = record_system_event(
+                &log,
+                command,
+                crate::audit::Action::Create,
+                resource,
+                vec![],
+            )
+            .await
+            {
+                eprintln!("custodian {command}: could not record this in the audit trail: {e}");
+            }
+            let _ = log.flush().await;
+            db.close().await;
+        }
+        Err(e) => eprintln!("custodian {command}: could not record this in the audit trail: {e:#}"),
+    }
+}
+
+async fn ops_migrate_db(config: Config, from: &str, to: &str) -> ExitCode {
+    use crate::config::Secret;
+    let open = |url: &str| {
+        let mut c = config.clone();
+        c.database.url = Some(Secret::new(url.to_owned()));
+        c.database.url_file = None;
+        c
+    };
+    let source_config = open(from);
+    let target_config = open(to);
+    let source = match crate::app::connect_database(&source_config).await {
+        Ok(db) => db,
+        Err(e) => {
+            eprintln!("custodian migrate-db: source: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match crate::store::migrate::status(&source).await {
+        Ok(st) if st.pending.is_empty() && st.changed.is_empty() && st.unknown.is_empty() => {}
+        Ok(_) => {
+            eprintln!(
+                "custodian migrate-db: the source is not at this binary's schema version: run `custodian migrate` on it first"
+            );
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("custodian migrate-db: source: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let target = match crate::app::open_database(&target_config, &SystemClock).await {
+        Ok(db) => db,
+        Err(e) => {
+            eprintln!("custodian migrate-db: target: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let tables = match crate::ops::backup::copy(&source, &target).await {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("custodian migrate-db: {e:#}; nothing was copied");
+            return ExitCode::FAILURE;
+        }
+    };
+    print_tables("copied", &tables);
+    let ok = verify_after(&target, &target_config, "migrate-db").await;
+    source.close().await;
+    target.close().await;
+    if !ok {
+        return ExitCode::from(3);
+    }
+    record_offline(&target_config, "migrate-db", "database_migration").await;
+    eprintln!(
+        "Point database.url (or database.url_file) at the target, and keep the same keyring."
+    );
+    ExitCode::SUCCESS
 }

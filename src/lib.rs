@@ -11,6 +11,7 @@ pub mod config;
 pub mod crypto;
 pub mod http;
 pub mod metrics;
+pub mod ops;
 pub mod scrub;
 pub mod store;
 pub mod telemetry;

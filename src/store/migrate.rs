@@ -160,6 +160,57 @@ async fn migrate_locked(
     Ok(report)
 }
 
+/// The schema's state, read without changing anything (for `custodian check`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Steps of this binary not applied yet.
+    pub pending: Vec<i64>,
+    /// Applied steps whose text differs from this binary's.
+    pub changed: Vec<i64>,
+    /// Applied steps this binary does not know (the database is newer).
+    pub unknown: Vec<i64>,
+}
+
+pub async fn status(db: &Db) -> Result<Status, StoreError> {
+    let backend = db.backend();
+    let table_exists = match backend {
+        Backend::Sqlite => sqlx::query(
+            "SELECT 1 AS x FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'",
+        ),
+        Backend::Postgres => sqlx::query(
+            "SELECT 1 AS x FROM information_schema.tables WHERE table_schema = current_schema() \
+             AND table_name = 'schema_migrations'",
+        ),
+    }
+    .fetch_optional(db.reader())
+    .await?
+    .is_some();
+    let applied: Vec<(i64, String)> = if table_exists {
+        sqlx::query("SELECT version, checksum FROM schema_migrations ORDER BY version")
+            .fetch_all(db.reader())
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("version")?, r.try_get("checksum")?)))
+            .collect::<Result<_, sqlx::Error>>()?
+    } else {
+        Vec::new()
+    };
+    let mut st = Status::default();
+    for m in MIGRATIONS {
+        match applied.iter().find(|(v, _)| *v == m.version) {
+            None => st.pending.push(m.version),
+            Some((_, sum)) if *sum != m.checksum(backend) => st.changed.push(m.version),
+            Some(_) => {}
+        }
+    }
+    st.unknown = applied
+        .iter()
+        .map(|(v, _)| *v)
+        .filter(|v| !MIGRATIONS.iter().any(|m| m.version == *v))
+        .collect();
+    Ok(st)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

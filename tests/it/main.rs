@@ -14,6 +14,7 @@ mod docs;
 mod health;
 mod identity;
 mod monitoring;
+mod ops;
 mod phi;
 mod ratelimit;
 mod smart;
