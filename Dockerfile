@@ -43,9 +43,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
         target/release/deps/libcustodian-* \
         target/release/.fingerprint/custodian-*
 
-# 2. The crate itself. Migrations are embedded in the binary with include_str!.
+# 2. The crate itself. Migrations, templates, assets and the compliance map are
+#    embedded in the binary (include_str!, askama), so they are needed at build time only.
 COPY src ./src
 COPY migrations ./migrations
+COPY templates ./templates
+COPY assets ./assets
+COPY compliance ./compliance
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     cargo build --release --locked \

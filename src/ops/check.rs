@@ -83,7 +83,16 @@ pub fn configuration(config: &Config) -> Vec<Row> {
 pub fn files(config: &Config) -> Vec<Row> {
     let mut out = Vec::new();
     let keyring = config.keyring_path();
+    let missing = !keyring.exists();
     out.push(match rules::secret_file_problem(&keyring) {
+        Some(_) if missing && config.env == Environment::Dev => row(
+            "keyring file",
+            Status::Warn,
+            format!(
+                "no keyring at {}: dev creates one at the first start (back it up)",
+                keyring.display()
+            ),
+        ),
         None => row(
             "keyring file",
             Status::Pass,
@@ -112,6 +121,24 @@ pub fn files(config: &Config) -> Vec<Row> {
 /// The database: reachable, migrated, and its audit chain verifies.
 pub async fn database(config: &Config) -> Vec<Row> {
     let mut out = Vec::new();
+    // A SQLite file that does not exist is reported, not created.
+    if let Ok(secrets) = config.resolve_secrets() {
+        let url = secrets.database_url.expose();
+        if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .map(|p| p.split('?').next().unwrap_or(p))
+            .filter(|p| *p != ":memory:" && !p.is_empty())
+            && !Path::new(path).exists()
+        {
+            out.push(row(
+                "database reachable",
+                Status::Fail,
+                format!("no SQLite database at {path}: run `custodian migrate` to create it"),
+            ));
+            return out;
+        }
+    }
     let db = match crate::app::connect_database(config).await {
         Ok(db) => db,
         Err(e) => {

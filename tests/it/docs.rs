@@ -106,3 +106,38 @@ async fn swagger_ui_is_served_from_the_binary(backend: Backend) {
     assert!(bundle.bytes().await.unwrap().len() > 100_000);
 }
 both_backends!(swagger_ui_is_served_from_the_binary);
+
+/// The image builds from what the Dockerfile copies: every top-level folder the crate
+/// embeds at compile time (include_str!, askama templates) is copied before the build.
+#[test]
+fn the_dockerfile_copies_everything_the_build_embeds() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let mut needed = std::collections::BTreeSet::from(["src".to_owned(), "templates".to_owned()]);
+    let mut stack = vec![root.join("src")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for part in text.split("include_str!(").skip(1) {
+                    if let Some(rest) = part.split("\"../../").nth(1) {
+                        needed.insert(rest.split('/').next().unwrap().to_owned());
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        needed.contains("migrations") && needed.contains("compliance"),
+        "{needed:?}"
+    );
+    for dir in needed {
+        assert!(
+            dockerfile.contains(&format!("COPY {dir} ./{dir}")),
+            "the Dockerfile does not copy {dir}/"
+        );
+    }
+}

@@ -59,9 +59,17 @@ async fn check_passes_a_secure_configuration_and_names_each_problem() {
     // Not migrated yet: a failure that says what to do.
     let (code, out, _) = run(dir.path(), &["check"], &e);
     assert_eq!(code, 1, "{out}");
+    let l = out
+        .lines()
+        .find(|l| l.starts_with("database reachable"))
+        .unwrap();
     assert!(
-        out.contains("database migrated") && out.contains("custodian migrate"),
+        l.contains(" fail ") && l.contains("custodian migrate"),
         "{out}"
+    );
+    assert!(
+        !dir.path().join("custodian.sqlite").exists(),
+        "check creates nothing"
     );
 
     let (code, _, err) = run(dir.path(), &["migrate"], &e);
