@@ -35,6 +35,7 @@ struct Inner {
     metrics: crate::metrics::Metrics,
     security: crate::security::Security,
     smart: crate::smart::Smart,
+    accounts: crate::accounts::Accounts,
 }
 
 impl AppState {
@@ -76,6 +77,9 @@ impl AppState {
     }
     pub fn smart(&self) -> &crate::smart::Smart {
         &self.inner.smart
+    }
+    pub fn accounts(&self) -> &crate::accounts::Accounts {
+        &self.inner.accounts
     }
 }
 
@@ -205,6 +209,14 @@ impl App {
             clock.clone(),
             identity.clone(),
         )?;
+        let accounts = crate::accounts::Accounts::new(
+            &config,
+            secrets.smtp_password,
+            db.clone(),
+            keys.clone(),
+            clock.clone(),
+            identity.clone(),
+        )?;
         Ok(Self {
             state: AppState {
                 inner: Arc::new(Inner {
@@ -221,6 +233,7 @@ impl App {
                     metrics: crate::metrics::Metrics::default(),
                     security,
                     smart,
+                    accounts,
                 }),
             },
         })

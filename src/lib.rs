@@ -17,6 +17,7 @@ pub mod store;
 pub mod telemetry;
 
 pub mod access;
+pub mod accounts;
 pub mod audit;
 pub mod identity;
 pub mod phi;

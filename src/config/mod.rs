@@ -81,6 +81,8 @@ pub struct Config {
     pub monitoring: MonitoringConfig,
     pub security: SecurityConfig,
     pub smart: SmartConfig,
+    pub mail: MailConfig,
+    pub accounts: AccountsConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -357,6 +359,94 @@ pub struct SmartConfig {
     pub refresh_before: Duration,
 }
 
+/// How the SMTP connection is protected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Plain connection upgraded with STARTTLS (port 587); refused if the server does not
+    /// offer it.
+    #[default]
+    Starttls,
+    /// TLS from the first byte (port 465).
+    Implicit,
+    /// No TLS: only to a server on this machine (refused for any other host, and in prod).
+    None,
+}
+
+/// Outgoing mail (`docs/accounts.md`). Without `smtp_host`, dev writes each mail to a
+/// folder under `data_dir` instead; staging and prod then send nothing and say so.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailConfig {
+    pub smtp_host: Option<String>,
+    pub smtp_port: u16,
+    pub smtp_tls: SmtpTls,
+    pub smtp_username: Option<String>,
+    pub smtp_password: Option<Secret>,
+    pub smtp_password_file: Option<PathBuf>,
+    /// The sender, e.g. `Custodian <no-reply@clinic.example>`.
+    pub from: String,
+    /// The address people reach this server at, for the links in mails (e.g.
+    /// `https://custodian.clinic.example`). Required in staging and prod.
+    pub base_url: Option<String>,
+    /// Dev without SMTP: where mails are written (default `<data_dir>/mail`).
+    pub folder: Option<PathBuf>,
+    /// Attempts per mail before it is marked failed.
+    pub max_attempts: u32,
+    /// How often the outbox is looked at for mails due (new mails are sent at once).
+    pub poll_interval: Duration,
+    /// One SMTP conversation may take this long.
+    pub timeout: Duration,
+}
+
+impl Default for MailConfig {
+    fn default() -> Self {
+        Self {
+            smtp_host: None,
+            smtp_port: 587,
+            smtp_tls: SmtpTls::Starttls,
+            smtp_username: None,
+            smtp_password: None,
+            smtp_password_file: None,
+            from: "Custodian <no-reply@localhost>".into(),
+            base_url: None,
+            folder: None,
+            max_attempts: 8,
+            poll_interval: Duration::from_secs(30),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Account lifecycle by email (`docs/accounts.md`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountsConfig {
+    /// How long an invitation link works.
+    pub invite_ttl: Duration,
+    /// How long a password-reset link works.
+    pub reset_ttl: Duration,
+    /// How long an email-verification link works.
+    pub verify_ttl: Duration,
+    /// Whether anyone may create an account (off by default).
+    pub self_registration: bool,
+    /// The role of self-registered accounts: it must hold no PHI permission; an
+    /// administrator grants a real role after checking who it is.
+    pub self_registration_role: String,
+}
+
+impl Default for AccountsConfig {
+    fn default() -> Self {
+        Self {
+            invite_ttl: Duration::from_hours(72),
+            reset_ttl: Duration::from_mins(30),
+            verify_ttl: Duration::from_hours(24),
+            self_registration: false,
+            self_registration_role: "registered".into(),
+        }
+    }
+}
+
 pub const DEFAULT_SMART_SCOPES: &str = "launch openid fhirUser patient/Patient.rs \
 patient/Observation.rs patient/Condition.rs patient/MedicationRequest.rs patient/Procedure.rs";
 
@@ -511,6 +601,8 @@ impl Config {
             monitoring: MonitoringConfig::default(),
             security: SecurityConfig::default(),
             smart: SmartConfig::default(),
+            mail: MailConfig::default(),
+            accounts: AccountsConfig::default(),
         };
         match env {
             Environment::Dev => {}
@@ -557,6 +649,7 @@ pub struct ResolvedSecrets {
     pub redis_url: Option<Secret>,
     pub sentry_dsn: Option<Secret>,
     pub smart_client_secret: Option<Secret>,
+    pub smtp_password: Option<Secret>,
 }
 
 impl fmt::Debug for ResolvedSecrets {
@@ -607,11 +700,17 @@ impl Config {
             self.smart.client_secret.as_ref(),
             self.smart.client_secret_file.as_deref(),
         )?;
+        let smtp_password = read_secret(
+            "mail.smtp_password",
+            self.mail.smtp_password.as_ref(),
+            self.mail.smtp_password_file.as_deref(),
+        )?;
         Ok(ResolvedSecrets {
             database_url,
             redis_url,
             sentry_dsn,
             smart_client_secret,
+            smtp_password,
         })
     }
 }

@@ -224,6 +224,32 @@ pub fn insecure_settings(c: &Config) -> Vec<Finding> {
         );
     }
 
+    // Mail: TLS to the SMTP server, a password from a file, links that say https.
+    if c.mail.smtp_host.is_some() && c.mail.smtp_tls == super::SmtpTls::None {
+        add(
+            "mail.smtp_tls",
+            "mail would cross the network without TLS; use starttls or implicit".into(),
+        );
+    }
+    if c.mail.smtp_password.is_some() {
+        add(
+            "mail.smtp_password",
+            "the SMTP password is inline; put it in a file (mode 0600) and set mail.smtp_password_file".into(),
+        );
+    }
+    if c.mail.smtp_host.is_some() {
+        match &c.mail.base_url {
+            None => add(
+                "mail.base_url",
+                "set the https:// address of this server, for the links in mails".into(),
+            ),
+            Some(u) if !u.starts_with("https://") => {
+                add("mail.base_url", format!("`{u}` is not HTTPS"));
+            }
+            Some(_) => {}
+        }
+    }
+
     // Warnings that are not refusals are in `advisories`.
     out
 }
@@ -231,6 +257,14 @@ pub fn insecure_settings(c: &Config) -> Vec<Finding> {
 /// Settings that are allowed everywhere but worth a warning.
 pub fn advisories(c: &Config) -> Vec<Finding> {
     let mut out = Vec::new();
+    if c.env != Environment::Dev && c.mail.smtp_host.is_none() {
+        out.push(Finding {
+            key: "mail.smtp_host",
+            problem:
+                "no SMTP server: invitations, email verification and password resets cannot be sent"
+                    .into(),
+        });
+    }
     if !c.rate_limit.enabled {
         out.push(Finding {
             key: "rate_limit.enabled",
@@ -306,7 +340,7 @@ fn mode_problem(_: &Path, _: &std::fs::Metadata) -> Option<String> {
 }
 
 /// The `…_file` keys that name secret files.
-fn secret_files(c: &Config) -> [(&'static str, Option<&Path>); 4] {
+fn secret_files(c: &Config) -> [(&'static str, Option<&Path>); 5] {
     [
         ("database.url_file", c.database.url_file.as_deref()),
         ("redis.url_file", c.redis.url_file.as_deref()),
@@ -317,6 +351,10 @@ fn secret_files(c: &Config) -> [(&'static str, Option<&Path>); 4] {
         (
             "smart.client_secret_file",
             c.smart.client_secret_file.as_deref(),
+        ),
+        (
+            "mail.smtp_password_file",
+            c.mail.smtp_password_file.as_deref(),
         ),
     ]
 }
@@ -572,6 +610,29 @@ mod tests {
         c.rate_limit.enabled = false;
         c.server.trusted_proxies = serde_json::from_str(r#""0.0.0.0/0""#).unwrap();
         let a: Vec<_> = advisories(&c).into_iter().map(|f| f.key).collect();
-        assert_eq!(a, ["rate_limit.enabled", "server.trusted_proxies"]);
+        assert_eq!(
+            a,
+            [
+                "mail.smtp_host",
+                "rate_limit.enabled",
+                "server.trusted_proxies"
+            ]
+        );
+    }
+
+    #[test]
+    fn rule_mail_needs_tls_a_password_file_and_an_https_base() {
+        let (_d, mut c) = secure();
+        c.mail.smtp_host = Some("smtp.example.org".into());
+        assert_eq!(keys(&c), vec!["mail.base_url"]);
+        c.mail.base_url = Some("https://custodian.example.org".into());
+        assert!(keys(&c).is_empty());
+        c.mail.smtp_tls = crate::config::SmtpTls::None;
+        c.mail.smtp_password = Some(Secret::new("p".into()));
+        c.mail.base_url = Some("http://custodian.example.org".into());
+        assert_eq!(
+            keys(&c),
+            vec!["mail.smtp_tls", "mail.smtp_password", "mail.base_url"]
+        );
     }
 }

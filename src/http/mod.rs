@@ -46,6 +46,7 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(crate::records::routes::router())
         .merge(crate::security::routes::router())
         .merge(crate::smart::routes::api_router())
+        .merge(crate::accounts::routes::router())
 }
 
 /// The OpenAPI document alone (for `custodian openapi` and the drift check).
@@ -75,6 +76,7 @@ pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
         .merge(docs::swagger(doc))
         .merge(crate::web::router())
         .merge(crate::smart::routes::web_router())
+        .merge(crate::accounts::pages::router())
         .route("/metrics", axum::routing::get(crate::metrics::handler))
         .merge(extra)
         .fallback(not_found)

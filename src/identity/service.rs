@@ -681,6 +681,21 @@ impl Identity {
         self.user(id).await
     }
 
+    /// Activates or deactivates an account (deactivating ends its sessions and tokens).
+    pub async fn update_active(&self, id: &str, active: bool) -> Result<(), IdentityError> {
+        self.update_user(id, None, None, Some(active))
+            .await
+            .map(|_| ())
+    }
+
+    /// Checks a TOTP or recovery code of `user` (spending it); `InvalidTotp` when wrong.
+    pub async fn second_factor(&self, user: &User, code: &str) -> Result<(), IdentityError> {
+        match self.check_second_factor(user, code, self.now()).await? {
+            SecondFactor::Wrong => Err(IdentityError::InvalidTotp),
+            _ => Ok(()),
+        }
+    }
+
     pub async fn user(&self, id: &str) -> Result<User, IdentityError> {
         store::user_by_id(&self.db, id)
             .await?

@@ -31,6 +31,8 @@ pub const TABLES: &[&str] = &[
     "patients",
     "records",
     "security_events",
+    "account_tokens",
+    "email_verifications",
 ];
 
 /// Tables not copied, and why.
@@ -42,6 +44,10 @@ pub const SKIPPED: &[(&str, &str)] = &[
     (
         "smart_launches",
         "launches in progress: short-lived, useless elsewhere",
+    ),
+    (
+        "mail_outbox",
+        "mails queued or sent: their links are single-use and short-lived",
     ),
     (
         "smart_contexts",

@@ -39,6 +39,14 @@ pub const STRICT_DEFAULTS: &[(&str, &str)] = &[
     ("POST /login/password", "10/m"),
     ("POST /admin/totp/confirm", "10/m"),
     ("POST /admin/tokens", "30/m burst 10"),
+    ("POST /api/v1/auth/password-reset", "10/m"),
+    ("POST /api/v1/auth/password-reset/confirm", "10/m"),
+    ("POST /api/v1/auth/register", "10/m"),
+    ("POST /api/v1/auth/email/verification", "10/m"),
+    ("POST /api/v1/invitations/accept", "10/m"),
+    ("POST /login/forgot", "10/m"),
+    ("POST /accounts/reset/{token}", "10/m"),
+    ("POST /accounts/invite/{token}", "10/m"),
 ];
 
 /// The outcome of one check, with what the `RateLimit-*` headers report.

@@ -38,6 +38,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(5, "0005_security"),
     migration!(6, "0006_search_paging"),
     migration!(7, "0007_smart"),
+    migration!(8, "0008_accounts"),
 ];
 
 impl Migration {

@@ -246,13 +246,13 @@ async fn password_spraying_is_blocked_per_address(backend: Backend) {
 }
 both_backends!(password_spraying_is_blocked_per_address);
 
-fn current_code(s: &TestServer, secret_b32: &str, offset_steps: i64) -> String {
+pub(crate) fn current_code(s: &TestServer, secret_b32: &str, offset_steps: i64) -> String {
     let secret = totp::TotpSecret::from_base32(secret_b32).unwrap();
     let now = s.clock.now_unix();
     totp::code_at(&secret, totp::step_at(now + offset_steps * 30))
 }
 
-async fn enrol(s: &TestServer, token: &str) -> (String, Vec<String>) {
+pub(crate) async fn enrol(s: &TestServer, token: &str) -> (String, Vec<String>) {
     let res = s
         .send_as(Method::POST, "/api/v1/auth/totp/enroll", token, None)
         .await;

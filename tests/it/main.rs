@@ -5,6 +5,7 @@
 mod support;
 
 mod access;
+mod accounts;
 mod audit;
 mod bodies;
 mod browser;
@@ -19,5 +20,6 @@ mod phi;
 mod ratelimit;
 mod smart;
 mod smart_fixture;
+mod smtp_sink;
 mod storage;
 mod web;

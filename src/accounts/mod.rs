@@ -1,0 +1,681 @@
+//! Account lifecycle by email (`docs/accounts.md`): invitations, email verification,
+//! password reset, optional self-registration, and the mail outbox that carries them.
+//!
+//! Every link holds a single-use token: 256 random bits, stored only as its SHA-256,
+//! bound to one purpose (`invite`, `verify_email`, `reset_password`), expiring, and
+//! spent when used (or revoked when superseded).
+
+pub mod mail;
+pub mod pages;
+pub mod routes;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use sqlx::Row;
+use utoipa::ToSchema;
+
+use crate::access::Principal;
+use crate::clock::{SharedClock, timestamp};
+use crate::config::{AccountsConfig, Config, Secret};
+use crate::crypto;
+use crate::identity::model::User;
+use crate::identity::{Identity, IdentityError};
+use crate::store::{Db, StoreError};
+use mail::Outbox;
+
+pub const INVITE: &str = "invite";
+pub const VERIFY: &str = "verify_email";
+pub const RESET: &str = "reset_password";
+/// Marks a verification that also activates a self-registered account.
+const ACTIVATES: &str = "activate";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccountsError {
+    #[error("the link is unknown, expired or already used")]
+    InvalidLink,
+    #[error("this is turned off")]
+    Disabled,
+    #[error("no mail can be sent: mail.smtp_host is not configured")]
+    MailUnavailable,
+    #[error("{0}")]
+    Refused(&'static str),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for AccountsError {
+    fn from(e: sqlx::Error) -> Self {
+        AccountsError::Store(e.into())
+    }
+}
+
+/// A pending invitation as listed to administrators (never its token).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Invitation {
+    pub id: String,
+    pub email: String,
+    pub role: String,
+    pub created_by: Option<String>,
+    pub created_at: String,
+    pub expires_at: String,
+}
+
+struct TokenRow {
+    id: String,
+    user_id: Option<String>,
+    email: Option<String>,
+    role: Option<String>,
+    created_by: Option<String>,
+    created_at: String,
+    expires_at: String,
+}
+
+#[derive(Clone)]
+pub struct Accounts {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Db,
+    clock: SharedClock,
+    identity: Identity,
+    outbox: Outbox,
+    cfg: AccountsConfig,
+    base_url: String,
+}
+
+fn new_token() -> Result<Secret, AccountsError> {
+    crypto::random_bytes::<32>()
+        .map(|b| Secret::new(crypto::hex(&b)))
+        .map_err(|e| AccountsError::Identity(IdentityError::Crypto(e)))
+}
+
+fn hash(token: &str) -> String {
+    crypto::sha256_hex(token.as_bytes())
+}
+
+/// A normalised (lower-case) email address, or why it is not one. No whitespace or
+/// control character can pass, so an address cannot inject a mail header.
+pub fn parse_email(s: &str) -> Result<String, &'static str> {
+    crate::identity::model::parse_email(s).map(|e| e.to_lowercase())
+}
+
+impl Accounts {
+    pub fn new(
+        c: &Config,
+        smtp_password: Option<Secret>,
+        db: Db,
+        keys: Arc<crypto::SharedKeyring>,
+        clock: SharedClock,
+        identity: Identity,
+    ) -> anyhow::Result<Self> {
+        let outbox = Outbox::new(c, smtp_password, db.clone(), keys, clock.clone())?;
+        outbox.spawn();
+        let base_url = c
+            .mail
+            .base_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", c.server.listen))
+            .trim_end_matches('/')
+            .to_owned();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                clock,
+                identity,
+                outbox,
+                cfg: c.accounts.clone(),
+                base_url,
+            }),
+        })
+    }
+
+    pub fn outbox(&self) -> &Outbox {
+        &self.inner.outbox
+    }
+
+    pub fn config(&self) -> &AccountsConfig {
+        &self.inner.cfg
+    }
+
+    fn now(&self) -> String {
+        timestamp(self.inner.clock.now())
+    }
+
+    fn link(&self, kind: &str, token: &Secret) -> String {
+        format!("{}/accounts/{kind}/{}", self.inner.base_url, token.expose())
+    }
+
+    fn require_mail(&self) -> Result<(), AccountsError> {
+        if self.inner.outbox.can_send() {
+            Ok(())
+        } else {
+            Err(AccountsError::MailUnavailable)
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn issue(
+        &self,
+        purpose: &str,
+        user_id: Option<&str>,
+        email: Option<&str>,
+        role: Option<&str>,
+        created_by: Option<&str>,
+        ttl: std::time::Duration,
+    ) -> Result<(String, Secret, String), AccountsError> {
+        let token = new_token()?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let now = self.inner.clock.now();
+        let expires = timestamp(now + ttl);
+        sqlx::query(
+            "INSERT INTO account_tokens (id, token_hash, purpose, user_id, email, role, created_by, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&id)
+        .bind(hash(token.expose()))
+        .bind(purpose)
+        .bind(user_id)
+        .bind(email)
+        .bind(role)
+        .bind(created_by)
+        .bind(timestamp(now))
+        .bind(&expires)
+        .execute(self.inner.db.writer())
+        .await?;
+        Ok((id, token, expires))
+    }
+
+    /// A usable token of `purpose` (not used, not revoked, not expired).
+    async fn find(&self, purpose: &str, token: &str) -> Result<TokenRow, AccountsError> {
+        if token.len() != 64 || !token.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(AccountsError::InvalidLink);
+        }
+        let row = sqlx::query(
+            "SELECT id, user_id, email, role, created_by, created_at, expires_at FROM account_tokens \
+             WHERE token_hash = $1 AND purpose = $2 AND used_at IS NULL AND revoked_at IS NULL AND expires_at > $3",
+        )
+        .bind(hash(token))
+        .bind(purpose)
+        .bind(self.now())
+        .fetch_optional(self.inner.db.reader())
+        .await?
+        .ok_or(AccountsError::InvalidLink)?;
+        Ok(TokenRow {
+            id: row.try_get("id")?,
+            user_id: row.try_get("user_id")?,
+            email: row.try_get("email")?,
+            role: row.try_get("role")?,
+            created_by: row.try_get("created_by")?,
+            created_at: row.try_get("created_at")?,
+            expires_at: row.try_get("expires_at")?,
+        })
+    }
+
+    /// Spends a token; false when another request spent it first.
+    async fn consume(&self, id: &str) -> Result<bool, AccountsError> {
+        let now = self.now();
+        let n = sqlx::query(
+            "UPDATE account_tokens SET used_at = $1 WHERE id = $2 AND used_at IS NULL AND revoked_at IS NULL AND expires_at > $1",
+        )
+        .bind(&now)
+        .bind(id)
+        .execute(self.inner.db.writer())
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn revoke_where(&self, sql: &'static str, value: &str) -> Result<u64, AccountsError> {
+        Ok(sqlx::query(sql)
+            .bind(self.now())
+            .bind(value)
+            .execute(self.inner.db.writer())
+            .await?
+            .rows_affected())
+    }
+
+    // ---- invitations -------------------------------------------------------------------
+
+    fn invitation_of(t: TokenRow) -> Invitation {
+        Invitation {
+            id: t.id,
+            email: t.email.unwrap_or_default(),
+            role: t.role.unwrap_or_default(),
+            created_by: t.created_by,
+            created_at: t.created_at,
+            expires_at: t.expires_at,
+        }
+    }
+
+    async fn send_invitation(
+        &self,
+        email: &str,
+        role: &str,
+        token: &Secret,
+        expires: &str,
+    ) -> Result<(), AccountsError> {
+        let body = format!(
+            "You are invited to a Custodian account with the role \"{role}\".\n\n\
+             Choose your username and password here (the link works once, until {expires} UTC):\n\n{}\n\n\
+             If you did not expect this invitation, ignore this mail.\n",
+            self.link("invite", token)
+        );
+        self.inner
+            .outbox
+            .enqueue(email, "Your invitation to Custodian", &body)
+            .await?;
+        Ok(())
+    }
+
+    /// Invites `email` to an account with `role`.
+    pub async fn invite(
+        &self,
+        email: &str,
+        role: &str,
+        by: &Principal,
+    ) -> Result<Invitation, AccountsError> {
+        self.require_mail()?;
+        let email = parse_email(email).map_err(|m| IdentityError::Invalid("email", m))?;
+        if !crate::identity::store::role_exists(&self.inner.db, role).await? {
+            return Err(IdentityError::Invalid("role", "is not a role").into());
+        }
+        let (id, token, expires) = self
+            .issue(
+                INVITE,
+                None,
+                Some(&email),
+                Some(role),
+                Some(&by.username),
+                self.inner.cfg.invite_ttl.std(),
+            )
+            .await?;
+        self.send_invitation(&email, role, &token, &expires).await?;
+        Ok(Invitation {
+            id,
+            email,
+            role: role.to_owned(),
+            created_by: Some(by.username.clone()),
+            created_at: self.now(),
+            expires_at: expires,
+        })
+    }
+
+    /// Pending invitations, newest first.
+    pub async fn invitations(&self) -> Result<Vec<Invitation>, AccountsError> {
+        let rows = sqlx::query(
+            "SELECT id, user_id, email, role, created_by, created_at, expires_at FROM account_tokens \
+             WHERE purpose = $1 AND used_at IS NULL AND revoked_at IS NULL AND expires_at > $2 \
+             ORDER BY created_at DESC LIMIT 500",
+        )
+        .bind(INVITE)
+        .bind(self.now())
+        .fetch_all(self.inner.db.reader())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Self::invitation_of(TokenRow {
+                    id: r.try_get("id")?,
+                    user_id: r.try_get("user_id")?,
+                    email: r.try_get("email")?,
+                    role: r.try_get("role")?,
+                    created_by: r.try_get("created_by")?,
+                    created_at: r.try_get("created_at")?,
+                    expires_at: r.try_get("expires_at")?,
+                }))
+            })
+            .collect()
+    }
+
+    pub async fn revoke_invitation(&self, id: &str) -> Result<(), AccountsError> {
+        let n = self
+            .revoke_where(
+                "UPDATE account_tokens SET revoked_at = $1 WHERE id = $2 AND purpose = 'invite' AND used_at IS NULL AND revoked_at IS NULL",
+                id,
+            )
+            .await?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(IdentityError::NotFound.into())
+        }
+    }
+
+    /// Revokes the invitation's link and sends a new one.
+    pub async fn resend_invitation(
+        &self,
+        id: &str,
+        by: &Principal,
+    ) -> Result<Invitation, AccountsError> {
+        self.require_mail()?;
+        let pending = self.invitations().await?;
+        let old = pending
+            .into_iter()
+            .find(|i| i.id == id)
+            .ok_or(IdentityError::NotFound)?;
+        self.revoke_invitation(id).await?;
+        self.invite(&old.email, &old.role, by).await
+    }
+
+    /// What an invitation link offers (for its page).
+    pub async fn invitation(&self, token: &str) -> Result<Invitation, AccountsError> {
+        Ok(Self::invitation_of(self.find(INVITE, token).await?))
+    }
+
+    /// Creates the invited account. Its email counts as verified (the link reached it).
+    pub async fn accept_invitation(
+        &self,
+        token: &str,
+        username: &str,
+        password: &Secret,
+    ) -> Result<User, AccountsError> {
+        let t = self.find(INVITE, token).await?;
+        let email = t.email.clone().unwrap_or_default();
+        let role = t.role.clone().unwrap_or_default();
+        let user = self
+            .inner
+            .identity
+            .create_user(username, Some(&email), &role, password)
+            .await?;
+        if !self.consume(&t.id).await? {
+            // Spent by a concurrent request: undo this account.
+            self.inner.identity.update_active(&user.id, false).await?;
+            return Err(AccountsError::InvalidLink);
+        }
+        self.mark_verified(&user.id, &email).await?;
+        Ok(user)
+    }
+
+    // ---- email verification ------------------------------------------------------------
+
+    async fn mark_verified(&self, user_id: &str, email: &str) -> Result<(), AccountsError> {
+        sqlx::query(
+            "INSERT INTO email_verifications (user_id, email, verified_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (user_id) DO UPDATE SET email = excluded.email, verified_at = excluded.verified_at",
+        )
+        .bind(user_id)
+        .bind(email)
+        .bind(self.now())
+        .execute(self.inner.db.writer())
+        .await?;
+        Ok(())
+    }
+
+    /// Whether the user's current email is the verified one.
+    pub async fn is_verified(&self, user: &User) -> Result<bool, AccountsError> {
+        let Some(email) = &user.email else {
+            return Ok(false);
+        };
+        let row = sqlx::query("SELECT email FROM email_verifications WHERE user_id = $1")
+            .bind(&user.id)
+            .fetch_optional(self.inner.db.reader())
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get::<String, _>("email")?.eq_ignore_ascii_case(email),
+            None => false,
+        })
+    }
+
+    async fn send_verification_marked(
+        &self,
+        user: &User,
+        marker: Option<&str>,
+    ) -> Result<bool, AccountsError> {
+        let Some(email) = &user.email else {
+            return Ok(false);
+        };
+        if self.is_verified(user).await? {
+            return Ok(false);
+        }
+        self.require_mail()?;
+        // Older links for this user stop working.
+        self.revoke_where(
+            "UPDATE account_tokens SET revoked_at = $1 WHERE user_id = $2 AND purpose = 'verify_email' AND used_at IS NULL AND revoked_at IS NULL",
+            &user.id,
+        )
+        .await?;
+        let (_, token, expires) = self
+            .issue(
+                VERIFY,
+                Some(&user.id),
+                Some(email),
+                marker,
+                None,
+                self.inner.cfg.verify_ttl.std(),
+            )
+            .await?;
+        let body = format!(
+            "Confirm that this address belongs to the Custodian account \"{}\" (the link works once, until {expires} UTC):\n\n{}\n\n\
+             If you do not know this account, ignore this mail.\n",
+            user.username,
+            self.link("verify", &token)
+        );
+        self.inner
+            .outbox
+            .enqueue(email, "Confirm your email address for Custodian", &body)
+            .await?;
+        Ok(true)
+    }
+
+    /// Sends a verification link to the user's current email, unless it is verified.
+    /// Answers whether a mail was queued.
+    pub async fn send_verification(&self, user: &User) -> Result<bool, AccountsError> {
+        self.send_verification_marked(user, None).await
+    }
+
+    /// Verifies the address the link was sent to, if it is still the user's.
+    pub async fn verify_email(&self, token: &str) -> Result<User, AccountsError> {
+        let t = self.find(VERIFY, token).await?;
+        let user_id = t.user_id.clone().ok_or(AccountsError::InvalidLink)?;
+        let user = self.inner.identity.user(&user_id).await?;
+        let email = t.email.clone().unwrap_or_default();
+        if !user
+            .email
+            .as_deref()
+            .is_some_and(|e| e.eq_ignore_ascii_case(&email))
+        {
+            // The address changed since: this link is for the old one.
+            return Err(AccountsError::InvalidLink);
+        }
+        if !self.consume(&t.id).await? {
+            return Err(AccountsError::InvalidLink);
+        }
+        self.mark_verified(&user.id, &email).await?;
+        if t.role.as_deref() == Some(ACTIVATES) && !user.active {
+            self.inner.identity.update_active(&user.id, true).await?;
+        }
+        Ok(self.inner.identity.user(&user_id).await?)
+    }
+
+    // ---- password reset ----------------------------------------------------------------
+
+    /// Starts a reset for `who` (username or email). Always succeeds from the caller's
+    /// point of view: the lookup and the mail happen in the background, so that the
+    /// answer (status, body and time) is the same whether or not an account matches.
+    pub fn request_reset(&self, who: &str) {
+        let me = self.clone();
+        let who = who.trim().chars().take(254).collect::<String>();
+        tokio::spawn(async move {
+            if let Err(e) = me.reset_in_background(&who).await {
+                tracing::warn!(error = %e, "password reset: could not queue the mail");
+            }
+        });
+    }
+
+    async fn reset_in_background(&self, who: &str) -> Result<(), AccountsError> {
+        let user = match self.inner.identity.user_by_username(who).await? {
+            Some(u) => Some(u),
+            None => match parse_email(who) {
+                Ok(email) => {
+                    let id: Option<String> =
+                        sqlx::query("SELECT id FROM users WHERE lower(email) = $1 LIMIT 2")
+                            .bind(&email)
+                            .fetch_all(self.inner.db.reader())
+                            .await?
+                            .iter()
+                            .map(|r| r.try_get("id"))
+                            .collect::<Result<Vec<String>, _>>()?
+                            .into_iter()
+                            .fold(None, |acc: Option<Option<String>>, id| match acc {
+                                None => Some(Some(id)),
+                                // Two accounts share the address: neither is chosen.
+                                Some(_) => Some(None),
+                            })
+                            .flatten();
+                    match id {
+                        Some(id) => Some(self.inner.identity.user(&id).await?),
+                        None => None,
+                    }
+                }
+                Err(_) => None,
+            },
+        };
+        let Some(user) = user else { return Ok(()) };
+        // Deactivated accounts get nothing; locked ones may reset (a lock must not
+        // become a denial of service with no way back).
+        if !user.active || !self.is_verified(&user).await? || !self.inner.outbox.can_send() {
+            return Ok(());
+        }
+        let Some(email) = user.email.clone() else {
+            return Ok(());
+        };
+        self.revoke_where(
+            "UPDATE account_tokens SET revoked_at = $1 WHERE user_id = $2 AND purpose = 'reset_password' AND used_at IS NULL AND revoked_at IS NULL",
+            &user.id,
+        )
+        .await?;
+        let (_, token, expires) = self
+            .issue(
+                RESET,
+                Some(&user.id),
+                Some(&email),
+                None,
+                None,
+                self.inner.cfg.reset_ttl.std(),
+            )
+            .await?;
+        let body = format!(
+            "Someone asked to reset the password of the Custodian account \"{}\".\n\n\
+             Choose a new password here (the link works once, until {expires} UTC):\n\n{}\n\n\
+             If it was not you, ignore this mail: the password stays as it is.\n",
+            user.username,
+            self.link("reset", &token)
+        );
+        self.inner
+            .outbox
+            .enqueue(&email, "Reset your Custodian password", &body)
+            .await?;
+        Ok(())
+    }
+
+    /// The account a reset link is for, and whether it needs a TOTP or recovery code.
+    pub async fn reset_target(&self, token: &str) -> Result<(User, bool), AccountsError> {
+        let t = self.find(RESET, token).await?;
+        let user = self
+            .inner
+            .identity
+            .user(t.user_id.as_deref().unwrap_or(""))
+            .await
+            .map_err(|_| AccountsError::InvalidLink)?;
+        let totp = user.totp_enabled;
+        Ok((user, totp))
+    }
+
+    /// Sets a new password through a reset link: the policy and history apply, a TOTP
+    /// or recovery code is needed when TOTP is on, every session ends, a lock is lifted,
+    /// and the user is told by mail.
+    pub async fn confirm_reset(
+        &self,
+        token: &str,
+        new: &Secret,
+        code: Option<&str>,
+    ) -> Result<User, AccountsError> {
+        let t = self.find(RESET, token).await?;
+        let user = self
+            .inner
+            .identity
+            .user(t.user_id.as_deref().unwrap_or(""))
+            .await
+            .map_err(|_| AccountsError::InvalidLink)?;
+        if !user.active {
+            return Err(AccountsError::InvalidLink);
+        }
+        if user.totp_enabled {
+            let code = code
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .ok_or(IdentityError::MfaRequired)?;
+            self.inner.identity.second_factor(&user, code).await?;
+        }
+        self.inner.identity.set_password(&user, new, None).await?;
+        if !self.consume(&t.id).await? {
+            return Err(AccountsError::InvalidLink);
+        }
+        self.inner.identity.unlock(&user.id).await?;
+        if let Some(email) = &user.email {
+            let body = format!(
+                "The password of the Custodian account \"{}\" was changed at {} UTC through a reset link, and every session of the account was ended.\n\n\
+                 If it was not you, tell your administrator now.\n",
+                user.username,
+                self.now()
+            );
+            self.inner
+                .outbox
+                .enqueue(email, "Your Custodian password was changed", &body)
+                .await?;
+        }
+        Ok(user)
+    }
+
+    // ---- self-registration -------------------------------------------------------------
+
+    /// Creates an inactive account with the registration role and sends the verification
+    /// that activates it. Off unless `accounts.self_registration`.
+    pub async fn register(
+        &self,
+        username: &str,
+        email: &str,
+        password: &Secret,
+    ) -> Result<(), AccountsError> {
+        if !self.inner.cfg.self_registration {
+            return Err(AccountsError::Disabled);
+        }
+        self.require_mail()?;
+        let role = &self.inner.cfg.self_registration_role;
+        let perms = crate::identity::store::role_permissions(&self.inner.db, role).await?;
+        if perms.iter().any(|p| {
+            p.starts_with("patients:")
+                || p.starts_with("records:")
+                || p.starts_with("phi:")
+                || p == "breakglass"
+        }) {
+            tracing::error!(role = %role, "accounts.self_registration_role holds PHI permissions; registration refused");
+            return Err(AccountsError::Refused(
+                "registration is misconfigured: the registration role must hold no PHI permission",
+            ));
+        }
+        let email = parse_email(email).map_err(|m| IdentityError::Invalid("email", m))?;
+        // An address already in use gets nothing new (and the answer does not say so).
+        let taken = sqlx::query("SELECT 1 AS x FROM users WHERE lower(email) = $1")
+            .bind(&email)
+            .fetch_optional(self.inner.db.reader())
+            .await?
+            .is_some();
+        if taken {
+            return Ok(());
+        }
+        let user = self
+            .inner
+            .identity
+            .create_user(username, Some(&email), role, password)
+            .await?;
+        self.inner.identity.update_active(&user.id, false).await?;
+        let user = self.inner.identity.user(&user.id).await?;
+        self.send_verification_marked(&user, Some(ACTIVATES))
+            .await?;
+        Ok(())
+    }
+}
