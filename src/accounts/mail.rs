@@ -105,6 +105,21 @@ impl Mailer {
         }
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(ca) = &c.mail.smtp_ca_file {
+            use rustls::pki_types::CertificateDer;
+            use rustls::pki_types::pem::PemObject;
+            let certs = CertificateDer::pem_file_iter(ca)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| anyhow::anyhow!("mail.smtp_ca_file {}: {e}", ca.display()))?;
+            if certs.is_empty() {
+                anyhow::bail!("mail.smtp_ca_file {}: no certificate in it", ca.display());
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| anyhow::anyhow!("mail.smtp_ca_file {}: {e}", ca.display()))?;
+            }
+        }
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))

@@ -384,6 +384,9 @@ pub struct MailConfig {
     pub smtp_username: Option<String>,
     pub smtp_password: Option<Secret>,
     pub smtp_password_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) to trust for the SMTP server, e.g. a private relay's
+    /// own CA; the public roots are trusted anyway.
+    pub smtp_ca_file: Option<PathBuf>,
     /// The sender, e.g. `Custodian <no-reply@clinic.example>`.
     pub from: String,
     /// The address people reach this server at, for the links in mails (e.g.
@@ -408,6 +411,7 @@ impl Default for MailConfig {
             smtp_username: None,
             smtp_password: None,
             smtp_password_file: None,
+            smtp_ca_file: None,
             from: "Custodian <no-reply@localhost>".into(),
             base_url: None,
             folder: None,

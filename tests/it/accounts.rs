@@ -827,3 +827,100 @@ async fn the_pages_behind_the_links() {
             .contains("/login/forgot")
     );
 }
+
+/// Mail over TLS: implicit TLS and STARTTLS, with the server's certificate trusted through
+/// mail.smtp_ca_file; the password is sent only inside TLS; a server that does not offer
+/// STARTTLS gets nothing (no fallback to clear text).
+#[tokio::test]
+async fn mail_goes_over_tls_or_not_at_all() {
+    use crate::smtp_sink::{Mode, tls_for_localhost};
+    custodian::http::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, implicit) in [("implicit", true), ("starttls", false)] {
+        let (acceptor, pem) = tls_for_localhost();
+        let ca = dir.path().join(format!("{name}.pem"));
+        std::fs::write(&ca, pem).unwrap();
+        let sink = Sink::start_with(if implicit {
+            Mode::Implicit(acceptor)
+        } else {
+            Mode::Starttls(acceptor)
+        })
+        .await;
+        let s = TestServer::start_with(
+            Backend::Sqlite,
+            Options {
+                sets: vec![
+                    ("mail.smtp_host", "localhost".into()),
+                    ("mail.smtp_port", sink.port.to_string()),
+                    ("mail.smtp_tls", name.into()),
+                    ("mail.smtp_ca_file", ca.display().to_string()),
+                    ("mail.smtp_username", "relay-user".into()),
+                    ("mail.smtp_password", "RELAY-CANARY".into()),
+                    ("mail.base_url", "https://custodian.test".into()),
+                ],
+                ..Options::default()
+            },
+        )
+        .await;
+        let root = admin(&s).await;
+        let res = post(
+            &s,
+            "/api/v1/invitations",
+            Some(&root),
+            json!({"email": "t@example.org", "role": "nurse"}),
+        )
+        .await;
+        assert_eq!(res.status(), 201);
+        let mail = sink.wait_for(0).await;
+        assert_eq!(mail.to, "t@example.org", "{name}");
+        let auths = sink.auths.lock().unwrap().clone();
+        assert_eq!(
+            auths,
+            vec![("\0relay-user\0RELAY-CANARY".to_owned(), true)],
+            "{name}"
+        );
+    }
+    // STARTTLS required, not offered: the mail fails, nothing is sent in clear.
+    let sink = Sink::start().await;
+    let s = TestServer::start_with(
+        Backend::Sqlite,
+        Options {
+            sets: vec![
+                ("mail.smtp_host", "localhost".into()),
+                ("mail.smtp_port", sink.port.to_string()),
+                ("mail.smtp_tls", "starttls".into()),
+                ("mail.smtp_username", "relay-user".into()),
+                ("mail.smtp_password", "RELAY-CANARY".into()),
+            ],
+            ..Options::default()
+        },
+    )
+    .await;
+    let root = admin(&s).await;
+    post(
+        &s,
+        "/api/v1/invitations",
+        Some(&root),
+        json!({"email": "u@example.org", "role": "nurse"}),
+    )
+    .await;
+    let mut failed = None;
+    for _ in 0..200 {
+        let row: (Option<String>, Option<String>) =
+            sqlx::query_as("SELECT failed_at, last_error FROM mail_outbox")
+                .fetch_one(s.state.db().reader())
+                .await
+                .unwrap();
+        if row.0.is_some() {
+            failed = row.1;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(failed.unwrap().contains("STARTTLS"));
+    assert_eq!(sink.count(), 0);
+    assert!(
+        sink.auths.lock().unwrap().is_empty(),
+        "no password in clear"
+    );
+}

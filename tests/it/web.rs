@@ -401,3 +401,94 @@ async fn security_events_are_listed_for_auditors(backend: Backend) {
     panic!("the security event is not listed");
 }
 both_backends!(security_events_are_listed_for_auditors);
+
+async fn admins_invite_from_the_pages(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    s.user("root", "admin", PW).await;
+    s.user("nora", "nurse", PW).await;
+    let mut b = Browser::new(&s);
+    b.sign_in("root", PW).await;
+    let (status, html) = b.get("/admin/invitations").await;
+    assert_eq!(status, 200);
+    assert!(html.contains("Invite someone") && html.contains("No pending invitations."));
+    let csrf = field(&html, "csrf");
+    let (status, html, _) = b
+        .post(
+            "/admin/invitations",
+            &[
+                ("csrf", &csrf),
+                ("email", "ivy@example.org"),
+                ("role", "nurse"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        html.contains("Invitation sent to ivy@example.org."),
+        "{html}"
+    );
+    assert!(html.contains("<td>ivy@example.org</td>"));
+    let id = html
+        .split("/admin/invitations/")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    // A bad address is shown on the page, not a 500.
+    let (status, html, _) = b
+        .post(
+            "/admin/invitations",
+            &[
+                ("csrf", &csrf),
+                ("email", "not an address"),
+                ("role", "nurse"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(html.contains("class=\"error\""), "{html}");
+    // Resend gives a new invitation; revoke removes it.
+    let (status, html, _) = b
+        .post(
+            &format!("/admin/invitations/{id}/resend"),
+            &[("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(html.contains("Sent again to ivy@example.org."));
+    let id2 = html
+        .split("/admin/invitations/")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_ne!(id, id2);
+    let (status, _, location) = b
+        .post(
+            &format!("/admin/invitations/{id2}/revoke"),
+            &[("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(
+        (status, location.as_deref()),
+        (303, Some("/admin/invitations"))
+    );
+    let (_, html) = b.get("/admin/invitations").await;
+    assert!(html.contains("No pending invitations."));
+    // Without users:manage: refused; without the CSRF token: refused.
+    let mut n = Browser::new(&s);
+    n.sign_in("nora", PW).await;
+    assert_eq!(n.get("/admin/invitations").await.0, 403);
+    let (status, _, _) = b
+        .post(
+            "/admin/invitations",
+            &[("email", "x@example.org"), ("role", "nurse")],
+        )
+        .await;
+    assert_eq!(status, 403);
+}
+both_backends!(admins_invite_from_the_pages);
