@@ -117,12 +117,12 @@ fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-fn field(html: &str, name: &str) -> String {
-    let marker = format!("name=\"{name}\" value=\"");
-    html.split(&marker)
+/// The attribute value that follows `marker` in the page, unescaped.
+fn attribute_after(html: &str, marker: &str) -> String {
+    html.split(marker)
         .nth(1)
         .and_then(|rest| rest.split('"').next())
-        .unwrap_or_else(|| panic!("no field {name}"))
+        .unwrap_or_else(|| panic!("nothing after {marker}"))
         .replace("&#x2f;", "/")
         .replace("&#x3d;", "=")
         .replace("&#x3f;", "?")
@@ -132,20 +132,14 @@ fn field(html: &str, name: &str) -> String {
         .replace("&#47;", "/")
 }
 
-/// The `href` of the link with this id, unescaped.
+/// The value of a form field.
+fn field(html: &str, name: &str) -> String {
+    attribute_after(html, &format!("name=\"{name}\" value=\""))
+}
+
+/// The `href` of the link with this id.
 fn field_href(html: &str, id: &str) -> String {
-    let marker = format!("id=\"{id}\" href=\"");
-    html.split(&marker)
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .unwrap_or_else(|| panic!("no link {id}"))
-        .replace("&#x2f;", "/")
-        .replace("&#x3d;", "=")
-        .replace("&#x3f;", "?")
-        .replace("&amp;", "&")
-        .replace("&#38;", "&")
-        .replace("&#61;", "=")
-        .replace("&#47;", "/")
+    attribute_after(html, &format!("id=\"{id}\" href=\""))
 }
 
 fn location(res: &reqwest::Response) -> String {
