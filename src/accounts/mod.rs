@@ -63,6 +63,8 @@ pub struct Invitation {
     pub expires_at: String,
 }
 
+const TOKEN_COLUMNS: &str = "id, user_id, email, role, created_by, created_at, expires_at";
+
 struct TokenRow {
     id: String,
     user_id: Option<String>,
@@ -85,6 +87,20 @@ struct Inner {
     outbox: Outbox,
     cfg: AccountsConfig,
     base_url: String,
+}
+
+impl TokenRow {
+    fn from_row(r: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            id: r.try_get("id")?,
+            user_id: r.try_get("user_id")?,
+            email: r.try_get("email")?,
+            role: r.try_get("role")?,
+            created_by: r.try_get("created_by")?,
+            created_at: r.try_get("created_at")?,
+            expires_at: r.try_get("expires_at")?,
+        })
+    }
 }
 
 fn new_token() -> Result<Secret, AccountsError> {
@@ -194,25 +210,17 @@ impl Accounts {
         if token.len() != 64 || !token.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(AccountsError::InvalidLink);
         }
-        let row = sqlx::query(
-            "SELECT id, user_id, email, role, created_by, created_at, expires_at FROM account_tokens \
-             WHERE token_hash = $1 AND purpose = $2 AND used_at IS NULL AND revoked_at IS NULL AND expires_at > $3",
-        )
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {TOKEN_COLUMNS} FROM account_tokens \
+             WHERE token_hash = $1 AND purpose = $2 AND used_at IS NULL AND revoked_at IS NULL AND expires_at > $3"
+        )))
         .bind(hash(token))
         .bind(purpose)
         .bind(self.now())
         .fetch_optional(self.inner.db.reader())
         .await?
         .ok_or(AccountsError::InvalidLink)?;
-        Ok(TokenRow {
-            id: row.try_get("id")?,
-            user_id: row.try_get("user_id")?,
-            email: row.try_get("email")?,
-            role: row.try_get("role")?,
-            created_by: row.try_get("created_by")?,
-            created_at: row.try_get("created_at")?,
-            expires_at: row.try_get("expires_at")?,
-        })
+        Ok(TokenRow::from_row(&row)?)
     }
 
     /// Spends a token; false when another request spent it first.
@@ -306,27 +314,17 @@ impl Accounts {
 
     /// Pending invitations, newest first.
     pub async fn invitations(&self) -> Result<Vec<Invitation>, AccountsError> {
-        let rows = sqlx::query(
-            "SELECT id, user_id, email, role, created_by, created_at, expires_at FROM account_tokens \
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {TOKEN_COLUMNS} FROM account_tokens \
              WHERE purpose = $1 AND used_at IS NULL AND revoked_at IS NULL AND expires_at > $2 \
-             ORDER BY created_at DESC LIMIT 500",
-        )
+             ORDER BY created_at DESC LIMIT 500"
+        )))
         .bind(INVITE)
         .bind(self.now())
         .fetch_all(self.inner.db.reader())
         .await?;
         rows.iter()
-            .map(|r| {
-                Ok(Self::invitation_of(TokenRow {
-                    id: r.try_get("id")?,
-                    user_id: r.try_get("user_id")?,
-                    email: r.try_get("email")?,
-                    role: r.try_get("role")?,
-                    created_by: r.try_get("created_by")?,
-                    created_at: r.try_get("created_at")?,
-                    expires_at: r.try_get("expires_at")?,
-                }))
-            })
+            .map(|r| Ok(Self::invitation_of(TokenRow::from_row(r)?)))
             .collect()
     }
 
@@ -510,21 +508,19 @@ impl Accounts {
             Some(u) => Some(u),
             None => match parse_email(who) {
                 Ok(email) => {
-                    let id: Option<String> =
+                    let ids: Vec<String> =
                         sqlx::query("SELECT id FROM users WHERE lower(email) = $1 LIMIT 2")
                             .bind(&email)
                             .fetch_all(self.inner.db.reader())
                             .await?
                             .iter()
                             .map(|r| r.try_get("id"))
-                            .collect::<Result<Vec<String>, _>>()?
-                            .into_iter()
-                            .fold(None, |acc: Option<Option<String>>, id| match acc {
-                                None => Some(Some(id)),
-                                // Two accounts share the address: neither is chosen.
-                                Some(_) => Some(None),
-                            })
-                            .flatten();
+                            .collect::<Result<_, _>>()?;
+                    // Two accounts sharing the address: neither is chosen by it.
+                    let id = match ids.as_slice() {
+                        [only] => Some(only.clone()),
+                        _ => None,
+                    };
                     match id {
                         Some(id) => Some(self.inner.identity.user(&id).await?),
                         None => None,
