@@ -487,6 +487,7 @@ impl Identity {
             expires_at,
             revoked_at,
             locked_until,
+            permissions,
             user,
         }) = found
         else {
@@ -524,8 +525,7 @@ impl Identity {
                 store::touch_api_token(&self.db, &credential_id, &now_s).await?;
             }
         }
-        let permissions: BTreeSet<Permission> = store::role_permissions(&self.db, &user.role)
-            .await?
+        let permissions: BTreeSet<Permission> = permissions
             .iter()
             .filter_map(|p| Permission::parse(p))
             .collect();

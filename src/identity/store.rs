@@ -4,7 +4,7 @@ use sqlx::any::AnyRow;
 use sqlx::{AssertSqlSafe, Row};
 
 use super::model::User;
-use crate::store::{Db, StoreError};
+use crate::store::{Backend, Db, StoreError};
 
 const USER_COLUMNS: &str = "id, username, email, role, active, password_hash, password_changed_at, \
 totp_secret, totp_enabled, totp_last_step, created_at, updated_at";
@@ -452,40 +452,86 @@ pub struct TokenLookup {
     pub revoked_at: Option<String>,
     /// The user's sign-in lock, if any (read in the same query).
     pub locked_until: Option<String>,
+    /// The permissions of the user's role as of this query (read in the same query).
+    pub permissions: Vec<String>,
     pub user: User,
 }
 
 fn lookup_from_row(r: &AnyRow) -> Result<TokenLookup, sqlx::Error> {
+    let permissions: Option<String> = r.try_get("permissions")?;
     Ok(TokenLookup {
         credential_id: r.try_get("credential_id")?,
         last_used_at: r.try_get("last_used")?,
         expires_at: r.try_get("expires")?,
         revoked_at: r.try_get("revoked")?,
         locked_until: r.try_get("locked_until")?,
+        permissions: permissions
+            .as_deref()
+            .unwrap_or_default()
+            .split(' ')
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect(),
         user: user_from_row(r)?,
     })
 }
 
-pub async fn session_by_hash(db: &Db, hash: &str) -> Result<Option<TokenLookup>, StoreError> {
-    session_where(db, "s.token_hash = $1", hash).await
+/// Where a bearer token is looked up.
+#[derive(Clone, Copy)]
+enum Lookup {
+    SessionByHash,
+    SessionById,
+    ApiTokenByHash,
 }
 
-pub async fn session_by_id(db: &Db, id: &str) -> Result<Option<TokenLookup>, StoreError> {
-    session_where(db, "s.id = $1", id).await
+/// The one query that authenticates a token: the credential, its user, the user's lock
+/// and the role's permissions (space-separated: permission names have no spaces). One
+/// round trip instead of two on every authenticated request; the SQL is built once per
+/// backend and kind.
+fn lookup_sql(backend: Backend, kind: Lookup) -> &'static str {
+    static SQL: std::sync::OnceLock<[String; 6]> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        let user_columns = USER_COLUMNS
+            .split(", ")
+            .map(|c| format!("u.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let build = |backend: Backend, kind: Lookup| {
+            let (table, expires, condition) = match kind {
+                Lookup::SessionByHash => ("sessions", "absolute_expires_at", "c.token_hash = $1"),
+                Lookup::SessionById => ("sessions", "absolute_expires_at", "c.id = $1"),
+                Lookup::ApiTokenByHash => ("api_tokens", "expires_at", "c.token_hash = $1"),
+            };
+            let aggregate = match backend {
+                Backend::Sqlite => "group_concat(rp.permission, ' ')",
+                Backend::Postgres => "string_agg(rp.permission, ' ')",
+            };
+            format!(
+                "SELECT c.id AS credential_id, c.last_used_at AS last_used, c.{expires} AS expires, \
+                 c.revoked_at AS revoked, l.locked_until AS locked_until, \
+                 (SELECT {aggregate} FROM role_permissions rp WHERE rp.role = u.role) AS permissions, \
+                 {user_columns} FROM {table} c JOIN users u ON u.id = c.user_id \
+                 LEFT JOIN lockouts l ON l.key = 'user:' || u.username WHERE {condition}"
+            )
+        };
+        [
+            build(Backend::Sqlite, Lookup::SessionByHash),
+            build(Backend::Sqlite, Lookup::SessionById),
+            build(Backend::Sqlite, Lookup::ApiTokenByHash),
+            build(Backend::Postgres, Lookup::SessionByHash),
+            build(Backend::Postgres, Lookup::SessionById),
+            build(Backend::Postgres, Lookup::ApiTokenByHash),
+        ]
+    });
+    let b = match backend {
+        Backend::Sqlite => 0,
+        Backend::Postgres => 3,
+    };
+    &all[b + kind as usize]
 }
 
-async fn session_where(
-    db: &Db,
-    condition: &'static str,
-    value: &str,
-) -> Result<Option<TokenLookup>, StoreError> {
-    let sql = format!(
-        "SELECT s.id AS credential_id, s.last_used_at AS last_used, s.absolute_expires_at AS expires, \
-         s.revoked_at AS revoked, l.locked_until AS locked_until, {} FROM sessions s JOIN users u ON u.id = s.user_id \
-         LEFT JOIN lockouts l ON l.key = 'user:' || u.username WHERE {condition}",
-        prefixed_user_columns()
-    );
-    Ok(sqlx::query(AssertSqlSafe(sql))
+async fn lookup(db: &Db, kind: Lookup, value: &str) -> Result<Option<TokenLookup>, StoreError> {
+    Ok(sqlx::query(AssertSqlSafe(lookup_sql(db.backend(), kind)))
         .bind(value)
         .fetch_optional(db.reader())
         .await?
@@ -493,27 +539,16 @@ async fn session_where(
         .transpose()?)
 }
 
-pub async fn api_token_by_hash(db: &Db, hash: &str) -> Result<Option<TokenLookup>, StoreError> {
-    let sql = format!(
-        "SELECT t.id AS credential_id, t.last_used_at AS last_used, t.expires_at AS expires, \
-         t.revoked_at AS revoked, l.locked_until AS locked_until, {} FROM api_tokens t JOIN users u ON u.id = t.user_id \
-         LEFT JOIN lockouts l ON l.key = 'user:' || u.username WHERE t.token_hash = $1",
-        prefixed_user_columns()
-    );
-    Ok(sqlx::query(AssertSqlSafe(sql))
-        .bind(hash)
-        .fetch_optional(db.reader())
-        .await?
-        .map(|r| lookup_from_row(&r))
-        .transpose()?)
+pub async fn session_by_hash(db: &Db, hash: &str) -> Result<Option<TokenLookup>, StoreError> {
+    lookup(db, Lookup::SessionByHash, hash).await
 }
 
-fn prefixed_user_columns() -> String {
-    USER_COLUMNS
-        .split(", ")
-        .map(|c| format!("u.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+pub async fn session_by_id(db: &Db, id: &str) -> Result<Option<TokenLookup>, StoreError> {
+    lookup(db, Lookup::SessionById, id).await
+}
+
+pub async fn api_token_by_hash(db: &Db, hash: &str) -> Result<Option<TokenLookup>, StoreError> {
+    lookup(db, Lookup::ApiTokenByHash, hash).await
 }
 
 pub async fn touch_session(db: &Db, id: &str, now: &str) -> Result<(), StoreError> {

@@ -192,16 +192,23 @@ impl Db {
         };
         // One writer: SQLite serialises writes anyway, and a single connection turns
         // contention into queueing instead of SQLITE_BUSY.
+        // No ping before each checkout (`test_before_acquire`): it was one more
+        // round trip to the connection's thread per query, and a SQLite connection
+        // does not go stale. On PostgreSQL a connection broken since its last use fails
+        // its one query (the request fails closed, the connection is dropped) instead
+        // of costing every query a round trip.
         let write = AnyPoolOptions::new()
             .max_connections(1)
             .min_connections(1)
             .acquire_timeout(settings.acquire_timeout)
+            .test_before_acquire(false)
             .after_connect(pragmas)
             .connect(&url)
             .await?;
         let read = AnyPoolOptions::new()
             .max_connections(settings.max_connections.clamp(1, 64))
             .acquire_timeout(settings.acquire_timeout)
+            .test_before_acquire(false)
             .after_connect(pragmas)
             .connect(&url)
             .await?;
@@ -218,6 +225,7 @@ impl Db {
         let pool = AnyPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.acquire_timeout)
+            .test_before_acquire(false)
             .connect(url)
             .await?;
         Ok(Self {
