@@ -330,6 +330,32 @@ impl AuditEvent {
 mod tests {
     use super::*;
 
+    /// Event ids (and generated request ids) are created in ascending order, so their
+    /// indexes grow at the end (one dirty page per batch, not one per event).
+    #[test]
+    fn event_and_request_ids_ascend() {
+        let at = || "2026-01-01T00:00:00.000000Z".to_owned();
+        let ids: Vec<String> = (0..1000)
+            .map(|_| NewEvent::new(Action::Read, Outcome::Success, at()).id)
+            .collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "event ids out of order"
+        );
+        let requests: Vec<String> = (0..1000)
+            .map(|_| crate::http::request_id::generate())
+            .collect();
+        assert!(
+            requests.windows(2).all(|w| w[0] < w[1]),
+            "request ids out of order"
+        );
+        assert!(
+            ids.iter()
+                .chain(&requests)
+                .all(|i| uuid::Uuid::parse_str(i).is_ok())
+        );
+    }
+
     fn event() -> NewEvent {
         let mut e = NewEvent::new(
             Action::Read,
