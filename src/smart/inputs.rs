@@ -221,6 +221,18 @@ pub struct MedicationRequest {
     pub authored_on: Option<String>,
 }
 
+/// A medication the patient reports or a clinician recorded as taken (R4).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MedicationStatement {
+    pub id: Option<String>,
+    pub status: Option<String>,
+    pub medication_codeable_concept: Option<CodeableConcept>,
+    pub effective_date_time: Option<String>,
+    pub effective_period: Option<Period>,
+    pub date_asserted: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Procedure {
@@ -259,6 +271,8 @@ pub struct Bundle {
     pub observations: Vec<Value>,
     pub conditions: Vec<Value>,
     pub medications: Vec<Value>,
+    /// MedicationStatements, or why they were not read (`Err` holds the note).
+    pub statements: Option<Result<Vec<Value>, String>>,
     pub procedures: Vec<Value>,
     /// A search stopped at the page cap.
     pub truncated: Vec<&'static str>,
@@ -540,31 +554,69 @@ pub fn gather(b: &Bundle, today: Date) -> Result<Gathered, String> {
     }
     let trauma = hit(&cs.recent_trauma, "recent_surgery_trauma", &mut g.sources);
 
-    // Medications.
-    let meds: Vec<MedicationRequest> = b
+    // Medications: active requests and active statements.
+    struct Med<'a> {
+        resource: String,
+        date: String,
+        concept: Option<&'a CodeableConcept>,
+    }
+    let requests: Vec<MedicationRequest> = b
         .medications
         .iter()
         .filter_map(|v| parse(v, "MedicationRequest", &mut g.notes))
         .collect();
-    let ms = &codes.medications;
-    for m in meds
+    let statements: Vec<MedicationStatement> = match &b.statements {
+        Some(Ok(found)) => found
+            .iter()
+            .filter_map(|v| parse(v, "MedicationStatement", &mut g.notes))
+            .collect(),
+        Some(Err(note)) => {
+            g.notes.push(note.clone());
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
+    let active = |status: &Option<String>| status.as_deref() == Some("active");
+    let meds = requests
         .iter()
-        .filter(|m| m.status.as_deref() == Some("active"))
-    {
-        let Some(cc) = &m.medication_codeable_concept else {
-            g.notes.push(format!(
-                "MedicationRequest/{} names its medication by reference only; it was not considered.",
-                short(m.id.as_deref().unwrap_or("?"))
-            ));
-            continue;
-        };
-        let src = |input: &'static str| Source {
-            input,
+        .filter(|m| active(&m.status))
+        .map(|m| Med {
             resource: format!(
                 "MedicationRequest/{}",
                 short(m.id.as_deref().unwrap_or("?"))
             ),
             date: m.authored_on.clone().unwrap_or_default(),
+            concept: m.medication_codeable_concept.as_ref(),
+        })
+        .chain(statements.iter().filter(|m| active(&m.status)).map(|m| {
+            Med {
+                resource: format!(
+                    "MedicationStatement/{}",
+                    short(m.id.as_deref().unwrap_or("?"))
+                ),
+                date: m
+                    .effective_date_time
+                    .as_deref()
+                    .or(m.effective_period.as_ref().and_then(|p| p.start.as_deref()))
+                    .or(m.date_asserted.as_deref())
+                    .unwrap_or_default()
+                    .to_owned(),
+                concept: m.medication_codeable_concept.as_ref(),
+            }
+        }));
+    let ms = &codes.medications;
+    for m in meds {
+        let Some(cc) = m.concept else {
+            g.notes.push(format!(
+                "{} names its medication by reference only; it was not considered.",
+                m.resource
+            ));
+            continue;
+        };
+        let src = |input: &'static str| Source {
+            input,
+            resource: m.resource.clone(),
+            date: m.date.clone(),
             recorded: describe(cc),
             used: None,
         };
@@ -873,5 +925,45 @@ mod tests {
         assert!(g.inputs.arc_hbr.contains(&ArcHbr::RecentSurgeryTrauma));
         assert!(g.inputs.arc_hbr.contains(&ArcHbr::NsaidSteroid));
         assert!(!g.inputs.oral_anticoagulation);
+    }
+
+    #[test]
+    fn medication_statements_count_when_active() {
+        let base = || Bundle {
+            patient: json!({"resourceType":"Patient","id":"p1","birthDate":"1960-01-01","gender":"female"}),
+            ..Bundle::default()
+        };
+        let mut b = base();
+        b.statements = Some(Ok(vec![
+            json!({"resourceType":"MedicationStatement","id":"st1","status":"active","medicationCodeableConcept":{"text":"Warfarin 5 mg tablet"},"effectivePeriod":{"start":"2026-06-01"}}),
+            json!({"resourceType":"MedicationStatement","id":"st2","status":"completed","medicationCodeableConcept":{"text":"naproxen 500 mg"}}),
+            json!({"resourceType":"MedicationStatement","id":"st3","status":"active","medicationReference":{"reference":"Medication/x"}}),
+        ]));
+        let g = gather(&b, today()).unwrap();
+        assert!(g.inputs.oral_anticoagulation);
+        // A completed course of an NSAID does not count.
+        assert!(!g.inputs.arc_hbr.contains(&ArcHbr::NsaidSteroid));
+        let src = g
+            .sources
+            .iter()
+            .find(|s| s.input == "oral_anticoagulation")
+            .unwrap();
+        assert_eq!(src.resource, "MedicationStatement/st1");
+        assert_eq!(src.date, "2026-06-01");
+        assert!(
+            g.notes
+                .iter()
+                .any(|n| n.contains("MedicationStatement/st3"))
+        );
+        // Not read: the reason is one of the notes, and nothing counts.
+        let mut b = base();
+        b.statements = Some(Err("MedicationStatement was not read.".into()));
+        let g = gather(&b, today()).unwrap();
+        assert!(!g.inputs.oral_anticoagulation);
+        assert!(
+            g.notes
+                .iter()
+                .any(|n| n == "MedicationStatement was not read.")
+        );
     }
 }

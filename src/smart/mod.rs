@@ -479,6 +479,36 @@ impl Smart {
             patient,
             ..inputs::Bundle::default()
         };
+        // MedicationStatement is read when the granted scopes allow it; a refusal leaves
+        // a note on the page instead of failing it (medication requests were read).
+        bundle.statements = Some(if scope_allows(&a.context.scope, "MedicationStatement") {
+            let params = [
+                ("patient", patient_id),
+                ("status", "active"),
+                ("_count", "100"),
+            ];
+            match c.search(&base, token, "MedicationStatement", &params).await {
+                Ok(found) => {
+                    if found.truncated {
+                        bundle.truncated.push("MedicationStatement");
+                    }
+                    Ok(found.resources)
+                }
+                Err(FhirError::Forbidden) => Err(
+                    "The FHIR server refused to list MedicationStatements (403): medications \
+                     recorded only as statements were not counted."
+                        .into(),
+                ),
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            Err(
+                "MedicationStatement was not read (the granted scopes do not include \
+                 patient/MedicationStatement.rs): medications recorded only as statements \
+                 were not counted."
+                    .into(),
+            )
+        });
         for (resource, extra) in searches {
             let mut params = vec![("patient", patient_id), ("_count", "100")];
             params.extend(extra);
@@ -495,5 +525,58 @@ impl Smart {
             *into = found.resources;
         }
         Ok(bundle)
+    }
+}
+
+/// Whether a granted scope string lets the app search `resource` for the patient: SMART v2
+/// (`patient/X.rs`, any permission letters including `r` and `s`) or v1 (`patient/X.read`,
+/// `patient/X.*`), for the resource or `*`, in the `patient/` or `user/` context.
+pub fn scope_allows(granted: &str, resource: &str) -> bool {
+    granted.split_whitespace().any(|s| {
+        let Some((context, rest)) = s.split_once('/') else {
+            return false;
+        };
+        let Some((kind, perms)) = rest.split_once('.') else {
+            return false;
+        };
+        let perms = perms.split('?').next().unwrap_or_default();
+        matches!(context, "patient" | "user")
+            && (kind == resource || kind == "*")
+            && (perms == "read"
+                || perms == "*"
+                || (perms.contains('r')
+                    && perms.contains('s')
+                    && perms.chars().all(|c| "cruds".contains(c))))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scope_allows;
+
+    #[test]
+    fn granted_scopes_are_read_as_smart_v1_and_v2() {
+        let m = "MedicationStatement";
+        for yes in [
+            "launch patient/MedicationStatement.rs",
+            "patient/MedicationStatement.read",
+            "patient/*.rs",
+            "patient/*.*",
+            "user/MedicationStatement.cruds",
+            "patient/MedicationStatement.rs?category=x",
+        ] {
+            assert!(scope_allows(yes, m), "{yes}");
+        }
+        for no in [
+            "",
+            "launch openid fhirUser patient/MedicationRequest.rs",
+            "patient/MedicationStatement.r",
+            "patient/MedicationStatement.write",
+            "system/MedicationStatement.rs",
+            "MedicationStatement.rs",
+            "patient/MedicationStatementX.rs",
+        ] {
+            assert!(!scope_allows(no, m), "{no}");
+        }
     }
 }

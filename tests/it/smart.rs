@@ -662,6 +662,10 @@ async fn fhir_failures_give_clear_answers(backend: Backend) {
     assert!(html.contains("Observation/broken could not be read"));
     assert!(html.contains("outside the possible range"));
     assert!(html.contains("id=\"missing\""));
+    // Medication statements are read (the fixture grants patient/*.rs): the active one
+    // counts, the completed one does not.
+    assert!(html.contains("MedicationStatement/ibuprofen-otc"), "{html}");
+    assert!(!html.contains("warfarin-old"));
 }
 
 both_backends!(calculator_page_from_the_admin_gui);
