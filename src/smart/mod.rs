@@ -479,8 +479,8 @@ impl Smart {
             patient,
             ..inputs::Bundle::default()
         };
-        // MedicationStatement is read when the granted scopes allow it; a refusal leaves
-        // a note on the page instead of failing it (medication requests were read).
+        // MedicationStatement is read when the granted scopes allow it; a server that
+        // refuses or does not offer it leaves a note instead of failing the page.
         bundle.statements = Some(if scope_allows(&a.context.scope, "MedicationStatement") {
             let params = [
                 ("patient", patient_id),
@@ -494,11 +494,22 @@ impl Smart {
                     }
                     Ok(found.resources)
                 }
+                // Refused (403) or not offered (404, or another 4xx such as 400 for an
+                // unsupported resource): a note. 401 and outages fail the page as before.
                 Err(FhirError::Forbidden) => Err(
                     "The FHIR server refused to list MedicationStatements (403): medications \
                      recorded only as statements were not counted."
                         .into(),
                 ),
+                Err(FhirError::NotFound) => Err(
+                    "The FHIR server does not offer MedicationStatement (404): medications \
+                     recorded only as statements were not counted."
+                        .into(),
+                ),
+                Err(FhirError::Status(code)) if (400..500).contains(&code) => Err(format!(
+                    "The FHIR server did not answer the MedicationStatement search ({code}): \
+                     medications recorded only as statements were not counted."
+                )),
                 Err(e) => return Err(e.into()),
             }
         } else {
