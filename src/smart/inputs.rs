@@ -278,6 +278,21 @@ pub struct Bundle {
     pub truncated: Vec<&'static str>,
 }
 
+impl Bundle {
+    /// How many resources were read (the patient included), for the audit context.
+    pub fn resource_count(&self) -> usize {
+        let statements = match &self.statements {
+            Some(Ok(found)) => found.len(),
+            _ => 0,
+        };
+        1 + self.observations.len()
+            + self.conditions.len()
+            + self.medications.len()
+            + statements
+            + self.procedures.len()
+    }
+}
+
 fn parse<T: serde::de::DeserializeOwned>(
     v: &Value,
     kind: &str,
@@ -939,6 +954,7 @@ mod tests {
             json!({"resourceType":"MedicationStatement","id":"st2","status":"completed","medicationCodeableConcept":{"text":"naproxen 500 mg"}}),
             json!({"resourceType":"MedicationStatement","id":"st3","status":"active","medicationReference":{"reference":"Medication/x"}}),
         ]));
+        assert_eq!(b.resource_count(), 4, "the patient and three statements");
         let g = gather(&b, today()).unwrap();
         assert!(g.inputs.oral_anticoagulation);
         // A completed course of an NSAID does not count.

@@ -760,12 +760,10 @@ async fn load(
             return Err(ApiError::internal(anyhow::anyhow!("code sets: {e}")).into_response());
         }
     };
-    let count = 1
-        + bundle.observations.len()
-        + bundle.conditions.len()
-        + bundle.medications.len()
-        + bundle.procedures.len();
-    audit.context("resources", ContextValue::Int(count as i64));
+    audit.context(
+        "resources",
+        ContextValue::Int(bundle.resource_count() as i64),
+    );
     Ok((active, user, header, gathered))
 }
 
