@@ -481,6 +481,12 @@ impl Smart {
         };
         // MedicationStatement is read when the granted scopes allow it; a server that
         // refuses or does not offer it leaves a note instead of failing the page.
+        let unread = |why: &str| {
+            format!(
+                "MedicationStatement was not read: {why}. Medications recorded only as \
+                 statements were not counted."
+            )
+        };
         bundle.statements = Some(if scope_allows(&a.context.scope, "MedicationStatement") {
             let params = [
                 ("patient", patient_id),
@@ -496,29 +502,15 @@ impl Smart {
                 }
                 // Refused (403) or not offered (404, or another 4xx such as 400 for an
                 // unsupported resource): a note. 401 and outages fail the page as before.
-                Err(FhirError::Forbidden) => Err(
-                    "The FHIR server refused to list MedicationStatements (403): medications \
-                     recorded only as statements were not counted."
-                        .into(),
-                ),
-                Err(FhirError::NotFound) => Err(
-                    "The FHIR server does not offer MedicationStatement (404): medications \
-                     recorded only as statements were not counted."
-                        .into(),
-                ),
-                Err(FhirError::Status(code)) if (400..500).contains(&code) => Err(format!(
-                    "The FHIR server did not answer the MedicationStatement search ({code}): \
-                     medications recorded only as statements were not counted."
-                )),
+                Err(
+                    e @ (FhirError::Forbidden | FhirError::NotFound | FhirError::Status(400..=499)),
+                ) => Err(unread(&e.to_string())),
                 Err(e) => return Err(e.into()),
             }
         } else {
-            Err(
-                "MedicationStatement was not read (the granted scopes do not include \
-                 patient/MedicationStatement.rs): medications recorded only as statements \
-                 were not counted."
-                    .into(),
-            )
+            Err(unread(
+                "the granted scopes do not include patient/MedicationStatement.rs",
+            ))
         });
         for (resource, extra) in searches {
             let mut params = vec![("patient", patient_id), ("_count", "100")];

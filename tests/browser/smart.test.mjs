@@ -78,7 +78,7 @@ test('an EHR frames the app: sign in, launch and the score, all inside the frame
   assert.match(await frame.locator('table').innerText(), /Observation\/hb-new/);
   assert.equal(await frame.locator('.phi-banner').count(), 1);
   // The fixture's FHIR server does not offer MedicationStatement (404): a note, not a failure.
-  assert.match(await frame.locator('body').innerText(), /does not offer MedicationStatement/);
+  assert.match(await frame.locator('body').innerText(), /MedicationStatement was not read: not found on the FHIR server \(404\)/);
   const appFrame = page.frames().find((f) => f.url().startsWith(`${server.baseURL}/smart/app`));
   assert.ok(appFrame, `the app is in the frame (frames: ${page.frames().map((f) => f.url()).join(', ')})`);
 
