@@ -67,6 +67,18 @@ fn head_from_row(r: &AnyRow) -> Result<Head, sqlx::Error> {
     })
 }
 
+/// `events` placed in the chain after (`seq`, `prev`), which move to the last of them.
+fn chain(events: &[NewEvent], seq: &mut i64, prev: &mut String) -> Vec<AuditEvent> {
+    let mut chained = Vec::with_capacity(events.len());
+    for e in events {
+        *seq += 1;
+        let c = AuditEvent::chained(e, *seq, prev);
+        prev.clone_from(&c.hash);
+        chained.push(c);
+    }
+    chained
+}
+
 /// Appends `events` after the current head, in one transaction that also moves the
 /// signed head. Appends from every process are serialised by the database (the head
 /// row lock on PostgreSQL, the write lock on SQLite), so the chain stays one chain.
@@ -93,13 +105,7 @@ pub async fn append(
         .map(|r| head_from_row(&r))
         .transpose()?;
     let (mut seq, mut prev) = head.map_or((0, GENESIS.to_owned()), |h| (h.seq, h.hash));
-    let mut chained = Vec::with_capacity(events.len());
-    for e in events {
-        seq += 1;
-        let c = AuditEvent::chained(e, seq, &prev);
-        prev.clone_from(&c.hash);
-        chained.push(c);
-    }
+    let chained = chain(events, &mut seq, &mut prev);
     for chunk in chained.chunks(ROWS_PER_INSERT) {
         let sql = insert_sql(chunk.len());
         let mut q = sqlx::query(AssertSqlSafe(sql));
@@ -122,6 +128,75 @@ pub async fn append(
     tx.commit().await?;
     Ok(chained)
 }
+
+/// SQLite in place (`store/local.rs`), on the audit writer's own connection: the same
+/// transaction as [`append`] (the head read and moved under SQLite's write lock, taken
+/// at `BEGIN IMMEDIATE`, so every process appends to one chain), with no hand-off to
+/// another thread and one cached single-row INSERT per event.
+///
+/// `expected` is where this writer last left the chain; the answer says whether the head
+/// had moved from there (another process appended), for the writer's counters.
+pub fn append_local(
+    conn: &mut rusqlite::Connection,
+    expected: Option<&Tail>,
+    events: &[NewEvent],
+    sign: &(dyn Fn(i64, &str) -> (i64, String) + Send + Sync),
+    now: &str,
+) -> Result<(Vec<AuditEvent>, bool), StoreError> {
+    use rusqlite::{OptionalExtension, params};
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let head: Option<(i64, String)> = tx
+        .prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let (mut seq, mut prev) = head.unwrap_or((0, GENESIS.to_owned()));
+    let moved = expected.is_some_and(|t| t.seq != seq || t.hash != prev);
+    let chained = chain(events, &mut seq, &mut prev);
+    {
+        let mut insert = tx.prepare_cached(&INSERT_ONE)?;
+        for e in &chained {
+            insert.execute(params![
+                e.seq,
+                e.id,
+                e.at,
+                e.actor_id,
+                e.actor,
+                e.action,
+                e.resource_type,
+                e.resource_id,
+                e.patient_id,
+                e.method,
+                e.path,
+                e.status,
+                e.ip,
+                e.user_agent,
+                e.request_id,
+                e.outcome,
+                i64::from(e.break_glass),
+                e.reason,
+                e.context,
+                e.prev_hash,
+                e.hash,
+            ])?;
+        }
+    }
+    let (key_version, mac) = sign(seq, &prev);
+    tx.prepare_cached(
+        "UPDATE audit_head SET seq = ?1, hash = ?2, key_version = ?3, mac = ?4, updated_at = ?5 WHERE id = 1",
+    )?
+    .execute(params![seq, prev, key_version, mac, now])?;
+    tx.commit()?;
+    Ok((chained, moved))
+}
+
+/// One event's INSERT, `?1` to `?21` in [`COLUMNS`] order.
+static INSERT_ONE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let params: Vec<String> = (1..=NCOLS).map(|i| format!("?{i}")).collect();
+    format!(
+        "INSERT INTO audit_events ({COLUMNS}) VALUES ({})",
+        params.join(",")
+    )
+});
 
 /// Where the writer believes the chain ends: the last committed `seq` and its hash.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -171,15 +246,9 @@ pub async fn append_after(
     sign: &(dyn Fn(i64, &str) -> (i64, String) + Send + Sync),
     now: &str,
 ) -> Result<Appended, StoreError> {
-    let mut chained = Vec::with_capacity(events.len());
     let mut prev = tail.hash.clone();
     let mut seq = tail.seq;
-    for e in events {
-        seq += 1;
-        let c = AuditEvent::chained(e, seq, &prev);
-        prev.clone_from(&c.hash);
-        chained.push(c);
-    }
+    let chained = chain(events, &mut seq, &mut prev);
     if chained.is_empty() || chained.len() > FAST_MAX_ROWS {
         return Ok(Appended::Moved);
     }

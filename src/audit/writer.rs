@@ -51,8 +51,9 @@ pub struct WriterStats {
     pub store_micros: AtomicU64,
     /// The largest batch so far.
     pub max_batch: AtomicU64,
-    /// Batches stored through the locked path because the head had moved (another
-    /// process appended) since this writer's last commit.
+    /// Batches that found the head moved (another process appended) since this
+    /// writer's last commit: stored through the locked path (on SQLite, every batch
+    /// reads the head under the write lock, and this only counts).
     pub head_moved: AtomicU64,
 }
 
@@ -229,6 +230,7 @@ async fn run(
     // database do not keep missing.
     let mut tail: Option<store::Tail> = None;
     let mut locked_batches = 0u32;
+    let mut local_conn: Option<rusqlite::Connection> = None;
     while let Some(first) = rx.recv().await {
         let mut count = first.events.len();
         let mut jobs = vec![first];
@@ -254,7 +256,10 @@ async fn run(
                 }
             }
         }
-        let events: Vec<NewEvent> = jobs.iter().flat_map(|j| j.events.iter().cloned()).collect();
+        let mut events: Vec<NewEvent> = Vec::with_capacity(count);
+        for j in &mut jobs {
+            events.append(&mut j.events);
+        }
         if events.is_empty() {
             // Only flush markers: everything before them is already committed.
             for j in jobs {
@@ -271,6 +276,35 @@ async fn run(
         };
         let now = crate::clock::timestamp(clock.now());
         let started = std::time::Instant::now();
+        if let Some(local) = db.local() {
+            // SQLite on a file: in place on this thread, through a connection of its own.
+            let result = local
+                .check_open()
+                .and_then(|()| match local_conn.take() {
+                    Some(c) => Ok(c),
+                    None => local.writer(),
+                })
+                .and_then(|mut c| {
+                    let r = store::append_local(&mut c, tail.as_ref(), &events, &sign, &now);
+                    // A connection that failed is opened anew for the next batch.
+                    if r.is_ok() {
+                        local_conn = Some(c);
+                    }
+                    r
+                })
+                .map(|(chained, moved)| {
+                    if moved {
+                        stats.head_moved.fetch_add(1, Ordering::Relaxed);
+                    }
+                    chained
+                });
+            tail = match &result {
+                Ok(chained) => store::Tail::after(chained),
+                Err(_) => None,
+            };
+            finish(result, jobs, &events, started, &stats, sink.as_deref());
+            continue;
+        }
         let fast = match (&tail, locked_batches) {
             (Some(t), 0) => Some(store::append_after(&db, t, &events, &sign, &now).await),
             _ => None,
@@ -292,36 +326,48 @@ async fn run(
             Ok(chained) => store::Tail::after(chained),
             Err(_) => None,
         };
-        let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        stats.store_micros.fetch_add(took, Ordering::Relaxed);
-        match result {
-            Ok(chained) => {
-                stats
-                    .max_batch
-                    .fetch_max(chained.len() as u64, Ordering::Relaxed);
-                stats.batches.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .events
-                    .fetch_add(chained.len() as u64, Ordering::Relaxed);
-                stats
-                    .last_batch
-                    .store(chained.len() as u64, Ordering::Relaxed);
-                // The copy is written before the requests are answered, so an answered
-                // request's event is already in the sink.
-                if let Some(s) = &sink {
-                    s.write(&chained);
-                }
-                for j in jobs {
-                    let _ = j.reply.send(Ok(()));
-                }
+        finish(result, jobs, &events, started, &stats, sink.as_deref());
+    }
+}
+
+/// Counts a stored (or failed) batch, copies it to the sink, and answers its requests.
+fn finish(
+    result: Result<Vec<AuditEvent>, crate::store::StoreError>,
+    jobs: Vec<Job>,
+    events: &[NewEvent],
+    started: std::time::Instant,
+    stats: &WriterStats,
+    sink: Option<&dyn Sink>,
+) {
+    let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    stats.store_micros.fetch_add(took, Ordering::Relaxed);
+    match result {
+        Ok(chained) => {
+            stats
+                .max_batch
+                .fetch_max(chained.len() as u64, Ordering::Relaxed);
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+            stats
+                .events
+                .fetch_add(chained.len() as u64, Ordering::Relaxed);
+            stats
+                .last_batch
+                .store(chained.len() as u64, Ordering::Relaxed);
+            // The copy is written before the requests are answered, so an answered
+            // request's event is already in the sink.
+            if let Some(s) = sink {
+                s.write(&chained);
             }
-            Err(e) => {
-                stats.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, events = events.len(), "audit: a batch could not be stored; its requests fail closed");
-                let err = AuditError::Store(e.to_string());
-                for j in jobs {
-                    let _ = j.reply.send(Err(err.clone()));
-                }
+            for j in jobs {
+                let _ = j.reply.send(Ok(()));
+            }
+        }
+        Err(e) => {
+            stats.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, events = events.len(), "audit: a batch could not be stored; its requests fail closed");
+            let err = AuditError::Store(e.to_string());
+            for j in jobs {
+                let _ = j.reply.send(Err(err.clone()));
             }
         }
     }

@@ -1,49 +1,49 @@
 //! The identity tables' queries, and only theirs.
 
-use sqlx::any::AnyRow;
 use sqlx::{AssertSqlSafe, Row};
 
 use super::model::User;
+use crate::store::local::{self, Cols};
 use crate::store::{Backend, Db, StoreError};
 
 const USER_COLUMNS: &str = "id, username, email, role, active, password_hash, password_changed_at, \
 totp_secret, totp_enabled, totp_last_step, created_at, updated_at";
 
-fn user_from_row(r: &AnyRow) -> Result<User, sqlx::Error> {
+fn user_from_row<R: Cols>(r: &R) -> Result<User, StoreError> {
     Ok(User {
-        id: r.try_get("id")?,
-        username: r.try_get("username")?,
-        email: r.try_get("email")?,
-        role: r.try_get("role")?,
-        active: r.try_get::<i64, _>("active")? != 0,
-        password_hash: r.try_get("password_hash")?,
-        password_changed_at: r.try_get("password_changed_at")?,
-        totp_secret: r.try_get("totp_secret")?,
-        totp_enabled: r.try_get::<i64, _>("totp_enabled")? != 0,
-        totp_last_step: r.try_get("totp_last_step")?,
-        created_at: r.try_get("created_at")?,
-        updated_at: r.try_get("updated_at")?,
+        id: r.col("id")?,
+        username: r.col("username")?,
+        email: r.col("email")?,
+        role: r.col("role")?,
+        active: r.col::<i64>("active")? != 0,
+        password_hash: r.col("password_hash")?,
+        password_changed_at: r.col("password_changed_at")?,
+        totp_secret: r.col("totp_secret")?,
+        totp_enabled: r.col::<i64>("totp_enabled")? != 0,
+        totp_last_step: r.col("totp_last_step")?,
+        created_at: r.col("created_at")?,
+        updated_at: r.col("updated_at")?,
     })
 }
 
 pub async fn user_by_username(db: &Db, username: &str) -> Result<Option<User>, StoreError> {
     let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE username = $1");
-    Ok(sqlx::query(AssertSqlSafe(sql))
+    sqlx::query(AssertSqlSafe(sql))
         .bind(username)
         .fetch_optional(db.reader())
         .await?
         .map(|r| user_from_row(&r))
-        .transpose()?)
+        .transpose()
 }
 
 pub async fn user_by_id(db: &Db, id: &str) -> Result<Option<User>, StoreError> {
     let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1");
-    Ok(sqlx::query(AssertSqlSafe(sql))
+    sqlx::query(AssertSqlSafe(sql))
         .bind(id)
         .fetch_optional(db.reader())
         .await?
         .map(|r| user_from_row(&r))
-        .transpose()?)
+        .transpose()
 }
 
 pub async fn count_users(db: &Db) -> Result<i64, StoreError> {
@@ -457,14 +457,14 @@ pub struct TokenLookup {
     pub user: User,
 }
 
-fn lookup_from_row(r: &AnyRow) -> Result<TokenLookup, sqlx::Error> {
-    let permissions: Option<String> = r.try_get("permissions")?;
+fn lookup_from_row<R: Cols>(r: &R) -> Result<TokenLookup, StoreError> {
+    let permissions: Option<String> = r.col("permissions")?;
     Ok(TokenLookup {
-        credential_id: r.try_get("credential_id")?,
-        last_used_at: r.try_get("last_used")?,
-        expires_at: r.try_get("expires")?,
-        revoked_at: r.try_get("revoked")?,
-        locked_until: r.try_get("locked_until")?,
+        credential_id: r.col("credential_id")?,
+        last_used_at: r.col("last_used")?,
+        expires_at: r.col("expires")?,
+        revoked_at: r.col("revoked")?,
+        locked_until: r.col("locked_until")?,
         permissions: permissions
             .as_deref()
             .unwrap_or_default()
@@ -531,12 +531,18 @@ fn lookup_sql(backend: Backend, kind: Lookup) -> &'static str {
 }
 
 async fn lookup(db: &Db, kind: Lookup, value: &str) -> Result<Option<TokenLookup>, StoreError> {
-    Ok(sqlx::query(AssertSqlSafe(lookup_sql(db.backend(), kind)))
+    let sql = lookup_sql(db.backend(), kind);
+    if let Some(local) = db.local() {
+        // In place: the one query every authenticated request makes (store/local.rs).
+        let rows = local.read(|c| local::query(c, sql, &[&value], |r| lookup_from_row(r)))?;
+        return Ok(rows.into_iter().next());
+    }
+    sqlx::query(AssertSqlSafe(sql))
         .bind(value)
         .fetch_optional(db.reader())
         .await?
         .map(|r| lookup_from_row(&r))
-        .transpose()?)
+        .transpose()
 }
 
 pub async fn session_by_hash(db: &Db, hash: &str) -> Result<Option<TokenLookup>, StoreError> {
@@ -802,7 +808,7 @@ pub async fn list_users(
         .bind(limit)
         .fetch_all(db.reader())
         .await?;
-    Ok(rows.iter().map(user_from_row).collect::<Result<_, _>>()?)
+    rows.iter().map(user_from_row).collect::<Result<_, _>>()
 }
 
 /// Changes role, email and/or the active flag.

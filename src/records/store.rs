@@ -4,6 +4,7 @@
 use sqlx::any::AnyRow;
 use sqlx::{AssertSqlSafe, Row};
 
+use crate::store::local::{self, Cols};
 use crate::store::{Db, StoreError};
 
 /// A stored patient: sealed fields.
@@ -36,29 +37,29 @@ const PATIENT_COLUMNS: &str = "id, data_key, kek_version, mrn, given_name, famil
 email, phone, address, bi_mrn, bi_ssn, bi_birth_date, bi_given_name, bi_family_name, version, created_at, \
 updated_at, deleted_at";
 
-fn patient(r: &AnyRow) -> Result<PatientRow, sqlx::Error> {
+fn patient<R: Cols>(r: &R) -> Result<PatientRow, StoreError> {
     Ok(PatientRow {
-        id: r.try_get("id")?,
-        data_key: r.try_get("data_key")?,
-        kek_version: r.try_get("kek_version")?,
-        mrn: r.try_get("mrn")?,
-        given_name: r.try_get("given_name")?,
-        family_name: r.try_get("family_name")?,
-        birth_date: r.try_get("birth_date")?,
-        sex: r.try_get("sex")?,
-        ssn: r.try_get("ssn")?,
-        email: r.try_get("email")?,
-        phone: r.try_get("phone")?,
-        address: r.try_get("address")?,
-        bi_mrn: r.try_get("bi_mrn")?,
-        bi_ssn: r.try_get("bi_ssn")?,
-        bi_birth_date: r.try_get("bi_birth_date")?,
-        bi_given_name: r.try_get("bi_given_name")?,
-        bi_family_name: r.try_get("bi_family_name")?,
-        version: r.try_get("version")?,
-        created_at: r.try_get("created_at")?,
-        updated_at: r.try_get("updated_at")?,
-        deleted_at: r.try_get("deleted_at")?,
+        id: r.col("id")?,
+        data_key: r.col("data_key")?,
+        kek_version: r.col("kek_version")?,
+        mrn: r.col("mrn")?,
+        given_name: r.col("given_name")?,
+        family_name: r.col("family_name")?,
+        birth_date: r.col("birth_date")?,
+        sex: r.col("sex")?,
+        ssn: r.col("ssn")?,
+        email: r.col("email")?,
+        phone: r.col("phone")?,
+        address: r.col("address")?,
+        bi_mrn: r.col("bi_mrn")?,
+        bi_ssn: r.col("bi_ssn")?,
+        bi_birth_date: r.col("bi_birth_date")?,
+        bi_given_name: r.col("bi_given_name")?,
+        bi_family_name: r.col("bi_family_name")?,
+        version: r.col("version")?,
+        created_at: r.col("created_at")?,
+        updated_at: r.col("updated_at")?,
+        deleted_at: r.col("deleted_at")?,
     })
 }
 
@@ -141,12 +142,16 @@ pub async fn mrn_taken(db: &Db, bi_mrn: &str, except: &str) -> Result<bool, Stor
 pub async fn patient_by_id(db: &Db, id: &str) -> Result<Option<PatientRow>, StoreError> {
     let sql =
         format!("SELECT {PATIENT_COLUMNS} FROM patients WHERE id = $1 AND deleted_at IS NULL");
-    Ok(sqlx::query(AssertSqlSafe(sql))
+    if let Some(local) = db.local() {
+        let rows = local.read(|c| local::query(c, &sql, &[&id], |r| patient(r)))?;
+        return Ok(rows.into_iter().next());
+    }
+    sqlx::query(AssertSqlSafe(sql))
         .bind(id)
         .fetch_optional(db.reader())
         .await?
         .map(|r| patient(&r))
-        .transpose()?)
+        .transpose()
 }
 
 /// Patients matching any of the blind indexes given (or all when none), by id, after `after`.
@@ -156,18 +161,11 @@ pub async fn search(
     after: &str,
     limit: i64,
 ) -> Result<Vec<PatientRow>, StoreError> {
-    let rows = match index {
-        None => {
-            let sql = format!(
-                "SELECT {PATIENT_COLUMNS} FROM patients WHERE deleted_at IS NULL AND id > $1 ORDER BY id LIMIT $2"
-            );
-            sqlx::query(AssertSqlSafe(sql))
-                .bind(after)
-                .bind(limit)
-                .fetch_all(db.reader())
-                .await?
-        }
-        Some(ix) => {
+    let sql = match index {
+        None => format!(
+            "SELECT {PATIENT_COLUMNS} FROM patients WHERE deleted_at IS NULL AND id > $1 ORDER BY id LIMIT $2"
+        ),
+        Some(_) => {
             // One page from each blind index, in id order through its (value, id)
             // index, then the first page of their union: the first `limit` matches
             // after the cursor are among them, and no index is read further than a
@@ -186,22 +184,44 @@ pub async fn search(
                 branch("bi_family_name", 6, "f"),
             ]
             .join(" UNION ");
-            let sql = format!(
+            format!(
                 "SELECT {PATIENT_COLUMNS} FROM patients WHERE id IN ({union}) ORDER BY id LIMIT $7"
-            );
-            sqlx::query(AssertSqlSafe(sql))
-                .bind(after)
-                .bind(&ix.mrn)
-                .bind(&ix.ssn)
-                .bind(&ix.birth_date)
-                .bind(&ix.given_name)
-                .bind(&ix.family_name)
-                .bind(limit)
-                .fetch_all(db.reader())
-                .await?
+            )
         }
     };
-    Ok(rows.iter().map(patient).collect::<Result<_, _>>()?)
+    if let Some(local) = db.local() {
+        // In place: at most a page from each index (store/local.rs).
+        return local.read(|c| match index {
+            None => local::query(c, &sql, &[&after, &limit], |r| patient(r)),
+            Some(ix) => local::query(
+                c,
+                &sql,
+                &[
+                    &after,
+                    &ix.mrn,
+                    &ix.ssn,
+                    &ix.birth_date,
+                    &ix.given_name,
+                    &ix.family_name,
+                    &limit,
+                ],
+                |r| patient(r),
+            ),
+        });
+    }
+    let q = sqlx::query(AssertSqlSafe(sql)).bind(after);
+    let q = match index {
+        None => q.bind(limit),
+        Some(ix) => q
+            .bind(&ix.mrn)
+            .bind(&ix.ssn)
+            .bind(&ix.birth_date)
+            .bind(&ix.given_name)
+            .bind(&ix.family_name)
+            .bind(limit),
+    };
+    let rows = q.fetch_all(db.reader()).await?;
+    rows.iter().map(patient).collect()
 }
 
 /// The blind indexes a search term may match (a column's index, or a value that

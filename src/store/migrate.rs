@@ -39,6 +39,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(6, "0006_search_paging"),
     migration!(7, "0007_smart"),
     migration!(8, "0008_accounts"),
+    migration!(9, "0009_audit_indexes"),
 ];
 
 impl Migration {

@@ -6,6 +6,7 @@
 //! to its readers (WAL lets readers run beside the one writer); on PostgreSQL both
 //! handles are the same pool. Why: `docs/architecture.md`.
 
+pub mod local;
 pub mod migrate;
 
 use std::path::Path;
@@ -37,6 +38,10 @@ impl Backend {
 pub enum StoreError {
     #[error("database error: {0}")]
     Sqlx(#[from] sqlx::Error),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("the database is closed")]
+    Closed,
     #[error("{0}")]
     Schema(String),
     #[error("{0}")]
@@ -46,12 +51,18 @@ pub enum StoreError {
 impl StoreError {
     /// Whether the database could not be reached at all (pool timeout, refused, closed).
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
+        use rusqlite::ErrorCode as C;
+        match self {
             StoreError::Sqlx(
-                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
-            )
-        )
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_),
+            ) => true,
+            StoreError::Closed => true,
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                C::DatabaseBusy | C::DatabaseLocked | C::CannotOpen | C::SystemIoFailure
+            ),
+            _ => false,
+        }
     }
 }
 
@@ -85,6 +96,8 @@ struct Inner {
     backend: Backend,
     read: AnyPool,
     write: AnyPool,
+    /// SQLite on a file: the in-place handle for the hot paths (`local.rs`).
+    local: Option<Arc<local::Local>>,
 }
 
 impl std::fmt::Debug for Db {
@@ -212,11 +225,18 @@ impl Db {
             .after_connect(pragmas)
             .connect(&url)
             .await?;
+        let local = (!in_memory).then(|| {
+            Arc::new(local::Local::new(
+                Path::new(file),
+                settings.sqlite_synchronous_full,
+            ))
+        });
         Ok(Self {
             inner: Arc::new(Inner {
                 backend: Backend::Sqlite,
                 read,
                 write,
+                local,
             }),
         })
     }
@@ -233,12 +253,18 @@ impl Db {
                 backend: Backend::Postgres,
                 read: pool.clone(),
                 write: pool,
+                local: None,
             }),
         })
     }
 
     pub fn backend(&self) -> Backend {
         self.inner.backend
+    }
+
+    /// SQLite on a file: queries in place, for the hot paths only (`local.rs`).
+    pub fn local(&self) -> Option<&local::Local> {
+        self.inner.local.as_deref()
     }
 
     /// The pool for reads.
@@ -259,6 +285,9 @@ impl Db {
 
     /// Closes both pools, waiting for connections in use.
     pub async fn close(&self) {
+        if let Some(l) = &self.inner.local {
+            l.close();
+        }
         self.inner.write.close().await;
         self.inner.read.close().await;
     }

@@ -155,14 +155,7 @@ both_backends!(responses_fail_closed_when_the_audit_store_is_down);
 
 async fn the_chain_verifies_after_concurrent_requests(backend: Backend) {
     // 200 requests at once from one address: rate limits are not what this tests.
-    let s = TestServer::start_with(
-        backend,
-        Options {
-            sets: vec![("rate_limit.enabled", "false".into())],
-            ..Options::default()
-        },
-    )
-    .await;
+    let s = TestServer::start_with(backend, Options::unlimited()).await;
     let mut tasks = Vec::new();
     for i in 0..200 {
         let (c, url) = (s.client.clone(), s.url(&format!("/api/v1/concurrent/{i}")));
@@ -390,12 +383,8 @@ both_backends!(retention_purge_keeps_the_chain_verifiable);
 /// and another process on one SQLite file) keep one chain.
 async fn two_writers_on_one_database_keep_one_chain(backend: Backend) {
     let db = Arc::new(TestDb::new(backend).await);
-    let unlimited = || Options {
-        sets: vec![("rate_limit.enabled", "false".into())],
-        ..Options::default()
-    };
-    let a = TestServer::start_on(db.clone(), unlimited()).await;
-    let b = TestServer::start_on(db.clone(), unlimited()).await;
+    let a = TestServer::start_on(db.clone(), Options::unlimited()).await;
+    let b = TestServer::start_on(db.clone(), Options::unlimited()).await;
     // Taking turns: each writer finds, at its next batch, that the other moved the
     // head since its own last commit, and must store through the locked path.
     for i in 0..6 {

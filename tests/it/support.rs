@@ -159,6 +159,17 @@ pub struct Options {
     pub no_redis: bool,
 }
 
+impl Options {
+    /// Rate limits off: for tests that send as fast as the server answers and test
+    /// something else.
+    pub fn unlimited() -> Self {
+        Self {
+            sets: vec![("rate_limit.enabled", "false".into())],
+            ..Self::default()
+        }
+    }
+}
+
 /// A running server and what a test needs to talk to it.
 #[allow(dead_code)] // `clock` and `db` are for the tests of later capabilities
 pub struct TestServer {

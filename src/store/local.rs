@@ -1,0 +1,224 @@
+//! SQLite in place: the hot paths' queries run on the calling thread through
+//! `rusqlite`, next to the `sqlx` pools that serve everything else.
+//!
+//! Why: `sqlx`'s SQLite driver gives each connection a thread of its own and hands
+//! every query to it and back. On a 2-core machine a profile of an authenticated read
+//! put half the server's CPU in those threads and a third of all samples in context
+//! switches; SQLite itself was under 2 % (docs/performance.md, "Fourth session"). A
+//! point read by key takes a few microseconds when it runs where it is called.
+//!
+//! What runs here, and only this:
+//! - short reads by an index (a token, a patient by id, one page of a blind-index
+//!   search), on the request's own runtime thread: in WAL mode a reader never waits for
+//!   the writer, so these do not block;
+//! - the audit writer's append, on the audit writer's own thread, through a connection
+//!   of its own (see `audit::store::append_local`).
+//!
+//! Connections are the same file with the same pragmas as the pools'; readers are
+//! `query_only`. An in-memory database has no file to share, so it has no local handle
+//! and every query goes through `sqlx`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::StoreError;
+
+/// Readers kept open between uses; more are opened when that many are busy at once.
+const IDLE_READERS: usize = 16;
+/// Prepared statements kept per connection.
+const STATEMENT_CACHE: usize = 64;
+/// How long a writer waits for another connection's write lock before it fails.
+const BUSY_LIMIT: Duration = Duration::from_secs(5);
+
+/// The in-place handle to one SQLite file.
+pub struct Local {
+    path: PathBuf,
+    synchronous_full: bool,
+    readers: Mutex<Vec<Connection>>,
+    /// Set by [`Local::close`] (with the pools): nothing is read or written after.
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for Local {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Local").finish_non_exhaustive()
+    }
+}
+
+/// A row's columns by name, read the same way from `sqlx` and from `rusqlite` rows, so
+/// that a table's decoder is written once for both paths.
+pub trait Cols {
+    fn col<T>(&self, name: &str) -> Result<T, StoreError>
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any> + rusqlite::types::FromSql;
+}
+
+impl Cols for sqlx::any::AnyRow {
+    fn col<T>(&self, name: &str) -> Result<T, StoreError>
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any> + rusqlite::types::FromSql,
+    {
+        Ok(sqlx::Row::try_get(self, name)?)
+    }
+}
+
+impl Cols for rusqlite::Row<'_> {
+    fn col<T>(&self, name: &str) -> Result<T, StoreError>
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any> + rusqlite::types::FromSql,
+    {
+        Ok(self.get(name)?)
+    }
+}
+
+/// A retry of the SQLite busy handler: short sleeps instead of SQLite's default 1, 2,
+/// 5, 10 … ms steps, so that an audit batch behind another connection's short write
+/// waits about as long as that write.
+fn busy(attempt: i32) -> bool {
+    let step = Duration::from_micros(100);
+    let attempts = u32::try_from(attempt).unwrap_or(u32::MAX);
+    if step.saturating_mul(attempts) >= BUSY_LIMIT {
+        return false;
+    }
+    std::thread::sleep(step);
+    true
+}
+
+impl Local {
+    pub(super) fn new(path: &Path, synchronous_full: bool) -> Self {
+        Self {
+            path: path.to_owned(),
+            synchronous_full,
+            readers: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Refuses every later read and write (a writer's open connection included) and
+    /// closes the idle readers.
+    pub(super) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        if let Ok(mut r) = self.readers.lock() {
+            r.clear();
+        }
+    }
+
+    /// Fails once the database is closed: checked before every read and every batch.
+    pub fn check_open(&self) -> Result<(), StoreError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Closed);
+        }
+        Ok(())
+    }
+
+    fn open(&self, query_only: bool) -> Result<Connection, StoreError> {
+        // No CREATE: the file was created (mode 0600) and migrated through the pools.
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&self.path, flags)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        conn.busy_handler(Some(busy))?;
+        conn.execute_batch(if self.synchronous_full {
+            "PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;"
+        } else {
+            "PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;"
+        })?;
+        if query_only {
+            conn.execute_batch("PRAGMA query_only = ON;")?;
+        }
+        Ok(conn)
+    }
+
+    /// Runs `f` on a reader connection, on this thread. For short indexed reads only.
+    pub fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.check_open()?;
+        let idle = self.readers.lock().ok().and_then(|mut r| r.pop());
+        let conn = match idle {
+            Some(c) => c,
+            None => self.open(true)?,
+        };
+        let out = f(&conn);
+        // A connection left inside a transaction by a failed read is dropped, not reused.
+        if conn.is_autocommit()
+            && let Ok(mut r) = self.readers.lock()
+            && r.len() < IDLE_READERS
+        {
+            r.push(conn);
+        }
+        out
+    }
+
+    /// A connection that writes, for the one thread that owns it (the audit writer).
+    pub fn writer(&self) -> Result<Connection, StoreError> {
+        self.check_open()?;
+        self.open(false)
+    }
+}
+
+/// Runs `sql` with `$n` parameters bound by name (`$1` is `params[0]`), whatever order
+/// they appear in, and decodes each row with `row`.
+pub fn query<T>(
+    conn: &Connection,
+    sql: &str,
+    params: &[&dyn rusqlite::ToSql],
+    row: impl Fn(&rusqlite::Row<'_>) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    for (i, p) in params.iter().enumerate() {
+        if let Some(index) = stmt.parameter_index(&format!("${}", i + 1))? {
+            stmt.raw_bind_parameter(index, p)?;
+        }
+    }
+    let mut rows = stmt.raw_query();
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(row(r)?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_bind_by_name_in_any_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.sqlite");
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(
+            "CREATE TABLE t (a TEXT, b BIGINT); INSERT INTO t VALUES ('x', 1), ('y', 2), ('z', 3);",
+        )
+        .unwrap();
+        drop(c);
+        let local = Local::new(&path, true);
+        let got = local
+            .read(|c| {
+                query(
+                    c,
+                    "SELECT a FROM t WHERE b > $2 AND a <> $1 ORDER BY a",
+                    &[&"z", &1_i64],
+                    |r| r.col::<String>("a"),
+                )
+            })
+            .unwrap();
+        assert_eq!(got, vec!["y".to_owned()]);
+        // Readers refuse to write.
+        let err = local.read(|c| Ok(c.execute("DELETE FROM t", [])?));
+        assert!(err.is_err());
+        // The writer may.
+        let w = local.writer().unwrap();
+        assert_eq!(w.execute("DELETE FROM t WHERE b = 1", []).unwrap(), 1);
+        // Closed: nothing more, and the error reads as "unavailable" (503, not 500).
+        local.close();
+        let err = local.read(|_| Ok(())).unwrap_err();
+        assert!(err.is_unavailable());
+        assert!(local.writer().is_err());
+    }
+}
