@@ -14,6 +14,7 @@ pub mod model;
 pub mod routes;
 pub mod service;
 pub mod store;
+pub mod syncer;
 pub mod writer;
 
 pub use middleware::{Actor, Audit};

@@ -18,7 +18,7 @@ use super::model::{AuditEvent, NewEvent};
 use super::store;
 use crate::clock::SharedClock;
 use crate::crypto::SharedKeyring;
-use crate::store::{Backend, Db};
+use crate::store::{Backend, Db, StoreError};
 
 /// Why events could not be stored.
 #[derive(Debug, thiserror::Error, Clone)]
@@ -231,6 +231,17 @@ async fn run(
     let mut tail: Option<store::Tail> = None;
     let mut locked_batches = 0u32;
     let mut local_conn: Option<rusqlite::Connection> = None;
+    // SQLite in place: batches become durable one step behind their commits (syncer.rs).
+    // Without the sync thread the writer's connection syncs inside each commit.
+    let syncer = db.local().and_then(|l| {
+        super::syncer::Syncer::start(l.path().to_owned(), l.synchronous_full())
+            .map_err(|e| tracing::error!(error = %e, "audit: the sync thread could not start; commits sync in place"))
+            .ok()
+    });
+    if syncer.is_some() {
+        // The writer's connection then leaves checkpoints to this thread.
+        db.start_checkpointer();
+    }
     while let Some(first) = rx.recv().await {
         let mut count = first.events.len();
         let mut jobs = vec![first];
@@ -261,9 +272,27 @@ async fn run(
             events.append(&mut j.events);
         }
         if events.is_empty() {
-            // Only flush markers: everything before them is already committed.
-            for j in jobs {
-                let _ = j.reply.send(Ok(()));
+            // Only flush markers: answered once everything before them is committed
+            // (and, behind the sync thread, on disk).
+            let reply = move |r: Result<Vec<AuditEvent>, StoreError>| {
+                for j in jobs {
+                    let _ = j.reply.send(
+                        r.as_ref()
+                            .map(|_| ())
+                            .map_err(|e| AuditError::Store(e.to_string())),
+                    );
+                }
+            };
+            match &syncer {
+                Some(s) => {
+                    if let Err(p) = s.push(super::syncer::Pending {
+                        chained: Vec::new(),
+                        then: Box::new(reply),
+                    }) {
+                        (p.then)(Err(StoreError::Closed));
+                    }
+                }
+                None => reply(Ok(Vec::new())),
             }
             continue;
         }
@@ -278,31 +307,58 @@ async fn run(
         let started = std::time::Instant::now();
         if let Some(local) = db.local() {
             // SQLite on a file: in place on this thread, through a connection of its own.
-            let result = local
-                .check_open()
-                .and_then(|()| match local_conn.take() {
-                    Some(c) => Ok(c),
-                    None => local.writer(),
-                })
-                .and_then(|mut c| {
-                    let r = store::append_local(&mut c, tail.as_ref(), &events, &sign, &now);
-                    // A connection that failed is opened anew for the next batch.
-                    if r.is_ok() {
-                        local_conn = Some(c);
-                    }
+            // The pool's one writer connection is held meanwhile, unused, as this
+            // process's write gate: the pool queues writers in order, so a burst of
+            // audit batches cannot starve the other writes (which, left to SQLite's busy
+            // handler, sleep in steps of up to 100 ms and lost every race: sign-ins
+            // timed out under a login flood).
+            let result = match db.writer().acquire().await {
+                Err(e) => Err(StoreError::from(e)),
+                Ok(gate) => {
+                    let r = local
+                        .check_open()
+                        .and_then(|()| match local_conn.take() {
+                            Some(c) => Ok(c),
+                            None => local.writer(syncer.is_none()),
+                        })
+                        .and_then(|mut c| {
+                            let r =
+                                store::append_local(&mut c, tail.as_ref(), &events, &sign, &now);
+                            // A connection that failed is opened anew for the next batch.
+                            if r.is_ok() {
+                                local_conn = Some(c);
+                            }
+                            r
+                        });
+                    drop(gate);
                     r
-                })
-                .map(|(chained, moved)| {
-                    if moved {
-                        stats.head_moved.fetch_add(1, Ordering::Relaxed);
-                    }
-                    chained
-                });
+                }
+            }
+            .map(|(chained, moved)| {
+                if moved {
+                    stats.head_moved.fetch_add(1, Ordering::Relaxed);
+                }
+                chained
+            });
             tail = match &result {
                 Ok(chained) => store::Tail::after(chained),
                 Err(_) => None,
             };
-            finish(result, jobs, &events, started, &stats, sink.as_deref());
+            let n = events.len();
+            match (result, &syncer) {
+                (Ok(chained), Some(s)) => {
+                    let (stats, sink) = (stats.clone(), sink.clone());
+                    let then = move |r| finish(r, jobs, n, started, &stats, sink.as_deref());
+                    if let Err(p) = s.push(super::syncer::Pending {
+                        chained,
+                        then: Box::new(then),
+                    }) {
+                        // The sync thread is gone: nothing can be confirmed on disk.
+                        (p.then)(Err(StoreError::Closed));
+                    }
+                }
+                (result, _) => finish(result, jobs, n, started, &stats, sink.as_deref()),
+            }
             continue;
         }
         let fast = match (&tail, locked_batches) {
@@ -326,7 +382,7 @@ async fn run(
             Ok(chained) => store::Tail::after(chained),
             Err(_) => None,
         };
-        finish(result, jobs, &events, started, &stats, sink.as_deref());
+        finish(result, jobs, events.len(), started, &stats, sink.as_deref());
     }
 }
 
@@ -334,7 +390,7 @@ async fn run(
 fn finish(
     result: Result<Vec<AuditEvent>, crate::store::StoreError>,
     jobs: Vec<Job>,
-    events: &[NewEvent],
+    events: usize,
     started: std::time::Instant,
     stats: &WriterStats,
     sink: Option<&dyn Sink>,
@@ -364,7 +420,7 @@ fn finish(
         }
         Err(e) => {
             stats.failures.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %e, events = events.len(), "audit: a batch could not be stored; its requests fail closed");
+            tracing::error!(error = %e, events, "audit: a batch could not be stored; its requests fail closed");
             let err = AuditError::Store(e.to_string());
             for j in jobs {
                 let _ = j.reply.send(Err(err.clone()));

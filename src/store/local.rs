@@ -12,7 +12,9 @@
 //!   search), on the request's own runtime thread: in WAL mode a reader never waits for
 //!   the writer, so these do not block;
 //! - the audit writer's append, on the audit writer's own thread, through a connection
-//!   of its own (see `audit::store::append_local`).
+//!   of its own (see `audit::store::append_local`). It holds the pool's one writer
+//!   connection meanwhile, unused, so that writes within the process queue in the
+//!   pool's order instead of racing for SQLite's lock.
 //!
 //! Connections are the same file with the same pragmas as the pools'; readers are
 //! `query_only`. An in-memory database has no file to share, so it has no local handle
@@ -76,8 +78,8 @@ impl Cols for rusqlite::Row<'_> {
 }
 
 /// A retry of the SQLite busy handler: short sleeps instead of SQLite's default 1, 2,
-/// 5, 10 … ms steps, so that an audit batch behind another connection's short write
-/// waits about as long as that write.
+/// 5, 10 … ms steps, so that a batch behind another process's short write waits about
+/// as long as that write.
 fn busy(attempt: i32) -> bool {
     let step = Duration::from_micros(100);
     let attempts = u32::try_from(attempt).unwrap_or(u32::MAX);
@@ -115,19 +117,34 @@ impl Local {
         Ok(())
     }
 
-    fn open(&self, query_only: bool) -> Result<Connection, StoreError> {
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether commits must reach the disk before they are confirmed
+    /// (`database.sqlite_synchronous = full`, the default).
+    pub fn synchronous_full(&self) -> bool {
+        self.synchronous_full
+    }
+
+    fn open(&self, query_only: bool, sync_in_commit: bool) -> Result<Connection, StoreError> {
         // No CREATE: the file was created (mode 0600) and migrated through the pools.
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&self.path, flags)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.busy_handler(Some(busy))?;
-        conn.execute_batch(if self.synchronous_full {
+        conn.execute_batch(if self.synchronous_full && sync_in_commit {
             "PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;"
         } else {
             "PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;"
         })?;
         if query_only {
             conn.execute_batch("PRAGMA query_only = ON;")?;
+        }
+        if !sync_in_commit {
+            // The audit writer: checkpoints run beside it (`Local::checkpoint`).
+            conn.execute_batch("PRAGMA wal_autocheckpoint = 0;")?;
         }
         Ok(conn)
     }
@@ -141,7 +158,7 @@ impl Local {
         let idle = self.readers.lock().ok().and_then(|mut r| r.pop());
         let conn = match idle {
             Some(c) => c,
-            None => self.open(true)?,
+            None => self.open(true, true)?,
         };
         let out = f(&conn);
         // A connection left inside a transaction by a failed read is dropped, not reused.
@@ -155,9 +172,40 @@ impl Local {
     }
 
     /// A connection that writes, for the one thread that owns it (the audit writer).
-    pub fn writer(&self) -> Result<Connection, StoreError> {
+    /// Without `sync_in_commit` its commits do not wait for the disk
+    /// (`synchronous = NORMAL`), and the caller makes them durable (`audit/syncer.rs`).
+    pub fn writer(&self, sync_in_commit: bool) -> Result<Connection, StoreError> {
         self.check_open()?;
-        self.open(false)
+        self.open(false, sync_in_commit)
+    }
+}
+
+/// Write-ahead log frames past which the checkpoint thread holds the writers for the
+/// short catch-up that lets the log start again from its beginning (16 MiB of 4 KiB
+/// pages).
+pub const RESTART_FRAMES: i64 = 4096;
+
+impl Local {
+    /// One round of the checkpoint thread (`Db::start_checkpointer`): a `PASSIVE`
+    /// checkpoint (no write lock), then, when the log holds more than
+    /// [`RESTART_FRAMES`], a `RESTART` one that waits for the writer of the moment,
+    /// holds new ones while it copies the rest, and lets the log start again.
+    pub fn checkpoint(&self, conn: &Connection) -> Result<(), StoreError> {
+        self.check_open()?;
+        let run = |mode: &str| -> Result<i64, StoreError> {
+            let sql = format!("PRAGMA wal_checkpoint({mode})");
+            Ok(conn.query_row(&sql, [], |r| r.get::<_, i64>(1))?)
+        };
+        if run("PASSIVE")? > RESTART_FRAMES {
+            run("RESTART")?;
+        }
+        Ok(())
+    }
+
+    /// A connection for [`Local::checkpoint`].
+    pub fn checkpointer(&self) -> Result<Connection, StoreError> {
+        self.check_open()?;
+        self.open(false, true)
     }
 }
 
@@ -213,12 +261,12 @@ mod tests {
         let err = local.read(|c| Ok(c.execute("DELETE FROM t", [])?));
         assert!(err.is_err());
         // The writer may.
-        let w = local.writer().unwrap();
+        let w = local.writer(true).unwrap();
         assert_eq!(w.execute("DELETE FROM t WHERE b = 1", []).unwrap(), 1);
         // Closed: nothing more, and the error reads as "unavailable" (503, not 500).
         local.close();
         let err = local.read(|_| Ok(())).unwrap_err();
         assert!(err.is_unavailable());
-        assert!(local.writer().is_err());
+        assert!(local.writer(true).is_err());
     }
 }

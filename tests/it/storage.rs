@@ -146,3 +146,43 @@ async fn the_installation_id_survives_restarts(backend: Backend) {
     assert_eq!(a, b);
 }
 both_backends!(the_installation_id_survives_restarts);
+
+/// SQLite in place: with the audit writer's connection not checkpointing in its
+/// commits, the checkpoint thread copies the write-ahead log back into the database
+/// file. 2000 rows go into the log through such a connection; the database file then
+/// grows by them without any other writer (polled, up to 20 s: this waits for a
+/// background effect, it does not time it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoint_thread_copies_the_log_back() {
+    let t = TestDb::new(Backend::Sqlite).await;
+    let db = open(&t).await;
+    migrate(&db, &SystemClock).await.unwrap();
+    let local = db.local().expect("SQLite on a file has an in-place handle");
+    let file = t.url.trim_start_matches("sqlite://").to_owned();
+    let size = || std::fs::metadata(&file).unwrap().len();
+    let mut w = local.writer(false).unwrap();
+    let tx = w.transaction().unwrap();
+    for i in 0..2000 {
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+            (format!("k{i}"), "x".repeat(500)),
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+    let before = size();
+    db.start_checkpointer();
+    let mut after = before;
+    for _ in 0..200 {
+        after = size();
+        if after > before + 500_000 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        after > before + 500_000,
+        "the log was not copied back: {before} -> {after} bytes"
+    );
+    db.close().await;
+}
