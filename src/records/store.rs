@@ -161,9 +161,13 @@ pub async fn search(
     after: &str,
     limit: i64,
 ) -> Result<Vec<PatientRow>, StoreError> {
+    // The page size is written into the SQL, not bound: SQLite plans `ORDER BY … LIMIT`
+    // with the bound value and so prepared the statement anew at every run (its whole
+    // compile, for the five-index union, at every search). An integer, clamped here.
+    let limit = limit.clamp(1, 1000);
     let sql = match index {
         None => format!(
-            "SELECT {PATIENT_COLUMNS} FROM patients WHERE deleted_at IS NULL AND id > $1 ORDER BY id LIMIT $2"
+            "SELECT {PATIENT_COLUMNS} FROM patients WHERE deleted_at IS NULL AND id > $1 ORDER BY id LIMIT {limit}"
         ),
         Some(_) => {
             // One page from each blind index, in id order through its (value, id)
@@ -173,7 +177,7 @@ pub async fn search(
             let branch = |column: &str, param: u8, alias: &str| {
                 format!(
                     "SELECT id FROM (SELECT id FROM patients WHERE {column} = ${param} \
-                     AND deleted_at IS NULL AND id > $1 ORDER BY id LIMIT $7) AS {alias}"
+                     AND deleted_at IS NULL AND id > $1 ORDER BY id LIMIT {limit}) AS {alias}"
                 )
             };
             let union = [
@@ -185,14 +189,14 @@ pub async fn search(
             ]
             .join(" UNION ");
             format!(
-                "SELECT {PATIENT_COLUMNS} FROM patients WHERE id IN ({union}) ORDER BY id LIMIT $7"
+                "SELECT {PATIENT_COLUMNS} FROM patients WHERE id IN ({union}) ORDER BY id LIMIT {limit}"
             )
         }
     };
     if let Some(local) = db.local() {
         // In place: at most a page from each index (store/local.rs).
         return local.read(|c| match index {
-            None => local::query(c, &sql, &[&after, &limit], |r| patient(r)),
+            None => local::query(c, &sql, &[&after], |r| patient(r)),
             Some(ix) => local::query(
                 c,
                 &sql,
@@ -203,7 +207,6 @@ pub async fn search(
                     &ix.birth_date,
                     &ix.given_name,
                     &ix.family_name,
-                    &limit,
                 ],
                 |r| patient(r),
             ),
@@ -211,14 +214,13 @@ pub async fn search(
     }
     let q = sqlx::query(AssertSqlSafe(sql)).bind(after);
     let q = match index {
-        None => q.bind(limit),
+        None => q,
         Some(ix) => q
             .bind(&ix.mrn)
             .bind(&ix.ssn)
             .bind(&ix.birth_date)
             .bind(&ix.given_name)
-            .bind(&ix.family_name)
-            .bind(limit),
+            .bind(&ix.family_name),
     };
     let rows = q.fetch_all(db.reader()).await?;
     rows.iter().map(patient).collect()
