@@ -109,6 +109,20 @@ impl Local {
         }
     }
 
+    /// After the pools are closed: copies the whole write-ahead log into the database
+    /// file and empties it (`TRUNCATE`), so that a server stopped cleanly leaves all its
+    /// data in the one file, as it did when the pools' last connection removed the log
+    /// (the audit writer's own connection may outlive the pools). Best effort: a log
+    /// left behind is still read, and replayed, at the next start.
+    pub(super) fn flush_log(&self) {
+        let done = self
+            .open(false, true)
+            .and_then(|c| Ok(c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?));
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "storage: the write-ahead log was not emptied at close");
+        }
+    }
+
     /// Fails once the database is closed: checked before every read and every batch.
     pub fn check_open(&self) -> Result<(), StoreError> {
         if self.closed.load(Ordering::SeqCst) {

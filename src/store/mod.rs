@@ -325,6 +325,9 @@ impl Db {
         }
         self.inner.write.close().await;
         self.inner.read.close().await;
+        if let Some(l) = &self.inner.local {
+            l.flush_log();
+        }
     }
 
     /// Names of the application's tables and their columns, sorted, for comparing the
