@@ -29,9 +29,9 @@ use super::model::AuditEvent;
 use crate::store::StoreError;
 
 /// A committed batch waiting for the sync that makes it durable, and what to do then.
-pub struct Pending {
-    pub chained: Vec<AuditEvent>,
-    pub then: Box<dyn FnOnce(Result<Vec<AuditEvent>, StoreError>) + Send>,
+struct Pending {
+    chained: Vec<AuditEvent>,
+    then: Box<dyn FnOnce(Result<Vec<AuditEvent>, StoreError>) + Send>,
 }
 
 /// Handle to the sync thread.
@@ -71,9 +71,23 @@ impl Syncer {
         Ok(Self { tx })
     }
 
-    /// Queues a committed batch; waits only when the queue is full.
-    pub fn push(&self, p: Pending) -> Result<(), Pending> {
-        self.tx.send(p).map_err(|e| e.0)
+    /// Runs `then` once `chained` is on disk: behind the sync thread when there is one
+    /// (waiting only when its queue is full), at once when there is none (the commit
+    /// synced in place). If the thread is gone nothing can be confirmed, and `then` gets
+    /// an error: the batch fails closed.
+    pub fn after(
+        syncer: Option<&Syncer>,
+        chained: Vec<AuditEvent>,
+        then: Box<dyn FnOnce(Result<Vec<AuditEvent>, StoreError>) + Send>,
+    ) {
+        match syncer {
+            Some(s) => {
+                if let Err(e) = s.tx.send(Pending { chained, then }) {
+                    (e.0.then)(Err(StoreError::Closed));
+                }
+            }
+            None => then(Ok(chained)),
+        }
     }
 }
 
@@ -123,24 +137,22 @@ mod tests {
         let s = Syncer::start(db.clone(), true).unwrap();
         let (tx, rx) = mpsc::channel();
         let t = tx.clone();
-        s.push(Pending {
-            chained: Vec::new(),
-            then: Box::new(move |r| t.send(r.is_ok()).unwrap()),
-        })
-        .ok()
-        .unwrap();
+        Syncer::after(
+            Some(&s),
+            Vec::new(),
+            Box::new(move |r| t.send(r.is_ok()).unwrap()),
+        );
         assert!(!rx.recv().unwrap());
         // With the log there: answered, in the order queued.
         std::fs::write(dir.path().join("a.sqlite-wal"), b"frames").unwrap();
         let (tx, rx) = mpsc::channel();
         for i in 0..5 {
             let t = tx.clone();
-            s.push(Pending {
-                chained: Vec::new(),
-                then: Box::new(move |r| t.send(r.map(|_| i).ok()).unwrap()),
-            })
-            .ok()
-            .unwrap();
+            Syncer::after(
+                Some(&s),
+                Vec::new(),
+                Box::new(move |r| t.send(r.map(|_| i).ok()).unwrap()),
+            );
         }
         let got: Vec<Option<i32>> = (0..5).map(|_| rx.recv().unwrap()).collect();
         assert_eq!(got, [Some(0), Some(1), Some(2), Some(3), Some(4)]);

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::model::{AuditEvent, NewEvent};
 use super::store;
+use super::syncer::Syncer;
 use crate::clock::SharedClock;
 use crate::crypto::SharedKeyring;
 use crate::store::{Backend, Db, StoreError};
@@ -138,12 +139,12 @@ impl Writer {
             commit_timeout: settings.commit_timeout,
             capacity,
         };
-        // On SQLite the writer gets a thread of its own. Every batch is a hand-off to
-        // and from SQLite's connection thread, and on the shared runtime each wake-up
-        // waited behind the request tasks: measured on 2 cores at 32 clients, a batch
-        // took 4.6 ms on the shared runtime against 1.4 ms on its own thread
-        // (docs/performance.md). PostgreSQL connections belong to the runtime's I/O
-        // driver, so there the writer stays a task.
+        // On SQLite the writer gets a thread of its own: on a file it appends in place
+        // (`store::append_local`), blocking, which must not hold a request runtime's
+        // thread; and even through sqlx (in memory), each hand-off waited behind the
+        // request tasks on the shared runtime (a batch took 4.6 ms there against 1.4 ms
+        // on its own thread, docs/performance.md). PostgreSQL connections belong to the
+        // runtime's I/O driver, so there the writer stays a task.
         let runtime = match db.backend() {
             Backend::Sqlite => tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -234,7 +235,7 @@ async fn run(
     // SQLite in place: batches become durable one step behind their commits (syncer.rs).
     // Without the sync thread the writer's connection syncs inside each commit.
     let syncer = db.local().and_then(|l| {
-        super::syncer::Syncer::start(l.path().to_owned(), l.synchronous_full())
+        Syncer::start(l.path().to_owned(), l.synchronous_full())
             .map_err(|e| tracing::error!(error = %e, "audit: the sync thread could not start; commits sync in place"))
             .ok()
     });
@@ -283,17 +284,7 @@ async fn run(
                     );
                 }
             };
-            match &syncer {
-                Some(s) => {
-                    if let Err(p) = s.push(super::syncer::Pending {
-                        chained: Vec::new(),
-                        then: Box::new(reply),
-                    }) {
-                        (p.then)(Err(StoreError::Closed));
-                    }
-                }
-                None => reply(Ok(Vec::new())),
-            }
+            Syncer::after(syncer.as_ref(), Vec::new(), Box::new(reply));
             continue;
         }
         let version = keys.current_version();
@@ -345,19 +336,13 @@ async fn run(
                 Err(_) => None,
             };
             let n = events.len();
-            match (result, &syncer) {
-                (Ok(chained), Some(s)) => {
+            match result {
+                Ok(chained) => {
                     let (stats, sink) = (stats.clone(), sink.clone());
                     let then = move |r| finish(r, jobs, n, started, &stats, sink.as_deref());
-                    if let Err(p) = s.push(super::syncer::Pending {
-                        chained,
-                        then: Box::new(then),
-                    }) {
-                        // The sync thread is gone: nothing can be confirmed on disk.
-                        (p.then)(Err(StoreError::Closed));
-                    }
+                    Syncer::after(syncer.as_ref(), chained, Box::new(then));
                 }
-                (result, _) => finish(result, jobs, n, started, &stats, sink.as_deref()),
+                Err(e) => finish(Err(e), jobs, n, started, &stats, sink.as_deref()),
             }
             continue;
         }
