@@ -7,7 +7,10 @@
 # patients, and runs wrk on
 #   GET /health                  no I/O, full middleware
 #   GET /api/v1/auth/me          token check + one committed audit event
-#   GET /api/v1/patients/{id}    RBAC, every field decrypted, two committed audit events
+#   GET /api/v1/patients/{id}    RBAC, every field decrypted, one committed audit event
+#   GET /api/v1/patients?q=<family name>&limit=20
+#                                a name search (blind index), a page of 20 patients
+#                                decrypted; only when ENDPOINTS names `search`
 # and reads from /proc, before and after each wrk run, per request:
 #   cpu   the server process's user + system CPU (all its threads)
 #   cs    the server's context switches (voluntary + involuntary, all threads)
@@ -20,6 +23,7 @@
 #     bench/cost.sh old=/tmp/custodian.old new=target/release/custodian
 #     bench/cost.sh on=target/release/custodian off=target/release/custodian,CUSTODIAN_AUDIT__ENABLED=false
 #   BACKEND=sqlite|postgres  ROUNDS=2  DURATION=5s  CONNECTIONS=32  PATIENTS=2000
+#   ENDPOINTS="health me patient" (any of health, me, patient, search)
 #   PGHOST=127.0.0.1 PGPORT=5432 PGUSER=postgres PGADMIN_DB=test (trust auth)
 #
 # Prints one line per variant, endpoint and round, and a mean per variant and endpoint.
@@ -32,6 +36,7 @@ ROUNDS="${ROUNDS:-2}"
 DURATION="${DURATION:-5s}"
 CONNECTIONS="${CONNECTIONS:-32}"
 PATIENTS="${PATIENTS:-2000}"
+ENDPOINTS="${ENDPOINTS:-health me patient}"
 PG_HOST="${PGHOST:-127.0.0.1}"
 PG_PORT="${PGPORT:-5432}"
 PG_USER="${PGUSER:-postgres}"
@@ -44,6 +49,9 @@ die() { echo "cost: $*" >&2; exit 1; }
 [[ "$BACKEND" == sqlite || "$BACKEND" == postgres ]] || die "BACKEND is sqlite or postgres"
 [[ "$ROUNDS" =~ ^[1-9]$ ]] || die "ROUNDS is 1 to 9"
 [[ "$DURATION" =~ ^[0-9]+s$ ]] || die "DURATION is a number of seconds, e.g. 5s"
+for what in $ENDPOINTS; do
+    [[ "$what" =~ ^(health|me|patient|search)$ ]] || die "ENDPOINTS: unknown endpoint $what"
+done
 [[ "$CONNECTIONS" =~ ^[0-9]+$ && "$PATIENTS" =~ ^[0-9]+$ ]] || die "CONNECTIONS and PATIENTS are integers"
 ((PATIENTS >= 1 && PATIENTS <= 100000)) || die "PATIENTS is 1 to 100000"
 [[ "$PG_HOST" == 127.0.0.1 || "$PG_HOST" == localhost ]] || die "PGHOST must be a loopback address"
@@ -125,6 +133,16 @@ print("n = 0")
 print("request = function() n = n + 1; return wrk.format(\"GET\", \"/api/v1/patients/\" .. ids[(n % #ids) + 1]) end")
 ' >"$dir/read.lua" || die "$name: listing patients failed"
     LUA="$dir/read.lua"
+    # The same for a name search: the family names of that first page, in turn.
+    curl -fsS --max-time 10 -H "Authorization: Bearer $TOKEN" "$BASE/api/v1/patients?limit=100" \
+        | python3 -c '
+import json, sys
+names = sorted({i["family_name"] for i in json.load(sys.stdin)["items"]})
+print("names = {" + ",".join("\"%s\"" % n for n in names) + "}")
+print("n = 0")
+print("request = function() n = n + 1; return wrk.format(\"GET\", \"/api/v1/patients?limit=20&q=\" .. names[(n % #names) + 1]) end")
+' >"$dir/search.lua" || die "$name: listing patients failed"
+    SEARCH_LUA="$dir/search.lua"
 }
 
 TICK="$(getconf CLK_TCK)"
@@ -147,6 +165,7 @@ measure() {
         health) out="$(wrk -t2 -c"$CONNECTIONS" -d"$DURATION" "$BASE/health")" ;;
         me) out="$(wrk -t2 -c"$CONNECTIONS" -d"$DURATION" -H "Authorization: Bearer $TOKEN" "$BASE/api/v1/auth/me")" ;;
         patient) out="$(wrk -t2 -c"$CONNECTIONS" -d"$DURATION" -s "$LUA" -H "Authorization: Bearer $TOKEN" "$BASE")" ;;
+        search) out="$(wrk -t2 -c"$CONNECTIONS" -d"$DURATION" -s "$SEARCH_LUA" -H "Authorization: Bearer $TOKEN" "$BASE")" ;;
     esac
     c1="$(server_cpu)" x1="$(server_cs)" w1="$(server_writes)" g1="$(pg_cpu)"
     grep -q 'Non-2xx' <<<"$out" && die "$variant: $what answered errors: $(grep Non-2xx <<<"$out")"
@@ -168,7 +187,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
         bin="${parts[0]}"
         [[ -x "$bin" ]] || die "$name: $bin is not an executable"
         start "$name" "$bin" "${parts[@]:1}"
-        for what in health me patient; do
+        for what in $ENDPOINTS; do
             measure "$name" "$round" "$what" | tee -a "$RESULTS"
         done
         stop

@@ -4,9 +4,12 @@
 //! written, the request fails closed with 503 and the failure is logged.
 //!
 //! Handlers enrich the request's event through the [`Audit`] extractor: the action and
-//! resource, the actor (set by authentication), and one extra event per patient touched
-//! (a search that returns ten patients adds ten `read`… events, one naming each, so the
-//! accounting of disclosures is a simple query by patient).
+//! resource, the actor (set by authentication), and the patients whose data the
+//! response carries. A request about one patient names it in `patient_id`; a search
+//! page names all the patients it returns in its one event, as `patient_ids` in the
+//! context (hashed into the chain with the rest), and the database indexes both in
+//! `audit_event_patients`, so the patient filter and the accounting of disclosures
+//! find the event under each patient (migrations/*/0010_audit_patients.sql).
 
 use std::sync::{Arc, Mutex};
 
@@ -16,7 +19,7 @@ use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::model::{Action, Context, ContextValue, NewEvent, Outcome};
+use super::model::{Action, Context, ContextValue, NewEvent, Outcome, SafeId};
 use super::service::AuditLog;
 use crate::http::client_ip::ClientIp;
 use crate::http::error::{ApiError, ErrorCode};
@@ -96,6 +99,23 @@ impl Audit {
     /// Adds a value to the request event's context.
     pub fn context(&self, key: &'static str, value: ContextValue) {
         self.with(|d| d.primary.context.insert(key, value));
+    }
+
+    /// Names, in the request's own event, the patients whose data the response carries
+    /// (a search page): one event listing them all instead of one event per patient.
+    /// An id that is not an opaque id (it cannot be, ids are made here) gets an event
+    /// of its own rather than being left out.
+    pub fn name_patients<'a>(&self, action: Action, ids: impl IntoIterator<Item = &'a str>) {
+        let mut listed = Vec::new();
+        for id in ids {
+            match SafeId::new(id) {
+                Some(s) => listed.push(s),
+                None => self.touch_patient(action, "patient", id, id),
+            }
+        }
+        if !listed.is_empty() {
+            self.context("patient_ids", ContextValue::Ids(listed));
+        }
     }
 
     /// Adds an event naming one patient whose data the response carries.

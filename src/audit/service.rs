@@ -283,7 +283,45 @@ impl VerifyReport {
     }
 }
 
-/// Verifies the chain: every link, every hash, the sequence, and the signed head.
+/// The patients an event names: its `patient_id` and its context's `patient_ids`.
+fn named_patients(e: &AuditEvent) -> Vec<String> {
+    let mut out: Vec<String> = e.patient_id.iter().cloned().collect();
+    if e.context.contains("\"patient_ids\"")
+        && let Ok(serde_json::Value::Object(c)) = serde_json::from_str(&e.context)
+        && let Some(serde_json::Value::Array(ids)) = c.get("patient_ids")
+    {
+        out.extend(ids.iter().filter_map(|v| v.as_str().map(str::to_owned)));
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The first event of `page` whose named patients differ from the index rows
+/// (`(seq, patient_id)`, ordered) over the page's range; an index row for a seq that
+/// is not in the page is blamed on the page's first event.
+fn index_mismatch(page: &[AuditEvent], indexed: &[(i64, String)]) -> Option<String> {
+    let mut rows = indexed.iter().peekable();
+    for e in page {
+        // Rows before this event's seq belong to no event of the page.
+        if rows.peek().is_some_and(|(s, _)| *s < e.seq) {
+            return page.first().map(|f| f.id.clone());
+        }
+        let mut got = Vec::new();
+        while let Some((_, p)) = rows.next_if(|(s, _)| *s == e.seq) {
+            got.push(p.clone());
+        }
+        // In byte order, whatever the database's collation.
+        got.sort();
+        if got != named_patients(e) {
+            return Some(e.id.clone());
+        }
+    }
+    rows.peek().and_then(|_| page.last().map(|l| l.id.clone()))
+}
+
+/// Verifies the chain: every link, every hash, the sequence, the signed head, and the
+/// patient index (`audit_event_patients`) against the patients the events name.
 pub async fn verify(db: &Db, keys: &SharedKeyring) -> Result<VerifyReport, StoreError> {
     let (mut expected_seq, mut prev) = match store::latest_checkpoint(db).await? {
         Some(cp) => {
@@ -303,6 +341,8 @@ pub async fn verify(db: &Db, keys: &SharedKeyring) -> Result<VerifyReport, Store
         None => (1, GENESIS.to_owned()),
     };
     let mut checked = 0i64;
+    // Index rows are compared page by page, from the lowest seq there can be.
+    let mut indexed_from = i64::MIN;
     loop {
         let page = store::page_ascending(db, expected_seq - 1, 1000).await?;
         if page.is_empty() {
@@ -337,6 +377,16 @@ pub async fn verify(db: &Db, keys: &SharedKeyring) -> Result<VerifyReport, Store
             expected_seq += 1;
             checked += 1;
         }
+        let upto = expected_seq - 1;
+        let indexed = store::patients_named(db, indexed_from, upto).await?;
+        if let Some(bad) = index_mismatch(&page, &indexed) {
+            return Ok(VerifyReport::bad(
+                checked,
+                &bad,
+                "the patients it names do not match the patient index (an index row removed or added)",
+            ));
+        }
+        indexed_from = upto;
     }
     let last_seq = expected_seq - 1;
     let Some(head) = store::head(db).await? else {
@@ -346,7 +396,11 @@ pub async fn verify(db: &Db, keys: &SharedKeyring) -> Result<VerifyReport, Store
             "the chain head is missing",
         ));
     };
-    if head.seq == 0 && last_seq == 0 && head.mac.is_empty() {
+    // Index rows past the chain's end name no event.
+    let orphans = !store::patients_named(db, indexed_from, i64::MAX)
+        .await?
+        .is_empty();
+    if head.seq == 0 && last_seq == 0 && head.mac.is_empty() && !orphans {
         return Ok(VerifyReport {
             ok: true,
             events: 0,
@@ -374,6 +428,13 @@ pub async fn verify(db: &Db, keys: &SharedKeyring) -> Result<VerifyReport, Store
                 "the signed head is at event {} but the chain ends at {last_seq} (events removed or added)",
                 head.seq
             ),
+        ));
+    }
+    if orphans {
+        return Ok(VerifyReport::bad(
+            checked,
+            "index",
+            "the patient index names events that do not exist",
         ));
     }
     Ok(VerifyReport {

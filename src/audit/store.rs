@@ -425,6 +425,26 @@ pub async fn page_ascending(
     Ok(rows.iter().map(event_from_row).collect::<Result<_, _>>()?)
 }
 
+/// The patient index rows `(seq, patient_id)` with `after < seq <= upto`, in order.
+pub async fn patients_named(
+    db: &Db,
+    after: i64,
+    upto: i64,
+) -> Result<Vec<(i64, String)>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT seq, patient_id FROM audit_event_patients WHERE seq > $1 AND seq <= $2 \
+         ORDER BY seq, patient_id",
+    )
+    .bind(after)
+    .bind(upto)
+    .fetch_all(db.reader())
+    .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("seq")?, r.try_get("patient_id")?)))
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(StoreError::from)
+}
+
 /// Filters of the events query. Times are in the stored fixed-width form.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
@@ -457,7 +477,11 @@ pub async fn query(
         add("OR actor = ?)", Bind::Text(a.clone()));
     }
     if let Some(p) = &f.patient_id {
-        add(" AND patient_id = ?", Bind::Text(p.clone()));
+        // Every event naming the patient, in `patient_id` or in a search's list.
+        add(
+            " AND seq IN (SELECT seq FROM audit_event_patients WHERE patient_id = ?)",
+            Bind::Text(p.clone()),
+        );
     }
     if let Some(a) = &f.action {
         add(" AND action = ?", Bind::Text(a.clone()));
@@ -515,6 +539,10 @@ pub async fn purge(db: &Db, up_to_seq: i64, checkpoint: &Checkpoint) -> Result<u
         .execute(&mut *tx)
         .await?
         .rows_affected();
+    sqlx::query("DELETE FROM audit_event_patients WHERE seq <= $1")
+        .bind(up_to_seq)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("UPDATE audit_guard SET purging = 0 WHERE id = 1")
         .execute(&mut *tx)
         .await?;

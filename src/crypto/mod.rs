@@ -71,24 +71,73 @@ pub fn new_token(prefix: &str) -> Result<(String, String), CryptoError> {
     Ok((token, hash))
 }
 
+/// An AES-256-GCM key made ready once (its round keys and GHASH table computed) for
+/// several seals or opens: a patient's fields are opened with one, instead of
+/// preparing the same key again for every field (docs/performance.md).
+pub struct AeadKey(ring::aead::LessSafeKey);
+
+impl std::fmt::Debug for AeadKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AeadKey([REDACTED])")
+    }
+}
+
+impl AeadKey {
+    pub fn new(key: &[u8; 32]) -> Result<Self, CryptoError> {
+        use ring::aead;
+        let unbound =
+            aead::UnboundKey::new(&aead::AES_256_GCM, key).map_err(|_| CryptoError::Open)?;
+        Ok(Self(aead::LessSafeKey::new(unbound)))
+    }
+
+    /// Seals with a fresh random nonce: `nonce | ciphertext | tag`.
+    pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        use ring::aead;
+        let nonce_bytes = random_bytes::<12>()?;
+        let mut buf = zeroize::Zeroizing::new(plaintext.to_vec());
+        self.0
+            .seal_in_place_append_tag(
+                aead::Nonce::assume_unique_for_key(nonce_bytes),
+                aead::Aad::from(aad),
+                &mut *buf,
+            )
+            .map_err(|_| CryptoError::Open)?;
+        let mut out = Vec::with_capacity(12 + buf.len());
+        out.extend_from_slice(&nonce_bytes);
+        out.extend_from_slice(&buf);
+        Ok(out)
+    }
+
+    /// Opens what [`AeadKey::seal`] made with the same key and `aad`.
+    pub fn open(
+        &self,
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, CryptoError> {
+        use ring::aead;
+        if sealed.len() < 12 + 16 {
+            return Err(CryptoError::Malformed);
+        }
+        let (nonce, ct) = sealed.split_at(12);
+        let nonce: [u8; 12] = nonce.try_into().map_err(|_| CryptoError::Malformed)?;
+        let mut buf = zeroize::Zeroizing::new(ct.to_vec());
+        let plain_len = self
+            .0
+            .open_in_place(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::from(aad),
+                &mut buf,
+            )
+            .map_err(|_| CryptoError::Open)?
+            .len();
+        buf.truncate(plain_len);
+        Ok(buf)
+    }
+}
+
 /// AES-256-GCM with a fresh random nonce: `nonce | ciphertext | tag`.
 pub fn aead_seal(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
-    use ring::aead;
-    let unbound = aead::UnboundKey::new(&aead::AES_256_GCM, key).map_err(|_| CryptoError::Open)?;
-    let sealing = aead::LessSafeKey::new(unbound);
-    let nonce_bytes = random_bytes::<12>()?;
-    let mut buf = zeroize::Zeroizing::new(plaintext.to_vec());
-    sealing
-        .seal_in_place_append_tag(
-            aead::Nonce::assume_unique_for_key(nonce_bytes),
-            aead::Aad::from(aad),
-            &mut *buf,
-        )
-        .map_err(|_| CryptoError::Open)?;
-    let mut out = Vec::with_capacity(12 + buf.len());
-    out.extend_from_slice(&nonce_bytes);
-    out.extend_from_slice(&buf);
-    Ok(out)
+    AeadKey::new(key)?.seal(aad, plaintext)
 }
 
 /// Opens what [`aead_seal`] made with the same key and `aad`.
@@ -97,25 +146,7 @@ pub fn aead_open(
     aad: &[u8],
     sealed: &[u8],
 ) -> Result<zeroize::Zeroizing<Vec<u8>>, CryptoError> {
-    use ring::aead;
-    if sealed.len() < 12 + 16 {
-        return Err(CryptoError::Malformed);
-    }
-    let (nonce, ct) = sealed.split_at(12);
-    let nonce: [u8; 12] = nonce.try_into().map_err(|_| CryptoError::Malformed)?;
-    let unbound = aead::UnboundKey::new(&aead::AES_256_GCM, key).map_err(|_| CryptoError::Open)?;
-    let opening = aead::LessSafeKey::new(unbound);
-    let mut buf = zeroize::Zeroizing::new(ct.to_vec());
-    let plain_len = opening
-        .open_in_place(
-            aead::Nonce::assume_unique_for_key(nonce),
-            aead::Aad::from(aad),
-            &mut buf,
-        )
-        .map_err(|_| CryptoError::Open)?
-        .len();
-    buf.truncate(plain_len);
-    Ok(buf)
+    AeadKey::new(key)?.open(aad, sealed)
 }
 
 /// Seals `plaintext` with AES-256-GCM under the current key version's `purpose` key,
@@ -171,7 +202,18 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// version it does not know is asked for (another process rotated it).
 pub struct SharedKeyring {
     inner: std::sync::RwLock<Keyring>,
+    /// Purpose keys already derived, by (version, purpose): a patient read unwraps its
+    /// data key under the key-encryption key, and a search derives five blind-index
+    /// keys; deriving each (HKDF) anew cost more than using it. The keys are wiped when
+    /// the cache is cleared (on reload) or dropped, like the root keys they come from.
+    derived: std::sync::RwLock<DerivedKeys>,
 }
+
+type DerivedKeys = std::collections::HashMap<u32, std::collections::HashMap<String, Key>>;
+
+/// Purpose keys kept at most; past that the cache starts over (purposes are a fixed
+/// handful of strings, versions a few).
+const DERIVED_MAX: usize = 256;
 
 impl std::fmt::Debug for SharedKeyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -183,6 +225,7 @@ impl SharedKeyring {
     pub fn new(k: Keyring) -> Self {
         Self {
             inner: std::sync::RwLock::new(k),
+            derived: std::sync::RwLock::new(std::collections::HashMap::new()),
         }
     }
 
@@ -197,6 +240,30 @@ impl SharedKeyring {
 
     /// A purpose key of `version`, reloading the file once if the version is unknown.
     pub fn derive(&self, version: u32, purpose: &str) -> Result<Key, KeyringError> {
+        if let Ok(cache) = self.derived.read()
+            && let Some(k) = cache.get(&version).and_then(|m| m.get(purpose))
+        {
+            return Ok(k.clone());
+        }
+        let key = self.derive_uncached(version, purpose)?;
+        if let Ok(mut cache) = self.derived.write() {
+            if cache
+                .values()
+                .map(std::collections::HashMap::len)
+                .sum::<usize>()
+                >= DERIVED_MAX
+            {
+                cache.clear();
+            }
+            cache
+                .entry(version)
+                .or_default()
+                .insert(purpose.to_owned(), key.clone());
+        }
+        Ok(key)
+    }
+
+    fn derive_uncached(&self, version: u32, purpose: &str) -> Result<Key, KeyringError> {
         let first = match self.inner.read() {
             Ok(k) => k.derive(version, purpose),
             Err(_) => Err(KeyringError::UnknownVersion(version)),
@@ -223,6 +290,9 @@ impl SharedKeyring {
         if let Ok(mut k) = self.inner.write() {
             *k = fresh;
         }
+        if let Ok(mut cache) = self.derived.write() {
+            cache.clear();
+        }
         Ok(())
     }
 }
@@ -237,6 +307,26 @@ mod tests {
             sha256_hex(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn derived_keys_are_cached_and_follow_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let mut ring = Keyring::create(&path, "now").unwrap();
+        let keys = SharedKeyring::new(Keyring::load(&path).unwrap());
+        let direct = Keyring::load(&path).unwrap().derive(1, "p").unwrap();
+        // The cached key is the derived key, per version and purpose.
+        for _ in 0..2 {
+            assert_eq!(keys.derive(1, "p").unwrap().bytes(), direct.bytes());
+        }
+        assert_ne!(keys.derive(1, "q").unwrap().bytes(), direct.bytes());
+        // A version added by another process is found (reload) and cached apart.
+        ring.rotate("later").unwrap();
+        let v2 = keys.derive(2, "p").unwrap();
+        assert_ne!(v2.bytes(), direct.bytes());
+        assert_eq!(keys.derive(1, "p").unwrap().bytes(), direct.bytes());
+        assert!(keys.derive(3, "p").is_err());
     }
 
     #[test]

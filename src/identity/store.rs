@@ -10,19 +10,24 @@ const USER_COLUMNS: &str = "id, username, email, role, active, password_hash, pa
 totp_secret, totp_enabled, totp_last_step, created_at, updated_at";
 
 fn user_from_row<R: Cols>(r: &R) -> Result<User, StoreError> {
+    user_at(r, 0)
+}
+
+/// A user whose [`USER_COLUMNS`] start at column `base` of the row.
+fn user_at<R: Cols>(r: &R, base: usize) -> Result<User, StoreError> {
     Ok(User {
-        id: r.col("id")?,
-        username: r.col("username")?,
-        email: r.col("email")?,
-        role: r.col("role")?,
-        active: r.col::<i64>("active")? != 0,
-        password_hash: r.col("password_hash")?,
-        password_changed_at: r.col("password_changed_at")?,
-        totp_secret: r.col("totp_secret")?,
-        totp_enabled: r.col::<i64>("totp_enabled")? != 0,
-        totp_last_step: r.col("totp_last_step")?,
-        created_at: r.col("created_at")?,
-        updated_at: r.col("updated_at")?,
+        id: r.col_at(base, "id")?,
+        username: r.col_at(base + 1, "username")?,
+        email: r.col_at(base + 2, "email")?,
+        role: r.col_at(base + 3, "role")?,
+        active: r.col_at::<i64>(base + 4, "active")? != 0,
+        password_hash: r.col_at(base + 5, "password_hash")?,
+        password_changed_at: r.col_at(base + 6, "password_changed_at")?,
+        totp_secret: r.col_at(base + 7, "totp_secret")?,
+        totp_enabled: r.col_at::<i64>(base + 8, "totp_enabled")? != 0,
+        totp_last_step: r.col_at(base + 9, "totp_last_step")?,
+        created_at: r.col_at(base + 10, "created_at")?,
+        updated_at: r.col_at(base + 11, "updated_at")?,
     })
 }
 
@@ -458,13 +463,14 @@ pub struct TokenLookup {
 }
 
 fn lookup_from_row<R: Cols>(r: &R) -> Result<TokenLookup, StoreError> {
-    let permissions: Option<String> = r.col("permissions")?;
+    // In the order of `lookup_sql`'s SELECT, the user's columns after these six.
+    let permissions: Option<String> = r.col_at(5, "permissions")?;
     Ok(TokenLookup {
-        credential_id: r.col("credential_id")?,
-        last_used_at: r.col("last_used")?,
-        expires_at: r.col("expires")?,
-        revoked_at: r.col("revoked")?,
-        locked_until: r.col("locked_until")?,
+        credential_id: r.col_at(0, "credential_id")?,
+        last_used_at: r.col_at(1, "last_used")?,
+        expires_at: r.col_at(2, "expires")?,
+        revoked_at: r.col_at(3, "revoked")?,
+        locked_until: r.col_at(4, "locked_until")?,
         permissions: permissions
             .as_deref()
             .unwrap_or_default()
@@ -472,7 +478,7 @@ fn lookup_from_row<R: Cols>(r: &R) -> Result<TokenLookup, StoreError> {
             .filter(|p| !p.is_empty())
             .map(str::to_owned)
             .collect(),
-        user: user_from_row(r)?,
+        user: user_at(r, 6)?,
     })
 }
 

@@ -23,8 +23,13 @@ use crate::crypto::{self, CryptoError, SharedKeyring};
 
 const KEK_PURPOSE: &str = "custodian/phi/kek/v1";
 
-/// A patient's data key; wiped on drop, never printed.
-pub struct DataKey(Zeroizing<[u8; 32]>);
+/// A patient's data key; wiped on drop, never printed. It is made ready for AES-GCM
+/// once, when generated or unwrapped, and every field of the row is sealed or opened
+/// with that one prepared key.
+pub struct DataKey {
+    raw: Zeroizing<[u8; 32]>,
+    aead: crypto::AeadKey,
+}
 
 impl std::fmt::Debug for DataKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -34,7 +39,12 @@ impl std::fmt::Debug for DataKey {
 
 impl DataKey {
     pub fn generate() -> Result<Self, CryptoError> {
-        Ok(Self(Zeroizing::new(crypto::random_bytes::<32>()?)))
+        Self::from_raw(Zeroizing::new(crypto::random_bytes::<32>()?))
+    }
+
+    fn from_raw(raw: Zeroizing<[u8; 32]>) -> Result<Self, CryptoError> {
+        let aead = crypto::AeadKey::new(&raw)?;
+        Ok(Self { raw, aead })
     }
 }
 
@@ -60,7 +70,7 @@ pub fn wrap(
     patient_id: &str,
     key: &DataKey,
 ) -> Result<(String, u32), EnvelopeError> {
-    let wrapped = crypto::seal(keys, KEK_PURPOSE, &wrap_aad(patient_id), key.0.as_ref())?;
+    let wrapped = crypto::seal(keys, KEK_PURPOSE, &wrap_aad(patient_id), key.raw.as_ref())?;
     let version = crypto::sealed_version(&wrapped).unwrap_or(0);
     Ok((wrapped, version))
 }
@@ -81,7 +91,7 @@ pub fn unwrap(
         .as_slice()
         .try_into()
         .map_err(|_| CryptoError::Malformed)?;
-    Ok(DataKey(Zeroizing::new(arr)))
+    Ok(DataKey::from_raw(Zeroizing::new(arr))?)
 }
 
 fn field_aad(table: &str, column: &str, row_id: &str) -> Vec<u8> {
@@ -96,7 +106,9 @@ pub fn seal_field(
     row_id: &str,
     value: &str,
 ) -> Result<String, EnvelopeError> {
-    let out = crypto::aead_seal(&key.0, &field_aad(table, column, row_id), value.as_bytes())?;
+    let out = key
+        .aead
+        .seal(&field_aad(table, column, row_id), value.as_bytes())?;
     Ok(format!("f1.{}", URL_SAFE_NO_PAD.encode(out)))
 }
 
@@ -112,7 +124,7 @@ pub fn open_field(
     let raw = URL_SAFE_NO_PAD
         .decode(body)
         .map_err(|_| CryptoError::Malformed)?;
-    let plain = crypto::aead_open(&key.0, &field_aad(table, column, row_id), &raw)?;
+    let plain = key.aead.open(&field_aad(table, column, row_id), &raw)?;
     String::from_utf8(plain.to_vec())
         .map(Zeroizing::new)
         .map_err(|_| CryptoError::Malformed.into())

@@ -57,6 +57,14 @@ pub trait Cols {
     fn col<T>(&self, name: &str) -> Result<T, StoreError>
     where
         T: for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any> + rusqlite::types::FromSql;
+
+    /// Column `name`, expected at position `i` of the SELECT: read there when the name
+    /// matches (one comparison), else looked up by name. A lookup by name compares it
+    /// with every column before it, which for a 21-column patient row was a tenth of a
+    /// search's CPU (docs/performance.md).
+    fn col_at<T>(&self, i: usize, name: &str) -> Result<T, StoreError>
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any> + rusqlite::types::FromSql;
 }
 
 impl Cols for sqlx::any::AnyRow {
@@ -66,6 +74,17 @@ impl Cols for sqlx::any::AnyRow {
     {
         Ok(sqlx::Row::try_get(self, name)?)
     }
+
+    fn col_at<T>(&self, i: usize, name: &str) -> Result<T, StoreError>
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any> + rusqlite::types::FromSql,
+    {
+        use sqlx::Column;
+        match sqlx::Row::columns(self).get(i) {
+            Some(c) if c.name() == name => Ok(sqlx::Row::try_get(self, i)?),
+            _ => self.col(name),
+        }
+    }
 }
 
 impl Cols for rusqlite::Row<'_> {
@@ -74,6 +93,17 @@ impl Cols for rusqlite::Row<'_> {
         T: for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any> + rusqlite::types::FromSql,
     {
         Ok(self.get(name)?)
+    }
+
+    fn col_at<T>(&self, i: usize, name: &str) -> Result<T, StoreError>
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any> + rusqlite::types::FromSql,
+    {
+        if self.as_ref().column_name(i).is_ok_and(|n| n == name) {
+            Ok(self.get(i)?)
+        } else {
+            self.col(name)
+        }
     }
 }
 
@@ -248,6 +278,29 @@ pub fn query<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn columns_read_by_position_fall_back_to_their_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.sqlite");
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch("CREATE TABLE t (a TEXT, b BIGINT); INSERT INTO t VALUES ('x', 1);")
+            .unwrap();
+        drop(c);
+        let local = Local::new(&path, true);
+        let got = local
+            .read(|c| {
+                query(c, "SELECT a, b FROM t", &[], |r| {
+                    // Right position; wrong position (found by name); unknown name.
+                    let a: String = r.col_at(0, "a")?;
+                    let b: i64 = r.col_at(0, "b")?;
+                    let missing = r.col_at::<String>(1, "c").is_err();
+                    Ok((a, b, missing))
+                })
+            })
+            .unwrap();
+        assert_eq!(got, vec![("x".to_owned(), 1, true)]);
+    }
 
     #[test]
     fn parameters_bind_by_name_in_any_order() {

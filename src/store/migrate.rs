@@ -40,6 +40,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(7, "0007_smart"),
     migration!(8, "0008_accounts"),
     migration!(9, "0009_audit_indexes"),
+    migration!(10, "0010_audit_patients"),
 ];
 
 impl Migration {

@@ -26,23 +26,48 @@ async fn all_events(db: &Db) -> Vec<AuditEvent> {
 }
 
 fn patient_routes() -> Router<AppState> {
-    Router::new().route(
-        "/api/v1/test/patients/{id}",
-        get(|audit: Audit, Path(id): Path<String>| async move {
-            audit.set_actor(Actor::user("u-1", "dr_who"));
-            audit.annotate(|a| {
-                a.action = Some(Action::Read);
-                a.resource_type = Some("patient");
-                a.resource_id = Some(id.clone());
-                a.patient_id = Some(id.clone());
-            });
-            audit.context("records", ContextValue::Int(2));
-            for other in ["p-2", "p-3"] {
-                audit.touch_patient(Action::Read, "patient", other, other);
-            }
-            "PHI-CANARY-1234"
-        }),
+    Router::new()
+        .route(
+            "/api/v1/test/patients/{id}",
+            get(|audit: Audit, Path(id): Path<String>| async move {
+                audit.set_actor(Actor::user("u-1", "dr_who"));
+                audit.annotate(|a| {
+                    a.action = Some(Action::Read);
+                    a.resource_type = Some("patient");
+                    a.resource_id = Some(id.clone());
+                    a.patient_id = Some(id.clone());
+                });
+                audit.context("records", ContextValue::Int(2));
+                for other in ["p-2", "p-3"] {
+                    audit.touch_patient(Action::Read, "patient", other, other);
+                }
+                "PHI-CANARY-1234"
+            }),
+        )
+        .route(
+            "/api/v1/test/page",
+            get(|audit: Audit| async move {
+                audit.set_actor(Actor::user("u-1", "dr_who"));
+                audit.annotate(|a| {
+                    a.action = Some(Action::Search);
+                    a.resource_type = Some("patient");
+                });
+                // A page of four: three opaque ids, and one that is not an id.
+                audit.name_patients(Action::Read, ["p-4", "p-5", "p-6", "not an id"]);
+                "PHI-CANARY-5678"
+            }),
+        )
+}
+
+async fn patient_server(backend: Backend) -> TestServer {
+    TestServer::start_with(
+        backend,
+        Options {
+            extra: Some(patient_routes()),
+            ..Options::default()
+        },
     )
+    .await
 }
 
 async fn every_request_yields_one_event_with_its_facts(backend: Backend) {
@@ -97,14 +122,7 @@ async fn every_request_yields_one_event_with_its_facts(backend: Backend) {
 both_backends!(every_request_yields_one_event_with_its_facts);
 
 async fn handlers_name_the_patients_they_disclose(backend: Backend) {
-    let s = TestServer::start_with(
-        backend,
-        Options {
-            extra: Some(patient_routes()),
-            ..Options::default()
-        },
-    )
-    .await;
+    let s = patient_server(backend).await;
     let res = s
         .client
         .get(s.url("/api/v1/test/patients/p-1"))
@@ -131,15 +149,122 @@ async fn handlers_name_the_patients_they_disclose(backend: Backend) {
 }
 both_backends!(handlers_name_the_patients_they_disclose);
 
+async fn a_page_names_its_patients_in_one_event(backend: Backend) {
+    let s = patient_server(backend).await;
+    let res = s
+        .client
+        .get(s.url("/api/v1/test/page"))
+        .header("x-request-id", "audit-page-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.text().await.unwrap(), "PHI-CANARY-5678");
+    let events = events_for(s.state.db(), "audit-page-1").await;
+    // The page's event lists the ids; the one that is not an id gets its own event.
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0].action, "search");
+    assert_eq!(events[0].patient_id, None);
+    assert_eq!(events[0].context, r#"{"patient_ids":["p-4","p-5","p-6"]}"#);
+    assert_eq!(events[1].patient_id.as_deref(), Some("not an id"));
+    // The patient filter finds the page's event under each patient it names, and only
+    // under those.
+    for p in ["p-4", "p-5", "p-6"] {
+        let f = Filter {
+            patient_id: Some(p.into()),
+            ..Filter::default()
+        };
+        let found = query(s.state.db(), &f, 100, false).await.unwrap();
+        assert_eq!(found.len(), 1, "{p}");
+        assert_eq!(found[0].id, events[0].id, "{p}");
+    }
+    let f = Filter {
+        patient_id: Some("p-7".into()),
+        ..Filter::default()
+    };
+    assert!(
+        query(s.state.db(), &f, 100, false)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(s.state.audit().verify().await.unwrap().ok);
+}
+both_backends!(a_page_names_its_patients_in_one_event);
+
+/// Runs SQL on the patient index around its append-only triggers.
+async fn tamper_index(db: &Db, sql: &str) {
+    match db.backend() {
+        DbBackend::Sqlite => {
+            around(
+                db,
+                &["DROP TRIGGER audit_event_patients_no_delete"],
+                sql,
+                &[],
+            )
+            .await;
+        }
+        DbBackend::Postgres => {
+            let t = "audit_event_patients_append_only";
+            let off = format!("ALTER TABLE audit_event_patients DISABLE TRIGGER {t}");
+            let on = format!("ALTER TABLE audit_event_patients ENABLE TRIGGER {t}");
+            around(db, &[off.as_str()], sql, &[on.as_str()]).await;
+        }
+    }
+}
+
+async fn the_patient_index_is_checked_by_verify(backend: Backend) {
+    for (case, sql) in [
+        // Hiding a disclosure: the page's event no longer found under p-5.
+        (
+            "removed",
+            "DELETE FROM audit_event_patients WHERE patient_id = 'p-5'",
+        ),
+        // Inventing one: the page's event found under a patient it does not name.
+        (
+            "added",
+            "INSERT INTO audit_event_patients (patient_id, seq) \
+             SELECT 'p-9', seq FROM audit_event_patients WHERE patient_id = 'p-5'",
+        ),
+        // Pointing past the chain's end.
+        (
+            "orphan",
+            "INSERT INTO audit_event_patients (patient_id, seq) VALUES ('p-9', 1000000)",
+        ),
+    ] {
+        let s = patient_server(backend).await;
+        for rid in ["idx-1", "idx-2"] {
+            s.client
+                .get(s.url("/api/v1/test/page"))
+                .header("x-request-id", rid)
+                .send()
+                .await
+                .unwrap();
+        }
+        s.get("/api/v1/t/after").await;
+        assert!(s.state.audit().verify().await.unwrap().ok, "{case}");
+        // Directly, the index refuses changes like the events do.
+        let e = sqlx::query("DELETE FROM audit_event_patients")
+            .execute(s.state.db().writer())
+            .await;
+        assert!(e.unwrap_err().to_string().contains("append-only"), "{case}");
+        tamper_index(s.state.db(), sql).await;
+        let r = s.state.audit().verify().await.unwrap();
+        assert!(!r.ok, "{case}: {r:?}");
+        let first = events_for(s.state.db(), "idx-1").await[0].id.clone();
+        match case {
+            "orphan" => assert_eq!(r.first_bad.as_deref(), Some("index"), "{r:?}"),
+            _ => assert_eq!(
+                r.first_bad.as_deref(),
+                Some(first.as_str()),
+                "{case}: {r:?}"
+            ),
+        }
+    }
+}
+both_backends!(the_patient_index_is_checked_by_verify);
+
 async fn responses_fail_closed_when_the_audit_store_is_down(backend: Backend) {
-    let s = TestServer::start_with(
-        backend,
-        Options {
-            extra: Some(patient_routes()),
-            ..Options::default()
-        },
-    )
-    .await;
+    let s = patient_server(backend).await;
     assert_eq!(s.get("/api/v1/test/patients/p-1").await.status(), 200);
     s.state.db().close().await;
     let res = s.get("/api/v1/test/patients/p-1").await;
@@ -213,29 +338,30 @@ both_backends!(events_cannot_be_changed_or_removed);
 
 /// Runs SQL around the append-only triggers, as an attacker with database access could.
 async fn tamper(db: &Db, sql: &str) {
-    let (off, on) = match db.backend() {
-        DbBackend::Sqlite => (
-            vec![
+    match db.backend() {
+        DbBackend::Sqlite => {
+            let off = [
                 "DROP TRIGGER audit_events_no_update",
                 "DROP TRIGGER audit_events_no_delete",
-            ],
-            vec![],
-        ),
-        DbBackend::Postgres => (
-            vec!["ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"],
-            vec!["ALTER TABLE audit_events ENABLE TRIGGER audit_events_append_only"],
-        ),
-    };
-    let mut conn = db.writer().acquire().await.unwrap();
-    for q in off {
-        sqlx::raw_sql(q).execute(&mut *conn).await.unwrap();
+            ];
+            around(db, &off, sql, &[]).await;
+        }
+        DbBackend::Postgres => {
+            let off = ["ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"];
+            let on = ["ALTER TABLE audit_events ENABLE TRIGGER audit_events_append_only"];
+            around(db, &off, sql, &on).await;
+        }
     }
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    for q in on {
-        sqlx::raw_sql(q).execute(&mut *conn).await.unwrap();
+}
+
+/// Runs `off`, then `sql`, then `on`, on one connection.
+async fn around(db: &Db, off: &[&str], sql: &str, on: &[&str]) {
+    let mut conn = db.writer().acquire().await.unwrap();
+    for q in off.iter().copied().chain([sql]).chain(on.iter().copied()) {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(q.to_owned()))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
     }
 }
 

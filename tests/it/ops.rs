@@ -301,6 +301,10 @@ async fn populated(backend: Backend) -> (TestServer, String, String) {
     let id = json(res).await["id"].as_str().unwrap().to_owned();
     let res = s.get_as(&format!("/api/v1/patients/{id}"), &token).await;
     assert_eq!(res.status(), 200);
+    // A search: its event names the patient in a list, which the patient index holds
+    // (rebuilt by the target's trigger on restore; verify checks it).
+    let res = s.get_as("/api/v1/patients?q=lovelace", &token).await;
+    assert_eq!(res.status(), 200);
     (s, token, id)
 }
 
