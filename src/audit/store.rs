@@ -445,6 +445,18 @@ pub async fn patients_named(
         .map_err(StoreError::from)
 }
 
+/// Whether the patient index has rows with `seq > after` whose event does not exist.
+pub async fn index_orphans(db: &Db, after: i64) -> Result<bool, StoreError> {
+    let row = sqlx::query(
+        "SELECT COUNT(*) AS n FROM audit_event_patients p WHERE p.seq > $1 \
+         AND NOT EXISTS (SELECT 1 FROM audit_events e WHERE e.seq = p.seq)",
+    )
+    .bind(after)
+    .fetch_one(db.reader())
+    .await?;
+    Ok(row.try_get::<i64, _>("n")? > 0)
+}
+
 /// Filters of the events query. Times are in the stored fixed-width form.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {

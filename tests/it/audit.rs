@@ -308,6 +308,56 @@ async fn the_chain_verifies_after_concurrent_requests(backend: Backend) {
 }
 both_backends!(the_chain_verifies_after_concurrent_requests);
 
+async fn verify_is_clean_while_requests_append(backend: Backend) {
+    // Verification on a live server: events (with their patient index rows) are
+    // appended while it walks the chain and reads the head; none of that is tampering.
+    let s = TestServer::start_with(
+        backend,
+        Options {
+            extra: Some(patient_routes()),
+            ..Options::unlimited()
+        },
+    )
+    .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for w in 0..4 {
+        let (c, stop) = (s.client.clone(), stop.clone());
+        let url = s.url(if w % 2 == 0 {
+            "/api/v1/test/page"
+        } else {
+            "/api/v1/elsewhere"
+        });
+        load.push(tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                c.get(&url).send().await.unwrap();
+                n += 1;
+            }
+            n
+        }));
+    }
+    for round in 0..20 {
+        let r = s.state.audit().verify().await.unwrap();
+        assert!(r.ok, "round {round}: {r:?}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut sent = 0;
+    for t in load {
+        sent += t.await.unwrap();
+    }
+    assert!(sent > 0);
+    let r = s.state.audit().verify().await.unwrap();
+    assert!(r.ok, "{r:?}");
+    // At least one event per request (a page also names its one odd id in its own).
+    assert!(
+        r.events >= i64::from(sent),
+        "{} events, {sent} requests",
+        r.events
+    );
+}
+both_backends!(verify_is_clean_while_requests_append);
+
 async fn events_cannot_be_changed_or_removed(backend: Backend) {
     let s = TestServer::start(backend).await;
     s.get("/api/v1/x").await;
