@@ -516,14 +516,27 @@ async fn the_sink_copies_committed_events(backend: Backend) {
 both_backends!(the_sink_copies_committed_events);
 
 async fn retention_purge_keeps_the_chain_verifiable(backend: Backend) {
-    let s = TestServer::start(backend).await;
-    for i in 0..4 {
+    let s = patient_server(backend).await;
+    // Four old events: two requests, and a page naming p-4…p-6 (its event and the odd
+    // id's), whose patient index rows go with them.
+    for i in 0..2 {
         s.get(&format!("/api/v1/old/{i}")).await;
     }
+    s.get("/api/v1/test/page").await;
     s.clock.advance(std::time::Duration::from_secs(10 * 86_400));
-    for i in 0..2 {
-        s.get(&format!("/api/v1/new/{i}")).await;
-    }
+    // Two new events: the same page again.
+    s.get("/api/v1/test/page").await;
+    let named = |p: &str| Filter {
+        patient_id: Some(p.into()),
+        ..Filter::default()
+    };
+    assert_eq!(
+        query(s.state.db(), &named("p-4"), 100, true)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
     let r = s
         .state
         .audit()
@@ -534,6 +547,9 @@ async fn retention_purge_keeps_the_chain_verifiable(backend: Backend) {
     assert_eq!(r.up_to_seq, Some(4));
     let left = all_events(s.state.db()).await;
     assert_eq!(left.iter().map(|e| e.seq).collect::<Vec<_>>(), [5, 6]);
+    // Only the new page is still found under its patients.
+    let under = query(s.state.db(), &named("p-4"), 100, true).await.unwrap();
+    assert_eq!(under.iter().map(|e| e.seq).collect::<Vec<_>>(), [5]);
     let v = s.state.audit().verify().await.unwrap();
     assert!(v.ok, "{v:?}");
     assert_eq!(v.events, 2);
