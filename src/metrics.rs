@@ -167,7 +167,7 @@ pub fn render(state: &AppState) -> String {
             (
                 "custodian_audit_queue_depth",
                 "gauge",
-                "Requests waiting for the audit writer.",
+                "Requests whose events wait for an audit batch.",
                 w.queue_depth().to_string(),
             ),
             (

@@ -5,10 +5,12 @@
 //! - `model`: the event, its vocabulary, and the exact bytes that are hashed;
 //! - `store`: the tables' queries (append-only; triggers refuse UPDATE and DELETE);
 //! - `writer`: group commit — one transaction for the events of many requests;
+//! - `local`: the same on a SQLite file, led by the requests themselves;
 //! - `service`: recording, verification, queries, export, retention purge;
 //! - `middleware`: one event per request, and the `Audit` handle handlers enrich.
 
 pub mod export;
+pub mod local;
 pub mod middleware;
 pub mod model;
 pub mod routes;

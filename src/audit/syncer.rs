@@ -1,12 +1,12 @@
 //! Durability of the SQLite audit batches, one step behind their commits.
 //!
-//! On SQLite in place (`store/local.rs`) the audit writer commits a batch without
-//! waiting for the disk (`synchronous = NORMAL` on its connection) and hands the batch
-//! here. This thread `fdatasync`s the write-ahead log and only then answers the batch's
-//! requests, so no response leaves before its event is on disk: the same guarantee as
-//! `synchronous = FULL`, which syncs the log inside every commit. The difference is that
-//! the writer commits the next batch while the disk works on this one, and one sync
-//! covers every batch committed before it started. Measured on 2 cores, the writer spent
+//! On SQLite in place (`store/local.rs`) the request leading a batch (`local.rs`)
+//! commits it without waiting for the disk (`synchronous = NORMAL` on its connection)
+//! and hands the batch here. This thread `fdatasync`s the write-ahead log and only then
+//! answers the batch's requests, so no response leaves before its event is on disk: the
+//! same guarantee as `synchronous = FULL`, which syncs the log inside every commit. The
+//! difference is that the next leader commits the next batch while the disk works on
+//! this one, and one sync covers every batch committed before it started. Measured on 2 cores, the writer spent
 //! most of each batch waiting for its own fsync while a fifth of the machine was idle
 //! (docs/performance.md, "Fourth session").
 //!
@@ -71,22 +71,16 @@ impl Syncer {
         Ok(Self { tx })
     }
 
-    /// Runs `then` once `chained` is on disk: behind the sync thread when there is one
-    /// (waiting only when its queue is full), at once when there is none (the commit
-    /// synced in place). If the thread is gone nothing can be confirmed, and `then` gets
-    /// an error: the batch fails closed.
+    /// Runs `then` once `chained` is on disk, on the sync thread (the caller waits only
+    /// when the thread's queue is full). If the thread is gone nothing can be confirmed,
+    /// and `then` gets an error: the batch fails closed.
     pub fn after(
-        syncer: Option<&Syncer>,
+        &self,
         chained: Vec<AuditEvent>,
         then: Box<dyn FnOnce(Result<Vec<AuditEvent>, StoreError>) + Send>,
     ) {
-        match syncer {
-            Some(s) => {
-                if let Err(e) = s.tx.send(Pending { chained, then }) {
-                    (e.0.then)(Err(StoreError::Closed));
-                }
-            }
-            None => then(Ok(chained)),
+        if let Err(e) = self.tx.send(Pending { chained, then }) {
+            (e.0.then)(Err(StoreError::Closed));
         }
     }
 }
@@ -137,24 +131,41 @@ mod tests {
         let s = Syncer::start(db.clone(), true).unwrap();
         let (tx, rx) = mpsc::channel();
         let t = tx.clone();
-        Syncer::after(
-            Some(&s),
-            Vec::new(),
-            Box::new(move |r| t.send(r.is_ok()).unwrap()),
-        );
+        s.after(Vec::new(), Box::new(move |r| t.send(r.is_ok()).unwrap()));
         assert!(!rx.recv().unwrap());
         // With the log there: answered, in the order queued.
         std::fs::write(dir.path().join("a.sqlite-wal"), b"frames").unwrap();
         let (tx, rx) = mpsc::channel();
         for i in 0..5 {
             let t = tx.clone();
-            Syncer::after(
-                Some(&s),
+            s.after(
                 Vec::new(),
                 Box::new(move |r| t.send(r.map(|_| i).ok()).unwrap()),
             );
         }
         let got: Vec<Option<i32>> = (0..5).map(|_| rx.recv().unwrap()).collect();
         assert_eq!(got, [Some(0), Some(1), Some(2), Some(3), Some(4)]);
+    }
+
+    #[test]
+    fn the_log_is_synced_by_path_and_reopened_when_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("a.sqlite");
+        let mut wal = Wal::new(db);
+        // No log: nothing can be confirmed.
+        assert!(wal.sync().is_err());
+        let log = dir.path().join("a.sqlite-wal");
+        std::fs::write(&log, b"frames").unwrap();
+        wal.sync().unwrap();
+        let first = wal.file.as_ref().map(|(_, _, ino)| *ino).unwrap();
+        // Replaced (SQLite deletes the log when the last connection closes): reopened.
+        // The old file is kept under another name, so its inode cannot be reused.
+        std::fs::rename(&log, dir.path().join("old-wal")).unwrap();
+        std::fs::write(&log, b"frames again").unwrap();
+        wal.sync().unwrap();
+        let second = wal.file.as_ref().map(|(_, _, ino)| *ino).unwrap();
+        assert_ne!(first, second);
+        std::fs::remove_file(&log).unwrap();
+        assert!(wal.sync().is_err());
     }
 }

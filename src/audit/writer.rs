@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::local::LocalCommit;
 use super::model::{AuditEvent, NewEvent};
 use super::store;
-use super::syncer::Syncer;
 use crate::clock::SharedClock;
 use crate::crypto::SharedKeyring;
-use crate::store::{Backend, Db, StoreError};
+use crate::store::{Backend, Db};
 
 /// Why events could not be stored.
 #[derive(Debug, thiserror::Error, Clone)]
@@ -75,9 +75,10 @@ impl WriterStats {
 
 type Reply = oneshot::Sender<Result<(), AuditError>>;
 
-struct Job {
-    events: Vec<NewEvent>,
-    reply: Reply,
+/// One request's events and where to answer it.
+pub(super) struct Job {
+    pub(super) events: Vec<NewEvent>,
+    pub(super) reply: Reply,
 }
 
 /// Where committed events are copied for log shipping.
@@ -85,10 +86,12 @@ pub trait Sink: Send + Sync {
     fn write(&self, events: &[AuditEvent]);
 }
 
-/// Handle to the writer task.
+/// Handle to the writer: a task (PostgreSQL, SQLite in memory), or on a SQLite file the
+/// requests themselves taking turns (`local.rs`).
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::Sender<Job>,
+    local: Option<Arc<LocalCommit>>,
     stats: Arc<WriterStats>,
     commit_timeout: Duration,
     capacity: usize,
@@ -133,16 +136,28 @@ impl Writer {
         let capacity = settings.queue.max(1);
         let (tx, rx) = mpsc::channel(capacity);
         let stats = Arc::new(WriterStats::default());
+        let local = LocalCommit::new(
+            db.clone(),
+            keys.clone(),
+            clock.clone(),
+            &settings,
+            sink.clone(),
+            stats.clone(),
+        )
+        .map(Arc::new);
         let w = Self {
             tx,
+            local: local.clone(),
             stats: stats.clone(),
             commit_timeout: settings.commit_timeout,
             capacity,
         };
-        // On SQLite the writer gets a thread of its own: on a file it appends in place
-        // (`store::append_local`), blocking, which must not hold a request runtime's
-        // thread; and even through sqlx (in memory), each hand-off waited behind the
-        // request tasks on the shared runtime (a batch took 4.6 ms there against 1.4 ms
+        if local.is_some() {
+            // No task: `rx` is dropped, and nothing is ever sent to `tx`.
+            return w;
+        }
+        // On SQLite in memory the writer gets a thread of its own: through sqlx each
+        // hand-off waited behind the request tasks on the shared runtime (a batch took 4.6 ms there against 1.4 ms
         // on its own thread, docs/performance.md). PostgreSQL connections belong to the
         // runtime's I/O driver, so there the writer stays a task.
         let runtime = match db.backend() {
@@ -175,6 +190,12 @@ impl Writer {
         if events.is_empty() {
             return Ok(());
         }
+        if let Some(local) = &self.local {
+            return match tokio::time::timeout(self.commit_timeout, local.append(events)).await {
+                Ok(r) => r,
+                Err(_) => Err(AuditError::Timeout),
+            };
+        }
         let (reply, done) = oneshot::channel();
         let job = Job { events, reply };
         let wait = async {
@@ -190,6 +211,12 @@ impl Writer {
     /// Waits until everything queued before this call is committed (jobs are handled in
     /// order): shutdown calls it before closing the database.
     pub async fn flush(&self) -> Result<(), AuditError> {
+        if let Some(local) = &self.local {
+            return match tokio::time::timeout(self.commit_timeout, local.flush()).await {
+                Ok(r) => r,
+                Err(_) => Err(AuditError::Timeout),
+            };
+        }
         let (reply, done) = oneshot::channel();
         let job = Job {
             events: Vec::new(),
@@ -211,6 +238,9 @@ impl Writer {
 
     /// Jobs waiting in the queue.
     pub fn queue_depth(&self) -> usize {
+        if let Some(local) = &self.local {
+            return local.queue_depth();
+        }
         self.capacity - self.tx.capacity()
     }
 }
@@ -231,18 +261,6 @@ async fn run(
     // database do not keep missing.
     let mut tail: Option<store::Tail> = None;
     let mut locked_batches = 0u32;
-    let mut local_conn: Option<rusqlite::Connection> = None;
-    // SQLite in place: batches become durable one step behind their commits (syncer.rs).
-    // Without the sync thread the writer's connection syncs inside each commit.
-    let syncer = db.local().and_then(|l| {
-        Syncer::start(l.path().to_owned(), l.synchronous_full())
-            .map_err(|e| tracing::error!(error = %e, "audit: the sync thread could not start; commits sync in place"))
-            .ok()
-    });
-    if syncer.is_some() {
-        // The writer's connection then leaves checkpoints to this thread.
-        db.start_checkpointer();
-    }
     while let Some(first) = rx.recv().await {
         let mut count = first.events.len();
         let mut jobs = vec![first];
@@ -273,18 +291,10 @@ async fn run(
             events.append(&mut j.events);
         }
         if events.is_empty() {
-            // Only flush markers: answered once everything before them is committed
-            // (and, behind the sync thread, on disk).
-            let reply = move |r: Result<Vec<AuditEvent>, StoreError>| {
-                for j in jobs {
-                    let _ = j.reply.send(
-                        r.as_ref()
-                            .map(|_| ())
-                            .map_err(|e| AuditError::Store(e.to_string())),
-                    );
-                }
-            };
-            Syncer::after(syncer.as_ref(), Vec::new(), Box::new(reply));
+            // Only flush markers: answered once everything before them is committed.
+            for j in jobs {
+                let _ = j.reply.send(Ok(()));
+            }
             continue;
         }
         let version = keys.current_version();
@@ -296,56 +306,6 @@ async fn run(
         };
         let now = crate::clock::timestamp(clock.now());
         let started = std::time::Instant::now();
-        if let Some(local) = db.local() {
-            // SQLite on a file: in place on this thread, through a connection of its own.
-            // The pool's one writer connection is held meanwhile, unused, as this
-            // process's write gate: the pool queues writers in order, so a burst of
-            // audit batches cannot starve the other writes (which, left to SQLite's busy
-            // handler, sleep in steps of up to 100 ms and lost every race: sign-ins
-            // timed out under a login flood).
-            let result = match db.writer().acquire().await {
-                Err(e) => Err(StoreError::from(e)),
-                Ok(gate) => {
-                    let r = local
-                        .check_open()
-                        .and_then(|()| match local_conn.take() {
-                            Some(c) => Ok(c),
-                            None => local.writer(syncer.is_none()),
-                        })
-                        .and_then(|mut c| {
-                            let r =
-                                store::append_local(&mut c, tail.as_ref(), &events, &sign, &now);
-                            // A connection that failed is opened anew for the next batch.
-                            if r.is_ok() {
-                                local_conn = Some(c);
-                            }
-                            r
-                        });
-                    drop(gate);
-                    r
-                }
-            }
-            .map(|(chained, moved)| {
-                if moved {
-                    stats.head_moved.fetch_add(1, Ordering::Relaxed);
-                }
-                chained
-            });
-            tail = match &result {
-                Ok(chained) => store::Tail::after(chained),
-                Err(_) => None,
-            };
-            let n = events.len();
-            match result {
-                Ok(chained) => {
-                    let (stats, sink) = (stats.clone(), sink.clone());
-                    let then = move |r| finish(r, jobs, n, started, &stats, sink.as_deref());
-                    Syncer::after(syncer.as_ref(), chained, Box::new(then));
-                }
-                Err(e) => finish(Err(e), jobs, n, started, &stats, sink.as_deref()),
-            }
-            continue;
-        }
         let fast = match (&tail, locked_batches) {
             (Some(t), 0) => Some(store::append_after(&db, t, &events, &sign, &now).await),
             _ => None,
@@ -372,7 +332,7 @@ async fn run(
 }
 
 /// Counts a stored (or failed) batch, copies it to the sink, and answers its requests.
-fn finish(
+pub(super) fn finish(
     result: Result<Vec<AuditEvent>, crate::store::StoreError>,
     jobs: Vec<Job>,
     events: usize,

@@ -215,7 +215,7 @@ impl Local {
         out
     }
 
-    /// A connection that writes, for the one thread that owns it (the audit writer).
+    /// A connection that writes, for the one owner at a time (the audit batch leader).
     /// Without `sync_in_commit` its commits do not wait for the disk
     /// (`synchronous = NORMAL`), and the caller makes them durable (`audit/syncer.rs`).
     pub fn writer(&self, sync_in_commit: bool) -> Result<Connection, StoreError> {

@@ -619,6 +619,70 @@ async fn two_writers_on_one_database_keep_one_chain(backend: Backend) {
 }
 both_backends!(two_writers_on_one_database_keep_one_chain);
 
+/// On a SQLite file the requests lead their own batches (`audit/local.rs`): a request
+/// cancelled while it leads (its client gone, its commit timeout) must not take the
+/// others' events with it, nor its own, which is already queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_leader_loses_no_event() {
+    use custodian::audit::Outcome;
+    let s = TestServer::start(Backend::Sqlite).await;
+    let audit = s.state.audit().clone();
+    let writer = audit.writer().unwrap();
+    let event = |i: usize| {
+        let mut e = audit.event(Action::Access, Outcome::Success);
+        e.resource_id = Some(format!("cancel-{i}"));
+        e
+    };
+    // The pool's writer connection is the gate a leader takes before it appends: held
+    // here, the first request leads and waits at the gate with nothing taken yet.
+    let gate = s.state.db().writer().acquire().await.unwrap();
+    let first = {
+        let (a, e) = (audit.clone(), event(0));
+        tokio::spawn(async move { a.record(vec![e]).await })
+    };
+    let depth = |n: usize| async move {
+        for _ in 0..500 {
+            if writer.queue_depth() >= n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the queue never reached {n}: {}", writer.queue_depth());
+    };
+    depth(1).await;
+    let mut others = Vec::new();
+    for i in 1..=40 {
+        let (a, e) = (audit.clone(), event(i));
+        others.push(tokio::spawn(async move { a.record(vec![e]).await }));
+    }
+    depth(41).await;
+    // The leader goes away; the gate opens; another request leads.
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    drop(gate);
+    for t in others {
+        t.await.unwrap().unwrap();
+    }
+    audit.flush().await.unwrap();
+    let stored: Vec<String> = all_events(s.state.db())
+        .await
+        .into_iter()
+        .filter_map(|e| e.resource_id)
+        .filter(|r| r.starts_with("cancel-"))
+        .collect();
+    // Every event, the cancelled leader's too (its response was never sent; recording
+    // more than was answered is allowed, less is not).
+    assert_eq!(stored.len(), 41, "{stored:?}");
+    for i in 0..=40 {
+        assert!(
+            stored.contains(&format!("cancel-{i}")),
+            "cancel-{i} missing"
+        );
+    }
+    let r = audit.verify().await.unwrap();
+    assert!(r.ok, "{r:?}");
+}
+
 /// `custodian audit verify` / `export` on a data directory.
 mod commands {
     use crate::cli::{run, serve};
