@@ -1,32 +1,29 @@
 //! Group commit on SQLite in place, led by the requests themselves.
 //!
 //! On a SQLite file (`store/local.rs`) there is no writer thread: a request that has
-//! events queues them, and the first request that finds no batch in progress becomes
+//! events queues them, and the first request that finds no batch being appended becomes
 //! the leader. The leader takes what is queued (up to `audit.max_batch` events), appends
-//! it in one transaction through the connection it holds while leading, syncs the
-//! write-ahead log (`fdatasync`) and answers every request in the batch. The others wait
-//! for their answer or for their turn to lead, whichever comes first. So a batch costs
-//! no hand-off between threads: on 2 cores, waking a writer thread and then a sync
-//! thread for every batch cost more CPU than the append itself, and a zero-cost store
-//! behind that pipeline still lost 41 % of `/auth/me`'s throughput against 31 % with
-//! the leader (docs/performance.md, "Sixth session").
+//! it in one transaction through the connection it holds while leading, and hands the
+//! batch to the sync thread (`syncer.rs`), which syncs the write-ahead log and answers
+//! every request in the batch. The others wait for their answer or for their turn to
+//! lead, whichever comes first; the next leader appends while the sync runs. So a batch
+//! costs one hand-off between threads instead of two: on 2 cores, waking a writer thread
+//! and then the sync thread for every batch cost more CPU than the append itself
+//! (docs/performance.md, "Sixth session").
 //!
 //! Durability is that of `synchronous = FULL`: the connection commits without waiting
-//! for the disk (`synchronous = NORMAL`), and the leader syncs the log before it answers,
-//! so no response leaves before its event is on disk. A commit in WAL mode is the frames
-//! appended to `<db>-wal` (written with `pwrite` before the commit returns); a sync of
-//! that file after the commit makes them durable, header included. SQLite still syncs
-//! the log before each checkpoint (on the checkpoint thread) and the database after it.
-//! The log is opened by path and reopened when its inode changes. If the append or the
-//! sync fails, the batch fails closed (its requests get an error, PHI requests a 503)
-//! and the failure is logged; the connection is opened anew for the next batch.
+//! for the disk (`synchronous = NORMAL`), and no request is answered before the sync
+//! thread has synced the log after the commit (see `syncer.rs`). If the append or the
+//! sync fails, the batch fails closed (its requests get an error, PHI requests a 503) and
+//! the failure is logged; a connection that failed is opened anew for the next batch.
+//! If the sync thread could not start, every batch fails closed.
 //!
-//! The leader's work is blocking (about 0.1 to 0.5 ms, a slow disk's sync more) and runs
-//! on the request's runtime thread, like the other in-place SQLite queries; while it
-//! runs, the other runtime threads serve requests and queue their events. Nothing in the
-//! leader's batch awaits once the batch is taken, so a request cancelled (its client
-//! gone, or its commit timeout) cannot drop a batch half done: it is either not taken
-//! yet, and the next leader takes it, or stored and answered.
+//! The leader's append is blocking (about 0.1 ms for a batch of ten) and runs on the
+//! request's runtime thread, like the other in-place SQLite queries; meanwhile the other
+//! runtime threads serve requests and queue their events. Nothing in the leader's batch
+//! awaits once the batch is taken, so a request cancelled (its client gone, or its
+//! commit timeout) cannot drop a batch half done: its batch is either not taken yet,
+//! and the next leader takes it, or stored and handed to the sync thread.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;

@@ -7,6 +7,9 @@
 //! request in the batch. While one batch commits, the next one gathers, so the cost of
 //! a commit is shared by all requests that arrive during it, without adding latency
 //! when the server is idle.
+//!
+//! That task serves PostgreSQL and SQLite in memory. On a SQLite file the same batches
+//! are led by the requests themselves (`local.rs`), behind the same [`Writer`] handle.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -157,9 +160,10 @@ impl Writer {
             return w;
         }
         // On SQLite in memory the writer gets a thread of its own: through sqlx each
-        // hand-off waited behind the request tasks on the shared runtime (a batch took 4.6 ms there against 1.4 ms
-        // on its own thread, docs/performance.md). PostgreSQL connections belong to the
-        // runtime's I/O driver, so there the writer stays a task.
+        // hand-off waited behind the request tasks on the shared runtime (a batch took
+        // 4.6 ms there against 1.4 ms on its own thread, docs/performance.md).
+        // PostgreSQL connections belong to the runtime's I/O driver, so there the writer
+        // stays a task.
         let runtime = match db.backend() {
             Backend::Sqlite => tokio::runtime::Builder::new_current_thread()
                 .enable_all()
