@@ -195,10 +195,7 @@ impl Writer {
             return Ok(());
         }
         if let Some(local) = &self.local {
-            return match tokio::time::timeout(self.commit_timeout, local.append(events)).await {
-                Ok(r) => r,
-                Err(_) => Err(AuditError::Timeout),
-            };
+            return self.within(local.append(events)).await;
         }
         let (reply, done) = oneshot::channel();
         let job = Job { events, reply };
@@ -206,20 +203,14 @@ impl Writer {
             self.tx.send(job).await.map_err(|_| AuditError::Closed)?;
             done.await.map_err(|_| AuditError::Closed)?
         };
-        match tokio::time::timeout(self.commit_timeout, wait).await {
-            Ok(r) => r,
-            Err(_) => Err(AuditError::Timeout),
-        }
+        self.within(wait).await
     }
 
     /// Waits until everything queued before this call is committed (jobs are handled in
     /// order): shutdown calls it before closing the database.
     pub async fn flush(&self) -> Result<(), AuditError> {
         if let Some(local) = &self.local {
-            return match tokio::time::timeout(self.commit_timeout, local.flush()).await {
-                Ok(r) => r,
-                Err(_) => Err(AuditError::Timeout),
-            };
+            return self.within(local.flush()).await;
         }
         let (reply, done) = oneshot::channel();
         let job = Job {
@@ -230,10 +221,17 @@ impl Writer {
             self.tx.send(job).await.map_err(|_| AuditError::Closed)?;
             done.await.map_err(|_| AuditError::Closed)?
         };
-        match tokio::time::timeout(self.commit_timeout, wait).await {
-            Ok(r) => r,
-            Err(_) => Err(AuditError::Timeout),
-        }
+        self.within(wait).await
+    }
+
+    /// `wait`, or a timeout error past `audit.commit_timeout`.
+    async fn within(
+        &self,
+        wait: impl std::future::Future<Output = Result<(), AuditError>>,
+    ) -> Result<(), AuditError> {
+        tokio::time::timeout(self.commit_timeout, wait)
+            .await
+            .unwrap_or(Err(AuditError::Timeout))
     }
 
     pub fn stats(&self) -> &WriterStats {
