@@ -733,7 +733,16 @@ async fn user_create(
             return ExitCode::FAILURE;
         }
     };
-    let code = match identity.create_user(username, email, role, &password).await {
+    let code = match identity
+        .create_user(
+            crate::identity::Grantor::Operator,
+            username,
+            email,
+            role,
+            &password,
+        )
+        .await
+    {
         Ok(user) => {
             let mut e = log.event(crate::audit::Action::Create, crate::audit::Outcome::Success);
             e.actor = Some(crate::audit::Actor::system("user-create").name);
@@ -789,7 +798,13 @@ async fn bootstrap_admin(app: &App) -> anyhow::Result<()> {
     }
     let password = crate::identity::service::generate_password()?;
     let user = identity
-        .create_user("admin", None, "admin", &password)
+        .create_user(
+            crate::identity::Grantor::Operator,
+            "admin",
+            None,
+            "admin",
+            &password,
+        )
         .await
         .map_err(|e| anyhow::anyhow!(crate::identity::service::describe(&e)))?;
     let log = app.state.audit();

@@ -127,6 +127,11 @@ pub trait Requirement: Send + Sync + 'static {
     const PERMISSION: Option<Permission>;
     /// Whether a user with a pending TOTP enrolment may pass.
     const ALLOW_PENDING_MFA: bool;
+    /// Whether only an interactive session (`cst_…`) may pass: a personal API token
+    /// (`cat_…`) is refused with 403 `session_required`. Identity administration and
+    /// the caller's own credentials are session-only (docs/identity.md, "What an API
+    /// token may do").
+    const SESSION_ONLY: bool = false;
 }
 
 /// The requirement markers.
@@ -135,11 +140,15 @@ pub mod need {
 
     macro_rules! permission {
         ($name:ident, $perm:ident) => {
+            permission!($name, $perm, false);
+        };
+        ($name:ident, $perm:ident, $session_only:expr) => {
             #[doc = concat!("Needs `", stringify!($perm), "`.")]
             pub struct $name;
             impl Requirement for $name {
                 const PERMISSION: Option<Permission> = Some(Permission::$perm);
                 const ALLOW_PENDING_MFA: bool = false;
+                const SESSION_ONLY: bool = $session_only;
             }
         };
     }
@@ -148,8 +157,10 @@ pub mod need {
     permission!(RecordsRead, RecordsRead);
     permission!(RecordsWrite, RecordsWrite);
     permission!(AuditRead, AuditRead);
-    permission!(UsersManage, UsersManage);
-    permission!(RolesManage, RolesManage);
+    // Who may sign in and what anyone may do are changed by a person in a session,
+    // never by an API token (which could be a script's, or stolen).
+    permission!(UsersManage, UsersManage, true);
+    permission!(RolesManage, RolesManage, true);
 
     /// Any signed-in user, even one who must still enrol TOTP (`auth/me`, `auth/totp/*`,
     /// `auth/password`, `auth/logout`).
@@ -165,6 +176,23 @@ pub mod need {
         const PERMISSION: Option<Permission> = None;
         const ALLOW_PENDING_MFA: bool = false;
     }
+
+    /// The caller's own credentials (password, TOTP, new API tokens, ending every
+    /// session): an interactive session, even one that must still enrol TOTP.
+    pub struct OwnCredentials;
+    impl Requirement for OwnCredentials {
+        const PERMISSION: Option<Permission> = None;
+        const ALLOW_PENDING_MFA: bool = true;
+        const SESSION_ONLY: bool = true;
+    }
+
+    /// Like [`OwnCredentials`], for a user with no pending TOTP enrolment.
+    pub struct OwnCredentialsEnrolled;
+    impl Requirement for OwnCredentialsEnrolled {
+        const PERMISSION: Option<Permission> = None;
+        const ALLOW_PENDING_MFA: bool = false;
+        const SESSION_ONLY: bool = true;
+    }
 }
 
 /// A principal that meets the requirement `R`.
@@ -173,6 +201,9 @@ pub struct Authorized<R: Requirement>(pub Principal, std::marker::PhantomData<R>
 impl<R: Requirement> Authorized<R> {
     /// Checks `principal` against `R`.
     pub fn check(principal: Principal) -> Result<Self, ApiError> {
+        if R::SESSION_ONLY && principal.session_id().is_none() {
+            return Err(ApiError::new(ErrorCode::SessionRequired));
+        }
         if principal.mfa_enrollment_pending && !R::ALLOW_PENDING_MFA {
             return Err(ApiError::new(ErrorCode::MfaEnrollmentRequired));
         }

@@ -20,7 +20,8 @@ use crate::clock::{SharedClock, timestamp};
 use crate::config::{AccountsConfig, Config, Secret};
 use crate::crypto;
 use crate::identity::model::User;
-use crate::identity::{Identity, IdentityError};
+use crate::identity::service::Origin;
+use crate::identity::{Grantor, Identity, IdentityError};
 use crate::store::{Db, StoreError};
 use mail::Outbox;
 
@@ -286,11 +287,13 @@ impl Accounts {
         role: &str,
         by: &Principal,
     ) -> Result<Invitation, AccountsError> {
-        self.require_mail()?;
         let email = parse_email(email).map_err(|m| IdentityError::Invalid("email", m))?;
         if !crate::identity::store::role_exists(&self.inner.db, role).await? {
             return Err(IdentityError::Invalid("role", "is not a role").into());
         }
+        // Nobody invites into a role holding more than they hold.
+        Grantor::user(by).covers_role(&self.inner.db, role).await?;
+        self.require_mail()?;
         let (id, token, expires) = self
             .issue(
                 INVITE,
@@ -376,11 +379,14 @@ impl Accounts {
         let user = self
             .inner
             .identity
-            .create_user(username, Some(&email), &role, password)
+            .create_user(Grantor::Operator, username, Some(&email), &role, password)
             .await?;
         if !self.consume(&t.id).await? {
             // Spent by a concurrent request: undo this account.
-            self.inner.identity.update_active(&user.id, false).await?;
+            self.inner
+                .identity
+                .update_active(Grantor::Operator, &user.id, false)
+                .await?;
             return Err(AccountsError::InvalidLink);
         }
         self.mark_verified(&user.id, &email).await?;
@@ -483,7 +489,10 @@ impl Accounts {
         }
         self.mark_verified(&user.id, &email).await?;
         if t.role.as_deref() == Some(ACTIVATES) && !user.active {
-            self.inner.identity.update_active(&user.id, true).await?;
+            self.inner
+                .identity
+                .update_active(Grantor::Operator, &user.id, true)
+                .await?;
         }
         Ok(self.inner.identity.user(&user_id).await?)
     }
@@ -567,8 +576,10 @@ impl Accounts {
         Ok(())
     }
 
-    /// The account a reset link is for, and whether it needs a TOTP or recovery code.
-    pub async fn reset_target(&self, token: &str) -> Result<(User, bool), AccountsError> {
+    /// A live reset link and its account. The link is bound to the address it was sent
+    /// to: once the account's email is another (an administrator changed it), the link
+    /// is dead, even if it somehow escaped revocation.
+    async fn reset_link(&self, token: &str) -> Result<(TokenRow, User), AccountsError> {
         let t = self.find(RESET, token).await?;
         let user = self
             .inner
@@ -576,26 +587,35 @@ impl Accounts {
             .user(t.user_id.as_deref().unwrap_or(""))
             .await
             .map_err(|_| AccountsError::InvalidLink)?;
+        let same_address = match (&t.email, &user.email) {
+            (Some(sent_to), Some(now)) => sent_to.eq_ignore_ascii_case(now),
+            _ => false,
+        };
+        if !same_address {
+            return Err(AccountsError::InvalidLink);
+        }
+        Ok((t, user))
+    }
+
+    /// The account a reset link is for, and whether it needs a TOTP or recovery code.
+    pub async fn reset_target(&self, token: &str) -> Result<(User, bool), AccountsError> {
+        let (_, user) = self.reset_link(token).await?;
         let totp = user.totp_enabled;
         Ok((user, totp))
     }
 
     /// Sets a new password through a reset link: the policy and history apply, a TOTP
-    /// or recovery code is needed when TOTP is on, every session ends, a lock is lifted,
-    /// and the user is told by mail.
+    /// or recovery code is needed when TOTP is on (a wrong one counts like a failed
+    /// sign-in, so a link cannot be used to guess codes), every session ends, a lock is
+    /// lifted, and the address the link went to is told by mail.
     pub async fn confirm_reset(
         &self,
         token: &str,
         new: &Secret,
         code: Option<&str>,
+        origin: &Origin,
     ) -> Result<User, AccountsError> {
-        let t = self.find(RESET, token).await?;
-        let user = self
-            .inner
-            .identity
-            .user(t.user_id.as_deref().unwrap_or(""))
-            .await
-            .map_err(|_| AccountsError::InvalidLink)?;
+        let (t, user) = self.reset_link(token).await?;
         if !user.active {
             return Err(AccountsError::InvalidLink);
         }
@@ -604,14 +624,28 @@ impl Accounts {
                 .map(str::trim)
                 .filter(|c| !c.is_empty())
                 .ok_or(IdentityError::MfaRequired)?;
-            self.inner.identity.second_factor(&user, code).await?;
+            if let Err(e) = self
+                .inner
+                .identity
+                .second_factor_counted(&user, code, origin)
+                .await
+            {
+                if matches!(e, IdentityError::InvalidTotp) {
+                    self.spend_code_budget(&t.id).await?;
+                }
+                return Err(e.into());
+            }
         }
         self.inner.identity.set_password(&user, new, None).await?;
         if !self.consume(&t.id).await? {
             return Err(AccountsError::InvalidLink);
         }
-        self.inner.identity.unlock(&user.id).await?;
-        if let Some(email) = &user.email {
+        self.inner
+            .identity
+            .unlock(Grantor::Operator, &user.id)
+            .await?;
+        // To the address the link reached (the account's, checked above).
+        if let Some(email) = &t.email {
             let body = format!(
                 "The password of the Custodian account \"{}\" was changed at {} UTC through a reset link, and every session of the account was ended.\n\n\
                  If it was not you, tell your administrator now.\n",
@@ -624,6 +658,53 @@ impl Accounts {
                 .await?;
         }
         Ok(user)
+    }
+
+    /// Tells the verified address an account had until now that an administrator
+    /// replaced it (so a takeover by address change does not go unnoticed). Nothing is
+    /// sent when that address was never verified or mail is off.
+    pub async fn notify_email_changed(&self, before: &User) -> Result<(), AccountsError> {
+        if !self.is_verified(before).await? || !self.inner.outbox.can_send() {
+            return Ok(());
+        }
+        let Some(old) = &before.email else {
+            return Ok(());
+        };
+        let body = format!(
+            "The email address of the Custodian account \"{}\" was changed by an administrator at {} UTC. \
+             Mail for the account, including password-reset links, now goes to the new address, and every \
+             link sent here before has stopped working.\n\n\
+             If you did not expect this, tell your administrator now.\n",
+            before.username,
+            self.now()
+        );
+        self.inner
+            .outbox
+            .enqueue(
+                old,
+                "The email address of your Custodian account was changed",
+                &body,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// A reset link survives a few wrong codes (a typo), then dies: a link cannot be
+    /// used to guess the second factor.
+    async fn spend_code_budget(&self, link_id: &str) -> Result<(), AccountsError> {
+        const WRONG_CODES_PER_LINK: i64 = 3;
+        let key = format!("link:{link_id}");
+        let now = self.now();
+        let n = crate::identity::store::count_failure(&self.inner.db, &key, &now, "").await?;
+        if n >= WRONG_CODES_PER_LINK {
+            self.revoke_where(
+                "UPDATE account_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+                link_id,
+            )
+            .await?;
+            crate::identity::store::clear_failures(&self.inner.db, &key).await?;
+        }
+        Ok(())
     }
 
     // ---- self-registration -------------------------------------------------------------
@@ -666,9 +747,12 @@ impl Accounts {
         let user = self
             .inner
             .identity
-            .create_user(username, Some(&email), role, password)
+            .create_user(Grantor::Operator, username, Some(&email), role, password)
             .await?;
-        self.inner.identity.update_active(&user.id, false).await?;
+        self.inner
+            .identity
+            .update_active(Grantor::Operator, &user.id, false)
+            .await?;
         let user = self.inner.identity.user(&user.id).await?;
         self.send_verification_marked(&user, Some(ACTIVATES))
             .await?;

@@ -339,6 +339,8 @@ pub async fn reset_form(
 pub async fn reset_submit(
     State(state): State<AppState>,
     audit: Audit,
+    ip: crate::http::client_ip::ClientIp,
+    headers: axum::http::HeaderMap,
     Path(token): Path<String>,
     LoginForm { fields }: LoginForm,
 ) -> Response {
@@ -366,7 +368,12 @@ pub async fn reset_submit(
     let code = fields.text("totp_code");
     match state
         .accounts()
-        .confirm_reset(&token, &pw, Some(code.as_str()).filter(|c| !c.is_empty()))
+        .confirm_reset(
+            &token,
+            &pw,
+            Some(code.as_str()).filter(|c| !c.is_empty()),
+            &crate::identity::routes::origin(ip, &headers),
+        )
         .await
     {
         Ok(user) => {

@@ -270,6 +270,8 @@ pub struct ResetConfirm {
 pub async fn confirm_reset(
     State(state): State<AppState>,
     audit: Audit,
+    ip: crate::http::client_ip::ClientIp,
+    headers: axum::http::HeaderMap,
     JsonBody(req): JsonBody<ResetConfirm>,
 ) -> Result<StatusCode, ApiError> {
     audit.annotate(|a| {
@@ -281,7 +283,12 @@ pub async fn confirm_reset(
     let pw = password(req.new_password, "new_password")?;
     let user = state
         .accounts()
-        .confirm_reset(&req.token, &pw, req.totp_code.as_deref())
+        .confirm_reset(
+            &req.token,
+            &pw,
+            req.totp_code.as_deref(),
+            &crate::identity::routes::origin(ip, &headers),
+        )
         .await?;
     audit.set_actor(Actor::user(&user.id, &user.username));
     audit.annotate(|a| a.resource_id = Some(user.id.clone()));

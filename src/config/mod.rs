@@ -163,6 +163,9 @@ pub struct KeysConfig {
 pub struct SessionConfig {
     pub idle_timeout: Duration,
     pub absolute_timeout: Duration,
+    /// How long after a password sign-in a session counts as freshly authenticated:
+    /// within it, TOTP enrolment needs no password again.
+    pub reauth_window: Duration,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -174,6 +177,11 @@ pub struct LockoutConfig {
     /// Failures from one address, across usernames, within `duration` that block that
     /// address for `duration` (password spraying); 0 disables it.
     pub ip_max_failures: u32,
+    /// Failures from one address against one username within `address_window` after
+    /// which that address may no longer try that username (429) until the window
+    /// ends: one address cannot lock an account again and again. 0 disables it.
+    pub address_max_failures: u32,
+    pub address_window: Duration,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -514,6 +522,7 @@ impl Default for SessionConfig {
         Self {
             idle_timeout: Duration::from_mins(5),
             absolute_timeout: Duration::from_hours(12),
+            reauth_window: Duration::from_mins(5),
         }
     }
 }
@@ -524,6 +533,8 @@ impl Default for LockoutConfig {
             max_failures: 5,
             duration: Duration::from_mins(15),
             ip_max_failures: 50,
+            address_max_failures: 10,
+            address_window: Duration::from_hours(24),
         }
     }
 }

@@ -39,6 +39,8 @@ pub enum ErrorCode {
     PasswordExpired,
     PasswordPolicy,
     MfaEnrollmentRequired,
+    SessionRequired,
+    ReauthenticationRequired,
 }
 
 impl ErrorCode {
@@ -62,7 +64,10 @@ impl ErrorCode {
                 StatusCode::UNAUTHORIZED
             }
             Self::AccountLocked => StatusCode::LOCKED,
-            Self::PasswordExpired | Self::MfaEnrollmentRequired => StatusCode::FORBIDDEN,
+            Self::PasswordExpired
+            | Self::MfaEnrollmentRequired
+            | Self::SessionRequired
+            | Self::ReauthenticationRequired => StatusCode::FORBIDDEN,
             Self::PasswordPolicy => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
@@ -91,6 +96,8 @@ impl ErrorCode {
             Self::PasswordExpired => "password_expired",
             Self::PasswordPolicy => "password_policy",
             Self::MfaEnrollmentRequired => "mfa_enrollment_required",
+            Self::SessionRequired => "session_required",
+            Self::ReauthenticationRequired => "reauthentication_required",
         }
     }
 
@@ -125,6 +132,12 @@ impl ErrorCode {
             Self::PasswordPolicy => "The new password does not meet the policy; see `violations`.",
             Self::MfaEnrollmentRequired => {
                 "Two-factor authentication is required: enrol TOTP (POST /api/v1/auth/totp/enroll, then confirm) before anything else."
+            }
+            Self::SessionRequired => {
+                "This needs a signed-in session (a token from POST /api/v1/auth/login); a personal API token cannot do it."
+            }
+            Self::ReauthenticationRequired => {
+                "Confirm it is you: send your current password (and your authentication code when TOTP is on)."
             }
         }
     }
@@ -328,6 +341,12 @@ mod tests {
                 ErrorCode::MfaEnrollmentRequired,
                 403,
                 "mfa_enrollment_required",
+            ),
+            (ErrorCode::SessionRequired, 403, "session_required"),
+            (
+                ErrorCode::ReauthenticationRequired,
+                403,
+                "reauthentication_required",
             ),
         ];
         for (code, status, name) in table {

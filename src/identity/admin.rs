@@ -10,6 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::delegation::Grantor;
 use super::model::{MAX_PASSWORD, User};
 use super::service::IdentityError;
 use super::store;
@@ -150,7 +151,7 @@ pub struct NewUser {
 pub async fn create_user(
     State(state): State<AppState>,
     audit: Audit,
-    _auth: Authorized<need::UsersManage>,
+    auth: Authorized<need::UsersManage>,
     JsonBody(req): JsonBody<NewUser>,
 ) -> Result<Response, ApiError> {
     if req.password.chars().count() > MAX_PASSWORD {
@@ -166,6 +167,7 @@ pub async fn create_user(
     let user = state
         .identity()
         .create_user(
+            Grantor::user(&auth),
             &req.username,
             req.email.as_deref(),
             &req.role,
@@ -225,16 +227,30 @@ mod double_option {
 pub async fn patch_user(
     State(state): State<AppState>,
     audit: Audit,
-    _auth: Authorized<need::UsersManage>,
+    auth: Authorized<need::UsersManage>,
     Path(id): Path<String>,
     JsonBody(req): JsonBody<UserPatch>,
 ) -> Result<Json<UserView>, ApiError> {
     audit_user(&audit, Action::Update, &id);
     let email = req.email.as_ref().map(|e| e.as_deref());
-    state
+    let before = state.identity().user(&id).await?;
+    let after = state
         .identity()
-        .update_user(&id, req.role.as_deref(), email, req.active)
+        .update_user(
+            Grantor::user(&auth),
+            &id,
+            req.role.as_deref(),
+            email,
+            req.active,
+        )
         .await?;
+    if !after.email.eq(&before.email) {
+        state
+            .accounts()
+            .notify_email_changed(&before)
+            .await
+            .map_err(ApiError::from)?;
+    }
     audit.annotate(|a| {
         if let Some(r) = &req.role {
             a.context.insert("role", ContextValue::id(r));
@@ -256,12 +272,12 @@ pub async fn patch_user(
 pub async fn unlock_user(
     State(state): State<AppState>,
     audit: Audit,
-    _auth: Authorized<need::UsersManage>,
+    auth: Authorized<need::UsersManage>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     audit_user(&audit, Action::Update, &id);
     audit.context("change", ContextValue::Code("unlock"));
-    state.identity().unlock(&id).await?;
+    state.identity().unlock(Grantor::user(&auth), &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -272,15 +288,16 @@ pub struct PasswordReset {
     new_password: String,
 }
 
-/// Set a user's password (needs `users:manage`): the policy and history apply, and every
-/// session of the user ends.
+/// Set a user's password (needs `users:manage`, and every permission of the user's
+/// role): the policy and history apply, and every credential of the user ends —
+/// sessions, personal API tokens and app grants.
 #[utoipa::path(post, path = "/api/v1/users/{id}/password", tag = "users", security(("bearer" = ["users:manage"])),
     params(("id" = String, Path)), request_body = PasswordReset,
     responses((status = 204, description = "Set"), (status = 422, description = "password_policy")))]
 pub async fn reset_password(
     State(state): State<AppState>,
     audit: Audit,
-    _auth: Authorized<need::UsersManage>,
+    auth: Authorized<need::UsersManage>,
     Path(id): Path<String>,
     JsonBody(req): JsonBody<PasswordReset>,
 ) -> Result<StatusCode, ApiError> {
@@ -292,10 +309,9 @@ pub async fn reset_password(
     }
     audit_user(&audit, Action::Update, &id);
     audit.context("change", ContextValue::Code("password_reset"));
-    let user = state.identity().user(&id).await?;
     state
         .identity()
-        .set_password(&user, &Secret::new(req.new_password), None)
+        .admin_reset_password(Grantor::user(&auth), &id, &Secret::new(req.new_password))
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -444,7 +460,7 @@ pub async fn list_sessions(
 pub async fn delete_session(
     State(state): State<AppState>,
     audit: Audit,
-    _auth: Authorized<need::UsersManage>,
+    auth: Authorized<need::UsersManage>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     audit.annotate(|a| {
@@ -452,11 +468,11 @@ pub async fn delete_session(
         a.resource_type = Some("session");
         a.resource_id = Some(id.clone());
     });
-    let owner = store::session_user(state.db(), &id)
-        .await?
-        .ok_or(IdentityError::NotFound)?;
+    let owner = state
+        .identity()
+        .end_session(Grantor::user(&auth), &id)
+        .await?;
     audit.context("user_id", ContextValue::id(&owner));
-    state.identity().logout(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -572,7 +588,7 @@ async fn role_view(state: &AppState, name: &str) -> Result<RoleView, ApiError> {
 pub async fn create_role(
     State(state): State<AppState>,
     audit: Audit,
-    _auth: Authorized<need::RolesManage>,
+    auth: Authorized<need::RolesManage>,
     JsonBody(req): JsonBody<NewRole>,
 ) -> Result<Response, ApiError> {
     audit.annotate(|a| {
@@ -583,6 +599,7 @@ pub async fn create_role(
     let perms = known_permissions(&req.permissions)?;
     super::roles::create(
         state.db(),
+        Grantor::user(&auth),
         &req.name,
         &perms,
         &state.identity().now_timestamp(),
@@ -605,7 +622,7 @@ pub async fn create_role(
 pub async fn update_role(
     State(state): State<AppState>,
     audit: Audit,
-    _auth: Authorized<need::RolesManage>,
+    auth: Authorized<need::RolesManage>,
     Path(name): Path<String>,
     JsonBody(req): JsonBody<RolePermissions>,
 ) -> Result<Json<RoleView>, ApiError> {
@@ -615,7 +632,7 @@ pub async fn update_role(
         a.resource_id = Some(name.chars().take(64).collect());
     });
     let perms = known_permissions(&req.permissions)?;
-    super::roles::update(state.db(), &name, &perms).await?;
+    super::roles::update(state.db(), Grantor::user(&auth), &name, &perms).await?;
     audit.context("permissions", ContextValue::Int(perms.len() as i64));
     Ok(Json(role_view(&state, &name).await?))
 }
@@ -627,7 +644,7 @@ pub async fn update_role(
 pub async fn delete_role(
     State(state): State<AppState>,
     audit: Audit,
-    _auth: Authorized<need::RolesManage>,
+    auth: Authorized<need::RolesManage>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     audit.annotate(|a| {
@@ -635,6 +652,6 @@ pub async fn delete_role(
         a.resource_type = Some("role");
         a.resource_id = Some(name.chars().take(64).collect());
     });
-    super::roles::delete(state.db(), &name).await?;
+    super::roles::delete(state.db(), Grantor::user(&auth), &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }

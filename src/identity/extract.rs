@@ -96,11 +96,13 @@ impl<R: crate::access::Requirement> FromRequestParts<AppState> for crate::access
     }
 }
 
-/// A principal when the request carries a token; `None` when it carries none. A token
-/// that is present but invalid is still a 401.
-pub struct MaybePrincipal(pub Option<Principal>);
+/// A session's principal when the request carries a token; `None` when it carries none.
+/// A token that is present but invalid is still a 401, and a personal API token a 403
+/// `session_required` (for routes that change the caller's own credentials), both
+/// before the body is read.
+pub struct MaybeSession(pub Option<Principal>);
 
-impl FromRequestParts<AppState> for MaybePrincipal {
+impl FromRequestParts<AppState> for MaybeSession {
     type Rejection = ApiError;
 
     async fn from_request_parts(
@@ -108,14 +110,51 @@ impl FromRequestParts<AppState> for MaybePrincipal {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         match bearer(parts) {
-            None => Ok(MaybePrincipal(None)),
+            None => Ok(MaybeSession(None)),
             Some(Err(())) => Err(ApiError::new(crate::http::ErrorCode::Unauthorized)),
             Some(Ok(token)) => {
                 let token = token.to_owned();
-                authenticate(parts, state, &token)
-                    .await
-                    .map(|p| MaybePrincipal(Some(p)))
+                let p = authenticate(parts, state, &token).await?;
+                if p.session_id().is_none() {
+                    return Err(ApiError::new(crate::http::ErrorCode::SessionRequired));
+                }
+                Ok(MaybeSession(Some(p)))
             }
+        }
+    }
+}
+
+/// A JSON body that may be absent: no body at all (and no `Content-Type`), or an empty
+/// one, is `None`; anything else is parsed as strictly as [`crate::http::json::JsonBody`].
+pub struct MaybeJsonBody<T>(pub Option<T>);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S>
+    for MaybeJsonBody<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, _: &S) -> Result<Self, Self::Rejection> {
+        use crate::http::json::{BodyLimit, is_json, parse};
+        let ct = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().ok().map(str::to_owned));
+        let limit = req
+            .extensions()
+            .get::<BodyLimit>()
+            .map_or(1024 * 1024, |l| l.0);
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| {
+                ApiError::new(crate::http::ErrorCode::PayloadTooLarge)
+                    .with_detail(format!("The request body is larger than {limit} bytes."))
+            })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(MaybeJsonBody(None));
+        }
+        match ct {
+            Some(ct) if is_json(ct.as_deref()) => parse(&bytes).map(|v| MaybeJsonBody(Some(v))),
+            _ => Err(ApiError::new(crate::http::ErrorCode::UnsupportedMediaType)),
         }
     }
 }

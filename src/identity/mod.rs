@@ -4,11 +4,13 @@
 //! - `password`: the two policies, the blocklist, argon2id on a bounded pool;
 //! - `totp`: RFC 6238 codes, enrolment URI and QR code, recovery codes;
 //! - `store`: the identity tables' queries;
+//! - `delegation`: nobody hands out more than they hold (`Grantor`);
 //! - `service`: the rules (sign-in with lockout, sessions, tokens, TOTP);
 //! - `extract`: bearer authentication as an extractor (`Principal`);
 //! - `routes`, `admin`: HTTP.
 
 pub mod admin;
+pub mod delegation;
 pub mod extract;
 pub mod model;
 pub mod password;
@@ -18,4 +20,5 @@ pub mod service;
 pub mod store;
 pub mod totp;
 
+pub use delegation::Grantor;
 pub use service::{Identity, IdentityError};

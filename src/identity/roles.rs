@@ -1,6 +1,7 @@
 //! Role rules: names, known permissions, the admin role's guarantees, and that someone
 //! can always manage users.
 
+use super::delegation::Grantor;
 use super::service::IdentityError;
 use super::store;
 use crate::access::Permission;
@@ -43,13 +44,21 @@ pub fn parse_permissions(names: &[String]) -> Result<Vec<Permission>, Vec<String
     }
 }
 
+/// The names of `permissions`.
+fn names(permissions: &[Permission]) -> Vec<String> {
+    permissions.iter().map(|p| p.as_str().to_owned()).collect()
+}
+
+/// Creates a role; `by` must hold every permission it gets.
 pub async fn create(
     db: &Db,
+    by: Grantor<'_>,
     name: &str,
     permissions: &[Permission],
     now: &str,
 ) -> Result<(), IdentityError> {
     check_name(name)?;
+    by.covers(&names(permissions), &format!("the role {name}"))?;
     let names: Vec<&str> = permissions.iter().map(|p| p.as_str()).collect();
     if store::insert_role(db, name, &names, now).await? {
         Ok(())
@@ -58,10 +67,21 @@ pub async fn create(
     }
 }
 
-pub async fn update(db: &Db, name: &str, permissions: &[Permission]) -> Result<(), IdentityError> {
-    if store::role(db, name).await?.is_none() {
+/// Replaces a role's permissions. `by` may not edit their own role, and must hold every
+/// permission the role holds now and every one it gets (nobody widens a role beyond
+/// what they hold, nor strips one that holds more than they do).
+pub async fn update(
+    db: &Db,
+    by: Grantor<'_>,
+    name: &str,
+    permissions: &[Permission],
+) -> Result<(), IdentityError> {
+    let Some(current) = store::role(db, name).await? else {
         return Err(IdentityError::NotFound);
-    }
+    };
+    by.not_own_role(name)?;
+    by.covers(&current.permissions, &format!("the role {name}"))?;
+    by.covers(&names(permissions), "the new permission list")?;
     let has = |p: Permission| permissions.contains(&p);
     if name == ADMIN_ROLE && !(has(Permission::UsersManage) && has(Permission::RolesManage)) {
         return Err(IdentityError::Conflict(
@@ -83,10 +103,13 @@ pub async fn update(db: &Db, name: &str, permissions: &[Permission]) -> Result<(
     Ok(())
 }
 
-pub async fn delete(db: &Db, name: &str) -> Result<(), IdentityError> {
+/// Deletes a role nobody holds; `by` must hold every permission of it.
+pub async fn delete(db: &Db, by: Grantor<'_>, name: &str) -> Result<(), IdentityError> {
     let Some(role) = store::role(db, name).await? else {
         return Err(IdentityError::NotFound);
     };
+    by.not_own_role(name)?;
+    by.covers(&role.permissions, &format!("the role {name}"))?;
     if role.builtin {
         return Err(IdentityError::Conflict("built-in roles cannot be deleted"));
     }

@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::extract::MaybePrincipal;
+use super::extract::{MaybeJsonBody, MaybeSession};
 use super::model::{AttemptReason, MAX_PASSWORD, MAX_USERNAME};
 use super::service::{IdentityError, Origin};
 use crate::access::{Authorized, need};
@@ -18,7 +18,7 @@ use crate::app::AppState;
 use crate::audit::{Action, Actor, Audit, ContextValue};
 use crate::config::Secret;
 use crate::http::client_ip::ClientIp;
-use crate::http::json::JsonBody;
+use crate::http::json::{JsonBody, QueryParams};
 use crate::http::{ApiError, ErrorCode, FieldError};
 
 /// The identity layer's errors as problems: the one mapping.
@@ -40,6 +40,10 @@ impl From<IdentityError> for ApiError {
             IdentityError::Invalid(field, message) => ApiError::field(field, message),
             IdentityError::Conflict(detail) => ApiError::new(ErrorCode::Conflict).with_detail(detail),
             IdentityError::NotFound => ApiError::new(ErrorCode::NotFound),
+            IdentityError::Forbidden(detail) => ApiError::new(ErrorCode::Forbidden).with_detail(detail),
+            IdentityError::ReauthenticationRequired => {
+                ApiError::new(ErrorCode::ReauthenticationRequired)
+            }
             IdentityError::Busy => ApiError::new(ErrorCode::RateLimited)
                 .with_detail("The server is busy checking passwords; retry in a moment.")
                 .with_retry_after(1),
@@ -99,6 +103,25 @@ pub fn audit_attempt(audit: &Audit, ok: bool, facts: &super::service::AttemptFac
         a.context
             .insert("reason", ContextValue::Code(facts.reason.as_str()));
     });
+}
+
+/// Describes a failed re-authentication (a wrong current password or code on a
+/// credential change) in the request's audit event, as a failed sign-in: the security
+/// rules count it with the others.
+pub fn audit_reauth<T>(
+    audit: &Audit,
+    result: &Result<T, IdentityError>,
+    facts: &super::service::AttemptFacts,
+) {
+    if matches!(
+        result,
+        Err(IdentityError::InvalidCredentials
+            | IdentityError::InvalidTotp
+            | IdentityError::Locked { .. }
+            | IdentityError::RateLimited { .. })
+    ) {
+        audit_attempt(audit, false, facts);
+    }
 }
 
 /// Refuses over-long input before any hashing work.
@@ -223,20 +246,36 @@ pub async fn logout(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// End every session of the caller.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct LogoutAllQuery {
+    /// Also revoke every personal API token of the caller (default false).
+    #[serde(default)]
+    include_api_tokens: Option<bool>,
+}
+
+/// End every session of the caller, and the apps they signed in to; with
+/// `include_api_tokens=true`, their personal API tokens too. Needs a session: an API
+/// token gets 403 `session_required`.
 #[utoipa::path(post, path = "/api/v1/auth/logout-all", tag = "auth", security(("bearer" = [])),
-    responses((status = 204, description = "Every session ended"), (status = 401, description = "unauthorized")))]
+    params(LogoutAllQuery),
+    responses((status = 204, description = "Every session ended"), (status = 401, description = "unauthorized"),
+        (status = 403, description = "session_required", body = crate::http::error::Problem)))]
 pub async fn logout_all(
     State(state): State<AppState>,
     audit: Audit,
-    p: Authorized<need::SignedIn>,
+    p: Authorized<need::OwnCredentials>,
+    QueryParams(q): QueryParams<LogoutAllQuery>,
 ) -> Result<StatusCode, ApiError> {
+    let tokens = q.include_api_tokens.unwrap_or(false);
     audit.annotate(|a| {
         a.action = Some(Action::Logout);
         a.resource_type = Some("session");
         a.context.insert("all", ContextValue::Bool(true));
+        a.context.insert("api_tokens", ContextValue::Bool(tokens));
     });
-    state.identity().revoke_all(&p.user_id, false).await?;
+    state.identity().revoke_all(&p.user_id, tokens).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -292,22 +331,35 @@ pub struct PasswordChange {
     /// Without a bearer token (an expired password): whose password.
     #[serde(default)]
     username: Option<String>,
+    /// The current TOTP code (or a recovery code): required when TOTP is on.
+    #[serde(default)]
+    totp_code: Option<String>,
+    /// Also revoke every personal API token of the account (default false; the
+    /// caller's other sessions end in any case).
+    #[serde(default)]
+    revoke_api_tokens: bool,
 }
 
-/// Change a password. With a bearer token: the caller's, and their other sessions end.
-/// Without one: `username` + `current_password` (the expired-password path; counted
-/// like sign-in failures).
+/// Change a password. With a bearer token (a session; an API token gets 403
+/// `session_required`): the caller's, after the current password and, when TOTP is on,
+/// `totp_code`; failures count like sign-in failures (lock, throttles). The caller's
+/// other sessions end; their API tokens too with `revoke_api_tokens`. Without a token
+/// (an expired password): `username` + `current_password` (+ `totp_code`), counted like
+/// sign-in.
 #[utoipa::path(post, path = "/api/v1/auth/password", tag = "auth", request_body = PasswordChange,
     security((), ("bearer" = [])),
     responses((status = 204, description = "Changed"),
-        (status = 401, description = "invalid_credentials"),
-        (status = 422, description = "password_policy with violations", body = crate::http::error::Problem)))]
+        (status = 401, description = "invalid_credentials, mfa_required or invalid_totp", body = crate::http::error::Problem),
+        (status = 403, description = "session_required", body = crate::http::error::Problem),
+        (status = 422, description = "password_policy with violations", body = crate::http::error::Problem),
+        (status = 423, description = "account_locked (Retry-After)", body = crate::http::error::Problem),
+        (status = 429, description = "rate_limited (Retry-After)", body = crate::http::error::Problem)))]
 pub async fn change_password(
     State(state): State<AppState>,
     audit: Audit,
     ip: ClientIp,
     headers: axum::http::HeaderMap,
-    MaybePrincipal(p): MaybePrincipal,
+    MaybeSession(p): MaybeSession,
     JsonBody(req): JsonBody<PasswordChange>,
 ) -> Result<StatusCode, ApiError> {
     check_lengths(
@@ -320,6 +372,7 @@ pub async fn change_password(
     let identity = state.identity();
     let current = Secret::new(req.current_password);
     let new = Secret::new(req.new_password);
+    let origin = origin(ip, &headers);
     audit.annotate(|a| {
         a.action = Some(Action::Update);
         a.resource_type = Some("user");
@@ -329,44 +382,58 @@ pub async fn change_password(
         Some(p) => {
             let user = identity.user(&p.user_id).await?;
             audit.annotate(|a| a.resource_id = Some(user.id.clone()));
-            identity
-                .change_password(&user, &current, &new, p.session_id())
-                .await?;
+            let (result, facts) = identity
+                .change_password(
+                    &user,
+                    &super::service::PasswordChange {
+                        current: &current,
+                        code: req.totp_code.as_deref(),
+                        new: &new,
+                        keep_session: p.session_id(),
+                        revoke_tokens: req.revoke_api_tokens,
+                    },
+                    &origin,
+                )
+                .await;
+            audit_reauth(&audit, &result, &facts);
+            result?;
         }
         None => {
             let Some(username) = req.username else {
                 return Err(ApiError::new(ErrorCode::Unauthorized));
             };
-            // Same checks as sign-in: lockout, dummy hash, failure counting.
-            let origin = origin(ip, &headers);
-            let (result, facts) = identity.login(&username, &current, None, &origin).await;
+            // Same checks as sign-in: throttles, lockout, dummy hash, failure counting.
+            let (result, facts) = identity
+                .login(&username, &current, req.totp_code.as_deref(), &origin)
+                .await;
+            identity.record_attempt(&facts, &origin).await?;
             let user = match result {
                 Ok(_) | Err(IdentityError::PasswordExpired) => identity
                     .user_by_username(&username)
                     .await?
                     .ok_or(IdentityError::InvalidCredentials)?,
                 Err(IdentityError::MfaRequired) => {
-                    identity.record_attempt(&facts, &origin).await?;
-                    return Err(ApiError::new(ErrorCode::MfaRequired).with_detail(
-                        "TOTP is on for this account: sign in with the code, then change the password with the session.",
-                    ));
+                    return Err(ApiError::new(ErrorCode::MfaRequired)
+                        .with_detail("TOTP is on for this account: send the code as totp_code."));
                 }
                 Err(e) => {
-                    identity.record_attempt(&facts, &origin).await?;
-                    audit.set_actor(Actor {
-                        id: facts.user_id.clone(),
-                        name: facts.username.clone(),
-                    });
+                    audit_attempt(&audit, false, &facts);
                     return Err(e.into());
                 }
             };
-            identity.record_attempt(&facts, &origin).await?;
             audit.set_actor(Actor::user(&user.id, &user.username));
             audit.annotate(|a| a.resource_id = Some(user.id.clone()));
             // Sign-in made a session the caller never sees: end it with the others.
             identity.set_password(&user, &new, None).await?;
+            if req.revoke_api_tokens {
+                identity.revoke_tokens(&user.id).await?;
+            }
         }
     }
+    audit.context(
+        "api_tokens_revoked",
+        ContextValue::Bool(req.revoke_api_tokens),
+    );
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -379,14 +446,67 @@ pub struct EnrollResponse {
     qr_svg: String,
 }
 
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// The current password: required unless the session signed in with it within
+    /// `session.reauth_window` (5 minutes by default).
+    #[schema(value_type = String, format = Password)]
+    password: String,
+}
+
+/// Checks that the caller of a second-factor change is who the session says: the
+/// current password when given (counted like sign-in), else a session signed in with
+/// the password within `session.reauth_window`.
+pub async fn confirm_presence(
+    state: &AppState,
+    audit: &Audit,
+    p: &crate::access::Principal,
+    user: &super::model::User,
+    password: Option<Secret>,
+    origin: &Origin,
+) -> Result<(), ApiError> {
+    let identity = state.identity();
+    match password {
+        Some(password) => {
+            check_lengths(None, &[("password", password.expose())])?;
+            // TOTP is off while enrolling: the password is the factor asked for.
+            let (result, facts) = identity.reauthenticate(user, &password, None, origin).await;
+            audit_reauth(audit, &result, &facts);
+            Ok(result?)
+        }
+        None => {
+            let fresh = match p.session_id() {
+                Some(id) => identity.session_is_fresh(id).await?,
+                None => false,
+            };
+            if fresh {
+                Ok(())
+            } else {
+                Err(IdentityError::ReauthenticationRequired.into())
+            }
+        }
+    }
+}
+
 /// Start TOTP enrolment (RFC 6238: SHA-1, 6 digits, 30 s). Shown only to the caller.
+/// Needs a session (an API token gets 403 `session_required`) and the current
+/// `password`, which may be left out within `session.reauth_window` of signing in
+/// (else 403 `reauthentication_required`). A wrong password counts like a failed sign-in.
 #[utoipa::path(post, path = "/api/v1/auth/totp/enroll", tag = "auth", security(("bearer" = [])),
+    request_body(content = Option<EnrollRequest>, description = "Optional within the re-authentication window"),
     responses((status = 200, description = "Scan the QR code, then confirm", body = EnrollResponse),
-        (status = 409, description = "TOTP already on")))]
+        (status = 401, description = "invalid_credentials", body = crate::http::error::Problem),
+        (status = 403, description = "session_required or reauthentication_required", body = crate::http::error::Problem),
+        (status = 409, description = "TOTP already on", body = crate::http::error::Problem),
+        (status = 423, description = "account_locked", body = crate::http::error::Problem)))]
 pub async fn totp_enroll(
     State(state): State<AppState>,
     audit: Audit,
-    p: Authorized<need::SignedIn>,
+    ip: ClientIp,
+    headers: axum::http::HeaderMap,
+    p: Authorized<need::OwnCredentials>,
+    MaybeJsonBody(req): MaybeJsonBody<EnrollRequest>,
 ) -> Result<Json<EnrollResponse>, ApiError> {
     audit.annotate(|a| {
         a.action = Some(Action::Update);
@@ -396,6 +516,18 @@ pub async fn totp_enroll(
             .insert("change", ContextValue::Code("totp_enroll"));
     });
     let user = state.identity().user(&p.user_id).await?;
+    if user.totp_enabled {
+        return Err(IdentityError::Conflict("TOTP is already on; turn it off first").into());
+    }
+    confirm_presence(
+        &state,
+        &audit,
+        &p,
+        &user,
+        req.map(|r| Secret::new(r.password)),
+        &origin(ip, &headers),
+    )
+    .await?;
     let e = state.identity().totp_enroll(&user).await?;
     Ok(Json(EnrollResponse {
         secret: e.secret.expose().to_owned(),
@@ -424,7 +556,7 @@ pub struct RecoveryCodes {
 pub async fn totp_confirm(
     State(state): State<AppState>,
     audit: Audit,
-    p: Authorized<need::SignedIn>,
+    p: Authorized<need::OwnCredentials>,
     JsonBody(req): JsonBody<CodeRequest>,
 ) -> Result<Json<RecoveryCodes>, ApiError> {
     audit.annotate(|a| {
@@ -449,14 +581,21 @@ pub struct DisableTotp {
     code: String,
 }
 
-/// Turn TOTP off (refused with 409 when `mfa.required`).
+/// Turn TOTP off (refused with 409 when `mfa.required`): needs a session, the password
+/// and a current code; failures count like failed sign-ins.
 #[utoipa::path(delete, path = "/api/v1/auth/totp", tag = "auth", security(("bearer" = [])),
     request_body = DisableTotp,
-    responses((status = 204, description = "TOTP is off"), (status = 409, description = "conflict")))]
+    responses((status = 204, description = "TOTP is off"),
+        (status = 401, description = "invalid_credentials, mfa_required or invalid_totp", body = crate::http::error::Problem),
+        (status = 403, description = "session_required", body = crate::http::error::Problem),
+        (status = 409, description = "conflict", body = crate::http::error::Problem),
+        (status = 423, description = "account_locked", body = crate::http::error::Problem)))]
 pub async fn totp_disable(
     State(state): State<AppState>,
     audit: Audit,
-    p: Authorized<need::SignedIn>,
+    ip: ClientIp,
+    headers: axum::http::HeaderMap,
+    p: Authorized<need::OwnCredentials>,
     JsonBody(req): JsonBody<DisableTotp>,
 ) -> Result<StatusCode, ApiError> {
     check_lengths(None, &[("password", &req.password)])?;
@@ -468,10 +607,19 @@ pub async fn totp_disable(
             .insert("change", ContextValue::Code("totp_disable"));
     });
     let user = state.identity().user(&p.user_id).await?;
-    state
+    let (result, facts) = state
         .identity()
-        .totp_disable(&user, &Secret::new(req.password), &req.code)
-        .await?;
+        .totp_disable(
+            &user,
+            &Secret::new(req.password),
+            &req.code,
+            &origin(ip, &headers),
+        )
+        .await;
+    if let Some(facts) = &facts {
+        audit_reauth(&audit, &result, facts);
+    }
+    result?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -555,13 +703,15 @@ fn created(row: super::store::TokenRow, token: &Secret) -> Response {
         .into_response()
 }
 
-/// Create an API token.
+/// Create an API token. Needs a session: an API token never mints a credential (it
+/// gets 403 `session_required`).
 #[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens", security(("bearer" = [])), request_body = NewToken,
-    responses((status = 201, description = "Created; the secret is shown once", body = CreatedToken)))]
+    responses((status = 201, description = "Created; the secret is shown once", body = CreatedToken),
+        (status = 403, description = "session_required", body = crate::http::error::Problem)))]
 pub async fn create_token(
     State(state): State<AppState>,
     audit: Audit,
-    p: Authorized<need::Enrolled>,
+    p: Authorized<need::OwnCredentialsEnrolled>,
     JsonBody(req): JsonBody<NewToken>,
 ) -> Result<Response, ApiError> {
     let (row, token) = state
@@ -576,10 +726,12 @@ pub async fn create_token(
     Ok(created(row, &token))
 }
 
-/// Replace a token's secret; the old secret stops working at once.
+/// Replace a token's secret (same name and expiry); the old secret stops working at
+/// once. An API token may rotate only itself (403 `session_required` for another).
 #[utoipa::path(post, path = "/api/v1/tokens/{id}/rotate", tag = "tokens", security(("bearer" = [])),
     params(("id" = String, Path, description = "Token id")),
     responses((status = 201, description = "The new token; the secret is shown once", body = CreatedToken),
+        (status = 403, description = "session_required", body = crate::http::error::Problem),
         (status = 404, description = "No such live token")))]
 pub async fn rotate_token(
     State(state): State<AppState>,
@@ -593,6 +745,14 @@ pub async fn rotate_token(
         a.resource_id = Some(id.clone());
         a.context.insert("change", ContextValue::Code("rotate"));
     });
+    // A token rotating itself keeps its expiry; rotating another of the user's tokens
+    // (which may live longer) is a session's to do.
+    if let crate::access::Credential::ApiToken(own) = &p.credential
+        && *own != id
+    {
+        return Err(ApiError::new(ErrorCode::SessionRequired)
+            .with_detail("An API token may rotate only itself; sign in to rotate another."));
+    }
     let (row, token) = state.identity().rotate_token(&p.user_id, &id).await?;
     audit.context("new_token", ContextValue::id(&row.id));
     Ok(created(row, &token))

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+use super::delegation::Grantor;
 use super::model::{AttemptReason, User, Username, parse_email};
 use super::password::{self, Hasher, Policy};
 use super::store::{self, Attempt, NewSession, TokenLookup, TokenRow};
@@ -47,6 +48,13 @@ pub enum IdentityError {
     Conflict(&'static str),
     #[error("not found")]
     NotFound,
+    /// Beyond what the caller holds (delegation); the text says which permissions.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// A change to the caller's own credentials needs the current password (and second
+    /// factor) again.
+    #[error("reauthentication required")]
+    ReauthenticationRequired,
     #[error("busy")]
     Busy,
     #[error(transparent)]
@@ -75,6 +83,9 @@ pub struct Settings {
     pub max_failures: u32,
     pub lock_duration: Duration,
     pub ip_max_failures: u32,
+    pub address_max_failures: u32,
+    pub address_window: Duration,
+    pub reauth_window: Duration,
     pub mfa_required: bool,
     pub token_max_lifetime: Duration,
 }
@@ -88,6 +99,9 @@ impl Settings {
             max_failures: c.lockout.max_failures,
             lock_duration: c.lockout.duration.std(),
             ip_max_failures: c.lockout.ip_max_failures,
+            address_max_failures: c.lockout.address_max_failures,
+            address_window: c.lockout.address_window.std(),
+            reauth_window: c.session.reauth_window.std(),
             mfa_required: c.mfa.required,
             token_max_lifetime: c.api_tokens.max_lifetime.std(),
         }
@@ -111,6 +125,18 @@ pub struct Identity {
     settings: Arc<Settings>,
 }
 
+/// A change of one's own password: what the person sends, and what else ends.
+pub struct PasswordChange<'a> {
+    pub current: &'a Secret,
+    /// The TOTP or recovery code, needed when TOTP is on.
+    pub code: Option<&'a str>,
+    pub new: &'a Secret,
+    /// The session making the change, which stays (None: every session ends).
+    pub keep_session: Option<&'a str>,
+    /// Also revoke every personal API token of the account.
+    pub revoke_tokens: bool,
+}
+
 /// A new session's token (shown once).
 pub struct NewLogin {
     pub token: Secret,
@@ -129,6 +155,43 @@ pub struct AttemptFacts {
     pub reason: AttemptReason,
     /// This failure locked the account.
     pub locked_now: bool,
+}
+
+#[derive(Clone, Copy)]
+enum AddressCheck {
+    AcrossUsernames,
+    ThisUsername,
+}
+
+/// The failure counters an attempt touches: the username's (its lock), the address's
+/// across usernames, and the address's on this username.
+struct FailureKeys {
+    user: String,
+    ip: Option<String>,
+    pair: Option<String>,
+}
+
+impl FailureKeys {
+    fn new(username: &str, origin: &Origin) -> Self {
+        Self {
+            user: user_key(username),
+            ip: origin.ip.as_ref().map(|ip| format!("ip:{ip}")),
+            pair: origin
+                .ip
+                .as_ref()
+                .map(|ip| format!("{}{ip}", pair_prefix(username))),
+        }
+    }
+}
+
+/// The lock key of a (normalised) username.
+pub fn user_key(username: &str) -> String {
+    format!("user:{username}")
+}
+
+/// The start of the keys counting one username's failures per address.
+fn pair_prefix(username: &str) -> String {
+    format!("pair:{username}|")
 }
 
 fn add(t: OffsetDateTime, d: Duration) -> OffsetDateTime {
@@ -198,9 +261,11 @@ impl Identity {
 
     // ---- accounts --------------------------------------------------------------
 
-    /// Creates an account (admin API, `custodian user create`, the dev bootstrap).
+    /// Creates an account (admin API, `custodian user create`, the dev bootstrap). A
+    /// user creating it must hold every permission of `role`.
     pub async fn create_user(
         &self,
+        by: Grantor<'_>,
         username: &str,
         email: Option<&str>,
         role: &str,
@@ -218,6 +283,7 @@ impl Identity {
         if !store::role_exists(&self.db, role).await? {
             return Err(IdentityError::Invalid("role", "is not a role"));
         }
+        by.covers_role(&self.db, role).await?;
         self.check_policy(password, username.as_str(), email.as_deref())?;
         let hash = self.hasher.hash(password).await?;
         let now = timestamp(self.now());
@@ -279,28 +345,11 @@ impl Identity {
     ) -> Result<NewLogin, IdentityError> {
         let now = self.now();
         let now_s = timestamp(now);
-        let user_key = format!("user:{username}");
-        let ip_key = origin.ip.as_ref().map(|ip| format!("ip:{ip}"));
+        let keys = FailureKeys::new(username, origin);
 
         let user = store::user_by_username(&self.db, username).await?;
         facts.user_id = user.as_ref().map(|u| u.id.clone());
-
-        // Password spraying: too many failures from one address, across usernames.
-        if let Some(k) = &ip_key
-            && let Some(until) = store::locked_until(&self.db, k, &now_s).await?
-        {
-            facts.reason = AttemptReason::RateLimited;
-            return Err(IdentityError::RateLimited {
-                retry_after: seconds_until(now, &until),
-            });
-        }
-        // A locked username answers 423 even with the right password.
-        if let Some(until) = store::locked_until(&self.db, &user_key, &now_s).await? {
-            facts.reason = AttemptReason::Locked;
-            return Err(IdentityError::Locked {
-                retry_after: seconds_until(now, &until),
-            });
-        }
+        self.gate(&keys, now, facts).await?;
 
         // Unknown users are checked against a dummy hash, so the time is the same.
         let verified = self
@@ -309,20 +358,17 @@ impl Identity {
             .await?;
         let Some(user) = user else {
             facts.reason = AttemptReason::UnknownUser;
-            self.count_failure(&user_key, ip_key.as_deref(), now, facts)
-                .await?;
+            self.count_failure(&keys, now, facts).await?;
             return Err(IdentityError::InvalidCredentials);
         };
         if !verified.ok {
             facts.reason = AttemptReason::BadPassword;
-            self.count_failure(&user_key, ip_key.as_deref(), now, facts)
-                .await?;
+            self.count_failure(&keys, now, facts).await?;
             return Err(IdentityError::InvalidCredentials);
         }
         if !user.active {
             facts.reason = AttemptReason::Inactive;
-            self.count_failure(&user_key, ip_key.as_deref(), now, facts)
-                .await?;
+            self.count_failure(&keys, now, facts).await?;
             return Err(IdentityError::InvalidCredentials);
         }
 
@@ -337,15 +383,14 @@ impl Identity {
                 SecondFactor::RecoveryCode => used_recovery_code = true,
                 SecondFactor::Wrong => {
                     facts.reason = AttemptReason::BadTotp;
-                    self.count_failure(&user_key, ip_key.as_deref(), now, facts)
-                        .await?;
+                    self.count_failure(&keys, now, facts).await?;
                     return Err(IdentityError::InvalidTotp);
                 }
             }
         }
 
         // The password and second factor are right: the failure count starts again.
-        store::clear_failures(&self.db, &user_key).await?;
+        self.count_success(&keys).await?;
         if verified.needs_rehash
             && let Ok(new_hash) = self.hasher.hash(password).await
         {
@@ -384,31 +429,102 @@ impl Identity {
         })
     }
 
-    async fn count_failure(
+    /// The checks before any password is verified, in order: the address's throttle
+    /// across usernames (429), the username's lock (423, even with the right password),
+    /// and the address's throttle on this username (429). An attempt they stop is not
+    /// verified and counts nowhere.
+    async fn gate(
         &self,
-        user_key: &str,
-        ip_key: Option<&str>,
+        keys: &FailureKeys,
         now: OffsetDateTime,
         facts: &mut AttemptFacts,
     ) -> Result<(), IdentityError> {
         let now_s = timestamp(now);
-        let until = timestamp(add(now, self.settings.lock_duration));
+        self.gate_address(keys, now, facts, AddressCheck::AcrossUsernames)
+            .await?;
+        if let Some(until) = store::locked_until(&self.db, &keys.user, &now_s).await? {
+            facts.reason = AttemptReason::Locked;
+            return Err(IdentityError::Locked {
+                retry_after: seconds_until(now, &until),
+            });
+        }
+        // One address that keeps failing on one username (it locked the account once
+        // already, or twice) may not go on: it cannot lock the account again and again.
+        self.gate_address(keys, now, facts, AddressCheck::ThisUsername)
+            .await
+    }
+
+    /// The address's throttles: across usernames (password spraying), or on this
+    /// username.
+    async fn gate_address(
+        &self,
+        keys: &FailureKeys,
+        now: OffsetDateTime,
+        facts: &mut AttemptFacts,
+        which: AddressCheck,
+    ) -> Result<(), IdentityError> {
+        let now_s = timestamp(now);
+        let key = match which {
+            AddressCheck::AcrossUsernames => &keys.ip,
+            AddressCheck::ThisUsername => &keys.pair,
+        };
+        if let Some(k) = key
+            && let Some(until) = store::locked_until(&self.db, k, &now_s).await?
+        {
+            facts.reason = AttemptReason::RateLimited;
+            return Err(IdentityError::RateLimited {
+                retry_after: seconds_until(now, &until),
+            });
+        }
+        Ok(())
+    }
+
+    async fn count_failure(
+        &self,
+        keys: &FailureKeys,
+        now: OffsetDateTime,
+        facts: &mut AttemptFacts,
+    ) -> Result<(), IdentityError> {
+        let now_s = timestamp(now);
+        let settings = &self.settings;
+        let until = timestamp(add(now, settings.lock_duration));
         // Consecutive failures of a username never expire by themselves (only a success,
         // an admin unlock or the end of a lock starts them again).
-        let n = store::count_failure(&self.db, user_key, &now_s, "").await?;
-        if self.settings.max_failures > 0 && n >= i64::from(self.settings.max_failures) {
-            store::lock(&self.db, user_key, &until).await?;
+        let n = store::count_failure(&self.db, &keys.user, &now_s, "").await?;
+        if settings.max_failures > 0 && n >= i64::from(settings.max_failures) {
+            store::lock(&self.db, &keys.user, &until).await?;
             facts.locked_now = true;
         }
-        if let Some(k) = ip_key {
-            let window_start = timestamp(
-                now - time::Duration::try_from(self.settings.lock_duration)
-                    .unwrap_or(time::Duration::ZERO),
-            );
-            let n = store::count_failure(&self.db, k, &now_s, &window_start).await?;
-            if self.settings.ip_max_failures > 0 && n >= i64::from(self.settings.ip_max_failures) {
-                store::lock(&self.db, k, &until).await?;
+        let windowed = |key: &str, window: Duration, max: u32| {
+            let db = self.db.clone();
+            let key = key.to_owned();
+            let now_s = now_s.clone();
+            async move {
+                let start = timestamp(
+                    now - time::Duration::try_from(window).unwrap_or(time::Duration::ZERO),
+                );
+                let n = store::count_failure(&db, &key, &now_s, &start).await?;
+                if max > 0 && n >= i64::from(max) {
+                    store::lock(&db, &key, &timestamp(add(now, window))).await?;
+                }
+                Ok::<_, StoreError>(())
             }
+        };
+        if let Some(k) = &keys.ip {
+            windowed(k, settings.lock_duration, settings.ip_max_failures).await?;
+        }
+        if let Some(k) = &keys.pair {
+            windowed(k, settings.address_window, settings.address_max_failures).await?;
+        }
+        Ok(())
+    }
+
+    /// A right password (and second factor): the username's and this address's counts
+    /// on it start again.
+    async fn count_success(&self, keys: &FailureKeys) -> Result<(), IdentityError> {
+        store::clear_failures(&self.db, &keys.user).await?;
+        if let Some(k) = &keys.pair {
+            store::clear_failures(&self.db, k).await?;
         }
         Ok(())
     }
@@ -437,12 +553,137 @@ impl Identity {
         Ok(())
     }
 
-    /// An administrator ends a lock early.
-    pub async fn unlock(&self, user_id: &str) -> Result<(), IdentityError> {
+    /// Re-authentication before a change to the caller's own credentials (password,
+    /// second factor): the current password and, when TOTP is on, a TOTP or recovery
+    /// code, behind the same throttles and lock as sign-in. Every failure counts like a
+    /// failed sign-in and is written to the login history. Returns the facts for the
+    /// request's audit event.
+    pub async fn reauthenticate(
+        &self,
+        user: &User,
+        password: &Secret,
+        code: Option<&str>,
+        origin: &Origin,
+    ) -> (Result<(), IdentityError>, AttemptFacts) {
+        let mut facts = AttemptFacts {
+            username: user.username.clone(),
+            user_id: Some(user.id.clone()),
+            reason: AttemptReason::BadPassword,
+            locked_now: false,
+        };
+        let result = self
+            .reauth_inner(user, password, code, origin, &mut facts)
+            .await;
+        if result.is_err()
+            && let Err(e) = self.record_attempt(&facts, origin).await
+        {
+            return (Err(e), facts);
+        }
+        (result, facts)
+    }
+
+    async fn reauth_inner(
+        &self,
+        user: &User,
+        password: &Secret,
+        code: Option<&str>,
+        origin: &Origin,
+        facts: &mut AttemptFacts,
+    ) -> Result<(), IdentityError> {
+        if password.expose().chars().count() > super::model::MAX_PASSWORD {
+            return Err(IdentityError::Invalid(
+                "password",
+                "must be at most 1024 characters",
+            ));
+        }
+        let now = self.now();
+        let keys = FailureKeys::new(&user.username, origin);
+        self.gate(&keys, now, facts).await?;
+        let verified = self
+            .hasher
+            .verify(password, Some(&user.password_hash))
+            .await?;
+        if !verified.ok {
+            facts.reason = AttemptReason::BadPassword;
+            self.count_failure(&keys, now, facts).await?;
+            return Err(IdentityError::InvalidCredentials);
+        }
+        if user.totp_enabled {
+            let Some(code) = code.map(str::trim).filter(|c| !c.is_empty()) else {
+                facts.reason = AttemptReason::MfaRequired;
+                return Err(IdentityError::MfaRequired);
+            };
+            if let SecondFactor::Wrong = self.check_second_factor(user, code, now).await? {
+                facts.reason = AttemptReason::BadTotp;
+                self.count_failure(&keys, now, facts).await?;
+                return Err(IdentityError::InvalidTotp);
+            }
+        }
+        self.count_success(&keys).await?;
+        facts.reason = AttemptReason::Success;
+        Ok(())
+    }
+
+    /// Whether a session was signed in with a password within `session.reauth_window`.
+    pub async fn session_is_fresh(&self, session_id: &str) -> Result<bool, IdentityError> {
+        let created = store::session_created_at(&self.db, session_id).await?;
+        let now = self.now();
+        Ok(created
+            .as_deref()
+            .and_then(parse_ts)
+            .is_some_and(|t| t <= now && add(t, self.settings.reauth_window) > now))
+    }
+
+    /// Checks a second factor outside sign-in (a password-reset link's code): a wrong
+    /// one counts like a failed sign-in and is written to the login history.
+    pub async fn second_factor_counted(
+        &self,
+        user: &User,
+        code: &str,
+        origin: &Origin,
+    ) -> Result<(), IdentityError> {
+        let mut facts = AttemptFacts {
+            username: user.username.clone(),
+            user_id: Some(user.id.clone()),
+            reason: AttemptReason::BadTotp,
+            locked_now: false,
+        };
+        let now = self.now();
+        let keys = FailureKeys::new(&user.username, origin);
+        let result = async {
+            // Not the account's lock: a reset link is the way back from a lock. The
+            // address throttles hold, each failure counts, and the link has a budget
+            // of its own (accounts).
+            self.gate_address(&keys, now, &mut facts, AddressCheck::AcrossUsernames)
+                .await?;
+            self.gate_address(&keys, now, &mut facts, AddressCheck::ThisUsername)
+                .await?;
+            match self.check_second_factor(user, code, now).await? {
+                SecondFactor::Wrong => {
+                    facts.reason = AttemptReason::BadTotp;
+                    self.count_failure(&keys, now, &mut facts).await?;
+                    Err(IdentityError::InvalidTotp)
+                }
+                _ => Ok(()),
+            }
+        }
+        .await;
+        if result.is_err() {
+            self.record_attempt(&facts, origin).await?;
+        }
+        result
+    }
+
+    /// An administrator ends a lock early (not of an account holding more than they do:
+    /// that would let them go on guessing its password).
+    pub async fn unlock(&self, by: Grantor<'_>, user_id: &str) -> Result<(), IdentityError> {
         let user = store::user_by_id(&self.db, user_id)
             .await?
             .ok_or(IdentityError::NotFound)?;
-        store::clear_failures(&self.db, &format!("user:{}", user.username)).await?;
+        by.may_manage(&self.db, &user.role).await?;
+        store::clear_failures(&self.db, &user_key(&user.username)).await?;
+        // An administrator's unlock also forgives the addresses that failed on it.
+        store::clear_failures_with_prefix(&self.db, &pair_prefix(&user.username)).await?;
         Ok(())
     }
 
@@ -486,7 +727,6 @@ impl Identity {
             last_used_at,
             expires_at,
             revoked_at,
-            locked_until,
             permissions,
             user,
         }) = found
@@ -507,10 +747,8 @@ impl Identity {
                 return Err(IdentityError::Unauthorized);
             }
         }
-        // A locked user's tokens stop working while the lock lasts.
-        if locked_until.as_deref().is_some_and(|u| u > now_s.as_str()) {
-            return Err(IdentityError::Unauthorized);
-        }
+        // A lock from failed sign-ins is not checked here: it stops password sign-in
+        // only, so an outsider who knows a username cannot end its owner's work.
         // Last-use writes are throttled: at most one per tenth of the idle timeout
         // (30 s at most), so a busy client does not turn every read into a write.
         let throttle = (self.settings.idle_timeout / 10).min(Duration::from_secs(30));
@@ -569,23 +807,35 @@ impl Identity {
 
     // ---- passwords -------------------------------------------------------------
 
-    /// Changes a password after checking the current one. Applies the policy and the
-    /// history, and revokes the user's other sessions (all of them when `keep` is None).
+    /// Changes a password after re-authentication ([`Self::reauthenticate`]: the
+    /// current password, and the second factor when TOTP is on). Applies the policy and
+    /// the history, and revokes the user's other sessions (all of them when `keep` is
+    /// None), and their API tokens too when `revoke_tokens`.
     pub async fn change_password(
         &self,
         user: &User,
-        current: &Secret,
-        new: &Secret,
-        keep_session: Option<&str>,
-    ) -> Result<(), IdentityError> {
-        let verified = self
-            .hasher
-            .verify(current, Some(&user.password_hash))
-            .await?;
-        if !verified.ok {
-            return Err(IdentityError::InvalidCredentials);
+        change: &PasswordChange<'_>,
+        origin: &Origin,
+    ) -> (Result<(), IdentityError>, AttemptFacts) {
+        let (auth, facts) = self
+            .reauthenticate(user, change.current, change.code, origin)
+            .await;
+        if auth.is_err() {
+            return (auth, facts);
         }
-        self.set_password(user, new, keep_session).await
+        let mut result = self
+            .set_password(user, change.new, change.keep_session)
+            .await;
+        if result.is_ok() && change.revoke_tokens {
+            result = self.revoke_tokens(&user.id).await;
+        }
+        (result, facts)
+    }
+
+    /// Revokes every personal API token of a user.
+    pub async fn revoke_tokens(&self, user_id: &str) -> Result<(), IdentityError> {
+        store::revoke_api_tokens(&self.db, user_id, &timestamp(self.now())).await?;
+        Ok(())
     }
 
     /// Sets a password without the current one (admin reset): policy and history apply.
@@ -631,18 +881,24 @@ impl Identity {
     /// Changes a user's role, email and/or active flag. Someone must always be able to
     /// manage users: the last active holder of `users:manage` cannot be deactivated or
     /// given a role without it. Deactivation ends every session and API token at once.
+    /// `by` must hold every permission of the user's role and of the new role. A new
+    /// email kills every account link (password reset, verification) sent to another
+    /// address.
     pub async fn update_user(
         &self,
+        by: Grantor<'_>,
         id: &str,
         role: Option<&str>,
         email: Option<Option<&str>>,
         active: Option<bool>,
     ) -> Result<User, IdentityError> {
         let user = self.user(id).await?;
-        if let Some(r) = role
-            && !store::role_exists(&self.db, r).await?
-        {
-            return Err(IdentityError::Invalid("role", "is not a role"));
+        by.may_manage(&self.db, &user.role).await?;
+        if let Some(r) = role {
+            if !store::role_exists(&self.db, r).await? {
+                return Err(IdentityError::Invalid("role", "is not a role"));
+            }
+            by.covers_role(&self.db, r).await?;
         }
         let email = match email {
             Some(Some(e)) => Some(Some(
@@ -682,10 +938,54 @@ impl Identity {
     }
 
     /// Activates or deactivates an account (deactivating ends its sessions and tokens).
-    pub async fn update_active(&self, id: &str, active: bool) -> Result<(), IdentityError> {
-        self.update_user(id, None, None, Some(active))
+    pub async fn update_active(
+        &self,
+        by: Grantor<'_>,
+        id: &str,
+        active: bool,
+    ) -> Result<(), IdentityError> {
+        self.update_user(by, id, None, None, Some(active))
             .await
             .map(|_| ())
+    }
+
+    /// An administrator sets a user's password (the usual answer to a suspected
+    /// compromise): the policy and history apply, and every credential of the account
+    /// ends — sessions, personal API tokens and app grants.
+    pub async fn admin_reset_password(
+        &self,
+        by: Grantor<'_>,
+        id: &str,
+        new: &Secret,
+    ) -> Result<(), IdentityError> {
+        let user = self.user(id).await?;
+        by.may_manage(&self.db, &user.role).await?;
+        self.set_password(&user, new, None).await?;
+        self.revoke_all(&user.id, true).await?;
+        Ok(())
+    }
+
+    /// An administrator ends every credential of a user: sessions, personal API tokens
+    /// and app grants. Returns how many sessions and tokens ended.
+    pub async fn end_credentials(&self, by: Grantor<'_>, id: &str) -> Result<u64, IdentityError> {
+        let user = self.user(id).await?;
+        by.may_manage(&self.db, &user.role).await?;
+        self.revoke_all(&user.id, true).await
+    }
+
+    /// An administrator ends one session; returns its owner's id.
+    pub async fn end_session(
+        &self,
+        by: Grantor<'_>,
+        session_id: &str,
+    ) -> Result<String, IdentityError> {
+        let owner = store::session_user(&self.db, session_id)
+            .await?
+            .ok_or(IdentityError::NotFound)?;
+        let user = self.user(&owner).await?;
+        by.may_manage(&self.db, &user.role).await?;
+        self.logout(session_id).await?;
+        Ok(owner)
     }
 
     /// Checks a TOTP or recovery code of `user` (spending it); `InvalidTotp` when wrong.
@@ -825,36 +1125,36 @@ impl Identity {
         Ok(codes)
     }
 
-    /// Turns TOTP off after checking the password and a current code.
+    /// Turns TOTP off after re-authentication with the password and a current code
+    /// (counted like sign-in).
     pub async fn totp_disable(
         &self,
         user: &User,
         password: &Secret,
         code: &str,
-    ) -> Result<(), IdentityError> {
+        origin: &Origin,
+    ) -> (Result<(), IdentityError>, Option<AttemptFacts>) {
         if self.settings.mfa_required {
-            return Err(IdentityError::Conflict(
-                "TOTP is required for every user (mfa.required)",
-            ));
+            return (
+                Err(IdentityError::Conflict(
+                    "TOTP is required for every user (mfa.required)",
+                )),
+                None,
+            );
         }
         if !user.totp_enabled {
-            return Err(IdentityError::Conflict("TOTP is not on"));
+            return (Err(IdentityError::Conflict("TOTP is not on")), None);
         }
-        if !self
-            .hasher
-            .verify(password, Some(&user.password_hash))
-            .await?
-            .ok
-        {
-            return Err(IdentityError::InvalidCredentials);
+        let (auth, facts) = self
+            .reauthenticate(user, password, Some(code), origin)
+            .await;
+        if auth.is_err() {
+            return (auth, Some(facts));
         }
-        match self.check_second_factor(user, code, self.now()).await? {
-            SecondFactor::Wrong => Err(IdentityError::InvalidTotp),
-            _ => {
-                store::disable_totp(&self.db, &user.id, &timestamp(self.now())).await?;
-                Ok(())
-            }
-        }
+        let done = store::disable_totp(&self.db, &user.id, &timestamp(self.now()))
+            .await
+            .map_err(IdentityError::from);
+        (done, Some(facts))
     }
 
     // ---- API tokens ------------------------------------------------------------
@@ -990,6 +1290,7 @@ pub fn describe(e: &IdentityError) -> String {
     match e {
         IdentityError::Invalid(field, message) => format!("{field} {message}"),
         IdentityError::Conflict(m) => (*m).to_owned(),
+        IdentityError::Forbidden(d) => d.clone(),
         IdentityError::Policy(v) => {
             format!("the password does not meet the policy: {}", v.join(", "))
         }

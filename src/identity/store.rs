@@ -338,6 +338,19 @@ pub async fn clear_failures(db: &Db, key: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Removes every counter whose key starts with `prefix`.
+pub async fn clear_failures_with_prefix(db: &Db, prefix: &str) -> Result<(), StoreError> {
+    let escaped = prefix
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    sqlx::query("DELETE FROM lockouts WHERE key LIKE $1 ESCAPE '\\'")
+        .bind(format!("{escaped}%"))
+        .execute(db.writer())
+        .await?;
+    Ok(())
+}
+
 // ---- Login history -----------------------------------------------------------------
 
 pub struct Attempt<'a> {
@@ -455,22 +468,19 @@ pub struct TokenLookup {
     pub last_used_at: Option<String>,
     pub expires_at: String,
     pub revoked_at: Option<String>,
-    /// The user's sign-in lock, if any (read in the same query).
-    pub locked_until: Option<String>,
     /// The permissions of the user's role as of this query (read in the same query).
     pub permissions: Vec<String>,
     pub user: User,
 }
 
 fn lookup_from_row<R: Cols>(r: &R) -> Result<TokenLookup, StoreError> {
-    // In the order of `lookup_sql`'s SELECT, the user's columns after these six.
-    let permissions: Option<String> = r.col_at(5, "permissions")?;
+    // In the order of `lookup_sql`'s SELECT, the user's columns after these five.
+    let permissions: Option<String> = r.col_at(4, "permissions")?;
     Ok(TokenLookup {
         credential_id: r.col_at(0, "credential_id")?,
         last_used_at: r.col_at(1, "last_used")?,
         expires_at: r.col_at(2, "expires")?,
         revoked_at: r.col_at(3, "revoked")?,
-        locked_until: r.col_at(4, "locked_until")?,
         permissions: permissions
             .as_deref()
             .unwrap_or_default()
@@ -478,7 +488,7 @@ fn lookup_from_row<R: Cols>(r: &R) -> Result<TokenLookup, StoreError> {
             .filter(|p| !p.is_empty())
             .map(str::to_owned)
             .collect(),
-        user: user_at(r, 6)?,
+        user: user_at(r, 5)?,
     })
 }
 
@@ -490,8 +500,8 @@ enum Lookup {
     ApiTokenByHash,
 }
 
-/// The one query that authenticates a token: the credential, its user, the user's lock
-/// and the role's permissions (space-separated: permission names have no spaces). One
+/// The one query that authenticates a token: the credential, its user and the role's
+/// permissions (a sign-in lock is not read: it stops password sign-in only) (space-separated: permission names have no spaces). One
 /// round trip instead of two on every authenticated request; the SQL is built once per
 /// backend and kind.
 fn lookup_sql(backend: Backend, kind: Lookup) -> &'static str {
@@ -514,10 +524,9 @@ fn lookup_sql(backend: Backend, kind: Lookup) -> &'static str {
             };
             format!(
                 "SELECT c.id AS credential_id, c.last_used_at AS last_used, c.{expires} AS expires, \
-                 c.revoked_at AS revoked, l.locked_until AS locked_until, \
+                 c.revoked_at AS revoked, \
                  (SELECT {aggregate} FROM role_permissions rp WHERE rp.role = u.role) AS permissions, \
-                 {user_columns} FROM {table} c JOIN users u ON u.id = c.user_id \
-                 LEFT JOIN lockouts l ON l.key = 'user:' || u.username WHERE {condition}"
+                 {user_columns} FROM {table} c JOIN users u ON u.id = c.user_id WHERE {condition}"
             )
         };
         [
@@ -561,6 +570,28 @@ pub async fn session_by_id(db: &Db, id: &str) -> Result<Option<TokenLookup>, Sto
 
 pub async fn api_token_by_hash(db: &Db, hash: &str) -> Result<Option<TokenLookup>, StoreError> {
     lookup(db, Lookup::ApiTokenByHash, hash).await
+}
+
+/// When a session was signed in.
+pub async fn session_created_at(db: &Db, id: &str) -> Result<Option<String>, StoreError> {
+    Ok(sqlx::query("SELECT created_at FROM sessions WHERE id = $1")
+        .bind(id)
+        .fetch_optional(db.reader())
+        .await?
+        .map(|r| r.try_get("created_at"))
+        .transpose()?)
+}
+
+/// Revokes every live personal API token of a user.
+pub async fn revoke_api_tokens(db: &Db, user_id: &str, now: &str) -> Result<u64, StoreError> {
+    Ok(sqlx::query(
+        "UPDATE api_tokens SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
+    )
+    .bind(now)
+    .bind(user_id)
+    .execute(db.writer())
+    .await?
+    .rows_affected())
 }
 
 pub async fn touch_session(db: &Db, id: &str, now: &str) -> Result<(), StoreError> {
@@ -607,14 +638,7 @@ pub async fn revoke_all(
     .await?
     .rows_affected();
     if tokens {
-        n += sqlx::query(
-            "UPDATE api_tokens SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
-        )
-        .bind(now)
-        .bind(user_id)
-        .execute(db.writer())
-        .await?
-        .rows_affected();
+        n += revoke_api_tokens(db, user_id, now).await?;
     }
     Ok(n)
 }
@@ -842,6 +866,17 @@ pub async fn update_user(
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        // Every outstanding link of the account (password reset, email verification)
+        // dies with the address it was sent to, in the same transaction.
+        sqlx::query(
+            "UPDATE account_tokens SET revoked_at = $1 WHERE user_id = $2 AND used_at IS NULL \
+             AND revoked_at IS NULL AND (email IS NULL OR lower(email) <> lower($3))",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(e.unwrap_or(""))
+        .execute(&mut *tx)
+        .await?;
     }
     if let Some(a) = active {
         sqlx::query("UPDATE users SET active = $1, updated_at = $2 WHERE id = $3")

@@ -16,11 +16,11 @@ use crate::access::Permission;
 use crate::app::AppState;
 use crate::audit::{Action, Actor, Audit, AuditEvent, ContextValue};
 use crate::config::Secret;
-use crate::http::ApiError;
 use crate::http::client_ip::ClientIp;
-use crate::identity::IdentityError;
+use crate::http::{ApiError, ErrorCode};
 use crate::identity::routes::origin;
 use crate::identity::service::describe;
+use crate::identity::{Grantor, IdentityError};
 use crate::identity::{roles, store};
 
 /// What every page's frame needs.
@@ -132,8 +132,13 @@ fn notice(code: Option<&str>) -> Option<String> {
         "created" => "Created.",
         "deleted" => "Deleted.",
         "unlocked" => "Unlocked.",
-        "sessions-ended" => "Every session of this user has ended.",
-        "password-set" => "The password was set and the user's sessions ended.",
+        "sessions-ended" => {
+            "Every sign-in of this user has ended: sessions, API tokens and app grants."
+        }
+        "password-set" => {
+            "The password was set, and every sign-in of the user ended: sessions, API tokens and app grants."
+        }
+        "tokens-revoked" => "Every API token of yours is revoked.",
         "revoked" => "Revoked.",
         _ => return None,
     };
@@ -313,6 +318,8 @@ pub async fn login_submit(
         }
         Err(IdentityError::PasswordExpired) => {
             page.expired = true;
+            // TOTP is on: the change needs a fresh code too.
+            page.need_totp = !code.is_empty();
             login_page(&state, page)
         }
         Err(IdentityError::Locked { retry_after }) => {
@@ -350,6 +357,7 @@ pub async fn login_password(
     let username = fields.text("username");
     let current = Secret::new(fields.get("current_password").unwrap_or("").to_owned());
     let new = Secret::new(fields.get("new_password").unwrap_or("").to_owned());
+    let code = fields.text("totp_code");
     let mut page = blank_login(None);
     page.username = username.chars().take(64).collect();
     page.next = safe_next(&fields.text("next")).unwrap_or("").to_owned();
@@ -361,10 +369,18 @@ pub async fn login_password(
         a.resource_type = Some("user");
         a.context.insert("change", ContextValue::Code("password"));
     });
-    let (result, facts) = identity.login(&username, &current, None, &origin).await;
+    let (result, facts) = identity
+        .login(
+            &username,
+            &current,
+            Some(code.as_str()).filter(|c| !c.is_empty()),
+            &origin,
+        )
+        .await;
     if let Err(e) = identity.record_attempt(&facts, &origin).await {
         return ApiError::from(e).into_response();
     }
+    crate::identity::routes::audit_reauth(&audit, &result, &facts);
     let user = match result {
         Ok(_) | Err(IdentityError::PasswordExpired) => {
             match identity.user_by_username(&username).await {
@@ -374,6 +390,15 @@ pub async fn login_password(
                     return login_page(&state, page);
                 }
             }
+        }
+        Err(IdentityError::MfaRequired | IdentityError::InvalidTotp) => {
+            page.need_totp = true;
+            page.error = Some("Enter a new code from your authenticator app.".into());
+            return login_page(&state, page);
+        }
+        Err(IdentityError::Locked { .. } | IdentityError::RateLimited { .. }) => {
+            page.error = Some("Too many failed attempts; try again later.".into());
+            return login_page(&state, page);
         }
         Err(_) => {
             page.error = Some("The username or current password is wrong.".into());
@@ -467,6 +492,11 @@ struct Dashboard {
     enrol: Option<Enrol>,
     recovery_codes: Vec<String>,
     totp_error: Option<String>,
+    password_error: Option<String>,
+    password_violations: Vec<&'static str>,
+    /// Just changed: the API tokens that still work are listed with the offer to
+    /// revoke them.
+    password_changed: bool,
 }
 
 async fn dashboard(
@@ -528,6 +558,9 @@ async fn dashboard(
         enrol: None,
         recovery_codes: Vec::new(),
         totp_error: None,
+        password_error: None,
+        password_violations: Vec::new(),
+        password_changed: false,
     })
 }
 
@@ -552,7 +585,13 @@ pub async fn home(
     or_error(dashboard(&state, &u, notice(q.ok.as_deref())).await)
 }
 
-pub async fn totp_enroll(State(state): State<AppState>, audit: Audit, form: WebForm) -> Response {
+pub async fn totp_enroll(
+    State(state): State<AppState>,
+    audit: Audit,
+    ip: ClientIp,
+    headers: HeaderMap,
+    form: WebForm,
+) -> Response {
     let u = &form.user;
     audit.annotate(|a| {
         a.action = Some(Action::Update);
@@ -567,6 +606,25 @@ pub async fn totp_enroll(State(state): State<AppState>, audit: Audit, form: WebF
         let mut d = dashboard(&state, u, None)
             .await
             .map_err(|_| IdentityError::Internal("page".into()))?;
+        // The current password, unless the session signed in with it moments ago.
+        let password = form
+            .fields
+            .get("password")
+            .filter(|p| !p.is_empty())
+            .map(|p| Secret::new(p.to_owned()));
+        let present = crate::identity::routes::confirm_presence(
+            &state,
+            &audit,
+            &u.principal,
+            &user,
+            password,
+            &origin(ip, &headers),
+        )
+        .await;
+        if let Err(e) = present {
+            d.totp_error = Some(presence_error(&e));
+            return Ok(d);
+        }
         match identity.totp_enroll(&user).await {
             Ok(e) => {
                 d.enrol = Some(Enrol {
@@ -620,7 +678,28 @@ pub async fn totp_confirm(State(state): State<AppState>, audit: Audit, form: Web
     or_error(result.map_err(ApiError::from))
 }
 
-pub async fn totp_disable(State(state): State<AppState>, audit: Audit, form: WebForm) -> Response {
+/// What the pages say when a credential change could not confirm it is the user.
+fn presence_error(e: &ApiError) -> String {
+    match e.code() {
+        ErrorCode::ReauthenticationRequired => "Enter your current password to do this.".into(),
+        ErrorCode::AccountLocked => {
+            "Too many failed attempts: password checks are locked for now; try again later.".into()
+        }
+        ErrorCode::RateLimited => {
+            "Too many failed attempts from this address; try again later.".into()
+        }
+        ErrorCode::MfaRequired => "Enter the code from your authenticator app too.".into(),
+        _ => "The password or code is wrong.".into(),
+    }
+}
+
+pub async fn totp_disable(
+    State(state): State<AppState>,
+    audit: Audit,
+    ip: ClientIp,
+    headers: HeaderMap,
+    form: WebForm,
+) -> Response {
     let u = &form.user;
     audit.annotate(|a| {
         a.action = Some(Action::Update);
@@ -633,16 +712,30 @@ pub async fn totp_disable(State(state): State<AppState>, audit: Audit, form: Web
     let result = async {
         let user = identity.user(&u.principal.user_id).await?;
         let password = Secret::new(form.fields.get("password").unwrap_or("").to_owned());
-        let outcome = identity
-            .totp_disable(&user, &password, &form.fields.text("code"))
+        let (outcome, facts) = identity
+            .totp_disable(
+                &user,
+                &password,
+                &form.fields.text("code"),
+                &origin(ip, &headers),
+            )
             .await;
+        if let Some(facts) = &facts {
+            crate::identity::routes::audit_reauth(&audit, &outcome, facts);
+        }
         let mut d = dashboard(&state, u, None)
             .await
             .map_err(|_| IdentityError::Internal("page".into()))?;
         match outcome {
             Ok(()) => d.mfa_enabled = false,
-            Err(IdentityError::InvalidCredentials | IdentityError::InvalidTotp) => {
-                d.totp_error = Some("The password or code is wrong.".into());
+            Err(
+                e @ (IdentityError::InvalidCredentials
+                | IdentityError::InvalidTotp
+                | IdentityError::MfaRequired
+                | IdentityError::Locked { .. }
+                | IdentityError::RateLimited { .. }),
+            ) => {
+                d.totp_error = Some(presence_error(&ApiError::from(e)));
             }
             Err(IdentityError::Conflict(m)) => d.totp_error = Some(m.into()),
             Err(e) => return Err(e),
@@ -651,6 +744,104 @@ pub async fn totp_disable(State(state): State<AppState>, audit: Audit, form: Web
     }
     .await;
     or_error(result.map_err(ApiError::from))
+}
+
+/// The signed-in user changes their own password: the current password (and code when
+/// TOTP is on) first, counted like sign-in; their other sessions end, and their API
+/// tokens too when asked. The page then lists the tokens that still work.
+pub async fn password_change(
+    State(state): State<AppState>,
+    audit: Audit,
+    ip: ClientIp,
+    headers: HeaderMap,
+    form: WebForm,
+) -> Response {
+    let u = &form.user;
+    audit.annotate(|a| {
+        a.action = Some(Action::Update);
+        a.resource_type = Some("user");
+        a.resource_id = Some(u.principal.user_id.clone());
+        a.context.insert("change", ContextValue::Code("password"));
+    });
+    let f = &form.fields;
+    let current = Secret::new(f.get("current_password").unwrap_or("").to_owned());
+    let new = Secret::new(f.get("new_password").unwrap_or("").to_owned());
+    let code = f.text("totp_code");
+    let revoke_tokens = f.text("api_tokens") == "revoke";
+    let identity = state.identity();
+    let user = match identity.user(&u.principal.user_id).await {
+        Ok(user) => user,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let (result, facts) = identity
+        .change_password(
+            &user,
+            &crate::identity::service::PasswordChange {
+                current: &current,
+                code: Some(code.as_str()).filter(|c| !c.is_empty()),
+                new: &new,
+                keep_session: u.principal.session_id(),
+                revoke_tokens,
+            },
+            &origin(ip, &headers),
+        )
+        .await;
+    crate::identity::routes::audit_reauth(&audit, &result, &facts);
+    audit.context("api_tokens_revoked", ContextValue::Bool(revoke_tokens));
+    let mut d = match dashboard(&state, u, None).await {
+        Ok(d) => d,
+        Err(e) => return e.into_response(),
+    };
+    match result {
+        Ok(()) => {
+            d.password_changed = true;
+            d.layout.notice = Some(if revoke_tokens {
+                "Password changed. Your other sessions and every API token of yours have ended."
+                    .into()
+            } else {
+                "Password changed. Your other sessions have ended.".into()
+            });
+            render(&d)
+        }
+        Err(IdentityError::Policy(v)) => {
+            d.password_violations = v;
+            d.password_error = Some("The new password does not meet the policy:".into());
+            render_status(StatusCode::UNPROCESSABLE_ENTITY, &d)
+        }
+        Err(
+            e @ (IdentityError::InvalidCredentials
+            | IdentityError::InvalidTotp
+            | IdentityError::MfaRequired
+            | IdentityError::Locked { .. }
+            | IdentityError::RateLimited { .. }
+            | IdentityError::Invalid(..)),
+        ) => {
+            d.password_error = Some(presence_error(&ApiError::from(e)));
+            render_status(StatusCode::UNPROCESSABLE_ENTITY, &d)
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// Revokes every API token of the signed-in user.
+pub async fn tokens_revoke_all(
+    State(state): State<AppState>,
+    audit: Audit,
+    form: WebForm,
+) -> Response {
+    audit.annotate(|a| {
+        a.action = Some(Action::Delete);
+        a.resource_type = Some("api_token");
+        a.context.insert("all", ContextValue::Bool(true));
+    });
+    match state
+        .identity()
+        .revoke_tokens(&form.user.principal.user_id)
+        .await
+    {
+        Ok(()) => Redirect::to("/admin?ok=tokens-revoked#tokens").into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
 }
 
 pub async fn token_create(State(state): State<AppState>, audit: Audit, form: WebForm) -> Response {
@@ -757,14 +948,16 @@ pub async fn end_my_sessions(
     audit: Audit,
     form: WebForm,
 ) -> Response {
+    let tokens = form.fields.text("api_tokens") == "revoke";
     audit.annotate(|a| {
         a.action = Some(Action::Logout);
         a.resource_type = Some("session");
         a.context.insert("all", ContextValue::Bool(true));
+        a.context.insert("api_tokens", ContextValue::Bool(tokens));
     });
     if let Err(e) = state
         .identity()
-        .revoke_all(&form.user.principal.user_id, false)
+        .revoke_all(&form.user.principal.user_id, tokens)
         .await
     {
         return ApiError::from(e).into_response();
@@ -942,7 +1135,13 @@ pub async fn user_create(State(state): State<AppState>, audit: Audit, form: WebF
     let email_opt = Some(email.as_str()).filter(|e| !e.is_empty());
     match state
         .identity()
-        .create_user(&username, email_opt, &role, &password)
+        .create_user(
+            Grantor::user(&u.principal),
+            &username,
+            email_opt,
+            &role,
+            &password,
+        )
         .await
     {
         Ok(user) => {
@@ -953,8 +1152,10 @@ pub async fn user_create(State(state): State<AppState>, audit: Audit, form: WebF
             Redirect::to(&format!("/admin/users/{}?ok=created", user.id)).into_response()
         }
         Err(
-            e
-            @ (IdentityError::Invalid(..) | IdentityError::Conflict(_) | IdentityError::Policy(_)),
+            e @ (IdentityError::Invalid(..)
+            | IdentityError::Conflict(_)
+            | IdentityError::Policy(_)
+            | IdentityError::Forbidden(_)),
         ) => match users_page(&state, u, "", None, None).await {
             Ok(mut p) => {
                 p.errors = vec![describe(&e)];
@@ -1066,13 +1267,14 @@ pub async fn user_action(
         a.resource_id = Some(id.clone());
     });
     let identity = state.identity();
+    let by = Grantor::user(&u.principal);
     let f = &form.fields;
     let result: Result<&'static str, IdentityError> = match action {
         UserAction::Role => {
             let role = f.text("role");
             audit.context("role", ContextValue::id(&role));
             identity
-                .update_user(&id, Some(&role), None, None)
+                .update_user(by, &id, Some(&role), None, None)
                 .await
                 .map(|_| "saved")
         }
@@ -1080,29 +1282,26 @@ pub async fn user_action(
             let active = f.text("active") == "true";
             audit.context("active", ContextValue::Bool(active));
             identity
-                .update_user(&id, None, None, Some(active))
+                .update_user(by, &id, None, None, Some(active))
                 .await
                 .map(|_| "saved")
         }
         UserAction::Unlock => {
             audit.context("change", ContextValue::Code("unlock"));
-            identity.unlock(&id).await.map(|()| "unlocked")
+            identity.unlock(by, &id).await.map(|()| "unlocked")
         }
         UserAction::Password => {
             audit.context("change", ContextValue::Code("password_reset"));
             let new = Secret::new(f.get("new_password").unwrap_or("").to_owned());
-            match identity.user(&id).await {
-                Ok(user) => identity
-                    .set_password(&user, &new, None)
-                    .await
-                    .map(|()| "password-set"),
-                Err(e) => Err(e),
-            }
+            identity
+                .admin_reset_password(by, &id, &new)
+                .await
+                .map(|()| "password-set")
         }
         UserAction::EndSessions => {
-            audit.context("change", ContextValue::Code("end_sessions"));
+            audit.context("change", ContextValue::Code("end_credentials"));
             identity
-                .revoke_all(&id, false)
+                .end_credentials(by, &id)
                 .await
                 .map(|_| "sessions-ended")
         }
@@ -1110,8 +1309,10 @@ pub async fn user_action(
     match result {
         Ok(code) => Redirect::to(&format!("/admin/users/{id}?ok={code}")).into_response(),
         Err(
-            e
-            @ (IdentityError::Invalid(..) | IdentityError::Conflict(_) | IdentityError::Policy(_)),
+            e @ (IdentityError::Invalid(..)
+            | IdentityError::Conflict(_)
+            | IdentityError::Policy(_)
+            | IdentityError::Forbidden(_)),
         ) => match user_page(&state, u, &id, None).await {
             Ok(mut p) => {
                 p.errors = vec![describe(&e)];
@@ -1192,7 +1393,10 @@ async fn role_result(
     match r {
         Ok(code) => Redirect::to(&format!("/admin/roles?ok={code}")).into_response(),
         Err(
-            e @ (IdentityError::Invalid(..) | IdentityError::Conflict(_) | IdentityError::NotFound),
+            e @ (IdentityError::Invalid(..)
+            | IdentityError::Conflict(_)
+            | IdentityError::NotFound
+            | IdentityError::Forbidden(_)),
         ) => match roles_page(state, u, None, vec![describe(&e)]).await {
             Ok(p) => render_status(StatusCode::UNPROCESSABLE_ENTITY, &p),
             Err(e) => e.into_response(),
@@ -1212,9 +1416,15 @@ pub async fn role_create(State(state): State<AppState>, audit: Audit, form: WebF
         a.resource_type = Some("role");
         a.resource_id = Some(name.chars().take(64).collect());
     });
-    let r = roles::create(state.db(), &name, &[], &state.identity().now_timestamp())
-        .await
-        .map(|()| "created");
+    let r = roles::create(
+        state.db(),
+        Grantor::user(&u.principal),
+        &name,
+        &[],
+        &state.identity().now_timestamp(),
+    )
+    .await
+    .map(|()| "created");
     role_result(&state, u, r).await
 }
 
@@ -1236,7 +1446,7 @@ pub async fn role_save(
     let r = match roles::parse_permissions(&form.fields.all("permission")) {
         Ok(perms) => {
             audit.context("permissions", ContextValue::Int(perms.len() as i64));
-            roles::update(state.db(), &name, &perms)
+            roles::update(state.db(), Grantor::user(&u.principal), &name, &perms)
                 .await
                 .map(|()| "saved")
         }
@@ -1267,7 +1477,9 @@ pub async fn role_delete(
         a.resource_type = Some("role");
         a.resource_id = Some(name.chars().take(64).collect());
     });
-    let r = roles::delete(state.db(), &name).await.map(|()| "deleted");
+    let r = roles::delete(state.db(), Grantor::user(&u.principal), &name)
+        .await
+        .map(|()| "deleted");
     role_result(&state, u, r).await
 }
 

@@ -82,6 +82,9 @@ pub async fn signed_in_user(
 ) -> Option<WebUser> {
     let token = cookie(headers, session_cookie_name(state.config().env))?.to_owned();
     let principal = state.identity().authenticate(&token).await.ok()?;
+    // The pages are for people in a session: a personal API token put in the cookie
+    // does not sign anyone in (it would reach the session-only administration).
+    principal.session_id()?;
     if let Some(audit) = audit {
         audit.set_actor(Actor::user(&principal.user_id, &principal.username));
     }
@@ -143,6 +146,9 @@ impl WebUser {
 async fn web_user(parts: &mut Parts, state: &AppState) -> Option<WebUser> {
     let token = cookie(&parts.headers, session_cookie_name(state.config().env))?.to_owned();
     let principal = state.identity().authenticate(&token).await.ok()?;
+    // The pages are for people in a session: a personal API token put in the cookie
+    // does not sign anyone in (it would reach the session-only administration).
+    principal.session_id()?;
     if let Some(audit) = parts.extensions.get::<Audit>() {
         audit.set_actor(Actor::user(&principal.user_id, &principal.username));
     }

@@ -20,7 +20,7 @@ const PUBLIC: [&str; 7] = [
     "/api/v1/invitations/accept",
 ];
 
-fn operations(doc: &Value) -> Vec<(Method, String, Vec<String>)> {
+pub(crate) fn operations(doc: &Value) -> Vec<(Method, String, Vec<String>)> {
     let mut ops = Vec::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
         if !path.starts_with("/api/v1") {
@@ -246,12 +246,35 @@ async fn roles_are_managed_with_guards(backend: Backend) {
     assert_eq!(res.status(), 200);
     assert_eq!(s.get_as("/api/v1/audit/events", &owl).await.status(), 403);
 
-    // Guards.
+    // Guards. Nobody edits their own role, an admin neither.
     let res = s
         .send_as(
             Method::PUT,
             "/api/v1/roles/admin",
             &t,
+            Some(json!({"permissions": ["audit:read"]})),
+        )
+        .await;
+    assert_eq!(res.status(), 403);
+    assert_eq!(json(res).await["code"], "forbidden");
+    // Someone holding everything through another role still cannot strip the admin
+    // role of what keeps the product manageable.
+    let all = json(s.get_as("/api/v1/permissions", &t).await).await["items"].clone();
+    let res = s
+        .post(
+            "/api/v1/roles",
+            Some(&t),
+            json!({"name": "super", "permissions": all}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    s.user("sup", "super", PW).await;
+    let sup = s.login("sup", PW).await;
+    let res = s
+        .send_as(
+            Method::PUT,
+            "/api/v1/roles/admin",
+            &sup,
             Some(json!({"permissions": ["audit:read"]})),
         )
         .await;
@@ -285,7 +308,15 @@ async fn roles_are_managed_with_guards(backend: Backend) {
         .collect();
     assert_eq!(
         names,
-        ["admin", "auditor", "doctor", "night", "nurse", "registered"]
+        [
+            "admin",
+            "auditor",
+            "doctor",
+            "night",
+            "nurse",
+            "registered",
+            "super"
+        ]
     );
     let perms = json(s.get_as("/api/v1/permissions", &t).await).await;
     assert_eq!(perms["items"].as_array().unwrap().len(), 9);

@@ -547,7 +547,14 @@ async fn email_addresses_are_verified_by_link(backend: Backend) {
     )
     .await;
     assert_eq!(json(res).await["sent"], true);
-    let m = sink.wait_for(2).await;
+    // The old, verified address is told of the change; the reset sent nothing.
+    let notice = sink.wait_for(2).await;
+    assert_eq!(notice.to, "walt@example.org");
+    assert_eq!(
+        notice.subject(),
+        "The email address of your Custodian account was changed"
+    );
+    let m = sink.wait_for(3).await;
     assert_eq!(
         m.to, "walt@new.example.org",
         "the reset for the unverified address sent nothing"
@@ -923,4 +930,122 @@ async fn mail_goes_over_tls_or_not_at_all() {
         sink.auths.lock().unwrap().is_empty(),
         "no password in clear"
     );
+}
+
+both_backends!(an_address_change_kills_the_links_sent_before);
+/// Issue 20, item 4: after an administrator changes a user's email, a reset link sent to
+/// the old address no longer resets anything and the old (verified) address is told
+/// (that nothing goes to the new address until it is verified is in
+/// `email_addresses_are_verified_by_link`).
+async fn an_address_change_kills_the_links_sent_before(backend: Backend) {
+    let (s, sink) = server(backend, vec![]).await;
+    let root = admin(&s).await;
+    let id = invited(&s, &sink, &root, "paula@example.org", "paula").await;
+    post(
+        &s,
+        "/api/v1/auth/password-reset",
+        None,
+        json!({"username_or_email": "paula"}),
+    )
+    .await;
+    let link = sink.wait_for(1).await;
+    assert_eq!(link.to, "paula@example.org");
+    let res = s
+        .send_as(
+            Method::PATCH,
+            &format!("/api/v1/users/{id}"),
+            &root,
+            Some(json!({"email": "someone@else.example"})),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    // Revoked in the same change...
+    let live: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM account_tokens WHERE user_id = $1 AND revoked_at IS NULL AND used_at IS NULL",
+    )
+    .bind(&id)
+    .fetch_one(s.state.db().reader())
+    .await
+    .unwrap();
+    assert_eq!(live, 0, "every outstanding link of the account is revoked");
+    // ...so the old link is dead, on the API and on its page.
+    let res = post(
+        &s,
+        "/api/v1/auth/password-reset/confirm",
+        None,
+        json!({"token": link.token(), "new_password": PW2}),
+    )
+    .await;
+    assert_eq!(res.status(), 400);
+    assert!(
+        !s.get(&link.link())
+            .await
+            .text()
+            .await
+            .unwrap()
+            .contains("new_password")
+    );
+    s.login("paula", PW).await;
+    // The old, verified address hears of the change; the new one gets nothing.
+    let notice = sink.wait_for(2).await;
+    assert_eq!(notice.to, "paula@example.org");
+    assert!(!notice.data.contains("/accounts/"));
+    // Even a link that escaped revocation (written straight into the table) dies with
+    // the address: the link is bound to where it was sent.
+    let sql = "UPDATE account_tokens SET revoked_at = NULL WHERE purpose = 'reset_password'";
+    sqlx::query(sql)
+        .execute(s.state.db().writer())
+        .await
+        .unwrap();
+    let res = post(
+        &s,
+        "/api/v1/auth/password-reset/confirm",
+        None,
+        json!({"token": link.token(), "new_password": PW2}),
+    )
+    .await;
+    assert_eq!(res.status(), 400);
+    s.login("paula", PW).await;
+}
+
+both_backends!(a_reset_link_cannot_be_used_to_guess_codes);
+/// A sibling of item 3: the second factor asked by a reset link counts failures like
+/// sign-in, and a link dies after three wrong codes.
+async fn a_reset_link_cannot_be_used_to_guess_codes(backend: Backend) {
+    let (s, sink) = server(backend, vec![("lockout.max_failures", "10".into())]).await;
+    let root = admin(&s).await;
+    let id = invited(&s, &sink, &root, "tom@example.org", "tom").await;
+    let t = s.login("tom", PW).await;
+    let (secret, _) = enrol(&s, &t).await;
+    post(
+        &s,
+        "/api/v1/auth/password-reset",
+        None,
+        json!({"username_or_email": "tom"}),
+    )
+    .await;
+    let mail = sink.wait_for(1).await;
+    for guess in ["000000", "111111", "222222"] {
+        let res = post(
+            &s,
+            "/api/v1/auth/password-reset/confirm",
+            None,
+            json!({"token": mail.token(), "new_password": PW2, "totp_code": guess}),
+        )
+        .await;
+        assert_eq!(res.status(), 401);
+    }
+    s.clock.advance(Duration::from_secs(30));
+    let res = post(
+        &s,
+        "/api/v1/auth/password-reset/confirm",
+        None,
+        json!({"token": mail.token(), "new_password": PW2, "totp_code": current_code(&s, &secret, 0)}),
+    )
+    .await;
+    assert_eq!(res.status(), 400, "the link died after three wrong codes");
+    let history = custodian::identity::store::attempts(s.state.db(), &id, None, 50)
+        .await
+        .unwrap();
+    assert_eq!(history.iter().filter(|a| a.reason == "bad_totp").count(), 3);
 }

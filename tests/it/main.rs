@@ -11,6 +11,8 @@ mod bodies;
 mod browser;
 mod cli;
 mod conventions;
+mod credentials;
+mod delegation;
 mod docs;
 mod health;
 mod identity;

@@ -252,6 +252,7 @@ impl TestServer {
         self.state
             .identity()
             .create_user(
+                custodian::identity::Grantor::Operator,
                 username,
                 Some(&format!("{username}@example.org")),
                 role,
