@@ -160,7 +160,7 @@ both_backends!(one_address_cannot_lock_an_account_again_and_again);
 
 /// The operations a personal API token may not call: identity administration and the
 /// caller's own credentials. Everything else accepts one.
-const SESSION_ONLY: [&str; 24] = [
+pub(crate) const SESSION_ONLY: [&str; 24] = [
     "POST /api/v1/auth/logout-all",
     "POST /api/v1/auth/password",
     "POST /api/v1/auth/totp/enroll",

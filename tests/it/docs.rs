@@ -150,3 +150,208 @@ fn the_dockerfile_copies_everything_the_build_embeds() {
         );
     }
 }
+
+// ---- the project documents itself -------------------------------------------------------
+
+fn read_doc(name: &str) -> String {
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(name)).unwrap()
+}
+
+/// The lines of `text` between `<!-- tag -->` and `<!-- /tag -->`.
+fn section<'a>(text: &'a str, tag: &str) -> &'a str {
+    let open = format!("<!-- {tag} -->");
+    let close = format!("<!-- /{tag} -->");
+    let start = text.find(&open).unwrap_or_else(|| panic!("no {open}")) + open.len();
+    let end = text[start..]
+        .find(&close)
+        .unwrap_or_else(|| panic!("no {close}"));
+    &text[start..start + end]
+}
+
+/// The cells of the table rows of `text` whose first cell is a backticked value.
+fn rows(text: &str) -> Vec<(String, Vec<String>)> {
+    text.lines()
+        .filter_map(|l| {
+            let cells: Vec<String> = l
+                .trim()
+                .strip_prefix('|')?
+                .split('|')
+                .map(|c| c.trim().to_owned())
+                .collect();
+            let key = cells
+                .first()?
+                .strip_prefix('`')?
+                .strip_suffix('`')?
+                .to_owned();
+            Some((key, cells[1..].to_vec()))
+        })
+        .collect()
+}
+
+/// What a `needs` cell of docs/api.md says: public, the permissions, session-only.
+#[derive(Debug, PartialEq)]
+struct Needs {
+    public: bool,
+    signed_in: bool,
+    permissions: BTreeSet<String>,
+    session_only: bool,
+}
+
+fn parse_needs(cell: &str) -> Needs {
+    Needs {
+        public: cell.contains("public"),
+        signed_in: cell.contains("signed in") || cell.contains('`'),
+        permissions: cell
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect(),
+        session_only: cell.contains("session"),
+    }
+}
+
+/// docs/api.md lists exactly the operations of the OpenAPI document, each with the
+/// permission the server enforces (the document's bearer scopes, which
+/// `access::every_route_denies_by_default` proves), whether it is public, and whether an
+/// API token is refused (the list `credentials` proves against the server).
+#[test]
+fn the_api_reference_lists_every_operation_as_enforced() {
+    let doc: serde_json::Value =
+        serde_json::from_str(&custodian::http::openapi_document().to_json().unwrap()).unwrap();
+    let api = read_doc("docs/api.md");
+    let documented: std::collections::BTreeMap<String, Needs> = rows(section(&api, "operations"))
+        .into_iter()
+        .map(|(k, cells)| (k, parse_needs(&cells[0])))
+        .collect();
+    let session_only: BTreeSet<&str> = crate::credentials::SESSION_ONLY.into_iter().collect();
+    let mut served = BTreeSet::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            let key = format!("{} {path}", method.to_uppercase());
+            let security = op["security"].as_array().cloned().unwrap_or_default();
+            let public = security.is_empty()
+                || security
+                    .iter()
+                    .any(|r| r.as_object().is_some_and(serde_json::Map::is_empty));
+            let permissions: BTreeSet<String> = security
+                .iter()
+                .filter_map(|r| r.get("bearer"))
+                .flat_map(|s| s.as_array().cloned().unwrap_or_default())
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect();
+            let signed_in = security.iter().any(|r| r.get("bearer").is_some());
+            let expected = Needs {
+                public,
+                signed_in,
+                permissions,
+                session_only: session_only.contains(key.as_str()),
+            };
+            let Some(said) = documented.get(&key) else {
+                panic!("docs/api.md does not list {key}");
+            };
+            assert_eq!(said, &expected, "docs/api.md, the needs of {key}");
+            served.insert(key);
+        }
+    }
+    for key in documented.keys() {
+        assert!(
+            served.contains(key),
+            "docs/api.md lists {key}, which the server does not have"
+        );
+    }
+}
+
+/// Every error code the server can answer is explained in docs/api.md, and nothing else.
+#[test]
+fn the_api_reference_lists_every_error_code() {
+    let doc: serde_json::Value =
+        serde_json::from_str(&custodian::http::openapi_document().to_json().unwrap()).unwrap();
+    let codes: BTreeSet<String> = doc["components"]["schemas"]["ErrorCode"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    assert!(codes.len() > 15, "{codes:?}");
+    let api = read_doc("docs/api.md");
+    let documented: BTreeSet<String> = rows(section(&api, "error-codes"))
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(documented, codes);
+}
+
+/// README and docs stand alone: no pointer outside the repository, and every relative
+/// link leads to a file that exists.
+#[test]
+fn no_document_points_outside_the_repository() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("README.md")];
+    for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "md") {
+            files.push(path);
+        }
+    }
+    assert!(files.len() > 8);
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let name = file.display();
+        assert!(!text.contains("../shared"), "{name} points to ../shared");
+        for part in text.split("](").skip(1) {
+            let target = part.split(')').next().unwrap_or("");
+            let target = target.split('#').next().unwrap_or("");
+            if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let resolved = file.parent().unwrap().join(target);
+            assert!(
+                resolved.exists(),
+                "{name} links to {target}, which is missing"
+            );
+        }
+    }
+}
+
+/// The example of docs/smart.md is what the server answers to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_score_example_in_smart_md_is_what_the_server_answers() {
+    let text = read_doc("docs/smart.md");
+    let start = text.find("## The API").unwrap();
+    let text = &text[start..];
+    let request = text
+        .split("-d '")
+        .nth(1)
+        .unwrap()
+        .split('\'')
+        .next()
+        .unwrap();
+    let request: serde_json::Value = serde_json::from_str(request).unwrap();
+    let answer = text
+        .split("```json")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_str(answer).unwrap();
+
+    let s = TestServer::start(Backend::Sqlite).await;
+    s.user("doc", "doctor", "Correct-Horse-9!").await;
+    let token = s.login("doc", "Correct-Horse-9!").await;
+    let res = s
+        .send_as(
+            reqwest::Method::POST,
+            "/api/v1/precise-hbr/score",
+            &token,
+            Some(request),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        json(res).await,
+        answer,
+        "docs/smart.md shows another answer"
+    );
+}
