@@ -110,7 +110,7 @@ impl Audit {
         for id in ids {
             match SafeId::new(id) {
                 Some(s) => listed.push(s),
-                None => self.touch_patient(action, "patient", id, id),
+                None => self.touch_patient(action, "patient", Some(id), Some(id)),
             }
         }
         if !listed.is_empty() {
@@ -118,20 +118,21 @@ impl Audit {
         }
     }
 
-    /// Adds an event naming one patient whose data the response carries.
+    /// Adds an event naming one patient whose data the response carries (or, for a
+    /// break-glass access, the patient it was for).
     pub fn touch_patient(
         &self,
         action: Action,
         resource_type: &'static str,
-        resource_id: &str,
-        patient_id: &str,
+        resource_id: Option<&str>,
+        patient_id: Option<&str>,
     ) {
         self.with(|d| {
             d.extra.push(Annotation {
                 action: Some(action),
                 resource_type: Some(resource_type),
-                resource_id: Some(resource_id.to_owned()),
-                patient_id: Some(patient_id.to_owned()),
+                resource_id: resource_id.map(str::to_owned),
+                patient_id: patient_id.map(str::to_owned),
                 break_glass: d.primary.break_glass,
                 reason: d.primary.reason.clone(),
                 ..Annotation::default()

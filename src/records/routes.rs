@@ -1,7 +1,8 @@
 //! HTTP for patients and records. Each read names the patient in the audit trail before
 //! the response leaves (the activity middleware waits for the commit); SSNs are masked
 //! without `phi:ssn`; `?anonymize=true` gives the de-identified view; break-glass lets a
-//! user with `breakglass` read with a stated reason, flagged and raised.
+//! user with `breakglass` read one named patient and their records with a stated reason
+//! (never a list or a search of patients), each such access flagged and raised.
 
 use axum::Json;
 use axum::extract::{FromRequestParts, Path, State};
@@ -52,8 +53,9 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// Minimum length of a break-glass reason.
 const MIN_REASON: usize = 10;
 
-/// Who may read PHI on this request, and how: with the read permission, or by
-/// break-glass (`breakglass` + `X-Break-Glass-Reason`).
+/// Who may read one patient's PHI on this request, and how: with the read permission, or
+/// by break-glass (`breakglass` + `X-Break-Glass-Reason`). Only the routes that name one
+/// patient take it: a list or a search of patients needs `patients:read` itself.
 pub struct PhiReader {
     principal: Principal,
     break_glass: Option<String>,
@@ -93,13 +95,22 @@ impl PhiReader {
         self.principal.has(Permission::PhiSsn)
     }
 
-    /// Marks the request's events as break-glass, and raises it.
-    fn flag(&self, audit: &Audit) {
+    /// When this is a break-glass access: marks the request's events as break-glass, adds
+    /// the `break_glass` event naming the patient (which the security rules raise), and
+    /// logs it. Every route a break-glass reader can reach calls this once.
+    fn flag(
+        &self,
+        audit: &Audit,
+        resource_type: &'static str,
+        resource_id: Option<&str>,
+        patient_id: Option<&str>,
+    ) {
         if let Some(reason) = &self.break_glass {
             audit.annotate(|a| {
                 a.break_glass = true;
                 a.reason = Some(reason.clone());
             });
+            audit.touch_patient(Action::BreakGlass, resource_type, resource_id, patient_id);
             tracing::warn!(target: "custodian::security", user_id = %self.principal.user_id, "security event: break-glass access to PHI");
         }
     }
@@ -271,15 +282,16 @@ pub struct PatientQuery {
     anonymize: Option<bool>,
 }
 
-/// Search patients (`patients:read`). The search's one audit event names every patient
-/// returned (`patient_ids` in its context); the patient filter of the audit events and
-/// the accounting of disclosures find it under each of them.
+/// Search patients (`patients:read`; break-glass does not open a list or a search). The
+/// search's one audit event names every patient returned (`patient_ids` in its context);
+/// the patient filter of the audit events and the accounting of disclosures find it under
+/// each of them.
 #[utoipa::path(get, path = "/api/v1/patients", tag = "patients", security(("bearer" = ["patients:read"])),
     params(PatientQuery), responses((status = 200, body = PatientPage), (status = 422, description = "validation_error")))]
 pub async fn list_patients(
     State(state): State<AppState>,
     audit: Audit,
-    PatientReader(reader): PatientReader,
+    auth: Authorized<need::PatientsRead>,
     QueryParams(q): QueryParams<PatientQuery>,
 ) -> Result<Json<PatientPage>, ApiError> {
     let limit = q.limit.unwrap_or(20);
@@ -289,7 +301,6 @@ pub async fn list_patients(
     if q.q.as_ref().is_some_and(|s| s.chars().count() > 200) {
         return Err(ApiError::field("q", "must be at most 200 characters"));
     }
-    reader.flag(&audit);
     audit.annotate(|a| {
         a.action = Some(Action::Search);
         a.resource_type = Some("patient");
@@ -312,7 +323,7 @@ pub async fn list_patients(
         },
         items: found
             .iter()
-            .map(|p| patient_view(&state, p, reader.sees_ssn(), anonymize))
+            .map(|p| patient_view(&state, p, auth.has(Permission::PhiSsn), anonymize))
             .collect(),
     }))
 }
@@ -352,12 +363,9 @@ pub async fn get_patient(
     Path(id): Path<String>,
     QueryParams(v): QueryParams<ViewQuery>,
 ) -> Result<Response, ApiError> {
-    reader.flag(&audit);
     touch(&audit, Action::Read, "patient", &id, &id);
+    reader.flag(&audit, "patient", Some(&id), Some(&id));
     let p = state.patients().get(&id).await?;
-    if reader.break_glass.is_some() {
-        audit.touch_patient(Action::BreakGlass, "patient", &id, &id);
-    }
     Ok(with_etag(
         StatusCode::OK,
         p.version,
@@ -433,8 +441,8 @@ pub async fn list_records(
     if limit == 0 || limit > 200 {
         return Err(ApiError::field("limit", "must be between 1 and 200"));
     }
-    reader.flag(&audit);
     touch(&audit, Action::Read, "record", &id, &id);
+    reader.flag(&audit, "record", None, Some(&id));
     let mut rows = state
         .patients()
         .records(&id, &q.cursor.unwrap_or_default(), i64::from(limit) + 1)
@@ -487,8 +495,9 @@ pub async fn get_record(
     Path(id): Path<String>,
     QueryParams(v): QueryParams<ViewQuery>,
 ) -> Result<Response, ApiError> {
-    reader.flag(&audit);
-    let patient = state.patients().record_patient(&id).await?;
+    let patient = state.patients().record_patient(&id).await;
+    reader.flag(&audit, "record", Some(&id), patient.as_deref().ok());
+    let patient = patient?;
     touch(&audit, Action::Read, "record", &id, &patient);
     let r = state.patients().record(&id).await?;
     Ok(with_etag(

@@ -39,7 +39,7 @@ fn patient_routes() -> Router<AppState> {
                 });
                 audit.context("records", ContextValue::Int(2));
                 for other in ["p-2", "p-3"] {
-                    audit.touch_patient(Action::Read, "patient", other, other);
+                    audit.touch_patient(Action::Read, "patient", Some(other), Some(other));
                 }
                 "PHI-CANARY-1234"
             }),

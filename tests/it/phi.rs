@@ -391,13 +391,8 @@ async fn records_follow_their_permissions(backend: Backend) {
 }
 both_backends!(records_follow_their_permissions);
 
-async fn break_glass_is_allowed_flagged_and_accounted(backend: Backend) {
-    let s = TestServer::start(backend).await;
-    let t = team(&s).await;
-    let pid = create(&s, &t.doctor, ada()).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+/// A user `medic` whose role (`er`) holds `breakglass` and nothing else; their token.
+async fn breakglass_user(s: &TestServer) -> String {
     sqlx::query("INSERT INTO roles (name, builtin, created_at) VALUES ('er', 0, '')")
         .execute(s.state.db().writer())
         .await
@@ -407,7 +402,17 @@ async fn break_glass_is_allowed_flagged_and_accounted(backend: Backend) {
         .await
         .unwrap();
     s.user("medic", "er", PW).await;
-    let er = s.login("medic", PW).await;
+    s.login("medic", PW).await
+}
+
+async fn break_glass_is_allowed_flagged_and_accounted(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let t = team(&s).await;
+    let pid = create(&s, &t.doctor, ada()).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let er = breakglass_user(&s).await;
     let url = s.url(&format!("/api/v1/patients/{pid}"));
     assert_eq!(
         s.client
@@ -487,6 +492,96 @@ async fn break_glass_is_allowed_flagged_and_accounted(backend: Backend) {
     );
 }
 both_backends!(break_glass_is_allowed_flagged_and_accounted);
+
+/// Break-glass opens the patient it names and that patient's records, nothing wider: a
+/// list or a search of patients is refused even with a reason. And every break-glass
+/// access, to the patient or to their records, is a `break_glass` event naming the
+/// patient and a security event.
+async fn break_glass_opens_one_patient_and_always_raises(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let t = team(&s).await;
+    let pid = create(&s, &t.doctor, ada()).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut other = ada();
+    other["family_name"] = json!("Byron");
+    create(&s, &t.doctor, other).await;
+    let res = s
+        .send_as(
+            Method::POST,
+            &format!("/api/v1/patients/{pid}/records"),
+            &t.doctor,
+            Some(json!({"diagnosis": "Hypertension"})),
+        )
+        .await;
+    let rid = json(res).await["id"].as_str().unwrap().to_owned();
+    let er = breakglass_user(&s).await;
+    let glass = |path: String| {
+        let s = &s;
+        let er = er.clone();
+        async move {
+            s.client
+                .get(s.url(&path))
+                .bearer_auth(&er)
+                .header("x-break-glass-reason", "Unconscious patient in ER bay 3")
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // Never a list or a search.
+    for path in [
+        "/api/v1/patients",
+        "/api/v1/patients?q=lovelace",
+        "/api/v1/patients?anonymize=true",
+    ] {
+        let res = glass(path.to_owned()).await;
+        assert_eq!(res.status(), 403, "{path}");
+        assert_eq!(json(res).await["code"], "forbidden");
+    }
+    let raised = |s: &TestServer| {
+        s.state
+            .security()
+            .counts()
+            .into_iter()
+            .find(|(r, _)| *r == "break_glass")
+            .map_or(0, |(_, n)| n)
+    };
+    assert_eq!(raised(&s), 0, "a refused list is not a break-glass access");
+    // The named patient's records, and one record: each raises.
+    let res = glass(format!("/api/v1/patients/{pid}/records")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(json(res).await["items"][0]["diagnosis"], "Hypertension");
+    assert_eq!(raised(&s), 1, "a break-glass read of the records raises");
+    let res = glass(format!("/api/v1/records/{rid}")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(raised(&s), 2, "a break-glass read of a record raises");
+    let res = glass(format!("/api/v1/patients/{pid}")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(raised(&s), 3);
+    // Each is a `break_glass` event naming the patient, with the reason.
+    let bg = json(
+        s.get_as("/api/v1/audit/events?action=break_glass", &t.auditor)
+            .await,
+    )
+    .await;
+    let items = bg["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3, "{bg}");
+    assert!(items.iter().all(|e| e["patient_id"] == pid.as_str()
+        && e["break_glass"] == true
+        && e["reason"] == "Unconscious patient in ER bay 3"));
+    let paths: Vec<&str> = items.iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/api/v1/patients/{id}",
+            "/api/v1/records/{id}",
+            "/api/v1/patients/{id}/records"
+        ]
+    );
+}
+both_backends!(break_glass_opens_one_patient_and_always_raises);
 
 async fn ciphertexts_moved_in_the_database_do_not_open(backend: Backend) {
     let s = TestServer::start(backend).await;
