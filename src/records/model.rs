@@ -220,16 +220,6 @@ pub fn mask_ssn(ssn: &str) -> String {
     format!("XXX-XX-{}", ssn.get(7..).unwrap_or("XXXX"))
 }
 
-/// The email in the de-identified view: `jo***@example.com`.
-pub fn mask_email(email: &str) -> String {
-    match email.split_once('@') {
-        Some((local, domain)) => {
-            format!("{}***@{domain}", local.chars().take(2).collect::<String>())
-        }
-        None => "***".into(),
-    }
-}
-
 /// Normalisations for the blind indexes.
 pub fn norm_name(s: &str) -> String {
     use unicode_normalization::UnicodeNormalization;
@@ -253,8 +243,9 @@ pub struct PatientView {
     /// `YYYY-MM-DD`; the year only (or `90+`) in the de-identified view.
     pub birth_date: String,
     pub sex: Option<String>,
-    /// Masked `XXX-XX-6789` without `phi:ssn`.
+    /// Masked `XXX-XX-6789` without `phi:ssn`; null in the de-identified view.
     pub ssn: Option<String>,
+    /// Null in the de-identified view (as are `mrn`, `phone`, `address` and the dates).
     pub email: Option<String>,
     pub phone: Option<String>,
     pub address: Option<String>,
@@ -323,7 +314,6 @@ mod tests {
             assert!(!valid_ssn(bad), "{bad}");
         }
         assert_eq!(mask_ssn("123-45-6789"), "XXX-XX-6789");
-        assert_eq!(mask_email("john@example.com"), "jo***@example.com");
         assert_eq!(norm_name("  Ｍary   ANN "), "mary ann");
     }
 

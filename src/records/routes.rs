@@ -15,7 +15,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::model::{
-    NewPatient, NewRecord, PatientPatch, PatientView, RecordPatch, RecordView, mask_email, mask_ssn,
+    NewPatient, NewRecord, PatientPatch, PatientView, RecordPatch, RecordView, mask_ssn,
 };
 use super::service::{Patient, PhiError, Record};
 use crate::access::{Authorized, Permission, Principal, need};
@@ -147,11 +147,16 @@ impl FromRequestParts<AppState> for RecordReader {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct ViewQuery {
-    /// The de-identified view (Safe Harbor for the fields present).
+    /// The de-identified view (HIPAA Safe Harbor): no identifier, ids replaced by
+    /// pseudonyms.
     #[serde(default)]
     anonymize: Option<bool>,
 }
 
+/// A patient as this caller may see them. The de-identified view follows Safe Harbor
+/// (§164.514(b)(2)) for every field a patient has: names redacted; SSN, email, phone,
+/// address, MRN and the record's own dates removed; the birth date reduced to its year,
+/// or `90+` over 89; the id replaced by a pseudonym.
 fn patient_view(state: &AppState, p: &Patient, sees_ssn: bool, anonymize: bool) -> PatientView {
     let f = &p.fields;
     if anonymize {
@@ -175,8 +180,8 @@ fn patient_view(state: &AppState, p: &Patient, sees_ssn: bool, anonymize: bool) 
                 _ => "REDACTED".into(),
             },
             sex: f.sex.clone(),
-            ssn: f.ssn.as_deref().map(mask_ssn),
-            email: f.email.as_deref().map(mask_email),
+            ssn: None,
+            email: None,
             phone: None,
             address: None,
             created_at: None,
@@ -263,6 +268,45 @@ fn touch(audit: &Audit, action: Action, resource: &'static str, id: &str, patien
     });
 }
 
+/// What a de-identified cursor of the patient list pages.
+const PATIENT_PAGES: &str = "patients";
+
+/// Where a page starts. An identified page's cursor is the last id of the page before;
+/// a de-identified page's is sealed ([`super::Patients::deid_cursor`]), and it continues
+/// only from such a cursor of the same `scope`, never from a real id.
+fn page_after(
+    state: &AppState,
+    cursor: Option<&str>,
+    anonymize: bool,
+    scope: &str,
+) -> Result<String, ApiError> {
+    match cursor {
+        None => Ok(String::new()),
+        Some(c) if !anonymize => Ok(c.to_owned()),
+        Some(c) => state.patients().open_deid_cursor(scope, c).ok_or_else(|| {
+            ApiError::field(
+                "cursor",
+                "is not the cursor of a previous de-identified page",
+            )
+        }),
+    }
+}
+
+/// The cursor after `last` (the last row of a page that has more): the id itself, or,
+/// for a de-identified page, the id sealed so that the answer carries no real id.
+fn next_cursor(
+    state: &AppState,
+    last: Option<&str>,
+    anonymize: bool,
+    scope: &str,
+) -> Result<Option<String>, ApiError> {
+    Ok(match last {
+        None => None,
+        Some(id) if !anonymize => Some(id.to_owned()),
+        Some(id) => Some(state.patients().deid_cursor(scope, id)?),
+    })
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct PatientPage {
     items: Vec<PatientView>,
@@ -305,7 +349,8 @@ pub async fn list_patients(
         a.action = Some(Action::Search);
         a.resource_type = Some("patient");
     });
-    let after = q.cursor.clone().unwrap_or_default();
+    let anonymize = q.anonymize.unwrap_or(false);
+    let after = page_after(&state, q.cursor.as_deref(), anonymize, PATIENT_PAGES)?;
     let mut found = state
         .patients()
         .search(q.q.as_deref(), &after, i64::from(limit) + 1)
@@ -314,13 +359,9 @@ pub async fn list_patients(
     found.truncate(limit as usize);
     audit.context("count", ContextValue::Int(found.len() as i64));
     audit.name_patients(Action::Read, found.iter().map(|p| p.id.as_str()));
-    let anonymize = q.anonymize.unwrap_or(false);
+    let last = found.last().filter(|_| more).map(|p| p.id.as_str());
     Ok(Json(PatientPage {
-        next_cursor: if more {
-            found.last().map(|p| p.id.clone())
-        } else {
-            None
-        },
+        next_cursor: next_cursor(&state, last, anonymize, PATIENT_PAGES)?,
         items: found
             .iter()
             .map(|p| patient_view(&state, p, auth.has(Permission::PhiSsn), anonymize))
@@ -443,20 +484,20 @@ pub async fn list_records(
     }
     touch(&audit, Action::Read, "record", &id, &id);
     reader.flag(&audit, "record", None, Some(&id));
+    let anonymize = q.anonymize.unwrap_or(false);
+    // A de-identified cursor pages one patient's records only.
+    let scope = format!("records/{id}");
+    let after = page_after(&state, q.cursor.as_deref(), anonymize, &scope)?;
     let mut rows = state
         .patients()
-        .records(&id, &q.cursor.unwrap_or_default(), i64::from(limit) + 1)
+        .records(&id, &after, i64::from(limit) + 1)
         .await?;
     let more = rows.len() > limit as usize;
     rows.truncate(limit as usize);
     audit.context("count", ContextValue::Int(rows.len() as i64));
-    let anonymize = q.anonymize.unwrap_or(false);
+    let last = rows.last().filter(|_| more).map(|r| r.id.as_str());
     Ok(Json(RecordPage {
-        next_cursor: if more {
-            rows.last().map(|r| r.id.clone())
-        } else {
-            None
-        },
+        next_cursor: next_cursor(&state, last, anonymize, &scope)?,
         items: rows
             .iter()
             .map(|r| record_view(&state, r, anonymize))
