@@ -200,6 +200,18 @@ pub fn parse_date(s: &str) -> Option<time::Date> {
         .flatten()
 }
 
+/// Whether `s` has the shape of an SSN, `ddd-dd-dddd`, issued or not.
+pub fn ssn_shaped(s: &str) -> bool {
+    s.len() == 11
+        && s.bytes().enumerate().all(|(i, b)| {
+            if i == 3 || i == 6 {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        })
+}
+
 /// `ddd-dd-dddd`, excluding the numbers the SSA never issues.
 pub fn valid_ssn(s: &str) -> bool {
     let b = s.as_bytes();
@@ -313,6 +325,10 @@ mod tests {
         ] {
             assert!(!valid_ssn(bad), "{bad}");
         }
+        assert!(ssn_shaped("666-12-3456") && ssn_shaped("000-00-0000"));
+        assert!(
+            !ssn_shaped("123456789") && !ssn_shaped("12a-45-6789") && !ssn_shaped("1234-5-6789")
+        );
         assert_eq!(mask_ssn("123-45-6789"), "XXX-XX-6789");
         assert_eq!(norm_name("  Ｍary   ANN "), "mary ann");
     }

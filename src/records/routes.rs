@@ -15,7 +15,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::model::{
-    NewPatient, NewRecord, PatientPatch, PatientView, RecordPatch, RecordView, mask_ssn,
+    NewPatient, NewRecord, PatientPatch, PatientView, RecordPatch, RecordView, mask_ssn, ssn_shaped,
 };
 use super::service::{Patient, PhiError, Record};
 use crate::access::{Authorized, Permission, Principal, need};
@@ -317,7 +317,8 @@ pub struct PatientPage {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct PatientQuery {
-    /// Exact MRN, SSN, birth date (YYYY-MM-DD), or given or family name (any case).
+    /// Exact MRN, SSN (needs `phi:ssn`: without it an SSN-shaped `q` is a 403
+    /// `forbidden`), birth date (YYYY-MM-DD), or given or family name (any case).
     q: Option<String>,
     /// 1–100, default 20.
     limit: Option<u32>,
@@ -331,7 +332,9 @@ pub struct PatientQuery {
 /// the patient filter of the audit events and the accounting of disclosures find it under
 /// each of them.
 #[utoipa::path(get, path = "/api/v1/patients", tag = "patients", security(("bearer" = ["patients:read"])),
-    params(PatientQuery), responses((status = 200, body = PatientPage), (status = 422, description = "validation_error")))]
+    params(PatientQuery), responses((status = 200, body = PatientPage),
+        (status = 403, description = "forbidden: no `patients:read`, or an SSN as `q` without `phi:ssn`"),
+        (status = 422, description = "validation_error")))]
 pub async fn list_patients(
     State(state): State<AppState>,
     audit: Audit,
@@ -349,11 +352,18 @@ pub async fn list_patients(
         a.action = Some(Action::Search);
         a.resource_type = Some("patient");
     });
+    // Without `phi:ssn` an SSN is no search key: whether a search by it finds someone
+    // would tell whose SSN it is. Refused on its shape alone, before any lookup.
+    let by_ssn = auth.has(Permission::PhiSsn);
+    if !by_ssn && q.q.as_deref().map(str::trim).is_some_and(ssn_shaped) {
+        return Err(ApiError::new(ErrorCode::Forbidden)
+            .with_detail("Searching by SSN needs the phi:ssn permission."));
+    }
     let anonymize = q.anonymize.unwrap_or(false);
     let after = page_after(&state, q.cursor.as_deref(), anonymize, PATIENT_PAGES)?;
     let mut found = state
         .patients()
-        .search(q.q.as_deref(), &after, i64::from(limit) + 1)
+        .search(q.q.as_deref(), by_ssn, &after, i64::from(limit) + 1)
         .await?;
     let more = found.len() > limit as usize;
     found.truncate(limit as usize);

@@ -316,11 +316,12 @@ impl Patients {
         }
     }
 
-    /// Exact search on MRN, SSN, birth date, given or family name, by blind index only:
-    /// no table is decrypted to search it.
+    /// Exact search on MRN, SSN (only when `by_ssn`: the caller holds `phi:ssn`), birth
+    /// date, given or family name, by blind index only: no table is decrypted to search it.
     pub async fn search(
         &self,
         q: Option<&str>,
+        by_ssn: bool,
         after: &str,
         limit: i64,
     ) -> Result<Vec<Patient>, PhiError> {
@@ -329,7 +330,7 @@ impl Patients {
             Some(q) => {
                 // A value that cannot be of a kind matches nothing of that kind.
                 let none = || "-".to_owned();
-                let ssn = if super::model::valid_ssn(q) {
+                let ssn = if by_ssn && super::model::valid_ssn(q) {
                     self.bi("ssn", &q.replace('-', ""))?
                 } else {
                     none()
