@@ -90,6 +90,17 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Success,
+        Outcome::Failure,
+        Outcome::Denied,
+        Outcome::Error,
+    ];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+
     pub const fn as_str(self) -> &'static str {
         match self {
             Outcome::Success => "success",
@@ -234,10 +245,31 @@ pub struct AuditEvent {
     pub outcome: String,
     pub break_glass: bool,
     pub reason: Option<String>,
-    /// PHI-free details (ids and counts), as JSON text.
+    /// PHI-free details (ids, counts, codes): a JSON object in the API, the JSON-lines
+    /// export and the sink; the compact JSON text in CSV. The chain hashes the text as
+    /// stored, so showing it as an object changes no hash.
+    #[serde(serialize_with = "context_object", deserialize_with = "context_text")]
+    #[schema(value_type = Object)]
     pub context: String,
     pub prev_hash: String,
     pub hash: String,
+}
+
+/// The stored context text as the JSON object it is (the text itself, should it not parse).
+fn context_object<S: serde::Serializer>(text: &str, s: S) -> Result<S::Ok, S::Error> {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(v) => v.serialize(s),
+        Err(_) => s.serialize_str(text),
+    }
+}
+
+/// The context text from either form: an object (as serialised now; written back in the
+/// stored form, compact with its keys in order) or the text itself.
+fn context_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Ok(s),
+        v => serde_json::to_string(&v).map_err(serde::de::Error::custom),
+    }
 }
 
 /// The exact bytes hashed for an event: every field, in this order, as JSON.
@@ -387,6 +419,22 @@ mod tests {
         let mut g = a;
         g.break_glass = true;
         assert_ne!(g.compute_hash(), AuditEvent::chained(&e, 1, GENESIS).hash);
+    }
+
+    /// The API shows the context as an object; the hash is over the stored text, and the
+    /// object reads back to that same text.
+    #[test]
+    fn context_is_an_object_outside_and_text_in_the_chain() {
+        let a = AuditEvent::chained(&event(), 1, GENESIS);
+        let v = serde_json::to_value(&a).unwrap();
+        assert_eq!(v["context"], serde_json::json!({"count": 3}));
+        let back: AuditEvent = serde_json::from_value(v).unwrap();
+        assert_eq!(back.context, a.context);
+        assert_eq!(back.compute_hash(), a.hash);
+        let mut old = serde_json::to_value(&a).unwrap();
+        old["context"] = serde_json::Value::String(a.context.clone());
+        let back: AuditEvent = serde_json::from_value(old).unwrap();
+        assert_eq!(back, a);
     }
 
     #[test]

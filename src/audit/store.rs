@@ -463,6 +463,10 @@ pub struct Filter {
     pub actor: Option<String>,
     pub patient_id: Option<String>,
     pub action: Option<String>,
+    /// `success`, `failure`, `denied` or `error`.
+    pub outcome: Option<String>,
+    /// The HTTP status sent.
+    pub status: Option<i64>,
     pub since: Option<String>,
     pub until: Option<String>,
     /// Only events with `seq` below this (the cursor).
@@ -497,6 +501,12 @@ pub async fn query(
     }
     if let Some(a) = &f.action {
         add(" AND action = ?", Bind::Text(a.clone()));
+    }
+    if let Some(o) = &f.outcome {
+        add(" AND outcome = ?", Bind::Text(o.clone()));
+    }
+    if let Some(s) = f.status {
+        add(" AND status = ?", Bind::Int(s));
     }
     if let Some(s) = &f.since {
         add(" AND at >= ?", Bind::Text(s.clone()));

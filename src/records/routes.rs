@@ -17,9 +17,11 @@ use utoipa_axum::routes;
 use super::model::{
     NewPatient, NewRecord, PatientPatch, PatientView, RecordPatch, RecordView, mask_ssn, ssn_shaped,
 };
-use super::service::{Patient, PhiError, Record};
+use super::service::{Patient, Patients, PhiError, Record};
 use crate::access::{Authorized, Permission, Principal, need};
 use crate::app::AppState;
+use crate::audit::middleware::{Annotation, Subjects, action_of, path_param};
+use crate::audit::model::SafeId;
 use crate::audit::{Action, Audit, ContextValue};
 use crate::http::json::{JsonBody, QueryParams};
 use crate::http::{ApiError, ErrorCode};
@@ -259,13 +261,78 @@ fn with_etag(status: StatusCode, version: i64, body: impl Serialize) -> Response
     r
 }
 
-fn touch(audit: &Audit, action: Action, resource: &'static str, id: &str, patient_id: &str) {
+/// Says what the request is about: the action, the resource (`id` the resource's own id;
+/// none for a list or a resource not made yet) and the patient.
+fn touch(
+    audit: &Audit,
+    action: Action,
+    resource: &'static str,
+    id: Option<&str>,
+    patient_id: &str,
+) {
     audit.annotate(|a| {
         a.action = Some(action);
         a.resource_type = Some(resource);
-        a.resource_id = Some(id.to_owned());
+        a.resource_id = id.map(str::to_owned);
         a.patient_id = Some(patient_id.to_owned());
     });
+}
+
+/// What a request to these routes was about when it was refused before its handler ran
+/// (no token, no permission, a bad body): the same action, resource and patient the
+/// handler would have recorded, so that a refused read still names its patient. A
+/// record's patient is looked up; ids that are not well-formed are not recorded.
+pub struct PhiSubjects(pub Patients);
+
+impl Subjects for PhiSubjects {
+    fn about<'a>(
+        &'a self,
+        method: &'a str,
+        route: &'a str,
+        path: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Annotation>> + Send + 'a>> {
+        Box::pin(async move {
+            let id = path_param(route, path, "id")
+                .filter(|id| SafeId::new(id).is_some())
+                .map(str::to_owned);
+            let mut a = Annotation {
+                action: Some(action_of(method)),
+                ..Annotation::default()
+            };
+            match route {
+                "/api/v1/patients" => {
+                    if method == "GET" {
+                        a.action = Some(Action::Search);
+                    }
+                    a.resource_type = Some("patient");
+                }
+                "/api/v1/patients/{id}" => {
+                    a.resource_type = Some("patient");
+                    a.resource_id.clone_from(&id);
+                    a.patient_id = id;
+                }
+                "/api/v1/patients/{id}/records" => {
+                    a.resource_type = Some("record");
+                    a.patient_id = id;
+                }
+                "/api/v1/records/{id}" => {
+                    a.resource_type = Some("record");
+                    if let Some(id) = &id {
+                        a.patient_id = self.0.record_patient(id).await.ok();
+                    }
+                    a.resource_id = id;
+                }
+                "/api/v1/patients/{id}/disclosures" => {
+                    a.resource_type = Some("disclosures");
+                    if let Some(id) = &id {
+                        a.context.insert("patient_id", ContextValue::id(id));
+                    }
+                }
+                _ => return None,
+            }
+            Some(a)
+        })
+    }
 }
 
 /// What a de-identified cursor of the patient list pages.
@@ -394,7 +461,7 @@ pub async fn create_patient(
         a.resource_type = Some("patient");
     });
     let p = state.patients().create(input).await?;
-    touch(&audit, Action::Create, "patient", &p.id, &p.id);
+    touch(&audit, Action::Create, "patient", Some(&p.id), &p.id);
     Ok(with_etag(
         StatusCode::CREATED,
         p.version,
@@ -414,7 +481,7 @@ pub async fn get_patient(
     Path(id): Path<String>,
     QueryParams(v): QueryParams<ViewQuery>,
 ) -> Result<Response, ApiError> {
-    touch(&audit, Action::Read, "patient", &id, &id);
+    touch(&audit, Action::Read, "patient", Some(&id), &id);
     reader.flag(&audit, "patient", Some(&id), Some(&id));
     let p = state.patients().get(&id).await?;
     Ok(with_etag(
@@ -436,7 +503,7 @@ pub async fn patch_patient(
     headers: HeaderMap,
     JsonBody(patch): JsonBody<PatientPatch>,
 ) -> Result<Response, ApiError> {
-    touch(&audit, Action::Update, "patient", &id, &id);
+    touch(&audit, Action::Update, "patient", Some(&id), &id);
     let p = state
         .patients()
         .update(&id, patch, if_match(&headers)?)
@@ -457,7 +524,7 @@ pub async fn delete_patient(
     _auth: Authorized<need::PatientsWrite>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    touch(&audit, Action::Delete, "patient", &id, &id);
+    touch(&audit, Action::Delete, "patient", Some(&id), &id);
     state.patients().delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -492,7 +559,8 @@ pub async fn list_records(
     if limit == 0 || limit > 200 {
         return Err(ApiError::field("limit", "must be between 1 and 200"));
     }
-    touch(&audit, Action::Read, "record", &id, &id);
+    // A list: the patient's id is `patient_id`; no one record is the resource.
+    touch(&audit, Action::Read, "record", None, &id);
     reader.flag(&audit, "record", None, Some(&id));
     let anonymize = q.anonymize.unwrap_or(false);
     // A de-identified cursor pages one patient's records only.
@@ -526,7 +594,8 @@ pub async fn create_record(
     Path(id): Path<String>,
     JsonBody(input): JsonBody<NewRecord>,
 ) -> Result<Response, ApiError> {
-    touch(&audit, Action::Create, "record", &id, &id);
+    // The record has no id until it is made (then it is the resource).
+    touch(&audit, Action::Create, "record", None, &id);
     let r = state.patients().add_record(&id, input).await?;
     audit.annotate(|a| a.resource_id = Some(r.id.clone()));
     Ok(with_etag(
@@ -549,7 +618,7 @@ pub async fn get_record(
     let patient = state.patients().record_patient(&id).await;
     reader.flag(&audit, "record", Some(&id), patient.as_deref().ok());
     let patient = patient?;
-    touch(&audit, Action::Read, "record", &id, &patient);
+    touch(&audit, Action::Read, "record", Some(&id), &patient);
     let r = state.patients().record(&id).await?;
     Ok(with_etag(
         StatusCode::OK,
@@ -571,7 +640,7 @@ pub async fn patch_record(
     JsonBody(patch): JsonBody<RecordPatch>,
 ) -> Result<Response, ApiError> {
     let patient = state.patients().record_patient(&id).await?;
-    touch(&audit, Action::Update, "record", &id, &patient);
+    touch(&audit, Action::Update, "record", Some(&id), &patient);
     let r = state
         .patients()
         .update_record(&id, patch, if_match(&headers)?)
@@ -593,7 +662,7 @@ pub async fn delete_record(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let patient = state.patients().record_patient(&id).await?;
-    touch(&audit, Action::Delete, "record", &id, &patient);
+    touch(&audit, Action::Delete, "record", Some(&id), &patient);
     state.patients().delete_record(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -658,11 +727,13 @@ pub async fn disclosures(
     let items = page
         .items
         .into_iter()
+        // What was disclosed: a refused, failed or erroring request disclosed nothing.
         .filter(|e| {
-            matches!(
-                e.action.as_str(),
-                "read" | "export" | "search" | "break_glass" | "update" | "create"
-            )
+            e.outcome == "success"
+                && matches!(
+                    e.action.as_str(),
+                    "read" | "export" | "search" | "break_glass" | "update" | "create"
+                )
         })
         .map(|e| Disclosure {
             purpose: e.reason.clone().unwrap_or_else(|| e.action.clone()),
