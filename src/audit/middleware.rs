@@ -31,7 +31,7 @@ use super::model::{Action, Context, ContextValue, NewEvent, Outcome, SafeId};
 use super::service::AuditLog;
 use crate::http::client_ip::ClientIp;
 use crate::http::error::{ApiError, ErrorCode, PermissionRefused};
-use crate::http::request_id::RequestId;
+use crate::http::request_id::{ClientRequestId, RequestId};
 
 /// Who acted.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -213,6 +213,7 @@ impl Audit {
                 e.ip.clone_from(&common.ip);
                 e.user_agent.clone_from(&common.user_agent);
                 e.request_id.clone_from(&common.request_id);
+                e.client_request_id.clone_from(&common.client_request_id);
                 e.break_glass = a.break_glass;
                 e.reason = a.reason;
                 e.context = a.context;
@@ -238,6 +239,7 @@ struct Common {
     ip: Option<String>,
     user_agent: Option<String>,
     request_id: Option<String>,
+    client_request_id: Option<String>,
 }
 
 /// What a request is about, told from its method, route pattern and path alone: for the
@@ -305,6 +307,10 @@ pub async fn middleware(State(log): State<AuditLog>, mut req: Request, next: Nex
         .map(|p| p.as_str().to_owned());
     let ip = req.extensions().get::<ClientIp>().map(|c| c.0.to_string());
     let request_id = req.extensions().get::<RequestId>().map(|r| r.0.clone());
+    let client_request_id = req
+        .extensions()
+        .get::<ClientRequestId>()
+        .map(|r| r.0.clone());
     let path = req.uri().path().to_owned();
     let user_agent = req
         .headers()
@@ -330,6 +336,7 @@ pub async fn middleware(State(log): State<AuditLog>, mut req: Request, next: Nex
         ip,
         user_agent,
         request_id,
+        client_request_id,
     };
     let events = audit.events(&common, &log);
     match log.record(events).await {

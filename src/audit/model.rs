@@ -178,6 +178,7 @@ pub struct NewEvent {
     pub ip: Option<String>,
     pub user_agent: Option<String>,
     pub request_id: Option<String>,
+    pub client_request_id: Option<String>,
     pub outcome: Outcome,
     pub break_glass: bool,
     pub reason: Option<String>,
@@ -207,6 +208,7 @@ impl NewEvent {
             ip: None,
             user_agent: None,
             request_id: None,
+            client_request_id: None,
             outcome,
             break_glass: false,
             reason: None,
@@ -240,8 +242,13 @@ pub struct AuditEvent {
     pub status: Option<i64>,
     pub ip: Option<String>,
     pub user_agent: Option<String>,
-    /// The `X-Request-Id` of the response this event belongs to.
+    /// The `X-Request-Id` of the response this event belongs to: always an id the
+    /// server made.
     pub request_id: Option<String>,
+    /// The `X-Request-Id` the client sent, if any (well-formed ones only): what the
+    /// client said, never the request's id.
+    #[serde(default)]
+    pub client_request_id: Option<String>,
     pub outcome: String,
     pub break_glass: bool,
     pub reason: Option<String>,
@@ -272,7 +279,9 @@ fn context_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Err
     }
 }
 
-/// The exact bytes hashed for an event: every field, in this order, as JSON.
+/// The exact bytes hashed for an event: every field, in this order, as JSON. Fields
+/// added after the chain began come last and are left out while unset, so the events
+/// stored before them hash as they did.
 #[derive(Serialize)]
 struct Canonical<'a> {
     seq: i64,
@@ -294,6 +303,9 @@ struct Canonical<'a> {
     break_glass: bool,
     reason: Option<&'a str>,
     context: &'a str,
+    /// Since migration 0011.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_request_id: Option<&'a str>,
 }
 
 impl AuditEvent {
@@ -319,6 +331,7 @@ impl AuditEvent {
             break_glass: self.break_glass,
             reason: self.reason.as_deref(),
             context: &self.context,
+            client_request_id: self.client_request_id.as_deref(),
         };
         let json = serde_json::to_string(&c).unwrap_or_default();
         let mut input = String::with_capacity(self.prev_hash.len() + 1 + json.len());
@@ -346,6 +359,7 @@ impl AuditEvent {
             ip: e.ip.clone(),
             user_agent: e.user_agent.clone(),
             request_id: e.request_id.clone(),
+            client_request_id: e.client_request_id.clone(),
             outcome: e.outcome.as_str().to_owned(),
             break_glass: e.break_glass,
             reason: e.reason.clone(),
@@ -397,6 +411,27 @@ mod tests {
         e.patient_id = Some("p-1".into());
         e.context.insert("count", ContextValue::Int(3));
         e
+    }
+
+    /// An event as stored before `client_request_id` existed: its hash, computed then,
+    /// must still be what `compute_hash` gives (the chain of an existing database verifies).
+    #[test]
+    fn events_stored_before_client_request_ids_hash_as_they_did() {
+        let mut e = event();
+        e.id = "01a23ad3-6334-75b2-a389-464d0232d99f".into();
+        e.request_id = Some("trace-1".into());
+        let a = AuditEvent::chained(&e, 7, GENESIS);
+        assert_eq!(
+            a.hash,
+            "f76daf3fe38f9e3f67a128542923d5d2e91b2c951e57ae11a5ec54b6f3e3f9da"
+        );
+        // A new event's client id is covered by the hash.
+        let mut b = a.clone();
+        b.client_request_id = Some("trace-2".into());
+        assert_ne!(b.compute_hash(), a.hash);
+        e.client_request_id = Some("trace-2".into());
+        let c = AuditEvent::chained(&e, 7, GENESIS);
+        assert_eq!(c.hash, b.compute_hash());
     }
 
     #[test]

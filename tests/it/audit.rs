@@ -14,10 +14,15 @@ use custodian::store::{Backend as DbBackend, Db};
 use crate::both_backends;
 use crate::support::{Backend, Options, TestDb, TestServer};
 
+/// The events of one request: by the server's request id (the response's
+/// `X-Request-Id`), or by the `X-Request-Id` the test sent (`client_request_id`).
 pub(crate) async fn events_for(db: &Db, request_id: &str) -> Vec<AuditEvent> {
     let all = query(db, &Filter::default(), 100_000, true).await.unwrap();
     all.into_iter()
-        .filter(|e| e.request_id.as_deref() == Some(request_id))
+        .filter(|e| {
+            e.request_id.as_deref() == Some(request_id)
+                || e.client_request_id.as_deref() == Some(request_id)
+        })
         .collect()
 }
 
@@ -510,7 +515,8 @@ async fn the_sink_copies_committed_events(backend: Backend) {
         .unwrap();
     let text = std::fs::read_to_string(&sink).unwrap();
     let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-    assert_eq!(line["audit"]["request_id"], "sink-rid");
+    assert_eq!(line["audit"]["client_request_id"], "sink-rid");
+    assert!(line["audit"]["context"].is_object());
     assert_eq!(line["audit"]["seq"], 1);
 }
 both_backends!(the_sink_copies_committed_events);
@@ -744,7 +750,7 @@ mod commands {
         // Bootstrap, the three requests, and the verification (reading the log is audited).
         assert_eq!(lines.len(), 5, "{out}");
         assert_eq!(lines[0]["actor"], "system:dev-bootstrap");
-        assert_eq!(lines[1]["request_id"], "cli-0");
+        assert_eq!(lines[1]["client_request_id"], "cli-0");
         assert_eq!(lines[4]["action"], "audit_verify");
         assert_eq!(lines[4]["actor"], "system:audit-verify");
 
@@ -869,7 +875,10 @@ mod commands {
         let url = custodian::config::Secret::new(format!("sqlite://{}/custodian.sqlite", data));
         let db = open(&url).await;
         let stored: std::collections::HashSet<String> =
-            sqlx::query("SELECT request_id FROM audit_events WHERE request_id IS NOT NULL")
+            // The test tags each request with its own X-Request-Id, kept as the client's.
+            sqlx::query(
+                "SELECT client_request_id FROM audit_events WHERE client_request_id IS NOT NULL",
+            )
                 .fetch_all(db.reader())
                 .await
                 .unwrap()

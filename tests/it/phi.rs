@@ -377,21 +377,15 @@ async fn search_uses_blind_indexes_and_names_the_patients(backend: Backend) {
     both.sort();
     assert_eq!(all, both);
     // One audit event for the search, naming the patients returned.
-    let res = s
-        .client
-        .get(s.url("/api/v1/patients?q=lovelace"))
-        .bearer_auth(&t.nurse)
-        .header("x-request-id", "search-1")
-        .send()
-        .await
-        .unwrap();
+    let res = s.get_as("/api/v1/patients?q=lovelace", &t.nurse).await;
     assert_eq!(res.status(), 200);
+    let rid = res.headers()["x-request-id"].to_str().unwrap().to_owned();
     let events: Vec<_> =
         custodian::audit::store::query(s.state.db(), &Default::default(), 10_000, true)
             .await
             .unwrap()
             .into_iter()
-            .filter(|e| e.request_id.as_deref() == Some("search-1"))
+            .filter(|e| e.request_id.as_deref() == Some(rid.as_str()))
             .collect();
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0].action, "search");
@@ -404,6 +398,7 @@ async fn search_uses_blind_indexes_and_names_the_patients(backend: Backend) {
     let under = |pid: String| {
         let s = &s;
         let auditor = t.auditor.clone();
+        let rid = rid.clone();
         async move {
             let b = json(
                 s.get_as(
@@ -426,7 +421,7 @@ async fn search_uses_blind_indexes_and_names_the_patients(backend: Backend) {
                     .as_array()
                     .unwrap()
                     .iter()
-                    .any(|e| e["request_id"] == "search-1")
+                    .any(|e| e["request_id"] == rid.as_str())
             };
             (has(&b), has(&d))
         }
