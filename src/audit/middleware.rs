@@ -311,7 +311,8 @@ pub async fn middleware(State(log): State<AuditLog>, mut req: Request, next: Nex
         .extensions()
         .get::<ClientRequestId>()
         .map(|r| r.0.clone());
-    let path = req.uri().path().to_owned();
+    // Kept for `Subjects` (a cheap clone: the URI's bytes are shared).
+    let uri = req.uri().clone();
     let user_agent = req
         .headers()
         .get(header::USER_AGENT)
@@ -322,7 +323,7 @@ pub async fn middleware(State(log): State<AuditLog>, mut req: Request, next: Nex
 
     if let (Some(subjects), Some(route)) = (log.subjects(), route.as_deref())
         && !audit.described()
-        && let Some(about) = subjects.about(&method, route, &path).await
+        && let Some(about) = subjects.about(&method, route, uri.path()).await
     {
         audit.describe(about);
     }

@@ -441,7 +441,7 @@ pub async fn list_patients(
         next_cursor: next_cursor(&state, last, anonymize, PATIENT_PAGES)?,
         items: found
             .iter()
-            .map(|p| patient_view(&state, p, auth.has(Permission::PhiSsn), anonymize))
+            .map(|p| patient_view(&state, p, by_ssn, anonymize))
             .collect(),
     }))
 }
