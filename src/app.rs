@@ -201,6 +201,9 @@ impl App {
         let security =
             crate::security::Security::new(db.clone(), clock.clone(), config.security.clone());
         audit.observe_with(security.clone());
+        audit.describe_with(Arc::new(crate::records::routes::PhiSubjects(
+            patients.clone(),
+        )));
         let smart = crate::smart::Smart::new(
             &config,
             secrets.smart_client_secret,

@@ -5,7 +5,7 @@ use std::io::Write;
 use super::model::AuditEvent;
 
 /// The CSV columns, in order (the JSON field names of an event).
-pub const CSV_COLUMNS: [&str; 21] = [
+pub const CSV_COLUMNS: [&str; 22] = [
     "seq",
     "id",
     "at",
@@ -21,6 +21,7 @@ pub const CSV_COLUMNS: [&str; 21] = [
     "ip",
     "user_agent",
     "request_id",
+    "client_request_id",
     "outcome",
     "break_glass",
     "reason",
@@ -76,6 +77,7 @@ pub fn write_event(out: &mut impl Write, format: Format, e: &AuditEvent) -> std:
                 opt(&e.ip),
                 opt(&e.user_agent),
                 opt(&e.request_id),
+                opt(&e.client_request_id),
                 e.outcome.clone(),
                 e.break_glass.to_string(),
                 opt(&e.reason),

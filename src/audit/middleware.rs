@@ -10,7 +10,15 @@
 //! context (hashed into the chain with the rest), and the database indexes both in
 //! `audit_event_patients`, so the patient filter and the accounting of disclosures
 //! find the event under each patient (migrations/*/0010_audit_patients.sql).
+//!
+//! A request refused before its handler ran (401, 403, a bad body, 413, 415, 429) is
+//! still about something: the [`Subjects`] registered for the routes say what, from the
+//! route and its path alone, so that such a request names its patient too. A refusal
+//! for want of a permission ([`PermissionRefused`] on the response) is recorded as
+//! `permission_denied`, with the action it attempted in `context.attempted`.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{FromRequestParts, MatchedPath, Request, State};
@@ -22,8 +30,8 @@ use axum::response::{IntoResponse, Response};
 use super::model::{Action, Context, ContextValue, NewEvent, Outcome, SafeId};
 use super::service::AuditLog;
 use crate::http::client_ip::ClientIp;
-use crate::http::error::{ApiError, ErrorCode};
-use crate::http::request_id::RequestId;
+use crate::http::error::{ApiError, ErrorCode, PermissionRefused};
+use crate::http::request_id::{ClientRequestId, RequestId};
 
 /// Who acted.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,7 +118,7 @@ impl Audit {
         for id in ids {
             match SafeId::new(id) {
                 Some(s) => listed.push(s),
-                None => self.touch_patient(action, "patient", id, id),
+                None => self.touch_patient(action, "patient", Some(id), Some(id)),
             }
         }
         if !listed.is_empty() {
@@ -118,24 +126,60 @@ impl Audit {
         }
     }
 
-    /// Adds an event naming one patient whose data the response carries.
+    /// Adds an event naming one patient whose data the response carries (or, for a
+    /// break-glass access, the patient it was for).
     pub fn touch_patient(
         &self,
         action: Action,
         resource_type: &'static str,
-        resource_id: &str,
-        patient_id: &str,
+        resource_id: Option<&str>,
+        patient_id: Option<&str>,
     ) {
         self.with(|d| {
             d.extra.push(Annotation {
                 action: Some(action),
                 resource_type: Some(resource_type),
-                resource_id: Some(resource_id.to_owned()),
-                patient_id: Some(patient_id.to_owned()),
+                resource_id: resource_id.map(str::to_owned),
+                patient_id: patient_id.map(str::to_owned),
                 break_glass: d.primary.break_glass,
                 reason: d.primary.reason.clone(),
                 ..Annotation::default()
             });
+        });
+    }
+
+    /// Whether a handler has said what the request is about.
+    fn described(&self) -> bool {
+        self.with(|d| {
+            d.primary.action.is_some()
+                || d.primary.resource_type.is_some()
+                || d.primary.patient_id.is_some()
+        })
+        .unwrap_or(true)
+    }
+
+    /// Takes what `about` says for the request's own event (when no handler said it).
+    fn describe(&self, about: Annotation) {
+        self.with(|d| {
+            let p = &mut d.primary;
+            p.action = about.action;
+            p.resource_type = about.resource_type;
+            p.resource_id = about.resource_id;
+            p.patient_id = about.patient_id;
+            p.context.extend(about.context);
+        });
+    }
+
+    /// Records the request as refused for want of a permission: `permission_denied`,
+    /// with what it attempted.
+    fn refused(&self) {
+        self.with(|d| {
+            let p = &mut d.primary;
+            if let Some(attempted) = p.action.filter(|a| *a != Action::PermissionDenied) {
+                p.context
+                    .insert("attempted", ContextValue::Code(attempted.as_str()));
+            }
+            p.action = Some(Action::PermissionDenied);
         });
     }
 
@@ -169,6 +213,7 @@ impl Audit {
                 e.ip.clone_from(&common.ip);
                 e.user_agent.clone_from(&common.user_agent);
                 e.request_id.clone_from(&common.request_id);
+                e.client_request_id.clone_from(&common.client_request_id);
                 e.break_glass = a.break_glass;
                 e.reason = a.reason;
                 e.context = a.context;
@@ -194,6 +239,47 @@ struct Common {
     ip: Option<String>,
     user_agent: Option<String>,
     request_id: Option<String>,
+    client_request_id: Option<String>,
+}
+
+/// What a request is about, told from its method, route pattern and path alone: for the
+/// requests that no handler described because they were refused before it ran.
+/// Registered once at start-up ([`AuditLog::describe_with`]); consulted only for those.
+pub trait Subjects: Send + Sync + 'static {
+    /// The action, resource and patient of a request to `route` (`/api/v1/records/{id}`)
+    /// at `path` (`/api/v1/records/5f…`); `None` for routes it does not know.
+    fn about<'a>(
+        &'a self,
+        method: &'a str,
+        route: &'a str,
+        path: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Option<Annotation>> + Send + 'a>>;
+}
+
+/// The segment of `path` that stands where `route` has `{name}`.
+pub fn path_param<'a>(route: &str, path: &'a str, name: &str) -> Option<&'a str> {
+    let (mut r, mut p) = (route.split('/'), path.split('/'));
+    loop {
+        match (r.next(), p.next()) {
+            (Some(rs), Some(ps)) => {
+                if rs.strip_prefix('{').and_then(|x| x.strip_suffix('}')) == Some(name) {
+                    return Some(ps);
+                }
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// The action an undescribed request to a resource attempted, by its method.
+pub fn action_of(method: &str) -> Action {
+    match method {
+        "GET" | "HEAD" => Action::Read,
+        "POST" => Action::Create,
+        "PUT" | "PATCH" => Action::Update,
+        "DELETE" => Action::Delete,
+        _ => Action::Access,
+    }
 }
 
 /// Paths that yield no event: liveness, readiness, metrics and static files.
@@ -221,6 +307,12 @@ pub async fn middleware(State(log): State<AuditLog>, mut req: Request, next: Nex
         .map(|p| p.as_str().to_owned());
     let ip = req.extensions().get::<ClientIp>().map(|c| c.0.to_string());
     let request_id = req.extensions().get::<RequestId>().map(|r| r.0.clone());
+    let client_request_id = req
+        .extensions()
+        .get::<ClientRequestId>()
+        .map(|r| r.0.clone());
+    // Kept for `Subjects` (a cheap clone: the URI's bytes are shared).
+    let uri = req.uri().clone();
     let user_agent = req
         .headers()
         .get(header::USER_AGENT)
@@ -229,6 +321,15 @@ pub async fn middleware(State(log): State<AuditLog>, mut req: Request, next: Nex
 
     let res = next.run(req).await;
 
+    if let (Some(subjects), Some(route)) = (log.subjects(), route.as_deref())
+        && !audit.described()
+        && let Some(about) = subjects.about(&method, route, uri.path()).await
+    {
+        audit.describe(about);
+    }
+    if res.extensions().get::<PermissionRefused>().is_some() {
+        audit.refused();
+    }
     let common = Common {
         method,
         route,
@@ -236,6 +337,7 @@ pub async fn middleware(State(log): State<AuditLog>, mut req: Request, next: Nex
         ip,
         user_agent,
         request_id,
+        client_request_id,
     };
     let events = audit.events(&common, &log);
     match log.record(events).await {
@@ -258,6 +360,21 @@ pub async fn middleware(State(log): State<AuditLog>, mut req: Request, next: Nex
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn path_params_by_pattern() {
+        let r = "/api/v1/patients/{id}/records";
+        assert_eq!(
+            path_param(r, "/api/v1/patients/p-1/records", "id"),
+            Some("p-1")
+        );
+        assert_eq!(path_param(r, "/api/v1/patients/p-1/records", "x"), None);
+        assert_eq!(
+            path_param("/api/v1/records/{id}", "/api/v1/records", "id"),
+            None
+        );
+        assert_eq!(action_of("PATCH"), Action::Update);
+    }
 
     #[test]
     fn exempt_paths() {

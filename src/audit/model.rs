@@ -90,6 +90,17 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Success,
+        Outcome::Failure,
+        Outcome::Denied,
+        Outcome::Error,
+    ];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+
     pub const fn as_str(self) -> &'static str {
         match self {
             Outcome::Success => "success",
@@ -167,6 +178,7 @@ pub struct NewEvent {
     pub ip: Option<String>,
     pub user_agent: Option<String>,
     pub request_id: Option<String>,
+    pub client_request_id: Option<String>,
     pub outcome: Outcome,
     pub break_glass: bool,
     pub reason: Option<String>,
@@ -196,6 +208,7 @@ impl NewEvent {
             ip: None,
             user_agent: None,
             request_id: None,
+            client_request_id: None,
             outcome,
             break_glass: false,
             reason: None,
@@ -229,18 +242,46 @@ pub struct AuditEvent {
     pub status: Option<i64>,
     pub ip: Option<String>,
     pub user_agent: Option<String>,
-    /// The `X-Request-Id` of the response this event belongs to.
+    /// The `X-Request-Id` of the response this event belongs to: always an id the
+    /// server made.
     pub request_id: Option<String>,
+    /// The `X-Request-Id` the client sent, if any (well-formed ones only): what the
+    /// client said, never the request's id.
+    #[serde(default)]
+    pub client_request_id: Option<String>,
     pub outcome: String,
     pub break_glass: bool,
     pub reason: Option<String>,
-    /// PHI-free details (ids and counts), as JSON text.
+    /// PHI-free details (ids, counts, codes): a JSON object in the API, the JSON-lines
+    /// export and the sink; the compact JSON text in CSV. The chain hashes the text as
+    /// stored, so showing it as an object changes no hash.
+    #[serde(serialize_with = "context_object", deserialize_with = "context_text")]
+    #[schema(value_type = Object)]
     pub context: String,
     pub prev_hash: String,
     pub hash: String,
 }
 
-/// The exact bytes hashed for an event: every field, in this order, as JSON.
+/// The stored context text as the JSON object it is (the text itself, should it not parse).
+fn context_object<S: serde::Serializer>(text: &str, s: S) -> Result<S::Ok, S::Error> {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(v) => v.serialize(s),
+        Err(_) => s.serialize_str(text),
+    }
+}
+
+/// The context text from either form: an object (as serialised now; written back in the
+/// stored form, compact with its keys in order) or the text itself.
+fn context_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Ok(s),
+        v => serde_json::to_string(&v).map_err(serde::de::Error::custom),
+    }
+}
+
+/// The exact bytes hashed for an event: every field, in this order, as JSON. Fields
+/// added after the chain began come last and are left out while unset, so the events
+/// stored before them hash as they did.
 #[derive(Serialize)]
 struct Canonical<'a> {
     seq: i64,
@@ -262,6 +303,9 @@ struct Canonical<'a> {
     break_glass: bool,
     reason: Option<&'a str>,
     context: &'a str,
+    /// Since migration 0011.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_request_id: Option<&'a str>,
 }
 
 impl AuditEvent {
@@ -287,6 +331,7 @@ impl AuditEvent {
             break_glass: self.break_glass,
             reason: self.reason.as_deref(),
             context: &self.context,
+            client_request_id: self.client_request_id.as_deref(),
         };
         let json = serde_json::to_string(&c).unwrap_or_default();
         let mut input = String::with_capacity(self.prev_hash.len() + 1 + json.len());
@@ -314,6 +359,7 @@ impl AuditEvent {
             ip: e.ip.clone(),
             user_agent: e.user_agent.clone(),
             request_id: e.request_id.clone(),
+            client_request_id: e.client_request_id.clone(),
             outcome: e.outcome.as_str().to_owned(),
             break_glass: e.break_glass,
             reason: e.reason.clone(),
@@ -367,6 +413,27 @@ mod tests {
         e
     }
 
+    /// An event as stored before `client_request_id` existed: its hash, computed then,
+    /// must still be what `compute_hash` gives (the chain of an existing database verifies).
+    #[test]
+    fn events_stored_before_client_request_ids_hash_as_they_did() {
+        let mut e = event();
+        e.id = "01a23ad3-6334-75b2-a389-464d0232d99f".into();
+        e.request_id = Some("trace-1".into());
+        let a = AuditEvent::chained(&e, 7, GENESIS);
+        assert_eq!(
+            a.hash,
+            "f76daf3fe38f9e3f67a128542923d5d2e91b2c951e57ae11a5ec54b6f3e3f9da"
+        );
+        // A new event's client id is covered by the hash.
+        let mut b = a.clone();
+        b.client_request_id = Some("trace-2".into());
+        assert_ne!(b.compute_hash(), a.hash);
+        e.client_request_id = Some("trace-2".into());
+        let c = AuditEvent::chained(&e, 7, GENESIS);
+        assert_eq!(c.hash, b.compute_hash());
+    }
+
     #[test]
     fn the_hash_covers_every_field_and_the_link() {
         let e = event();
@@ -387,6 +454,22 @@ mod tests {
         let mut g = a;
         g.break_glass = true;
         assert_ne!(g.compute_hash(), AuditEvent::chained(&e, 1, GENESIS).hash);
+    }
+
+    /// The API shows the context as an object; the hash is over the stored text, and the
+    /// object reads back to that same text.
+    #[test]
+    fn context_is_an_object_outside_and_text_in_the_chain() {
+        let a = AuditEvent::chained(&event(), 1, GENESIS);
+        let v = serde_json::to_value(&a).unwrap();
+        assert_eq!(v["context"], serde_json::json!({"count": 3}));
+        let back: AuditEvent = serde_json::from_value(v).unwrap();
+        assert_eq!(back.context, a.context);
+        assert_eq!(back.compute_hash(), a.hash);
+        let mut old = serde_json::to_value(&a).unwrap();
+        old["context"] = serde_json::Value::String(a.context.clone());
+        let back: AuditEvent = serde_json::from_value(old).unwrap();
+        assert_eq!(back, a);
     }
 
     #[test]

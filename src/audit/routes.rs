@@ -9,7 +9,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::Audit;
-use super::model::{Action, ContextValue};
+use super::model::{Action, ContextValue, Outcome};
 use super::service::{MAX_PAGE, Page, VerifyReport, decode_cursor};
 use super::store::Filter;
 use crate::access::{Authorized, need};
@@ -30,8 +30,12 @@ pub struct EventQuery {
     /// A user id or a username.
     actor: Option<String>,
     patient_id: Option<String>,
-    /// One of the actions (`read`, `login_failed`, `break_glass`, …).
+    /// One of the actions (`read`, `login_failed`, `break_glass`, `permission_denied`, …).
     action: Option<String>,
+    /// `success`, `failure`, `denied` (401, 403) or `error` (5xx).
+    outcome: Option<String>,
+    /// The HTTP status sent (100–599).
+    status: Option<u16>,
     /// RFC 3339; events at or after.
     since: Option<String>,
     /// RFC 3339; events before.
@@ -53,6 +57,22 @@ impl EventQuery {
             match Action::parse(a) {
                 Some(a) => f.action = Some(a.as_str().to_owned()),
                 None => errors.push(FieldError::new("action", "is not an audit action")),
+            }
+        }
+        if let Some(o) = &self.outcome {
+            match Outcome::parse(o) {
+                Some(o) => f.outcome = Some(o.as_str().to_owned()),
+                None => errors.push(FieldError::new(
+                    "outcome",
+                    "must be success, failure, denied or error",
+                )),
+            }
+        }
+        if let Some(s) = self.status {
+            if (100..=599).contains(&s) {
+                f.status = Some(i64::from(s));
+            } else {
+                errors.push(FieldError::new("status", "must be an HTTP status, 100–599"));
             }
         }
         for (field, value, slot) in [

@@ -26,6 +26,7 @@ pub struct AuditLog {
     clock: SharedClock,
     counts: Arc<[std::sync::atomic::AtomicU64; Action::ALL.len()]>,
     observer: Arc<std::sync::OnceLock<crate::security::Security>>,
+    subjects: Arc<std::sync::OnceLock<Arc<dyn super::middleware::Subjects>>>,
 }
 
 impl AuditLog {
@@ -64,6 +65,7 @@ impl AuditLog {
                 std::sync::atomic::AtomicU64::new(0)
             })),
             observer: Arc::new(std::sync::OnceLock::new()),
+            subjects: Arc::new(std::sync::OnceLock::new()),
         })
     }
 
@@ -99,6 +101,15 @@ impl AuditLog {
     /// Hands every committed batch to the security rules (set once, at start-up).
     pub fn observe_with(&self, security: crate::security::Security) {
         let _ = self.observer.set(security);
+    }
+
+    /// Says what requests refused before their handler were about (set once, at start-up).
+    pub fn describe_with(&self, subjects: Arc<dyn super::middleware::Subjects>) {
+        let _ = self.subjects.set(subjects);
+    }
+
+    pub fn subjects(&self) -> Option<&dyn super::middleware::Subjects> {
+        self.subjects.get().map(|s| &**s)
     }
 
     /// Events recorded so far in this process, by action (for `/metrics`).

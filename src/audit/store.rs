@@ -7,9 +7,10 @@ use super::model::{AuditEvent, GENESIS, NewEvent};
 use crate::store::{Backend, Db, StoreError};
 
 const COLUMNS: &str = "seq, id, at, actor_id, actor, action, resource_type, resource_id, patient_id, \
-method, path, status, ip, user_agent, request_id, outcome, break_glass, reason, context, prev_hash, hash";
-const NCOLS: usize = 21;
-/// Rows per INSERT statement (21 parameters each; well under both backends' limits).
+method, path, status, ip, user_agent, request_id, outcome, break_glass, reason, context, prev_hash, hash, \
+client_request_id";
+const NCOLS: usize = 22;
+/// Rows per INSERT statement (22 parameters each; well under both backends' limits).
 const ROWS_PER_INSERT: usize = 64;
 
 /// The signed head of the chain.
@@ -55,6 +56,7 @@ fn event_from_row(r: &AnyRow) -> Result<AuditEvent, sqlx::Error> {
         context: r.try_get("context")?,
         prev_hash: r.try_get("prev_hash")?,
         hash: r.try_get("hash")?,
+        client_request_id: r.try_get("client_request_id")?,
     })
 }
 
@@ -177,6 +179,7 @@ pub fn append_local(
                 e.context,
                 e.prev_hash,
                 e.hash,
+                e.client_request_id,
             ])?;
         }
     }
@@ -189,7 +192,7 @@ pub fn append_local(
     Ok((chained, moved))
 }
 
-/// One event's INSERT, `?1` to `?21` in [`COLUMNS`] order.
+/// One event's INSERT, `?1` to `?22` in [`COLUMNS`] order.
 static INSERT_ONE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let params: Vec<String> = (1..=NCOLS).map(|i| format!("?{i}")).collect();
     format!(
@@ -215,8 +218,8 @@ impl AuditEvent {
 }
 
 /// The most rows the one-statement append takes (PostgreSQL allows 65,535 parameters
-/// per statement); bigger batches go through [`append`].
-pub const FAST_MAX_ROWS: usize = 3000;
+/// per statement: 7 for the head and 22 per row); bigger batches go through [`append`].
+pub const FAST_MAX_ROWS: usize = 2900;
 
 /// What [`append_after`] did.
 pub enum Appended {
@@ -354,6 +357,7 @@ fn bind_event<'q>(q: AnyQuery<'q>, e: &AuditEvent) -> AnyQuery<'q> {
         .bind(e.context.clone())
         .bind(e.prev_hash.clone())
         .bind(e.hash.clone())
+        .bind(e.client_request_id.clone())
 }
 
 fn insert_sql(rows: usize) -> String {
@@ -363,7 +367,7 @@ fn insert_sql(rows: usize) -> String {
     )
 }
 
-/// `($n+1,…,$n+21),(…)` for `rows` rows of the audit columns, numbered after `first`.
+/// `($n+1,…,$n+22),(…)` for `rows` rows of the audit columns, numbered after `first`.
 fn values_sql(rows: usize, first: usize) -> String {
     let mut sql = String::new();
     for r in 0..rows {
@@ -463,6 +467,10 @@ pub struct Filter {
     pub actor: Option<String>,
     pub patient_id: Option<String>,
     pub action: Option<String>,
+    /// `success`, `failure`, `denied` or `error`.
+    pub outcome: Option<String>,
+    /// The HTTP status sent.
+    pub status: Option<i64>,
     pub since: Option<String>,
     pub until: Option<String>,
     /// Only events with `seq` below this (the cursor).
@@ -497,6 +505,12 @@ pub async fn query(
     }
     if let Some(a) = &f.action {
         add(" AND action = ?", Bind::Text(a.clone()));
+    }
+    if let Some(o) = &f.outcome {
+        add(" AND outcome = ?", Bind::Text(o.clone()));
+    }
+    if let Some(s) = f.status {
+        add(" AND status = ?", Bind::Int(s));
     }
     if let Some(s) = &f.since {
         add(" AND at >= ?", Bind::Text(s.clone()));
@@ -601,7 +615,7 @@ mod tests {
     fn insert_sql_numbers_every_parameter() {
         let sql = insert_sql(2);
         assert!(sql.contains("($1,$2,"));
-        assert!(sql.contains(",$21),($22,"));
-        assert!(sql.ends_with(",$42)"));
+        assert!(sql.contains(",$22),($23,"));
+        assert!(sql.ends_with(",$44)"));
     }
 }

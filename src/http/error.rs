@@ -266,6 +266,11 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
+/// Marks a response that refused a request for want of a permission (403 `forbidden`,
+/// or a page saying so): the audit middleware records it as `permission_denied`.
+#[derive(Clone, Copy, Debug)]
+pub struct PermissionRefused;
+
 /// The logged cause of an error response, picked up by the request-log middleware.
 #[derive(Clone, Debug)]
 pub struct ErrorCause(pub Arc<anyhow::Error>);
@@ -299,6 +304,9 @@ impl IntoResponse for ApiError {
         }
         if let Some(cause) = self.cause {
             res.extensions_mut().insert(ErrorCause(Arc::new(cause)));
+        }
+        if self.code == ErrorCode::Forbidden {
+            res.extensions_mut().insert(PermissionRefused);
         }
         res
     }

@@ -200,6 +200,18 @@ pub fn parse_date(s: &str) -> Option<time::Date> {
         .flatten()
 }
 
+/// Whether `s` has the shape of an SSN, `ddd-dd-dddd`, issued or not.
+pub fn ssn_shaped(s: &str) -> bool {
+    s.len() == 11
+        && s.bytes().enumerate().all(|(i, b)| {
+            if i == 3 || i == 6 {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        })
+}
+
 /// `ddd-dd-dddd`, excluding the numbers the SSA never issues.
 pub fn valid_ssn(s: &str) -> bool {
     let b = s.as_bytes();
@@ -218,16 +230,6 @@ pub fn valid_ssn(s: &str) -> bool {
 /// The SSN as people without `phi:ssn` see it: `XXX-XX-6789`.
 pub fn mask_ssn(ssn: &str) -> String {
     format!("XXX-XX-{}", ssn.get(7..).unwrap_or("XXXX"))
-}
-
-/// The email in the de-identified view: `jo***@example.com`.
-pub fn mask_email(email: &str) -> String {
-    match email.split_once('@') {
-        Some((local, domain)) => {
-            format!("{}***@{domain}", local.chars().take(2).collect::<String>())
-        }
-        None => "***".into(),
-    }
 }
 
 /// Normalisations for the blind indexes.
@@ -253,8 +255,9 @@ pub struct PatientView {
     /// `YYYY-MM-DD`; the year only (or `90+`) in the de-identified view.
     pub birth_date: String,
     pub sex: Option<String>,
-    /// Masked `XXX-XX-6789` without `phi:ssn`.
+    /// Masked `XXX-XX-6789` without `phi:ssn`; null in the de-identified view.
     pub ssn: Option<String>,
+    /// Null in the de-identified view (as are `mrn`, `phone`, `address` and the dates).
     pub email: Option<String>,
     pub phone: Option<String>,
     pub address: Option<String>,
@@ -322,8 +325,11 @@ mod tests {
         ] {
             assert!(!valid_ssn(bad), "{bad}");
         }
+        assert!(ssn_shaped("666-12-3456") && ssn_shaped("000-00-0000"));
+        assert!(
+            !ssn_shaped("123456789") && !ssn_shaped("12a-45-6789") && !ssn_shaped("1234-5-6789")
+        );
         assert_eq!(mask_ssn("123-45-6789"), "XXX-XX-6789");
-        assert_eq!(mask_email("john@example.com"), "jo***@example.com");
         assert_eq!(norm_name("  Ｍary   ANN "), "mary ann");
     }
 

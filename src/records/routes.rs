@@ -1,7 +1,8 @@
 //! HTTP for patients and records. Each read names the patient in the audit trail before
 //! the response leaves (the activity middleware waits for the commit); SSNs are masked
 //! without `phi:ssn`; `?anonymize=true` gives the de-identified view; break-glass lets a
-//! user with `breakglass` read with a stated reason, flagged and raised.
+//! user with `breakglass` read one named patient and their records with a stated reason
+//! (never a list or a search of patients), each such access flagged and raised.
 
 use axum::Json;
 use axum::extract::{FromRequestParts, Path, State};
@@ -14,11 +15,13 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::model::{
-    NewPatient, NewRecord, PatientPatch, PatientView, RecordPatch, RecordView, mask_email, mask_ssn,
+    NewPatient, NewRecord, PatientPatch, PatientView, RecordPatch, RecordView, mask_ssn, ssn_shaped,
 };
-use super::service::{Patient, PhiError, Record};
+use super::service::{Patient, Patients, PhiError, Record};
 use crate::access::{Authorized, Permission, Principal, need};
 use crate::app::AppState;
+use crate::audit::middleware::{Annotation, Subjects, action_of, path_param};
+use crate::audit::model::SafeId;
 use crate::audit::{Action, Audit, ContextValue};
 use crate::http::json::{JsonBody, QueryParams};
 use crate::http::{ApiError, ErrorCode};
@@ -52,8 +55,9 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// Minimum length of a break-glass reason.
 const MIN_REASON: usize = 10;
 
-/// Who may read PHI on this request, and how: with the read permission, or by
-/// break-glass (`breakglass` + `X-Break-Glass-Reason`).
+/// Who may read one patient's PHI on this request, and how: with the read permission, or
+/// by break-glass (`breakglass` + `X-Break-Glass-Reason`). Only the routes that name one
+/// patient take it: a list or a search of patients needs `patients:read` itself.
 pub struct PhiReader {
     principal: Principal,
     break_glass: Option<String>,
@@ -93,13 +97,22 @@ impl PhiReader {
         self.principal.has(Permission::PhiSsn)
     }
 
-    /// Marks the request's events as break-glass, and raises it.
-    fn flag(&self, audit: &Audit) {
+    /// When this is a break-glass access: marks the request's events as break-glass, adds
+    /// the `break_glass` event naming the patient (which the security rules raise), and
+    /// logs it. Every route a break-glass reader can reach calls this once.
+    fn flag(
+        &self,
+        audit: &Audit,
+        resource_type: &'static str,
+        resource_id: Option<&str>,
+        patient_id: Option<&str>,
+    ) {
         if let Some(reason) = &self.break_glass {
             audit.annotate(|a| {
                 a.break_glass = true;
                 a.reason = Some(reason.clone());
             });
+            audit.touch_patient(Action::BreakGlass, resource_type, resource_id, patient_id);
             tracing::warn!(target: "custodian::security", user_id = %self.principal.user_id, "security event: break-glass access to PHI");
         }
     }
@@ -136,11 +149,16 @@ impl FromRequestParts<AppState> for RecordReader {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct ViewQuery {
-    /// The de-identified view (Safe Harbor for the fields present).
+    /// The de-identified view (HIPAA Safe Harbor): no identifier, ids replaced by
+    /// pseudonyms.
     #[serde(default)]
     anonymize: Option<bool>,
 }
 
+/// A patient as this caller may see them. The de-identified view follows Safe Harbor
+/// (§164.514(b)(2)) for every field a patient has: names redacted; SSN, email, phone,
+/// address, MRN and the record's own dates removed; the birth date reduced to its year,
+/// or `90+` over 89; the id replaced by a pseudonym.
 fn patient_view(state: &AppState, p: &Patient, sees_ssn: bool, anonymize: bool) -> PatientView {
     let f = &p.fields;
     if anonymize {
@@ -164,8 +182,8 @@ fn patient_view(state: &AppState, p: &Patient, sees_ssn: bool, anonymize: bool) 
                 _ => "REDACTED".into(),
             },
             sex: f.sex.clone(),
-            ssn: f.ssn.as_deref().map(mask_ssn),
-            email: f.email.as_deref().map(mask_email),
+            ssn: None,
+            email: None,
             phone: None,
             address: None,
             created_at: None,
@@ -243,13 +261,117 @@ fn with_etag(status: StatusCode, version: i64, body: impl Serialize) -> Response
     r
 }
 
-fn touch(audit: &Audit, action: Action, resource: &'static str, id: &str, patient_id: &str) {
+/// Says what the request is about: the action, the resource (`id` the resource's own id;
+/// none for a list or a resource not made yet) and the patient.
+fn touch(
+    audit: &Audit,
+    action: Action,
+    resource: &'static str,
+    id: Option<&str>,
+    patient_id: &str,
+) {
     audit.annotate(|a| {
         a.action = Some(action);
         a.resource_type = Some(resource);
-        a.resource_id = Some(id.to_owned());
+        a.resource_id = id.map(str::to_owned);
         a.patient_id = Some(patient_id.to_owned());
     });
+}
+
+/// What a request to these routes was about when it was refused before its handler ran
+/// (no token, no permission, a bad body): the same action, resource and patient the
+/// handler would have recorded, so that a refused read still names its patient. A
+/// record's patient is looked up; ids that are not well-formed are not recorded.
+pub struct PhiSubjects(pub Patients);
+
+impl Subjects for PhiSubjects {
+    fn about<'a>(
+        &'a self,
+        method: &'a str,
+        route: &'a str,
+        path: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Annotation>> + Send + 'a>> {
+        Box::pin(async move {
+            let id = path_param(route, path, "id")
+                .filter(|id| SafeId::new(id).is_some())
+                .map(str::to_owned);
+            let mut a = Annotation {
+                action: Some(action_of(method)),
+                ..Annotation::default()
+            };
+            match route {
+                "/api/v1/patients" => {
+                    if method == "GET" {
+                        a.action = Some(Action::Search);
+                    }
+                    a.resource_type = Some("patient");
+                }
+                "/api/v1/patients/{id}" => {
+                    a.resource_type = Some("patient");
+                    a.resource_id.clone_from(&id);
+                    a.patient_id = id;
+                }
+                "/api/v1/patients/{id}/records" => {
+                    a.resource_type = Some("record");
+                    a.patient_id = id;
+                }
+                "/api/v1/records/{id}" => {
+                    a.resource_type = Some("record");
+                    if let Some(id) = &id {
+                        a.patient_id = self.0.record_patient(id).await.ok();
+                    }
+                    a.resource_id = id;
+                }
+                "/api/v1/patients/{id}/disclosures" => {
+                    a.resource_type = Some("disclosures");
+                    if let Some(id) = &id {
+                        a.context.insert("patient_id", ContextValue::id(id));
+                    }
+                }
+                _ => return None,
+            }
+            Some(a)
+        })
+    }
+}
+
+/// What a de-identified cursor of the patient list pages.
+const PATIENT_PAGES: &str = "patients";
+
+/// Where a page starts. An identified page's cursor is the last id of the page before;
+/// a de-identified page's is sealed ([`super::Patients::deid_cursor`]), and it continues
+/// only from such a cursor of the same `scope`, never from a real id.
+fn page_after(
+    state: &AppState,
+    cursor: Option<&str>,
+    anonymize: bool,
+    scope: &str,
+) -> Result<String, ApiError> {
+    match cursor {
+        None => Ok(String::new()),
+        Some(c) if !anonymize => Ok(c.to_owned()),
+        Some(c) => state.patients().open_deid_cursor(scope, c).ok_or_else(|| {
+            ApiError::field(
+                "cursor",
+                "is not the cursor of a previous de-identified page",
+            )
+        }),
+    }
+}
+
+/// The cursor after `last` (the last row of a page that has more): the id itself, or,
+/// for a de-identified page, the id sealed so that the answer carries no real id.
+fn next_cursor(
+    state: &AppState,
+    last: Option<&str>,
+    anonymize: bool,
+    scope: &str,
+) -> Result<Option<String>, ApiError> {
+    Ok(match last {
+        None => None,
+        Some(id) if !anonymize => Some(id.to_owned()),
+        Some(id) => Some(state.patients().deid_cursor(scope, id)?),
+    })
 }
 
 #[derive(Serialize, ToSchema)]
@@ -262,7 +384,8 @@ pub struct PatientPage {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct PatientQuery {
-    /// Exact MRN, SSN, birth date (YYYY-MM-DD), or given or family name (any case).
+    /// Exact MRN, SSN (needs `phi:ssn`: without it an SSN-shaped `q` is a 403
+    /// `forbidden`), birth date (YYYY-MM-DD), or given or family name (any case).
     q: Option<String>,
     /// 1–100, default 20.
     limit: Option<u32>,
@@ -271,15 +394,18 @@ pub struct PatientQuery {
     anonymize: Option<bool>,
 }
 
-/// Search patients (`patients:read`). The search's one audit event names every patient
-/// returned (`patient_ids` in its context); the patient filter of the audit events and
-/// the accounting of disclosures find it under each of them.
+/// Search patients (`patients:read`; break-glass does not open a list or a search). The
+/// search's one audit event names every patient returned (`patient_ids` in its context);
+/// the patient filter of the audit events and the accounting of disclosures find it under
+/// each of them.
 #[utoipa::path(get, path = "/api/v1/patients", tag = "patients", security(("bearer" = ["patients:read"])),
-    params(PatientQuery), responses((status = 200, body = PatientPage), (status = 422, description = "validation_error")))]
+    params(PatientQuery), responses((status = 200, body = PatientPage),
+        (status = 403, description = "forbidden: no `patients:read`, or an SSN as `q` without `phi:ssn`"),
+        (status = 422, description = "validation_error")))]
 pub async fn list_patients(
     State(state): State<AppState>,
     audit: Audit,
-    PatientReader(reader): PatientReader,
+    auth: Authorized<need::PatientsRead>,
     QueryParams(q): QueryParams<PatientQuery>,
 ) -> Result<Json<PatientPage>, ApiError> {
     let limit = q.limit.unwrap_or(20);
@@ -289,30 +415,33 @@ pub async fn list_patients(
     if q.q.as_ref().is_some_and(|s| s.chars().count() > 200) {
         return Err(ApiError::field("q", "must be at most 200 characters"));
     }
-    reader.flag(&audit);
     audit.annotate(|a| {
         a.action = Some(Action::Search);
         a.resource_type = Some("patient");
     });
-    let after = q.cursor.clone().unwrap_or_default();
+    // Without `phi:ssn` an SSN is no search key: whether a search by it finds someone
+    // would tell whose SSN it is. Refused on its shape alone, before any lookup.
+    let by_ssn = auth.has(Permission::PhiSsn);
+    if !by_ssn && q.q.as_deref().map(str::trim).is_some_and(ssn_shaped) {
+        return Err(ApiError::new(ErrorCode::Forbidden)
+            .with_detail("Searching by SSN needs the phi:ssn permission."));
+    }
+    let anonymize = q.anonymize.unwrap_or(false);
+    let after = page_after(&state, q.cursor.as_deref(), anonymize, PATIENT_PAGES)?;
     let mut found = state
         .patients()
-        .search(q.q.as_deref(), &after, i64::from(limit) + 1)
+        .search(q.q.as_deref(), by_ssn, &after, i64::from(limit) + 1)
         .await?;
     let more = found.len() > limit as usize;
     found.truncate(limit as usize);
     audit.context("count", ContextValue::Int(found.len() as i64));
     audit.name_patients(Action::Read, found.iter().map(|p| p.id.as_str()));
-    let anonymize = q.anonymize.unwrap_or(false);
+    let last = found.last().filter(|_| more).map(|p| p.id.as_str());
     Ok(Json(PatientPage {
-        next_cursor: if more {
-            found.last().map(|p| p.id.clone())
-        } else {
-            None
-        },
+        next_cursor: next_cursor(&state, last, anonymize, PATIENT_PAGES)?,
         items: found
             .iter()
-            .map(|p| patient_view(&state, p, reader.sees_ssn(), anonymize))
+            .map(|p| patient_view(&state, p, by_ssn, anonymize))
             .collect(),
     }))
 }
@@ -332,7 +461,7 @@ pub async fn create_patient(
         a.resource_type = Some("patient");
     });
     let p = state.patients().create(input).await?;
-    touch(&audit, Action::Create, "patient", &p.id, &p.id);
+    touch(&audit, Action::Create, "patient", Some(&p.id), &p.id);
     Ok(with_etag(
         StatusCode::CREATED,
         p.version,
@@ -352,12 +481,9 @@ pub async fn get_patient(
     Path(id): Path<String>,
     QueryParams(v): QueryParams<ViewQuery>,
 ) -> Result<Response, ApiError> {
-    reader.flag(&audit);
-    touch(&audit, Action::Read, "patient", &id, &id);
+    touch(&audit, Action::Read, "patient", Some(&id), &id);
+    reader.flag(&audit, "patient", Some(&id), Some(&id));
     let p = state.patients().get(&id).await?;
-    if reader.break_glass.is_some() {
-        audit.touch_patient(Action::BreakGlass, "patient", &id, &id);
-    }
     Ok(with_etag(
         StatusCode::OK,
         p.version,
@@ -377,7 +503,7 @@ pub async fn patch_patient(
     headers: HeaderMap,
     JsonBody(patch): JsonBody<PatientPatch>,
 ) -> Result<Response, ApiError> {
-    touch(&audit, Action::Update, "patient", &id, &id);
+    touch(&audit, Action::Update, "patient", Some(&id), &id);
     let p = state
         .patients()
         .update(&id, patch, if_match(&headers)?)
@@ -398,7 +524,7 @@ pub async fn delete_patient(
     _auth: Authorized<need::PatientsWrite>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    touch(&audit, Action::Delete, "patient", &id, &id);
+    touch(&audit, Action::Delete, "patient", Some(&id), &id);
     state.patients().delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -433,22 +559,23 @@ pub async fn list_records(
     if limit == 0 || limit > 200 {
         return Err(ApiError::field("limit", "must be between 1 and 200"));
     }
-    reader.flag(&audit);
-    touch(&audit, Action::Read, "record", &id, &id);
+    // A list: the patient's id is `patient_id`; no one record is the resource.
+    touch(&audit, Action::Read, "record", None, &id);
+    reader.flag(&audit, "record", None, Some(&id));
+    let anonymize = q.anonymize.unwrap_or(false);
+    // A de-identified cursor pages one patient's records only.
+    let scope = format!("records/{id}");
+    let after = page_after(&state, q.cursor.as_deref(), anonymize, &scope)?;
     let mut rows = state
         .patients()
-        .records(&id, &q.cursor.unwrap_or_default(), i64::from(limit) + 1)
+        .records(&id, &after, i64::from(limit) + 1)
         .await?;
     let more = rows.len() > limit as usize;
     rows.truncate(limit as usize);
     audit.context("count", ContextValue::Int(rows.len() as i64));
-    let anonymize = q.anonymize.unwrap_or(false);
+    let last = rows.last().filter(|_| more).map(|r| r.id.as_str());
     Ok(Json(RecordPage {
-        next_cursor: if more {
-            rows.last().map(|r| r.id.clone())
-        } else {
-            None
-        },
+        next_cursor: next_cursor(&state, last, anonymize, &scope)?,
         items: rows
             .iter()
             .map(|r| record_view(&state, r, anonymize))
@@ -467,7 +594,8 @@ pub async fn create_record(
     Path(id): Path<String>,
     JsonBody(input): JsonBody<NewRecord>,
 ) -> Result<Response, ApiError> {
-    touch(&audit, Action::Create, "record", &id, &id);
+    // The record has no id until it is made (then it is the resource).
+    touch(&audit, Action::Create, "record", None, &id);
     let r = state.patients().add_record(&id, input).await?;
     audit.annotate(|a| a.resource_id = Some(r.id.clone()));
     Ok(with_etag(
@@ -487,9 +615,10 @@ pub async fn get_record(
     Path(id): Path<String>,
     QueryParams(v): QueryParams<ViewQuery>,
 ) -> Result<Response, ApiError> {
-    reader.flag(&audit);
-    let patient = state.patients().record_patient(&id).await?;
-    touch(&audit, Action::Read, "record", &id, &patient);
+    let patient = state.patients().record_patient(&id).await;
+    reader.flag(&audit, "record", Some(&id), patient.as_deref().ok());
+    let patient = patient?;
+    touch(&audit, Action::Read, "record", Some(&id), &patient);
     let r = state.patients().record(&id).await?;
     Ok(with_etag(
         StatusCode::OK,
@@ -511,7 +640,7 @@ pub async fn patch_record(
     JsonBody(patch): JsonBody<RecordPatch>,
 ) -> Result<Response, ApiError> {
     let patient = state.patients().record_patient(&id).await?;
-    touch(&audit, Action::Update, "record", &id, &patient);
+    touch(&audit, Action::Update, "record", Some(&id), &patient);
     let r = state
         .patients()
         .update_record(&id, patch, if_match(&headers)?)
@@ -533,7 +662,7 @@ pub async fn delete_record(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let patient = state.patients().record_patient(&id).await?;
-    touch(&audit, Action::Delete, "record", &id, &patient);
+    touch(&audit, Action::Delete, "record", Some(&id), &patient);
     state.patients().delete_record(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -598,11 +727,13 @@ pub async fn disclosures(
     let items = page
         .items
         .into_iter()
+        // What was disclosed: a refused, failed or erroring request disclosed nothing.
         .filter(|e| {
-            matches!(
-                e.action.as_str(),
-                "read" | "export" | "search" | "break_glass" | "update" | "create"
-            )
+            e.outcome == "success"
+                && matches!(
+                    e.action.as_str(),
+                    "read" | "export" | "search" | "break_glass" | "update" | "create"
+                )
         })
         .map(|e| Disclosure {
             purpose: e.reason.clone().unwrap_or_else(|| e.action.clone()),

@@ -15,6 +15,8 @@ use crate::store::{Db, StoreError};
 
 const PATIENTS: &str = "patients";
 const RECORDS: &str = "records";
+/// The purpose of the key that seals de-identified cursors.
+const DEID_CURSOR: &str = "custodian/phi/deid-cursor/v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PhiError {
@@ -115,6 +117,21 @@ impl Patients {
             ),
             Err(_) => "anon".into(),
         }
+    }
+
+    /// The cursor of a de-identified page: the id of its last row sealed (AES-256-GCM
+    /// under a key of its own, bound to `scope`, what the page lists), so that neither the
+    /// answer nor its cursor carries a real id. Only a page of the same scope opens it.
+    pub fn deid_cursor(&self, scope: &str, id: &str) -> Result<String, PhiError> {
+        crypto::seal(&self.keys, DEID_CURSOR, scope.as_bytes(), id.as_bytes())
+            .map_err(|e| PhiError::Envelope(e.into()))
+    }
+
+    /// The id a [`Patients::deid_cursor`] of `scope` carries; `None` for anything else
+    /// (a real id, another scope's cursor, a forged one).
+    pub fn open_deid_cursor(&self, scope: &str, cursor: &str) -> Option<String> {
+        let id = crypto::open(&self.keys, DEID_CURSOR, scope.as_bytes(), cursor).ok()?;
+        String::from_utf8(id.to_vec()).ok()
     }
 
     fn seal_row(&self, id: &str, key: &DataKey, f: &PatientFields) -> Result<PatientRow, PhiError> {
@@ -299,11 +316,12 @@ impl Patients {
         }
     }
 
-    /// Exact search on MRN, SSN, birth date, given or family name, by blind index only:
-    /// no table is decrypted to search it.
+    /// Exact search on MRN, SSN (only when `by_ssn`: the caller holds `phi:ssn`), birth
+    /// date, given or family name, by blind index only: no table is decrypted to search it.
     pub async fn search(
         &self,
         q: Option<&str>,
+        by_ssn: bool,
         after: &str,
         limit: i64,
     ) -> Result<Vec<Patient>, PhiError> {
@@ -312,7 +330,7 @@ impl Patients {
             Some(q) => {
                 // A value that cannot be of a kind matches nothing of that kind.
                 let none = || "-".to_owned();
-                let ssn = if super::model::valid_ssn(q) {
+                let ssn = if by_ssn && super::model::valid_ssn(q) {
                     self.bi("ssn", &q.replace('-', ""))?
                 } else {
                     none()

@@ -27,7 +27,7 @@ use serde::Serialize;
 use sqlx::Row;
 use utoipa::ToSchema;
 
-use crate::audit::model::{Action, NewEvent};
+use crate::audit::model::{Action, NewEvent, Outcome};
 use crate::clock::SharedClock;
 use crate::config::SecurityConfig;
 use crate::store::{Db, StoreError};
@@ -186,7 +186,9 @@ impl Security {
     pub fn looks_at(e: &NewEvent) -> bool {
         match e.action {
             Action::LoginFailed | Action::AccountLocked | Action::BreakGlass => true,
-            Action::Read => e.patient_id.is_some(),
+            // A read that disclosed the patient (a refused or failed one names the
+            // patient too, but read nothing).
+            Action::Read => e.patient_id.is_some() && e.outcome == Outcome::Success,
             _ => false,
         }
     }
@@ -258,7 +260,9 @@ impl Security {
                             e.path.as_deref().unwrap_or("")
                         ),
                     )),
-                    Action::Read if cfg.distinct_patients_per_hour > 0 => {
+                    Action::Read
+                        if cfg.distinct_patients_per_hour > 0 && e.outcome == Outcome::Success =>
+                    {
                         if let Some(p) = &e.patient_id {
                             let hour = now / 3600;
                             let entry = st

@@ -315,6 +315,11 @@ fn smart_error(
         },
     );
     allow_framing(state, &mut r);
+    if matches!(e, SmartError::Forbidden) {
+        // The user's role lacks `records:read`: recorded as `permission_denied`.
+        r.extensions_mut()
+            .insert(crate::http::error::PermissionRefused);
+    }
     r
 }
 

@@ -41,6 +41,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(8, "0008_accounts"),
     migration!(9, "0009_audit_indexes"),
     migration!(10, "0010_audit_patients"),
+    migration!(11, "0011_audit_client_request_id"),
 ];
 
 impl Migration {

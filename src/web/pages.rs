@@ -91,6 +91,8 @@ struct Message {
     back: &'static str,
 }
 
+/// The page for a role that lacks the permission a page needs (recorded in the audit
+/// trail as `permission_denied`).
 pub fn forbidden(u: &WebUser) -> Response {
     let layout = Layout {
         signed_in: true,
@@ -104,7 +106,7 @@ pub fn forbidden(u: &WebUser) -> Response {
         can_calc: u.can(Permission::RecordsRead),
         notice: None,
     };
-    render_status(
+    let mut r = render_status(
         StatusCode::FORBIDDEN,
         &Message {
             layout,
@@ -112,7 +114,10 @@ pub fn forbidden(u: &WebUser) -> Response {
             text: "Your role does not allow this page.".into(),
             back: "/admin",
         },
-    )
+    );
+    r.extensions_mut()
+        .insert(crate::http::error::PermissionRefused);
+    r
 }
 
 /// A stored time as people read it: `2026-11-23 03:59:51 UTC`.
@@ -1494,6 +1499,10 @@ pub struct AuditFilter {
     #[serde(default)]
     action: String,
     #[serde(default)]
+    outcome: String,
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
     since: String,
     #[serde(default)]
     until: String,
@@ -1546,6 +1555,7 @@ struct AuditPage {
     layout: Layout,
     f: AuditFilter,
     actions: Vec<String>,
+    outcomes: Vec<String>,
     events: Vec<EventRow>,
     next_cursor: Option<String>,
     query: String,
@@ -1562,6 +1572,18 @@ fn audit_filter(f: &AuditFilter) -> (crate::audit::store::Filter, Vec<String>) {
         match Action::parse(&a) {
             Some(a) => out.action = Some(a.as_str().to_owned()),
             None => errors.push("Action: not an audit action.".to_owned()),
+        }
+    }
+    if let Some(o) = opt(&f.outcome) {
+        match crate::audit::Outcome::parse(&o) {
+            Some(o) => out.outcome = Some(o.as_str().to_owned()),
+            None => errors.push("Outcome: success, failure, denied or error.".to_owned()),
+        }
+    }
+    if let Some(s) = opt(&f.status) {
+        match s.parse::<i64>() {
+            Ok(n) if (100..=599).contains(&n) => out.status = Some(n),
+            _ => errors.push("Status: an HTTP status such as 403.".to_owned()),
         }
     }
     for (label, raw, slot) in [
@@ -1588,6 +1610,8 @@ fn filter_query(f: &AuditFilter) -> String {
         .append_pair("actor", &f.actor)
         .append_pair("patient_id", &f.patient_id)
         .append_pair("action", &f.action)
+        .append_pair("outcome", &f.outcome)
+        .append_pair("status", &f.status)
         .append_pair("since", &f.since)
         .append_pair("until", &f.until)
         .finish()
@@ -1624,6 +1648,10 @@ pub async fn audit_log(
         layout: Layout::of(&state, &u, None),
         query: filter_query(&f),
         actions: Action::ALL.iter().map(|a| a.as_str().to_owned()).collect(),
+        outcomes: crate::audit::Outcome::ALL
+            .iter()
+            .map(|o| o.as_str().to_owned())
+            .collect(),
         events: page.items.into_iter().map(EventRow::from).collect(),
         next_cursor: page.next_cursor,
         errors,

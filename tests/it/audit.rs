@@ -14,10 +14,15 @@ use custodian::store::{Backend as DbBackend, Db};
 use crate::both_backends;
 use crate::support::{Backend, Options, TestDb, TestServer};
 
+/// The events of one request: by the server's request id (the response's
+/// `X-Request-Id`), or by the `X-Request-Id` the test sent (`client_request_id`).
 pub(crate) async fn events_for(db: &Db, request_id: &str) -> Vec<AuditEvent> {
     let all = query(db, &Filter::default(), 100_000, true).await.unwrap();
     all.into_iter()
-        .filter(|e| e.request_id.as_deref() == Some(request_id))
+        .filter(|e| {
+            e.request_id.as_deref() == Some(request_id)
+                || e.client_request_id.as_deref() == Some(request_id)
+        })
         .collect()
 }
 
@@ -39,7 +44,7 @@ fn patient_routes() -> Router<AppState> {
                 });
                 audit.context("records", ContextValue::Int(2));
                 for other in ["p-2", "p-3"] {
-                    audit.touch_patient(Action::Read, "patient", other, other);
+                    audit.touch_patient(Action::Read, "patient", Some(other), Some(other));
                 }
                 "PHI-CANARY-1234"
             }),
@@ -510,7 +515,8 @@ async fn the_sink_copies_committed_events(backend: Backend) {
         .unwrap();
     let text = std::fs::read_to_string(&sink).unwrap();
     let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-    assert_eq!(line["audit"]["request_id"], "sink-rid");
+    assert_eq!(line["audit"]["client_request_id"], "sink-rid");
+    assert!(line["audit"]["context"].is_object());
     assert_eq!(line["audit"]["seq"], 1);
 }
 both_backends!(the_sink_copies_committed_events);
@@ -744,7 +750,7 @@ mod commands {
         // Bootstrap, the three requests, and the verification (reading the log is audited).
         assert_eq!(lines.len(), 5, "{out}");
         assert_eq!(lines[0]["actor"], "system:dev-bootstrap");
-        assert_eq!(lines[1]["request_id"], "cli-0");
+        assert_eq!(lines[1]["client_request_id"], "cli-0");
         assert_eq!(lines[4]["action"], "audit_verify");
         assert_eq!(lines[4]["actor"], "system:audit-verify");
 
@@ -869,7 +875,10 @@ mod commands {
         let url = custodian::config::Secret::new(format!("sqlite://{}/custodian.sqlite", data));
         let db = open(&url).await;
         let stored: std::collections::HashSet<String> =
-            sqlx::query("SELECT request_id FROM audit_events WHERE request_id IS NOT NULL")
+            // The test tags each request with its own X-Request-Id, kept as the client's.
+            sqlx::query(
+                "SELECT client_request_id FROM audit_events WHERE client_request_id IS NOT NULL",
+            )
                 .fetch_all(db.reader())
                 .await
                 .unwrap()
@@ -911,3 +920,204 @@ async fn flush_waits_for_everything_queued(backend: Backend) {
     assert!(log.verify().await.unwrap().ok);
 }
 both_backends!(flush_waits_for_everything_queued);
+
+/// Every request about a patient names the patient, whatever its outcome (a 401, a
+/// 403, a bad body, a success), and each field holds what it says: `resource_id` the
+/// resource acted on (no id for a list), `patient_id` the patient. A refusal for want of
+/// a permission is a `permission_denied` event saying what was attempted, and no
+/// disclosure. The API filters on `outcome` and `status`, and answers `context` as an
+/// object; the chain still verifies.
+async fn audit_records_what_each_request_was_about(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    const PW: &str = "Correct-Horse-9!";
+    s.user("doc", "doctor", PW).await;
+    s.user("nur", "nurse", PW).await;
+    s.user("aud", "auditor", PW).await;
+    let (doc, nur, aud) = (
+        s.login("doc", PW).await,
+        s.login("nur", PW).await,
+        s.login("aud", PW).await,
+    );
+    let body = serde_json::json!({"given_name": "Ada", "family_name": "Lovelace", "birth_date": "1961-07-04"});
+    let res = s.post("/api/v1/patients", Some(&doc), body).await;
+    let pid = crate::support::json(res).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let res = s
+        .post(
+            &format!("/api/v1/patients/{pid}/records"),
+            Some(&doc),
+            serde_json::json!({"diagnosis": "Gout"}),
+        )
+        .await;
+    let rid = crate::support::json(res).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // (request, expected status, action, resource type, resource id, attempted)
+    type Case<'a> = (
+        reqwest::RequestBuilder,
+        u16,
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+        Option<&'a str>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            s.client
+                .get(s.url(&format!("/api/v1/patients/{pid}")))
+                .bearer_auth(&aud),
+            403,
+            "permission_denied",
+            "patient",
+            Some(&pid),
+            Some("read"),
+        ),
+        (
+            s.client
+                .get(s.url(&format!("/api/v1/records/{rid}")))
+                .bearer_auth(&aud),
+            403,
+            "permission_denied",
+            "record",
+            Some(&rid),
+            Some("read"),
+        ),
+        (
+            s.client
+                .patch(s.url(&format!("/api/v1/patients/{pid}")))
+                .bearer_auth(&nur)
+                .json(&serde_json::json!({"phone": "1"})),
+            403,
+            "permission_denied",
+            "patient",
+            Some(&pid),
+            Some("update"),
+        ),
+        (
+            s.client
+                .get(s.url(&format!("/api/v1/patients/{pid}/records"))),
+            401,
+            "read",
+            "record",
+            None,
+            None,
+        ),
+        (
+            s.client
+                .patch(s.url(&format!("/api/v1/records/{rid}")))
+                .bearer_auth(&doc)
+                .json(&serde_json::json!({"nope": 1})),
+            422,
+            "update",
+            "record",
+            Some(&rid),
+            None,
+        ),
+        (
+            s.client
+                .get(s.url(&format!("/api/v1/patients/{pid}/records")))
+                .bearer_auth(&nur),
+            200,
+            "read",
+            "record",
+            None,
+            None,
+        ),
+    ];
+    let (mut denied, mut forbidden) = (Vec::new(), Vec::new());
+    for (i, (req, status, action, rtype, rid_, attempted)) in cases.into_iter().enumerate() {
+        let res = req.send().await.unwrap();
+        assert_eq!(res.status(), status, "case {i}");
+        let request_id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+        let events = events_for(s.state.db(), &request_id).await;
+        assert_eq!(events.len(), 1, "case {i}: {events:?}");
+        let e = &events[0];
+        assert_eq!(
+            e.patient_id.as_deref(),
+            Some(pid.as_str()),
+            "case {i}: {e:?}"
+        );
+        assert_eq!(e.action, action, "case {i}: {e:?}");
+        assert_eq!(e.resource_type.as_deref(), Some(rtype), "case {i}: {e:?}");
+        assert_eq!(e.resource_id.as_deref(), rid_, "case {i}: {e:?}");
+        let context: serde_json::Value = serde_json::from_str(&e.context).unwrap();
+        assert_eq!(context["attempted"].as_str(), attempted, "case {i}: {e:?}");
+        if status == 401 || status == 403 {
+            assert_eq!(e.outcome, "denied");
+            denied.push(request_id.clone());
+        }
+        if status == 403 {
+            forbidden.push(request_id);
+        }
+    }
+    // The API: filters on outcome and status; context is an object.
+    let page = |q: &str| {
+        let (s, aud) = (&s, aud.clone());
+        let url = format!("/api/v1/audit/events?patient_id={pid}&limit=500{q}");
+        async move { s.get_as(&url, &aud).await }
+    };
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["request_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let by_outcome = crate::support::json(page("&outcome=denied").await).await;
+    let mut got = ids(&by_outcome);
+    got.reverse();
+    assert_eq!(got, denied, "{by_outcome}");
+    let by_status = crate::support::json(page("&status=403").await).await;
+    let mut got = ids(&by_status);
+    got.reverse();
+    assert_eq!(got, forbidden, "{by_status}");
+    assert!(
+        by_status["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["status"] == 403
+                && e["action"] == "permission_denied"
+                && e["context"]["attempted"].is_string())
+    );
+    let all = crate::support::json(page("").await).await;
+    assert!(
+        all["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["context"].is_object()),
+        "{all}"
+    );
+    for bad in ["&outcome=maybe", "&status=99", "&status=abc"] {
+        let res = page(bad).await;
+        assert_eq!(res.status(), 422, "{bad}");
+    }
+    // A refusal disclosed nothing: it is not in the accounting of disclosures.
+    let d = crate::support::json(
+        s.get_as(
+            &format!("/api/v1/patients/{pid}/disclosures?limit=500"),
+            &aud,
+        )
+        .await,
+    )
+    .await;
+    let disclosed = ids(&d);
+    assert!(disclosed.iter().all(|r| !denied.contains(r)), "{d}");
+    assert!(
+        d["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["action"] != "permission_denied")
+    );
+    let v = s.state.audit().verify().await.unwrap();
+    assert!(v.ok, "{v:?}");
+    let res = s.get_as("/api/v1/audit/verify", &aud).await;
+    assert_eq!(crate::support::json(res).await["ok"], true);
+}
+both_backends!(audit_records_what_each_request_was_about);

@@ -147,36 +147,72 @@ async fn hsts_only_over_tls_or_outside_dev(backend: Backend) {
 }
 both_backends!(hsts_only_over_tls_or_outside_dev);
 
-async fn request_ids_are_kept_when_well_formed(backend: Backend) {
+/// The request id is the server's: a client's `X-Request-Id` never becomes the id of
+/// its request (in the response, the error body or the audit trail), so nobody can give
+/// their requests the id of someone else's. A well-formed client id is kept beside it,
+/// as `client_request_id`, for what it is: what the client sent.
+async fn request_ids_are_made_by_the_server(backend: Backend) {
     let s = server(backend, vec![]).await;
-    let res = s
-        .client
-        .get(s.url("/api/v1/nope"))
-        .header("x-request-id", "trace-abc.123:x")
-        .send()
+    let send = |path: &str, sent: &str| {
+        let req = s.client.get(s.url(path)).header("x-request-id", sent);
+        async move { req.send().await.unwrap() }
+    };
+    // A victim's request, and another client reusing its id.
+    let victim = send("/api/v1/nope", "trace-abc.123:x").await;
+    let victim_id = victim.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(victim_id, "trace-abc.123:x");
+    assert!(uuid::Uuid::parse_str(&victim_id).is_ok(), "{victim_id}");
+    assert_eq!(json(victim).await["request_id"], victim_id.as_str());
+    let copycat = send("/api/v1/nope", &victim_id).await;
+    let copycat_id = copycat.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(
+        copycat_id, victim_id,
+        "a client cannot take another request's id"
+    );
+    assert_eq!(json(copycat).await["request_id"], copycat_id.as_str());
+    // The audit trail: one event per server id; the client's id beside it.
+    let events = custodian::audit::store::query(s.state.db(), &Default::default(), 1000, true)
         .await
         .unwrap();
-    assert_eq!(res.headers()["x-request-id"], "trace-abc.123:x");
-    let body = json(res).await;
-    assert_eq!(body["request_id"], "trace-abc.123:x");
-
+    let with = |id: &str| -> Vec<_> {
+        events
+            .iter()
+            .filter(|e| e.request_id.as_deref() == Some(id))
+            .collect()
+    };
+    let (v, c) = (with(&victim_id), with(&copycat_id));
+    assert_eq!((v.len(), c.len()), (1, 1), "{events:?}");
+    assert_eq!(v[0].client_request_id.as_deref(), Some("trace-abc.123:x"));
+    assert_eq!(c[0].client_request_id.as_deref(), Some(victim_id.as_str()));
+    // A malformed client id is not kept at all.
     for bad in ["has space", "<script>alert(1)</script>", &"a".repeat(129)] {
-        let res = s
-            .client
-            .get(s.url("/health"))
-            .header("x-request-id", bad)
-            .send()
-            .await
-            .unwrap();
+        let res = send("/api/v1/nope", bad).await;
         let id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
-        assert_ne!(id, bad);
-        assert_eq!(id.len(), 36, "a generated UUID replaces {bad:?}");
+        assert!(
+            uuid::Uuid::parse_str(&id).is_ok(),
+            "a generated UUID, not {bad:?}"
+        );
+        let e = custodian::audit::store::query(s.state.db(), &Default::default(), 1000, true)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|e| e.request_id.as_deref() == Some(id.as_str()))
+            .unwrap();
+        assert_eq!(e.client_request_id, None, "{bad:?}");
     }
     let a = s.get("/health").await.headers()["x-request-id"].clone();
     let b = s.get("/health").await.headers()["x-request-id"].clone();
     assert_ne!(a, b);
+    let v = s.state.audit().verify().await.unwrap();
+    assert!(v.ok, "{v:?}");
 }
-both_backends!(request_ids_are_kept_when_well_formed);
+both_backends!(request_ids_are_made_by_the_server);
 
 async fn server_errors_reveal_nothing_but_the_request_id(backend: Backend) {
     let s = server(backend, vec![]).await;

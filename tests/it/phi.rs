@@ -171,10 +171,10 @@ async fn minimum_necessary_per_role(backend: Backend) {
     .await;
     assert_eq!(anon["given_name"], "REDACTED");
     assert_eq!(anon["family_name"], "REDACTED");
-    assert_eq!(anon["ssn"], "XXX-XX-6789");
-    assert_eq!(anon["email"], "ad***@example.org");
     assert_eq!(anon["birth_date"], "1961");
-    assert!(anon["mrn"].is_null() && anon["phone"].is_null() && anon["address"].is_null());
+    for field in ["ssn", "email", "mrn", "phone", "address"] {
+        assert!(anon[field].is_null(), "{field}: {anon}");
+    }
     let pseudo = anon["id"].as_str().unwrap();
     assert!(pseudo.starts_with("anon-") && !pseudo.contains(&id[..8]));
     let again = json(
@@ -198,6 +198,142 @@ async fn minimum_necessary_per_role(backend: Backend) {
     assert_eq!(anon["birth_date"], "90+");
 }
 both_backends!(minimum_necessary_per_role);
+
+/// The de-identified view (Safe Harbor): no SSN or email, not even masked, and nothing in
+/// a search page, a record list, their ids or their cursors that leads back to a real id.
+/// Following the cursors pages through everything, and a de-identified page continues
+/// only from a de-identified cursor.
+async fn de_identified_answers_lead_back_to_nothing(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let t = team(&s).await;
+    let mut real = Vec::new();
+    let mut pids = Vec::new();
+    for i in 0..3 {
+        let mut p = ada();
+        p["mrn"] = json!(format!("MRN-DEID-{i}"));
+        p["ssn"] = json!(format!("321-54-{:04}", 9870 + i));
+        p["email"] = json!(format!("deid{i}@example.org"));
+        let made = create(&s, &t.doctor, p).await;
+        let pid = made["id"].as_str().unwrap().to_owned();
+        real.extend([
+            pid.clone(),
+            made["mrn"].as_str().unwrap().to_owned(),
+            made["ssn"].as_str().unwrap().to_owned(),
+        ]);
+        for d in ["Asthma", "Gout"] {
+            let r = s
+                .send_as(
+                    Method::POST,
+                    &format!("/api/v1/patients/{pid}/records"),
+                    &t.doctor,
+                    Some(json!({"diagnosis": d, "notes": "n"})),
+                )
+                .await;
+            real.push(json(r).await["id"].as_str().unwrap().to_owned());
+        }
+        pids.push(pid);
+    }
+    let leaks = |text: &str| -> Vec<String> {
+        let mut found: Vec<String> = real
+            .iter()
+            .filter(|r| text.contains(r.as_str()))
+            .cloned()
+            .collect();
+        for marker in ["XXX-XX", "@", "Lovelace", "Ada", "Asthma", "Gout"] {
+            if text.contains(marker) {
+                found.push(marker.to_owned());
+            }
+        }
+        found
+    };
+    // Every page of a de-identified search, one patient per page.
+    let mut pseudonyms = Vec::new();
+    let mut url = "/api/v1/patients?q=lovelace&anonymize=true&limit=1".to_owned();
+    for _ in 0..10 {
+        let res = s.get_as(&url, &t.doctor).await;
+        assert_eq!(res.status(), 200, "{url}");
+        let headers = format!("{:?}", res.headers());
+        let text = res.text().await.unwrap();
+        assert!(leaks(&text).is_empty(), "{:?} in {text}", leaks(&text));
+        assert!(leaks(&headers).is_empty(), "{headers}");
+        let page: Value = serde_json::from_str(&text).unwrap();
+        let p = &page["items"][0];
+        for field in ["ssn", "email", "mrn", "phone", "address"] {
+            assert!(p[field].is_null(), "{field}: {p}");
+        }
+        pseudonyms.push(p["id"].as_str().unwrap().to_owned());
+        match page["next_cursor"].as_str() {
+            Some(c) => {
+                url = format!(
+                    "/api/v1/patients?q=lovelace&anonymize=true&limit=1&cursor={}",
+                    form_urlencoded::byte_serialize(c.as_bytes()).collect::<String>()
+                )
+            }
+            None => break,
+        }
+    }
+    let mut distinct = pseudonyms.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        3,
+        "the cursors page through every patient once"
+    );
+    // A de-identified page does not continue from a real id.
+    let res = s
+        .get_as(
+            &format!("/api/v1/patients?anonymize=true&cursor={}", pids[0]),
+            &t.doctor,
+        )
+        .await;
+    assert_eq!(res.status(), 422);
+    // Every page of a patient's de-identified records.
+    let anon_patient = json(
+        s.get_as(
+            &format!("/api/v1/patients/{}?anonymize=true", pids[1]),
+            &t.doctor,
+        )
+        .await,
+    )
+    .await;
+    let mut url = format!(
+        "/api/v1/patients/{}/records?anonymize=true&limit=1",
+        pids[1]
+    );
+    let mut records = Vec::new();
+    for _ in 0..10 {
+        let res = s.get_as(&url, &t.nurse).await;
+        assert_eq!(res.status(), 200, "{url}");
+        let text = res.text().await.unwrap();
+        assert!(leaks(&text).is_empty(), "{:?} in {text}", leaks(&text));
+        let page: Value = serde_json::from_str(&text).unwrap();
+        let r = &page["items"][0];
+        assert_eq!(
+            r["patient_id"], anon_patient["id"],
+            "the patient's pseudonym"
+        );
+        records.push(r["id"].as_str().unwrap().to_owned());
+        match page["next_cursor"].as_str() {
+            Some(c) => {
+                url = format!(
+                    "/api/v1/patients/{}/records?anonymize=true&limit=1&cursor={}",
+                    pids[1],
+                    form_urlencoded::byte_serialize(c.as_bytes()).collect::<String>()
+                )
+            }
+            None => break,
+        }
+    }
+    records.sort();
+    records.dedup();
+    assert_eq!(
+        records.len(),
+        2,
+        "the cursors page through every record once"
+    );
+}
+both_backends!(de_identified_answers_lead_back_to_nothing);
 
 async fn search_uses_blind_indexes_and_names_the_patients(backend: Backend) {
     let s = TestServer::start(backend).await;
@@ -232,7 +368,6 @@ async fn search_uses_blind_indexes_and_names_the_patients(backend: Backend) {
     );
     assert_eq!(search("lovelace").await, [aid.as_str()]);
     assert_eq!(search("  GRACE ").await, [gid.as_str()]);
-    assert_eq!(search("234-56-7890").await, [gid.as_str()]);
     assert_eq!(search("1961-07-04").await, [aid.as_str()]);
     assert_eq!(search(a["mrn"].as_str().unwrap()).await, [aid.as_str()]);
     assert!(search("Love").await.is_empty(), "exact match only");
@@ -242,21 +377,15 @@ async fn search_uses_blind_indexes_and_names_the_patients(backend: Backend) {
     both.sort();
     assert_eq!(all, both);
     // One audit event for the search, naming the patients returned.
-    let res = s
-        .client
-        .get(s.url("/api/v1/patients?q=lovelace"))
-        .bearer_auth(&t.nurse)
-        .header("x-request-id", "search-1")
-        .send()
-        .await
-        .unwrap();
+    let res = s.get_as("/api/v1/patients?q=lovelace", &t.nurse).await;
     assert_eq!(res.status(), 200);
+    let rid = res.headers()["x-request-id"].to_str().unwrap().to_owned();
     let events: Vec<_> =
         custodian::audit::store::query(s.state.db(), &Default::default(), 10_000, true)
             .await
             .unwrap()
             .into_iter()
-            .filter(|e| e.request_id.as_deref() == Some("search-1"))
+            .filter(|e| e.request_id.as_deref() == Some(rid.as_str()))
             .collect();
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0].action, "search");
@@ -269,6 +398,7 @@ async fn search_uses_blind_indexes_and_names_the_patients(backend: Backend) {
     let under = |pid: String| {
         let s = &s;
         let auditor = t.auditor.clone();
+        let rid = rid.clone();
         async move {
             let b = json(
                 s.get_as(
@@ -291,7 +421,7 @@ async fn search_uses_blind_indexes_and_names_the_patients(backend: Backend) {
                     .as_array()
                     .unwrap()
                     .iter()
-                    .any(|e| e["request_id"] == "search-1")
+                    .any(|e| e["request_id"] == rid.as_str())
             };
             (has(&b), has(&d))
         }
@@ -308,6 +438,46 @@ async fn search_uses_blind_indexes_and_names_the_patients(backend: Backend) {
     );
 }
 both_backends!(search_uses_blind_indexes_and_names_the_patients);
+
+/// Without `phi:ssn` the SSN is masked, and it is no search key either: an SSN-shaped
+/// `q` is a 403 whether or not a patient has that SSN, so the search cannot tell whose
+/// it is. With `phi:ssn` it finds the patient.
+async fn ssn_is_no_search_key_without_phi_ssn(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let t = team(&s).await;
+    let id = create(&s, &t.doctor, ada()).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let search = |q: &str, token: &str, extra: &str| {
+        let url = format!(
+            "/api/v1/patients?q={}{extra}",
+            form_urlencoded::byte_serialize(q.as_bytes()).collect::<String>()
+        );
+        let (s, token) = (&s, token.to_owned());
+        async move { s.get_as(&url, &token).await }
+    };
+    for (q, extra) in [
+        ("123-45-6789", ""),
+        (" 123-45-6789 ", ""),
+        ("123-45-6789", "&anonymize=true"),
+        ("234-56-7890", ""),
+        ("666-12-3456", ""),
+    ] {
+        let res = search(q, &t.nurse, extra).await;
+        assert_eq!(res.status(), 403, "{q:?}{extra}");
+        let body = json(res).await;
+        assert_eq!(body["code"], "forbidden");
+        assert!(body.get("items").is_none());
+    }
+    // Other searches still work for the nurse, and the SSN search for the doctor.
+    let b = json(search("lovelace", &t.nurse, "").await).await;
+    assert_eq!(b["items"][0]["id"], id.as_str());
+    let res = search("123-45-6789", &t.doctor, "").await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(json(res).await["items"][0]["id"], id.as_str());
+}
+both_backends!(ssn_is_no_search_key_without_phi_ssn);
 
 async fn records_follow_their_permissions(backend: Backend) {
     let s = TestServer::start(backend).await;
@@ -391,13 +561,8 @@ async fn records_follow_their_permissions(backend: Backend) {
 }
 both_backends!(records_follow_their_permissions);
 
-async fn break_glass_is_allowed_flagged_and_accounted(backend: Backend) {
-    let s = TestServer::start(backend).await;
-    let t = team(&s).await;
-    let pid = create(&s, &t.doctor, ada()).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+/// A user `medic` whose role (`er`) holds `breakglass` and nothing else; their token.
+async fn breakglass_user(s: &TestServer) -> String {
     sqlx::query("INSERT INTO roles (name, builtin, created_at) VALUES ('er', 0, '')")
         .execute(s.state.db().writer())
         .await
@@ -407,7 +572,17 @@ async fn break_glass_is_allowed_flagged_and_accounted(backend: Backend) {
         .await
         .unwrap();
     s.user("medic", "er", PW).await;
-    let er = s.login("medic", PW).await;
+    s.login("medic", PW).await
+}
+
+async fn break_glass_is_allowed_flagged_and_accounted(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let t = team(&s).await;
+    let pid = create(&s, &t.doctor, ada()).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let er = breakglass_user(&s).await;
     let url = s.url(&format!("/api/v1/patients/{pid}"));
     assert_eq!(
         s.client
@@ -487,6 +662,96 @@ async fn break_glass_is_allowed_flagged_and_accounted(backend: Backend) {
     );
 }
 both_backends!(break_glass_is_allowed_flagged_and_accounted);
+
+/// Break-glass opens the patient it names and that patient's records, nothing wider: a
+/// list or a search of patients is refused even with a reason. And every break-glass
+/// access, to the patient or to their records, is a `break_glass` event naming the
+/// patient and a security event.
+async fn break_glass_opens_one_patient_and_always_raises(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let t = team(&s).await;
+    let pid = create(&s, &t.doctor, ada()).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut other = ada();
+    other["family_name"] = json!("Byron");
+    create(&s, &t.doctor, other).await;
+    let res = s
+        .send_as(
+            Method::POST,
+            &format!("/api/v1/patients/{pid}/records"),
+            &t.doctor,
+            Some(json!({"diagnosis": "Hypertension"})),
+        )
+        .await;
+    let rid = json(res).await["id"].as_str().unwrap().to_owned();
+    let er = breakglass_user(&s).await;
+    let glass = |path: String| {
+        let s = &s;
+        let er = er.clone();
+        async move {
+            s.client
+                .get(s.url(&path))
+                .bearer_auth(&er)
+                .header("x-break-glass-reason", "Unconscious patient in ER bay 3")
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // Never a list or a search.
+    for path in [
+        "/api/v1/patients",
+        "/api/v1/patients?q=lovelace",
+        "/api/v1/patients?anonymize=true",
+    ] {
+        let res = glass(path.to_owned()).await;
+        assert_eq!(res.status(), 403, "{path}");
+        assert_eq!(json(res).await["code"], "forbidden");
+    }
+    let raised = |s: &TestServer| {
+        s.state
+            .security()
+            .counts()
+            .into_iter()
+            .find(|(r, _)| *r == "break_glass")
+            .map_or(0, |(_, n)| n)
+    };
+    assert_eq!(raised(&s), 0, "a refused list is not a break-glass access");
+    // The named patient's records, and one record: each raises.
+    let res = glass(format!("/api/v1/patients/{pid}/records")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(json(res).await["items"][0]["diagnosis"], "Hypertension");
+    assert_eq!(raised(&s), 1, "a break-glass read of the records raises");
+    let res = glass(format!("/api/v1/records/{rid}")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(raised(&s), 2, "a break-glass read of a record raises");
+    let res = glass(format!("/api/v1/patients/{pid}")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(raised(&s), 3);
+    // Each is a `break_glass` event naming the patient, with the reason.
+    let bg = json(
+        s.get_as("/api/v1/audit/events?action=break_glass", &t.auditor)
+            .await,
+    )
+    .await;
+    let items = bg["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3, "{bg}");
+    assert!(items.iter().all(|e| e["patient_id"] == pid.as_str()
+        && e["break_glass"] == true
+        && e["reason"] == "Unconscious patient in ER bay 3"));
+    let paths: Vec<&str> = items.iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/api/v1/patients/{id}",
+            "/api/v1/records/{id}",
+            "/api/v1/patients/{id}/records"
+        ]
+    );
+}
+both_backends!(break_glass_opens_one_patient_and_always_raises);
 
 async fn ciphertexts_moved_in_the_database_do_not_open(backend: Backend) {
     let s = TestServer::start(backend).await;

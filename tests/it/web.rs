@@ -205,6 +205,21 @@ async fn pages_need_their_permission(backend: Backend) {
         let (status, _) = b.get(page).await;
         assert_eq!(status, 403, "{page}");
     }
+    // Each refusal is recorded as what it is: a denied permission.
+    let refused = custodian::audit::store::query(
+        s.state.db(),
+        &custodian::audit::store::Filter {
+            actor: Some("nursey".into()),
+            status: Some(403),
+            ..Default::default()
+        },
+        100,
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused.len(), 5, "{refused:?}");
+    assert!(refused.iter().all(|e| e.action == "permission_denied"));
     let (_, html) = b.get("/admin").await;
     assert!(!html.contains("href=\"/admin/users\""));
     // Without a session: to the sign-in page.
