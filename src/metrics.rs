@@ -4,7 +4,13 @@
 //! writer's queue, batches and failures; audited actions (sign-in failures, lockouts,
 //! break-glass, …); rate-limit decisions; key versions; security events. Labels are
 //! route *patterns* (`/api/v1/patients/{id}`), never concrete paths, users or
-//! addresses, so nothing identifying reaches a metric and the series stay bounded.
+//! addresses, so nothing identifying reaches a metric.
+//!
+//! Every label takes its values from a fixed set, whatever a client sends: routes are
+//! the router's patterns or `(unmatched)`, methods are [`crate::http::method_label`]
+//! (an invented method is `_OTHER`), statuses are the codes this server's own handlers answer,
+//! and actions, rules and modes are enums of the code. So the number of series is
+//! bounded by the code, not by the traffic.
 //!
 //! Reachable from `monitoring.metrics_allow` addresses without credentials (the
 //! scraper), or by a user with `audit:read`; anyone else gets 404, as if there were
@@ -42,11 +48,14 @@ struct Series {
 #[derive(Default)]
 pub struct Metrics {
     /// (route, method, status) → series.
-    requests: Mutex<BTreeMap<(String, String, u16), Series>>,
+    requests: Mutex<BTreeMap<SeriesKey, Series>>,
 }
 
+/// The labels of one request series: route pattern, bounded method, status.
+type SeriesKey = (String, &'static str, u16);
+
 impl Metrics {
-    fn observe(&self, route: String, method: String, status: u16, seconds: f64) {
+    fn observe(&self, route: String, method: &'static str, status: u16, seconds: f64) {
         let mut map = self
             .requests
             .lock()
@@ -63,7 +72,7 @@ impl Metrics {
         }
     }
 
-    fn snapshot(&self) -> BTreeMap<(String, String, u16), Series> {
+    fn snapshot(&self) -> BTreeMap<SeriesKey, Series> {
         self.requests
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -78,7 +87,7 @@ pub async fn middleware(State(state): State<AppState>, req: Request, next: Next)
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "(unmatched)".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().as_str().to_owned();
+    let method = crate::http::method_label(req.method());
     let res = next.run(req).await;
     state.metrics().observe(
         route,

@@ -34,6 +34,24 @@ use utoipa_axum::routes;
 use crate::app::AppState;
 pub use error::{ApiError, ErrorCode, FieldError};
 
+/// The name of a request method as a bounded label: one of the nine methods of RFC 9110
+/// (and PATCH), or `_OTHER` for any method a client invents. Metrics and rate-limit keys
+/// use it, so that a client cannot make a new series or budget per request.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "_OTHER",
+    }
+}
+
 /// The routes of the API and their OpenAPI document, built together so that a route
 /// cannot exist without its documentation. Capabilities add their routes here.
 fn api() -> OpenApiRouter<AppState> {

@@ -312,3 +312,52 @@ async fn error_reports_reach_sentry_without_phi_or_secrets() {
     }
     drop(served);
 }
+
+/// A client that invents a method per request makes no new series and no new rate-limit
+/// budget: every label of `/metrics` takes its values from a fixed set.
+async fn invented_methods_make_no_new_series(backend: Backend) {
+    let s = TestServer::start_with(
+        backend,
+        Options {
+            sets: vec![("rate_limit.default", "40/m".into())],
+            ..Options::default()
+        },
+    )
+    .await;
+    let mut statuses = Vec::new();
+    for i in 0..50 {
+        let m = Method::from_bytes(format!("INVENTED{i}").as_bytes()).unwrap();
+        for path in ["/api/v1/patients", "/no/such/path"] {
+            let r = s
+                .client
+                .request(m.clone(), s.url(path))
+                .send()
+                .await
+                .unwrap();
+            statuses.push(r.status().as_u16());
+        }
+    }
+    // One shared budget of 40 for all of them per route, not one budget per method.
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let (status, text) = metrics_text(&s, None).await;
+    assert_eq!(status, 200);
+    assert!(!text.contains("INVENTED"), "{text}");
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("custodian_http_requests_total{"))
+        .collect();
+    assert!(series.len() <= 6, "{series:#?}");
+    assert!(
+        series
+            .iter()
+            .any(|l| l.contains("route=\"(unmatched)\",method=\"_OTHER\"")),
+        "{series:#?}"
+    );
+    let total: f64 = series
+        .iter()
+        .filter(|l| l.contains("method=\"_OTHER\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(total, 100.0, "{series:#?}");
+}
+both_backends!(invented_methods_make_no_new_series);
