@@ -230,7 +230,7 @@ impl App {
                     identity,
                     patients,
                     limiter,
-                    metrics: crate::metrics::Metrics::default(),
+                    metrics: crate::metrics::Metrics::new(secrets.metrics_token.as_ref()),
                     security,
                     smart,
                     accounts,

@@ -12,9 +12,12 @@
 //! and actions, rules and modes are enums of the code. So the number of series is
 //! bounded by the code, not by the traffic.
 //!
-//! Reachable from `monitoring.metrics_allow` addresses without credentials (the
-//! scraper), or by a user with `audit:read`; anyone else gets 404, as if there were
-//! nothing there.
+//! Who may read it: whoever sends the scrape token (`monitoring.metrics_token_file`)
+//! as `Authorization: Bearer …` (Prometheus' `authorization` scrape setting), or a user
+//! with `audit:read`; in dev also any address in `monitoring.metrics_allow` (default
+//! loopback) without a credential. Staging and prod always need a credential: behind a
+//! reverse proxy on the same machine every client arrives from loopback. Anyone else
+//! gets 404, as if there were nothing there.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -29,6 +32,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::access::Permission;
 use crate::app::AppState;
+use crate::config::Environment;
 use crate::http::client_ip::ClientIp;
 use crate::http::{ApiError, ErrorCode};
 
@@ -44,17 +48,33 @@ struct Series {
     buckets: [u64; BUCKETS.len()],
 }
 
-/// Request counters of one process.
+/// Request counters of one process, and the scrape token that may read them.
 #[derive(Default)]
 pub struct Metrics {
     /// (route, method, status) → series.
     requests: Mutex<BTreeMap<SeriesKey, Series>>,
+    /// SHA-256 of the scrape token (compared in constant time), when one is configured.
+    scrape_token: Option<[u8; 32]>,
 }
 
 /// The labels of one request series: route pattern, bounded method, status.
 type SeriesKey = (String, &'static str, u16);
 
 impl Metrics {
+    /// Counters for a process whose scrapers present `scrape_token`.
+    pub fn new(scrape_token: Option<&crate::config::Secret>) -> Self {
+        Self {
+            requests: Mutex::default(),
+            scrape_token: scrape_token.map(|t| digest(t.expose())),
+        }
+    }
+
+    /// Whether `bearer` is the configured scrape token.
+    fn is_scrape_token(&self, bearer: &str) -> bool {
+        self.scrape_token
+            .is_some_and(|want| crate::crypto::constant_time_eq(&want, &digest(bearer)))
+    }
+
     fn observe(&self, route: String, method: &'static str, status: u16, seconds: f64) {
         let mut map = self
             .requests
@@ -96,6 +116,11 @@ pub async fn middleware(State(state): State<AppState>, req: Request, next: Next)
         started.elapsed().as_secs_f64(),
     );
     res
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(token.as_bytes()).into()
 }
 
 /// Prometheus label value escaping.
@@ -360,11 +385,18 @@ pub fn render(state: &AppState) -> String {
 
 /// `GET /metrics`.
 pub async fn handler(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
-    let from_allowed = req
-        .extensions()
-        .get::<ClientIp>()
-        .is_some_and(|ClientIp(ip)| state.config().monitoring.metrics_allow.contains(ip));
-    if !from_allowed {
+    let open = state.config().env == Environment::Dev
+        && req
+            .extensions()
+            .get::<ClientIp>()
+            .is_some_and(|ClientIp(ip)| state.config().monitoring.metrics_allow.contains(ip));
+    let scraper = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| state.metrics().is_scrape_token(t.trim()));
+    if !open && !scraper {
         let (mut parts, _) = req.into_parts();
         let allowed = crate::identity::extract::pre_authenticate(&mut parts, &state)
             .await
