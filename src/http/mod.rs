@@ -12,6 +12,8 @@ pub mod headers;
 pub mod health;
 pub mod json;
 pub mod logging;
+pub mod params;
+pub mod path;
 pub mod request_id;
 pub mod server;
 pub mod tls;

@@ -1,8 +1,9 @@
 //! HTTP for sign-in, sessions, passwords, TOTP and API tokens:
 //! extract → authorise → call the service → audit → respond.
 
+use crate::http::path::Path;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};

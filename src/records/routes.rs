@@ -3,8 +3,9 @@
 //! without `phi:ssn`; `?anonymize=true` gives the de-identified view; break-glass lets a
 //! user with `breakglass` read with a stated reason, flagged and raised.
 
+use crate::http::path::Path;
 use axum::Json;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -21,6 +22,7 @@ use crate::access::{Authorized, Permission, Principal, need};
 use crate::app::AppState;
 use crate::audit::{Action, Audit, ContextValue};
 use crate::http::json::{JsonBody, QueryParams};
+use crate::http::params::{Limit, Text};
 use crate::http::{ApiError, ErrorCode};
 
 impl From<PhiError> for ApiError {
@@ -263,9 +265,10 @@ pub struct PatientPage {
 #[into_params(parameter_in = Query)]
 pub struct PatientQuery {
     /// Exact MRN, SSN, birth date (YYYY-MM-DD), or given or family name (any case).
-    q: Option<String>,
-    /// 1–100, default 20.
-    limit: Option<u32>,
+    #[param(inline)]
+    q: Option<Text<200>>,
+    #[param(inline)]
+    limit: Option<Limit<100, 20>>,
     cursor: Option<String>,
     #[serde(default)]
     anonymize: Option<bool>,
@@ -282,13 +285,7 @@ pub async fn list_patients(
     PatientReader(reader): PatientReader,
     QueryParams(q): QueryParams<PatientQuery>,
 ) -> Result<Json<PatientPage>, ApiError> {
-    let limit = q.limit.unwrap_or(20);
-    if limit == 0 || limit > 100 {
-        return Err(ApiError::field("limit", "must be between 1 and 100"));
-    }
-    if q.q.as_ref().is_some_and(|s| s.chars().count() > 200) {
-        return Err(ApiError::field("q", "must be at most 200 characters"));
-    }
+    let limit = q.limit.unwrap_or_default().get();
     reader.flag(&audit);
     audit.annotate(|a| {
         a.action = Some(Action::Search);
@@ -297,7 +294,7 @@ pub async fn list_patients(
     let after = q.cursor.clone().unwrap_or_default();
     let mut found = state
         .patients()
-        .search(q.q.as_deref(), &after, i64::from(limit) + 1)
+        .search(q.q.as_ref().map(Text::as_str), &after, i64::from(limit) + 1)
         .await?;
     let more = found.len() > limit as usize;
     found.truncate(limit as usize);
@@ -413,7 +410,8 @@ pub struct RecordPage {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct RecordQuery {
-    limit: Option<u32>,
+    #[param(inline)]
+    limit: Option<Limit<200, 50>>,
     cursor: Option<String>,
     #[serde(default)]
     anonymize: Option<bool>,
@@ -429,10 +427,7 @@ pub async fn list_records(
     Path(id): Path<String>,
     QueryParams(q): QueryParams<RecordQuery>,
 ) -> Result<Json<RecordPage>, ApiError> {
-    let limit = q.limit.unwrap_or(50);
-    if limit == 0 || limit > 200 {
-        return Err(ApiError::field("limit", "must be between 1 and 200"));
-    }
+    let limit = q.limit.unwrap_or_default().get();
     reader.flag(&audit);
     touch(&audit, Action::Read, "record", &id, &id);
     let mut rows = state
@@ -562,7 +557,8 @@ pub struct DisclosurePage {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct DisclosureQuery {
-    limit: Option<u32>,
+    #[param(inline)]
+    limit: Option<Limit<500, 100>>,
     cursor: Option<String>,
 }
 
@@ -577,7 +573,7 @@ pub async fn disclosures(
     Path(id): Path<String>,
     QueryParams(q): QueryParams<DisclosureQuery>,
 ) -> Result<Json<DisclosurePage>, ApiError> {
-    let limit = q.limit.unwrap_or(100).clamp(1, 500);
+    let limit = q.limit.unwrap_or_default().get();
     audit.annotate(|a| {
         a.action = Some(Action::Read);
         a.resource_type = Some("disclosures");

@@ -150,3 +150,63 @@ fn the_dockerfile_copies_everything_the_build_embeds() {
         );
     }
 }
+
+/// Every bound the document states for a query parameter is the one the server keeps:
+/// for each integer parameter with a `minimum`/`maximum`, the bounds themselves are
+/// answered 200 and one past them 422 naming the parameter; a `maxLength` likewise.
+async fn documented_query_bounds_are_the_servers(backend: Backend) {
+    let s = TestServer::start_with(backend, crate::support::Options::unlimited()).await;
+    let admin_id = s.user("adm", "admin", "Correct-Horse-9!").await;
+    let t = s.login("adm", "Correct-Horse-9!").await;
+    let p = json(
+        s.post(
+            "/api/v1/patients",
+            Some(&t),
+            serde_json::json!({"given_name": "Ada", "family_name": "Lovelace", "birth_date": "1990-01-02"}),
+        )
+        .await,
+    )
+    .await;
+    let patient = p["id"].as_str().unwrap().to_owned();
+    let doc = json(s.get("/api/openapi.json").await).await;
+    let mut checked = 0;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        let Some(get) = ops.get("get") else { continue };
+        let concrete = path
+            .replace("/patients/{id}", &format!("/patients/{patient}"))
+            .replace("/users/{id}", &format!("/users/{admin_id}"));
+        for param in get["parameters"].as_array().into_iter().flatten() {
+            if param["in"] != "query" {
+                continue;
+            }
+            let name = param["name"].as_str().unwrap();
+            let schema = &param["schema"];
+            let mut cases: Vec<(String, u16)> = Vec::new();
+            if let Some(min) = schema["minimum"].as_i64() {
+                cases.push((min.to_string(), 200));
+                cases.push(((min - 1).to_string(), 422));
+            }
+            if let Some(max) = schema["maximum"].as_i64() {
+                cases.push((max.to_string(), 200));
+                cases.push(((max + 1).to_string(), 422));
+            }
+            if let Some(len) = schema["maxLength"].as_u64() {
+                cases.push(("a".repeat(len as usize), 200));
+                cases.push(("a".repeat(len as usize + 1), 422));
+            }
+            for (value, want) in cases {
+                let res = s.get_as(&format!("{concrete}?{name}={value}"), &t).await;
+                let status = res.status().as_u16();
+                let body = res.text().await.unwrap();
+                assert_eq!(status, want, "GET {path}?{name}={value}: {body}");
+                if want == 422 {
+                    let b: serde_json::Value = serde_json::from_str(&body).unwrap();
+                    assert_eq!(b["errors"][0]["field"], name, "{path}: {body}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 30, "{checked}");
+}
+both_backends!(documented_query_bounds_are_the_servers);
