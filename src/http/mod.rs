@@ -71,7 +71,10 @@ fn api() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document alone (for `custodian openapi` and the drift check).
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
-    api().into_openapi()
+    let mut doc = api().into_openapi();
+    docs::add_conventional_errors(&mut doc);
+    docs::add_links(&mut doc);
+    doc
 }
 
 /// The whole application router with every middleware.
@@ -83,7 +86,9 @@ pub fn router(state: AppState) -> Router {
 /// a slow or failing handler behind the real stack).
 pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
     let cfg = state.config();
-    let (api, doc) = api().split_for_parts();
+    let (api, mut doc) = api().split_for_parts();
+    docs::add_conventional_errors(&mut doc);
+    docs::add_links(&mut doc);
     let limit = usize::try_from(cfg.server.max_body.0).unwrap_or(usize::MAX);
     let timeout = cfg.server.request_timeout.std();
     let trusted = Arc::new(cfg.server.trusted_proxies.clone());

@@ -134,10 +134,13 @@ pub async fn list_users(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
+    /// Letters, digits and `. _ - @`.
+    #[schema(min_length = 1, max_length = 64)]
     username: String,
     #[serde(default)]
+    #[schema(format = Email, max_length = 254)]
     email: Option<String>,
-    #[schema(value_type = String, format = Password)]
+    #[schema(value_type = String, format = Password, max_length = 1024)]
     password: String,
     role: String,
 }
@@ -538,14 +541,29 @@ pub async fn roles(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewRole {
+    #[schema(pattern = "^[a-z0-9_-]{1,32}$")]
     name: String,
+    #[schema(schema_with = permission_names)]
     permissions: Vec<String>,
 }
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RolePermissions {
+    #[schema(schema_with = permission_names)]
     permissions: Vec<String>,
+}
+
+/// The schema of a list of permissions: each one of the permissions the server knows.
+fn permission_names() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, SchemaType, Type};
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(SchemaType::new(Type::String))
+                .enum_values(Some(Permission::ALL.iter().map(|p| p.as_str()))),
+        )
+        .build()
 }
 
 fn known_permissions(names: &[String]) -> Result<Vec<Permission>, ApiError> {

@@ -210,3 +210,65 @@ async fn documented_query_bounds_are_the_servers(backend: Backend) {
     assert!(checked >= 30, "{checked}");
 }
 both_backends!(documented_query_bounds_are_the_servers);
+
+/// The document lists the error answers every operation can give, each as the problem
+/// document it is (`application/problem+json`), and links each created resource to the
+/// operations on it. (The fuzz run of tests/fuzz/run.sh holds the server to it.)
+#[test]
+fn every_operation_documents_its_error_answers_as_problems() {
+    let doc: serde_json::Value =
+        serde_json::from_str(&custodian::http::openapi_document().to_json().unwrap()).unwrap();
+    let mut ops = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        if !path.starts_with("/api/v1/") {
+            continue;
+        }
+        for (method, op) in item.as_object().unwrap() {
+            let responses = op["responses"].as_object().unwrap();
+            let has = |s: &str| responses.contains_key(s);
+            let what = format!("{method} {path}");
+            for s in ["429", "500", "503"] {
+                assert!(has(s), "{what}: {s}");
+            }
+            if op["security"].as_array().is_some_and(|a| !a.is_empty()) {
+                assert!(has("401") && has("403"), "{what}");
+            }
+            if path.contains('{') {
+                assert!(has("404"), "{what}");
+            }
+            if op.get("requestBody").is_some() {
+                assert!(has("413") && has("415") && has("422"), "{what}");
+            }
+            for (status, r) in responses {
+                if status.starts_with('4') || status.starts_with('5') {
+                    let content = r["content"].as_object().unwrap();
+                    assert_eq!(
+                        content.keys().collect::<Vec<_>>(),
+                        ["application/problem+json"],
+                        "{what} {status}"
+                    );
+                    assert_eq!(
+                        content["application/problem+json"]["schema"]["$ref"],
+                        "#/components/schemas/Problem"
+                    );
+                }
+            }
+            ops += 1;
+        }
+    }
+    assert!(ops > 40, "{ops}");
+    let created = &doc["paths"]["/api/v1/patients"]["post"]["responses"]["201"]["links"];
+    assert_eq!(
+        created["get_patient"]["parameters"]["id"], "$response.body#/id",
+        "{created}"
+    );
+    let record =
+        &doc["paths"]["/api/v1/patients/{id}/records"]["post"]["responses"]["201"]["links"];
+    assert_eq!(
+        record["get_record"]["operationId"], "get_record",
+        "{record}"
+    );
+    // A score component's value is a number, a boolean or null (it said: an object).
+    let value = &doc["components"]["schemas"]["Component"]["properties"]["value"]["type"];
+    assert_eq!(*value, serde_json::json!(["number", "boolean", "null"]));
+}
