@@ -64,9 +64,13 @@ fn too_large(limit: usize) -> ApiError {
 const MAX_ERRORS: usize = 32;
 /// Longest field path shown (a path holds the client's own keys).
 const MAX_FIELD: usize = 128;
+/// Bytes of body the search for further wrong fields may re-read in all (each round
+/// re-reads the body up to the next error): a large bad body gets fewer rounds, so a
+/// 422 never costs much more than parsing the body a few times.
+const COLLECT_BUDGET: usize = 4 * 1024 * 1024;
 
 /// Parses a JSON body into `T`, mapping every failure to a 422 that names each wrong
-/// field (see [`collect`]). The body must be one JSON object: serde would also take an
+/// field (see [`Collector`]). The body must be one JSON object: serde would also take an
 /// array for a struct, field by position, which no client of this API means.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
@@ -96,7 +100,8 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     match serde_json::from_slice::<Value>(bytes) {
         Ok(mut value) => {
             let mut more = c.step(&mut value, segments, &inner.to_string());
-            for _ in 0..4 * MAX_ERRORS {
+            let rounds = (COLLECT_BUDGET / bytes.len().max(1)).clamp(1, 4 * MAX_ERRORS);
+            for _ in 0..rounds {
                 if !more {
                     break;
                 }
@@ -167,11 +172,7 @@ impl Collector {
         let message = message.split(" at line ").next().unwrap_or(message);
         // "missing field `x`" and "duplicate field `x`" are reported at the object that
         // holds (or lacks) the field: name the field.
-        let named = ["missing field `", "duplicate field `"]
-            .iter()
-            .find_map(|p| message.strip_prefix(p))
-            .and_then(|r| r.split('`').next());
-        if let Some(name) = named {
+        if let Some(name) = named_field(message) {
             segments.push(Segment::Map {
                 key: name.to_owned(),
             });
@@ -196,6 +197,15 @@ impl Collector {
         *n += 1;
         put(value, &segments, next)
     }
+}
+
+/// The field a "missing field `x`" or "duplicate field `x`" message names: serde
+/// reports both at the object, not at the field.
+fn named_field(message: &str) -> Option<&str> {
+    ["missing field `", "duplicate field `"]
+        .iter()
+        .find_map(|p| message.strip_prefix(p))
+        .and_then(|r| r.split('`').next())
 }
 
 /// A path as clients read it: `address.zip`, `tags[1]`.
@@ -375,20 +385,18 @@ pub fn parse_query<T: DeserializeOwned>(q: &str) -> Result<T, ApiError> {
             Err(e) => e,
         };
         let message = e.inner().to_string();
-        let missing = message
-            .strip_prefix("missing field `")
-            .and_then(|r| r.split('`').next())
-            .map(|name| name.chars().take(MAX_FIELD).collect::<String>());
-        let field = missing
-            .clone()
-            .unwrap_or_else(|| field_path(&e.path().to_string()));
+        let missing = message.starts_with("missing field");
+        let field = named_field(&message).map_or_else(
+            || field_path(&e.path().to_string()),
+            |name| name.chars().take(MAX_FIELD).collect(),
+        );
         if !errors.iter().any(|x| x.field == field) && errors.len() < MAX_ERRORS {
             errors.push(FieldError::new(field.clone(), sanitize(&message)));
         }
         if field.is_empty() {
             break;
         }
-        if missing.is_none() {
+        if !missing {
             // Leave the wrong parameter out and parse the rest again.
             let before = pairs.len();
             pairs.retain(|(k, _)| *k != field);
@@ -524,6 +532,27 @@ mod tests {
         let errors = all(r#"{"name": "x", "age": 3, "kind": "a", "kind": "b"}"#);
         assert_eq!(errors[0].0, "kind");
         assert!(errors[0].1.starts_with("duplicate field"), "{errors:?}");
+    }
+
+    #[test]
+    fn a_large_bad_body_gets_few_rounds() {
+        let mut body = format!(r#"{{"name": "{}", "age": 3"#, "x".repeat(900 * 1024));
+        for i in 0..40 {
+            body.push_str(&format!(r#", "extra{i}": 1"#));
+        }
+        body.push('}');
+        let e = parse::<Body>(body.as_bytes()).unwrap_err();
+        let n = e.field_errors().len();
+        // 4 MiB of re-reading over a 900 KiB body: the first error and four more.
+        assert!((1..=5).contains(&n), "{n}");
+        // A small body gets every error.
+        let mut small = String::from(r#"{"name": "x", "age": 3"#);
+        for i in 0..40 {
+            small.push_str(&format!(r#", "extra{i}": 1"#));
+        }
+        small.push('}');
+        let e = parse::<Body>(small.as_bytes()).unwrap_err();
+        assert_eq!(e.field_errors().len(), MAX_ERRORS);
     }
 
     #[test]
