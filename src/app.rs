@@ -8,7 +8,7 @@ use axum::Router;
 
 use crate::audit::AuditLog;
 use crate::clock::SharedClock;
-use crate::config::Config;
+use crate::config::{Config, Environment};
 use crate::crypto::{Keyring, SharedKeyring};
 use crate::identity::Identity;
 use crate::identity::password::{HashParams, Hasher};
@@ -115,16 +115,26 @@ pub fn open_keyring(
     config: &Config,
     clock: &dyn crate::clock::Clock,
 ) -> anyhow::Result<Arc<SharedKeyring>> {
+    open_keyring_creating(config, clock, config.env == Environment::Dev)
+}
+
+/// Opens the keyring, creating it (mode 0600) when absent and `create` is set. Every
+/// command opens it before it touches the database, so a missing keyring stops a
+/// command before anything is migrated.
+fn open_keyring_creating(
+    config: &Config,
+    clock: &dyn crate::clock::Clock,
+    create: bool,
+) -> anyhow::Result<Arc<SharedKeyring>> {
     let path = config.keyring_path();
     let now = crate::clock::rfc3339(clock.now());
-    let create = config.env == crate::config::Environment::Dev;
     let (ring, created) = Keyring::open(&path, create, &now).map_err(|e| {
         anyhow::anyhow!(
-            "{e}; create one with `custodian keys rotate` (it is created automatically only in dev)"
+            "{e}; create one with `custodian keys rotate` (it is created automatically only in dev, and by `serve` in staging)"
         )
     })?;
     if created {
-        tracing::warn!(path = %path.display(), "created a new keyring (dev); back it up: data encrypted with it cannot be read without it");
+        tracing::warn!(env = %config.env, path = %path.display(), "created a new keyring; back it up: data encrypted with it cannot be read without it");
     }
     Ok(Arc::new(SharedKeyring::new(ring)))
 }
@@ -173,10 +183,13 @@ impl App {
     /// Connects, migrates and assembles the state.
     pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<Self> {
         let secrets = config.resolve_secrets().map_err(anyhow::Error::msg)?;
+        // The keyring before the database: a server that cannot start leaves the database
+        // as it was. A missing keyring is a warning outside prod (the start-up rules), so
+        // dev and staging create one; prod has refused to start before this.
+        let keys = open_keyring_creating(&config, clock.as_ref(), config.env != Environment::Prod)?;
         let db = open_database(&config, clock.as_ref()).await?;
         let now = crate::clock::rfc3339(clock.now());
         let installation_id = store::ensure_installation(&db, &now).await?;
-        let keys = open_keyring(&config, clock.as_ref())?;
         let audit = AuditLog::start(db.clone(), keys.clone(), clock.clone(), &config.audit)?;
         let identity = identity_service(&config, db.clone(), clock.clone(), keys.clone())?;
         let patients = Patients::new(
@@ -233,7 +246,7 @@ impl App {
                     identity,
                     patients,
                     limiter,
-                    metrics: crate::metrics::Metrics::default(),
+                    metrics: crate::metrics::Metrics::new(secrets.metrics_token.as_ref()),
                     security,
                     smart,
                     accounts,

@@ -168,10 +168,16 @@ pub enum KeysCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum DemoCommand {
-    /// Create synthetic patients and records (fake names, never real data).
+    /// Create synthetic patients and records (fake names, never real data). Dev only,
+    /// unless the environment is named again with --confirm-env.
     Seed {
         #[arg(long, default_value_t = 100)]
         patients: u32,
+        /// Outside dev, the environment you mean to seed, named again (e.g.
+        /// `--env staging demo seed --confirm-env staging`); without it staging and prod
+        /// refuse, before the database is touched.
+        #[arg(long, value_name = "ENV")]
+        confirm_env: Option<String>,
     },
 }
 
@@ -260,7 +266,10 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Audit(cmd) => audit_command(config, cmd).await,
             Command::Keys(KeysCommand::Rotate) => keys_rotate(config).await,
             Command::Keys(KeysCommand::Rewrap) => keys_rewrap(config).await,
-            Command::Demo(DemoCommand::Seed { patients }) => demo_seed(config, patients).await,
+            Command::Demo(DemoCommand::Seed {
+                patients,
+                confirm_env,
+            }) => demo_seed(config, patients, confirm_env.as_deref()).await,
             Command::Patients(PatientsCommand::Shred { deleted_before }) => {
                 patients_shred(config, &deleted_before).await
             }
@@ -444,8 +453,9 @@ async fn offline_context(
     config: &Config,
 ) -> anyhow::Result<(crate::store::Db, crate::audit::AuditLog)> {
     let clock: crate::clock::SharedClock = Arc::new(SystemClock);
-    let db = crate::app::open_database(config, &SystemClock).await?;
+    // The keyring first: a command that cannot run leaves the database unmigrated.
     let keys = crate::app::open_keyring(config, &SystemClock)?;
+    let db = crate::app::open_database(config, &SystemClock).await?;
     let log = crate::audit::AuditLog::start(db.clone(), keys, clock, &config.audit)?;
     Ok((db, log))
 }
@@ -889,7 +899,16 @@ async fn keys_rewrap(config: Config) -> ExitCode {
     code
 }
 
-async fn demo_seed(config: Config, count: u32) -> ExitCode {
+async fn demo_seed(config: Config, count: u32, confirm_env: Option<&str>) -> ExitCode {
+    // Synthetic patients in a real database mix with real ones: outside dev only when
+    // the operator names the environment, and checked before anything is opened.
+    let env = config.env.as_str();
+    if config.env != Environment::Dev && confirm_env != Some(env) {
+        eprintln!(
+            "custodian demo seed: refusing to write synthetic patients into the {env} database; nothing was changed. If that is what you mean, name the environment again: --confirm-env {env}"
+        );
+        return ExitCode::from(2);
+    }
     let (db, log) = match offline_context(&config).await {
         Ok(x) => x,
         Err(e) => {
@@ -910,6 +929,7 @@ async fn demo_seed(config: Config, count: u32) -> ExitCode {
             let ctx = vec![
                 ("patients", crate::audit::ContextValue::Int(i64::from(p))),
                 ("records", crate::audit::ContextValue::Int(i64::from(r))),
+                ("env", crate::audit::ContextValue::Code(env)),
             ];
             let _ = record_system_event(
                 &log,
@@ -1154,15 +1174,15 @@ async fn verify_after(db: &crate::store::Db, config: &Config, what: &str) -> boo
 }
 
 async fn ops_restore(config: Config, from: &std::path::Path) -> ExitCode {
-    let db = match crate::app::open_database(&config, &SystemClock).await {
-        Ok(db) => db,
+    let keys = match crate::app::open_keyring(&config, &SystemClock) {
+        Ok(k) => k,
         Err(e) => {
             eprintln!("custodian restore: {e:#}");
             return ExitCode::FAILURE;
         }
     };
-    let keys = match crate::app::open_keyring(&config, &SystemClock) {
-        Ok(k) => k,
+    let db = match crate::app::open_database(&config, &SystemClock).await {
+        Ok(db) => db,
         Err(e) => {
             eprintln!("custodian restore: {e:#}");
             return ExitCode::FAILURE;

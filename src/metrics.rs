@@ -4,11 +4,20 @@
 //! writer's queue, batches and failures; audited actions (sign-in failures, lockouts,
 //! break-glass, …); rate-limit decisions; key versions; security events. Labels are
 //! route *patterns* (`/api/v1/patients/{id}`), never concrete paths, users or
-//! addresses, so nothing identifying reaches a metric and the series stay bounded.
+//! addresses, so nothing identifying reaches a metric.
 //!
-//! Reachable from `monitoring.metrics_allow` addresses without credentials (the
-//! scraper), or by a user with `audit:read`; anyone else gets 404, as if there were
-//! nothing there.
+//! Every label takes its values from a fixed set, whatever a client sends: routes are
+//! the router's patterns or `(unmatched)`, methods are [`crate::http::method_label`]
+//! (an invented method is `_OTHER`), statuses are the codes this server's own handlers answer,
+//! and actions, rules and modes are enums of the code. So the number of series is
+//! bounded by the code, not by the traffic.
+//!
+//! Who may read it: whoever sends the scrape token (`monitoring.metrics_token_file`)
+//! as `Authorization: Bearer …` (Prometheus' `authorization` scrape setting), or a user
+//! with `audit:read`; in dev also any address in `monitoring.metrics_allow` (default
+//! loopback) without a credential. Staging and prod always need a credential: behind a
+//! reverse proxy on the same machine every client arrives from loopback. Anyone else
+//! gets 404, as if there were nothing there.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -23,6 +32,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::access::Permission;
 use crate::app::AppState;
+use crate::config::Environment;
 use crate::http::client_ip::ClientIp;
 use crate::http::{ApiError, ErrorCode};
 
@@ -38,15 +48,34 @@ struct Series {
     buckets: [u64; BUCKETS.len()],
 }
 
-/// Request counters of one process.
+/// Request counters of one process, and the scrape token that may read them.
 #[derive(Default)]
 pub struct Metrics {
     /// (route, method, status) → series.
-    requests: Mutex<BTreeMap<(String, String, u16), Series>>,
+    requests: Mutex<BTreeMap<SeriesKey, Series>>,
+    /// SHA-256 of the scrape token (compared in constant time), when one is configured.
+    scrape_token: Option<[u8; 32]>,
 }
 
+/// The labels of one request series: route pattern, bounded method, status.
+type SeriesKey = (String, &'static str, u16);
+
 impl Metrics {
-    fn observe(&self, route: String, method: String, status: u16, seconds: f64) {
+    /// Counters for a process whose scrapers present `scrape_token`.
+    pub fn new(scrape_token: Option<&crate::config::Secret>) -> Self {
+        Self {
+            requests: Mutex::default(),
+            scrape_token: scrape_token.map(|t| digest(t.expose())),
+        }
+    }
+
+    /// Whether `bearer` is the configured scrape token.
+    fn is_scrape_token(&self, bearer: &str) -> bool {
+        self.scrape_token
+            .is_some_and(|want| crate::crypto::constant_time_eq(&want, &digest(bearer)))
+    }
+
+    fn observe(&self, route: String, method: &'static str, status: u16, seconds: f64) {
         let mut map = self
             .requests
             .lock()
@@ -63,7 +92,7 @@ impl Metrics {
         }
     }
 
-    fn snapshot(&self) -> BTreeMap<(String, String, u16), Series> {
+    fn snapshot(&self) -> BTreeMap<SeriesKey, Series> {
         self.requests
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -78,7 +107,7 @@ pub async fn middleware(State(state): State<AppState>, req: Request, next: Next)
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "(unmatched)".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().as_str().to_owned();
+    let method = crate::http::method_label(req.method());
     let res = next.run(req).await;
     state.metrics().observe(
         route,
@@ -87,6 +116,11 @@ pub async fn middleware(State(state): State<AppState>, req: Request, next: Next)
         started.elapsed().as_secs_f64(),
     );
     res
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(token.as_bytes()).into()
 }
 
 /// Prometheus label value escaping.
@@ -351,11 +385,18 @@ pub fn render(state: &AppState) -> String {
 
 /// `GET /metrics`.
 pub async fn handler(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
-    let from_allowed = req
-        .extensions()
-        .get::<ClientIp>()
-        .is_some_and(|ClientIp(ip)| state.config().monitoring.metrics_allow.contains(ip));
-    if !from_allowed {
+    let open = state.config().env == Environment::Dev
+        && req
+            .extensions()
+            .get::<ClientIp>()
+            .is_some_and(|ClientIp(ip)| state.config().monitoring.metrics_allow.contains(ip));
+    let scraper = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| state.metrics().is_scrape_token(t.trim()));
+    if !open && !scraper {
         let (mut parts, _) = req.into_parts();
         let allowed = crate::identity::extract::pre_authenticate(&mut parts, &state)
             .await

@@ -5,9 +5,10 @@
 //! GET only shows a form: nothing is spent until the form is posted, so a mail scanner
 //! that opens links does not use them up.
 
+use crate::http::path::Path;
 use askama::Template;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};

@@ -1,8 +1,9 @@
 //! HTTP for the account lifecycle: invitations (`users:manage`), accepting one, email
 //! verification, password reset, self-registration.
 
+use crate::http::path::Path;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};

@@ -281,9 +281,14 @@ pub struct MonitoringConfig {
     pub sentry_sample_rate: f32,
     /// Share of requests traced, 0.0–1.0 (default 0: no performance tracing).
     pub sentry_traces_sample_rate: f32,
-    /// Addresses that may read `GET /metrics` without signing in (the scraper);
-    /// anyone else needs `audit:read`.
+    /// Dev only: addresses that may read `GET /metrics` without a credential. Staging
+    /// and prod always ask for one (the scrape token or a user with `audit:read`): behind
+    /// a reverse proxy on the same machine, loopback is every client.
     pub metrics_allow: NetList,
+    /// The scrape token: Prometheus sends it as `Authorization: Bearer …` (prefer
+    /// `metrics_token_file`; prod refuses it inline). At least 32 characters.
+    pub metrics_token: Option<Secret>,
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 impl Default for MonitoringConfig {
@@ -295,6 +300,8 @@ impl Default for MonitoringConfig {
             sentry_sample_rate: 1.0,
             sentry_traces_sample_rate: 0.0,
             metrics_allow: NetList::loopback(),
+            metrics_token: None,
+            metrics_token_file: None,
         }
     }
 }
@@ -623,11 +630,13 @@ impl Config {
             Environment::Dev => {}
             Environment::Staging => {
                 c.logging.format = LogFormat::Json;
+                c.monitoring.metrics_allow = NetList(Vec::new());
             }
             Environment::Prod => {
                 c.data_dir = PathBuf::from("/var/lib/custodian");
                 c.logging.format = LogFormat::Json;
                 c.mfa.required = true;
+                c.monitoring.metrics_allow = NetList(Vec::new());
             }
         }
         c
@@ -665,6 +674,7 @@ pub struct ResolvedSecrets {
     pub sentry_dsn: Option<Secret>,
     pub smart_client_secret: Option<Secret>,
     pub smtp_password: Option<Secret>,
+    pub metrics_token: Option<Secret>,
 }
 
 impl fmt::Debug for ResolvedSecrets {
@@ -720,12 +730,18 @@ impl Config {
             self.mail.smtp_password.as_ref(),
             self.mail.smtp_password_file.as_deref(),
         )?;
+        let metrics_token = read_secret(
+            "monitoring.metrics_token",
+            self.monitoring.metrics_token.as_ref(),
+            self.monitoring.metrics_token_file.as_deref(),
+        )?;
         Ok(ResolvedSecrets {
             database_url,
             redis_url,
             sentry_dsn,
             smart_client_secret,
             smtp_password,
+            metrics_token,
         })
     }
 }

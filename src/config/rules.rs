@@ -250,9 +250,39 @@ pub fn insecure_settings(c: &Config) -> Vec<Finding> {
         }
     }
 
+    // Metrics: outside dev always behind a credential, and a credential worth the name.
+    if c.env != Environment::Dev && !c.monitoring.metrics_allow.0.is_empty() {
+        add(
+            "monitoring.metrics_allow",
+            "outside dev /metrics always needs a credential (behind a proxy on this machine, loopback is every client), so this list is not used: remove it and give Prometheus the scrape token (monitoring.metrics_token_file)".into(),
+        );
+    }
+    if c.monitoring.metrics_token.is_some() {
+        add(
+            "monitoring.metrics_token",
+            "the scrape token is inline; put it in a file (mode 0600) and set monitoring.metrics_token_file".into(),
+        );
+    }
+    if let Ok(Some(token)) = read_secret(
+        "monitoring.metrics_token",
+        c.monitoring.metrics_token.as_ref(),
+        c.monitoring.metrics_token_file.as_deref(),
+    ) && token.expose().chars().count() < MIN_METRICS_TOKEN
+    {
+        add(
+            "monitoring.metrics_token_file",
+            format!(
+                "the scrape token is shorter than {MIN_METRICS_TOKEN} characters; make one with `head -c 32 /dev/urandom | base64`"
+            ),
+        );
+    }
+
     // Warnings that are not refusals are in `advisories`.
     out
 }
+
+/// Shortest scrape token accepted for `/metrics`.
+pub const MIN_METRICS_TOKEN: usize = 32;
 
 /// Settings that are allowed everywhere but worth a warning.
 pub fn advisories(c: &Config) -> Vec<Finding> {
@@ -263,6 +293,15 @@ pub fn advisories(c: &Config) -> Vec<Finding> {
             problem:
                 "no SMTP server: invitations, email verification and password resets cannot be sent"
                     .into(),
+        });
+    }
+    if c.env != Environment::Dev
+        && c.monitoring.metrics_token.is_none()
+        && c.monitoring.metrics_token_file.is_none()
+    {
+        out.push(Finding {
+            key: "monitoring.metrics_token_file",
+            problem: "no scrape token: only users with audit:read can read /metrics".into(),
         });
     }
     if !c.rate_limit.enabled {
@@ -340,7 +379,7 @@ fn mode_problem(_: &Path, _: &std::fs::Metadata) -> Option<String> {
 }
 
 /// The `…_file` keys that name secret files.
-fn secret_files(c: &Config) -> [(&'static str, Option<&Path>); 5] {
+fn secret_files(c: &Config) -> [(&'static str, Option<&Path>); 6] {
     [
         ("database.url_file", c.database.url_file.as_deref()),
         ("redis.url_file", c.redis.url_file.as_deref()),
@@ -355,6 +394,10 @@ fn secret_files(c: &Config) -> [(&'static str, Option<&Path>); 5] {
         (
             "mail.smtp_password_file",
             c.mail.smtp_password_file.as_deref(),
+        ),
+        (
+            "monitoring.metrics_token_file",
+            c.monitoring.metrics_token_file.as_deref(),
         ),
     ]
 }
@@ -614,10 +657,31 @@ mod tests {
             a,
             [
                 "mail.smtp_host",
+                "monitoring.metrics_token_file",
                 "rate_limit.enabled",
                 "server.trusted_proxies"
             ]
         );
+    }
+
+    #[test]
+    fn rule_metrics_need_a_credential_outside_dev() {
+        let (d, mut c) = secure();
+        c.monitoring.metrics_allow = serde_json::from_str(r#""127.0.0.1""#).unwrap();
+        assert_eq!(keys(&c), ["monitoring.metrics_allow"]);
+        c.monitoring.metrics_allow = serde_json::from_str("[]").unwrap();
+        c.monitoring.metrics_token = Some(Secret::new("x".repeat(40)));
+        assert_eq!(keys(&c), ["monitoring.metrics_token"]);
+        c.monitoring.metrics_token = None;
+        let file = d.path().join("metrics-token");
+        std::fs::write(&file, "short\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        c.monitoring.metrics_token_file = Some(file.clone());
+        assert_eq!(keys(&c), ["monitoring.metrics_token_file"]);
+        std::fs::write(&file, format!("{}\n", "k".repeat(32))).unwrap();
+        assert!(keys(&c).is_empty());
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(keys(&c), ["monitoring.metrics_token_file"]);
     }
 
     #[test]

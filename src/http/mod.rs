@@ -12,6 +12,8 @@ pub mod headers;
 pub mod health;
 pub mod json;
 pub mod logging;
+pub mod params;
+pub mod path;
 pub mod request_id;
 pub mod server;
 pub mod tls;
@@ -34,6 +36,24 @@ use utoipa_axum::routes;
 use crate::app::AppState;
 pub use error::{ApiError, ErrorCode, FieldError};
 
+/// The name of a request method as a bounded label: one of the nine methods of RFC 9110
+/// (and PATCH), or `_OTHER` for any method a client invents. Metrics and rate-limit keys
+/// use it, so that a client cannot make a new series or budget per request.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "_OTHER",
+    }
+}
+
 /// The routes of the API and their OpenAPI document, built together so that a route
 /// cannot exist without its documentation. Capabilities add their routes here.
 fn api() -> OpenApiRouter<AppState> {
@@ -51,7 +71,10 @@ fn api() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document alone (for `custodian openapi` and the drift check).
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
-    api().into_openapi()
+    let mut doc = api().into_openapi();
+    docs::add_conventional_errors(&mut doc);
+    docs::add_links(&mut doc);
+    doc
 }
 
 /// The whole application router with every middleware.
@@ -63,7 +86,9 @@ pub fn router(state: AppState) -> Router {
 /// a slow or failing handler behind the real stack).
 pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
     let cfg = state.config();
-    let (api, doc) = api().split_for_parts();
+    let (api, mut doc) = api().split_for_parts();
+    docs::add_conventional_errors(&mut doc);
+    docs::add_links(&mut doc);
     let limit = usize::try_from(cfg.server.max_body.0).unwrap_or(usize::MAX);
     let timeout = cfg.server.request_timeout.std();
     let trusted = Arc::new(cfg.server.trusted_proxies.clone());

@@ -1,8 +1,9 @@
 //! HTTP for administering accounts and sessions (`users:manage`), and reading roles and
 //! permissions. Every change is audited with who did what to whom (never a password).
 
+use crate::http::path::Path;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,7 @@ use crate::app::AppState;
 use crate::audit::{Action, Audit, ContextValue};
 use crate::config::Secret;
 use crate::http::json::{JsonBody, QueryParams};
+use crate::http::params::Limit;
 use crate::http::{ApiError, FieldError};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -82,8 +84,8 @@ fn audit_user(audit: &Audit, action: Action, id: &str) {
 pub struct UserQuery {
     /// Part of a username or email.
     q: Option<String>,
-    /// 1–200, default 50.
-    limit: Option<u32>,
+    #[param(inline)]
+    limit: Option<Limit<200, 50>>,
     cursor: Option<String>,
 }
 
@@ -102,10 +104,7 @@ pub async fn list_users(
     _auth: Authorized<need::UsersManage>,
     QueryParams(q): QueryParams<UserQuery>,
 ) -> Result<Json<UserPage>, ApiError> {
-    let limit = q.limit.unwrap_or(50);
-    if limit == 0 || limit > 200 {
-        return Err(ApiError::field("limit", "must be between 1 and 200"));
-    }
+    let limit = q.limit.unwrap_or_default().get();
     let rows = store::list_users(
         state.db(),
         q.q.as_deref(),
@@ -135,10 +134,13 @@ pub async fn list_users(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
+    /// Letters, digits and `. _ - @`.
+    #[schema(min_length = 1, max_length = 64)]
     username: String,
     #[serde(default)]
+    #[schema(format = Email, max_length = 254)]
     email: Option<String>,
-    #[schema(value_type = String, format = Password)]
+    #[schema(value_type = String, format = Password, max_length = 1024)]
     password: String,
     role: String,
 }
@@ -320,7 +322,8 @@ pub async fn reset_password(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct PageQuery {
-    limit: Option<u32>,
+    #[param(inline)]
+    limit: Option<Limit<200, 50>>,
     cursor: Option<String>,
 }
 
@@ -353,10 +356,7 @@ pub async fn user_logins(
     audit_user(&audit, Action::Read, &id);
     audit.context("what", ContextValue::Code("logins"));
     state.identity().user(&id).await?;
-    let limit = q.limit.unwrap_or(50);
-    if limit == 0 || limit > 200 {
-        return Err(ApiError::field("limit", "must be between 1 and 200"));
-    }
+    let limit = q.limit.unwrap_or_default().get();
     let before = match &q.cursor {
         Some(c) => Some(
             c.split_once('|')
@@ -541,14 +541,29 @@ pub async fn roles(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewRole {
+    #[schema(pattern = "^[a-z0-9_-]{1,32}$")]
     name: String,
+    #[schema(schema_with = permission_names)]
     permissions: Vec<String>,
 }
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RolePermissions {
+    #[schema(schema_with = permission_names)]
     permissions: Vec<String>,
+}
+
+/// The schema of a list of permissions: each one of the permissions the server knows.
+fn permission_names() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, SchemaType, Type};
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(SchemaType::new(Type::String))
+                .enum_values(Some(Permission::ALL.iter().map(|p| p.as_str()))),
+        )
+        .build()
 }
 
 fn known_permissions(names: &[String]) -> Result<Vec<Permission>, ApiError> {

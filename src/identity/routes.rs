@@ -1,8 +1,9 @@
 //! HTTP for sign-in, sessions, passwords, TOTP and API tokens:
 //! extract → authorise → call the service → audit → respond.
 
+use crate::http::path::Path;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -552,7 +553,8 @@ pub struct RecoveryCodes {
 #[utoipa::path(post, path = "/api/v1/auth/totp/confirm", tag = "auth", security(("bearer" = [])),
     request_body = CodeRequest,
     responses((status = 200, description = "TOTP is on", body = RecoveryCodes),
-        (status = 401, description = "invalid_totp")))]
+        (status = 401, description = "invalid_totp"),
+        (status = 409, description = "conflict: no enrolment started (POST /api/v1/auth/totp/enroll first)")))]
 pub async fn totp_confirm(
     State(state): State<AppState>,
     audit: Audit,
@@ -675,9 +677,11 @@ pub async fn list_tokens(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewToken {
+    #[schema(min_length = 1, max_length = 100)]
     name: String,
     /// Lifetime in seconds, capped by `api_tokens.max_lifetime`.
     #[serde(default)]
+    #[schema(minimum = 1)]
     expires_in: Option<u64>,
 }
 

@@ -10,23 +10,37 @@ const MAP: &str = include_str!("../../compliance/controls.yaml");
 /// Longest idle timeout the session time-out controls accept.
 pub const MAX_IDLE_MINUTES: u64 = 15;
 
+/// What a control asks, and so what Custodian may claim for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// The software does what the control asks (tested).
+    Technical,
+    /// The organisation's duty (a plan, a procedure, a review); the software helps.
+    Supported,
+    /// The organisation's duty alone.
+    Organisational,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Control {
     pub id: String,
     pub framework: String,
     pub title: String,
-    pub kind: String,
+    pub kind: Kind,
+    /// What Custodian does (technical, supported), or what helps (organisational).
     #[serde(default)]
     pub feature: String,
+    /// What the organisation must do (supported, organisational).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duty: Option<String>,
     #[serde(default)]
     pub config: Vec<String>,
     #[serde(default)]
     pub tests: Vec<String>,
     #[serde(default)]
     pub evaluate: Option<String>,
-    #[serde(default)]
-    pub note: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,13 +59,17 @@ pub fn controls() -> Result<Vec<Control>, String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
-    /// The configuration satisfies the rule.
+    /// The configuration satisfies the rule of a technical control.
     Met,
-    /// The configuration does not.
+    /// The configuration does not (a technical control, or the feature a supported one
+    /// relies on).
     NotMet,
-    /// Served by built-in behaviour (no configuration can turn it off).
+    /// A technical control served by built-in, tested behaviour (no configuration can
+    /// turn it off).
     BuiltIn,
-    /// The organisation's to do.
+    /// The organisation's duty; the software provides the feature that helps.
+    Supported,
+    /// The organisation's duty alone.
     Organisational,
 }
 
@@ -60,7 +78,8 @@ pub struct Evaluated {
     #[serde(flatten)]
     pub control: Control,
     pub verdict: Verdict,
-    /// What was checked, e.g. "idle 5m ≤ 15m".
+    /// What was checked, e.g. "idle 5m ≤ 15m", and for the organisation's controls
+    /// what helps and what the duty is.
     pub finding: String,
 }
 
@@ -178,21 +197,42 @@ fn rule(name: &str, c: &Config) -> (bool, String) {
     }
 }
 
-/// Evaluates every control against `config`.
+/// Evaluates every control against `config`. Only technical controls can be ✓: a
+/// control that asks for a plan, a procedure or a review is at most supported.
 pub fn evaluate(config: &Config) -> Result<Vec<Evaluated>, String> {
     Ok(controls()?
         .into_iter()
         .map(|control| {
-            let (verdict, finding) = if control.kind == "organisational" {
-                (
+            let checked = control.evaluate.as_deref().map(|r| rule(r, config));
+            let duty = control.duty.clone().unwrap_or_default();
+            let (verdict, finding) = match (control.kind, checked) {
+                (Kind::Technical, Some((ok, text))) => {
+                    (if ok { Verdict::Met } else { Verdict::NotMet }, text)
+                }
+                (Kind::Technical, None) => (Verdict::BuiltIn, "built in".to_owned()),
+                (Kind::Supported, Some((false, text))) => (
+                    Verdict::NotMet,
+                    format!("{text}; and your organisation's duty: {duty}"),
+                ),
+                (Kind::Supported, checked) => (
+                    Verdict::Supported,
+                    format!(
+                        "supported by: {}{} — your organisation's duty: {duty}",
+                        control.feature,
+                        checked.map(|(_, t)| format!(" ({t})")).unwrap_or_default()
+                    ),
+                ),
+                (Kind::Organisational, _) => (
                     Verdict::Organisational,
-                    control.note.clone().unwrap_or_default(),
-                )
-            } else if let Some(r) = &control.evaluate {
-                let (ok, text) = rule(r, config);
-                (if ok { Verdict::Met } else { Verdict::NotMet }, text)
-            } else {
-                (Verdict::BuiltIn, "built in".to_owned())
+                    if control.feature.is_empty() {
+                        format!("your organisation's duty: {duty}")
+                    } else {
+                        format!(
+                            "your organisation's duty: {duty} (what helps: {})",
+                            control.feature
+                        )
+                    },
+                ),
             };
             Evaluated {
                 control,
@@ -207,8 +247,13 @@ fn mark(v: Verdict) -> &'static str {
     match v {
         Verdict::Met | Verdict::BuiltIn => "✓",
         Verdict::NotMet => "✗",
+        Verdict::Supported => "◐",
         Verdict::Organisational => "○",
     }
+}
+
+fn count(items: &[Evaluated], v: Verdict) -> usize {
+    items.iter().filter(|e| e.verdict == v).count()
 }
 
 pub fn text(items: &[Evaluated], env: &str) -> String {
@@ -223,18 +268,13 @@ pub fn text(items: &[Evaluated], env: &str) -> String {
             mark(e.verdict)
         ));
     }
-    let not_met = items
-        .iter()
-        .filter(|e| e.verdict == Verdict::NotMet)
-        .count();
-    let org = items
-        .iter()
-        .filter(|e| e.verdict == Verdict::Organisational)
-        .count();
     s.push_str(&format!(
-        "\n{} controls: {} not met by this configuration, {org} organisational (○: the operator's to do)\n",
+        "\n{} controls: {} met or built in (✓), {} not met by this configuration (✗), {} the organisation's with the software's help (◐), {} the organisation's alone (○)\n",
         items.len(),
-        not_met
+        count(items, Verdict::Met) + count(items, Verdict::BuiltIn),
+        count(items, Verdict::NotMet),
+        count(items, Verdict::Supported),
+        count(items, Verdict::Organisational),
     ));
     s
 }
@@ -253,7 +293,7 @@ pub fn html(items: &[Evaluated], env: &str, generated_at: &str) -> String {
         let class = match e.verdict {
             Verdict::Met | Verdict::BuiltIn => "ok",
             Verdict::NotMet => "bad",
-            Verdict::Organisational => "org",
+            Verdict::Supported | Verdict::Organisational => "org",
         };
         rows.push_str(&format!(
             "<tr class=\"{class}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} {}</td><td>{}</td></tr>\n",
@@ -267,17 +307,14 @@ pub fn html(items: &[Evaluated], env: &str, generated_at: &str) -> String {
             esc(&e.control.tests.join("\n")).replace('\n', "<br>"),
         ));
     }
-    let not_met = items
-        .iter()
-        .filter(|e| e.verdict == Verdict::NotMet)
-        .count();
+    let not_met = count(items, Verdict::NotMet);
     format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Custodian compliance map ({env})</title>\n\
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;width:100%}}td,th{{border:1px solid #ccc;padding:4px 6px;vertical-align:top;font-size:13px}}\
 tr.bad td{{background:#fde2e2}}tr.org td{{color:#555;background:#f4f4f4}}th{{background:#eee;text-align:left}}</style></head><body>\n\
 <h1>Custodian compliance map</h1>\n<p>Evaluated against the <strong>{env}</strong> configuration at {generated_at}: {} controls, <strong>{not_met} not met</strong>. \
-✓ met or built in; ✗ not met by this configuration; ○ organisational (the operator's to do).</p>\n\
-<table><thead><tr><th>Framework</th><th>Control</th><th>Title</th><th>What Custodian does</th><th>Configuration</th><th>Evaluation</th><th>Tests</th></tr></thead><tbody>\n{rows}</tbody></table>\n</body></html>\n",
+✓ met or built in (the software does it, tested); ✗ not met by this configuration; ◐ your organisation's duty, supported by the feature named; ○ your organisation's duty alone.</p>\n\
+<table><thead><tr><th>Framework</th><th>Control</th><th>Title</th><th>What Custodian does or offers</th><th>Configuration</th><th>Evaluation</th><th>Tests</th></tr></thead><tbody>\n{rows}</tbody></table>\n</body></html>\n",
         items.len()
     )
 }
@@ -294,12 +331,20 @@ mod tests {
             if let Some(r) = &c.evaluate {
                 assert!(RULES.contains(&r.as_str()), "{}: {r}", c.id);
             }
-            match c.kind.as_str() {
-                "organisational" => assert!(c.note.is_some(), "{}", c.id),
-                "technical" | "administrative" => {
+            let duty = c.duty.as_deref().unwrap_or("");
+            match c.kind {
+                Kind::Technical => {
                     assert!(!c.feature.is_empty() && !c.tests.is_empty(), "{}", c.id);
+                    assert!(duty.is_empty(), "{}: a technical control has no duty", c.id);
                 }
-                other => panic!("{}: kind {other}", c.id),
+                Kind::Supported => {
+                    assert!(!c.feature.is_empty() && !c.tests.is_empty(), "{}", c.id);
+                    assert!(!duty.is_empty(), "{}: say what the duty is", c.id);
+                }
+                Kind::Organisational => {
+                    assert!(!duty.is_empty(), "{}", c.id);
+                    assert!(c.tests.is_empty() && c.evaluate.is_none(), "{}", c.id);
+                }
             }
         }
         for needed in [

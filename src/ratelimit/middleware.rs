@@ -32,9 +32,11 @@ pub async fn middleware(State(state): State<AppState>, req: Request, next: Next)
     if !limiter.enabled() || exempt(req.uri().path()) {
         return next.run(req).await;
     }
+    // Bounded: an invented method shares the `_OTHER` budget instead of opening a new one.
+    let method = crate::http::method_label(req.method());
     let route = match req.extensions().get::<MatchedPath>() {
-        Some(p) => format!("{} {}", req.method(), p.as_str()),
-        None => format!("{} (unmatched)", req.method()),
+        Some(p) => format!("{method} {}", p.as_str()),
+        None => format!("{method} (unmatched)"),
     };
     let (mut parts, body) = req.into_parts();
     let client = match crate::identity::extract::pre_authenticate(&mut parts, &state).await {

@@ -4,8 +4,9 @@
 //! user with `breakglass` read one named patient and their records with a stated reason
 //! (never a list or a search of patients), each such access flagged and raised.
 
+use crate::http::path::Path;
 use axum::Json;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -24,6 +25,7 @@ use crate::audit::middleware::{Annotation, Subjects, action_of, path_param};
 use crate::audit::model::SafeId;
 use crate::audit::{Action, Audit, ContextValue};
 use crate::http::json::{JsonBody, QueryParams};
+use crate::http::params::{Limit, Text};
 use crate::http::{ApiError, ErrorCode};
 
 impl From<PhiError> for ApiError {
@@ -386,9 +388,10 @@ pub struct PatientPage {
 pub struct PatientQuery {
     /// Exact MRN, SSN (needs `phi:ssn`: without it an SSN-shaped `q` is a 403
     /// `forbidden`), birth date (YYYY-MM-DD), or given or family name (any case).
-    q: Option<String>,
-    /// 1–100, default 20.
-    limit: Option<u32>,
+    #[param(inline)]
+    q: Option<Text<200>>,
+    #[param(inline)]
+    limit: Option<Limit<100, 20>>,
     cursor: Option<String>,
     #[serde(default)]
     anonymize: Option<bool>,
@@ -408,13 +411,7 @@ pub async fn list_patients(
     auth: Authorized<need::PatientsRead>,
     QueryParams(q): QueryParams<PatientQuery>,
 ) -> Result<Json<PatientPage>, ApiError> {
-    let limit = q.limit.unwrap_or(20);
-    if limit == 0 || limit > 100 {
-        return Err(ApiError::field("limit", "must be between 1 and 100"));
-    }
-    if q.q.as_ref().is_some_and(|s| s.chars().count() > 200) {
-        return Err(ApiError::field("q", "must be at most 200 characters"));
-    }
+    let limit = q.limit.unwrap_or_default().get();
     audit.annotate(|a| {
         a.action = Some(Action::Search);
         a.resource_type = Some("patient");
@@ -422,7 +419,12 @@ pub async fn list_patients(
     // Without `phi:ssn` an SSN is no search key: whether a search by it finds someone
     // would tell whose SSN it is. Refused on its shape alone, before any lookup.
     let by_ssn = auth.has(Permission::PhiSsn);
-    if !by_ssn && q.q.as_deref().map(str::trim).is_some_and(ssn_shaped) {
+    if !by_ssn
+        && q.q
+            .as_ref()
+            .map(|t| t.as_str().trim())
+            .is_some_and(ssn_shaped)
+    {
         return Err(ApiError::new(ErrorCode::Forbidden)
             .with_detail("Searching by SSN needs the phi:ssn permission."));
     }
@@ -430,7 +432,12 @@ pub async fn list_patients(
     let after = page_after(&state, q.cursor.as_deref(), anonymize, PATIENT_PAGES)?;
     let mut found = state
         .patients()
-        .search(q.q.as_deref(), by_ssn, &after, i64::from(limit) + 1)
+        .search(
+            q.q.as_ref().map(Text::as_str),
+            by_ssn,
+            &after,
+            i64::from(limit) + 1,
+        )
         .await?;
     let more = found.len() > limit as usize;
     found.truncate(limit as usize);
@@ -539,7 +546,8 @@ pub struct RecordPage {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct RecordQuery {
-    limit: Option<u32>,
+    #[param(inline)]
+    limit: Option<Limit<200, 50>>,
     cursor: Option<String>,
     #[serde(default)]
     anonymize: Option<bool>,
@@ -555,10 +563,7 @@ pub async fn list_records(
     Path(id): Path<String>,
     QueryParams(q): QueryParams<RecordQuery>,
 ) -> Result<Json<RecordPage>, ApiError> {
-    let limit = q.limit.unwrap_or(50);
-    if limit == 0 || limit > 200 {
-        return Err(ApiError::field("limit", "must be between 1 and 200"));
-    }
+    let limit = q.limit.unwrap_or_default().get();
     // A list: the patient's id is `patient_id`; no one record is the resource.
     touch(&audit, Action::Read, "record", None, &id);
     reader.flag(&audit, "record", None, Some(&id));
@@ -691,7 +696,8 @@ pub struct DisclosurePage {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct DisclosureQuery {
-    limit: Option<u32>,
+    #[param(inline)]
+    limit: Option<Limit<500, 100>>,
     cursor: Option<String>,
 }
 
@@ -706,7 +712,7 @@ pub async fn disclosures(
     Path(id): Path<String>,
     QueryParams(q): QueryParams<DisclosureQuery>,
 ) -> Result<Json<DisclosurePage>, ApiError> {
-    let limit = q.limit.unwrap_or(100).clamp(1, 500);
+    let limit = q.limit.unwrap_or_default().get();
     audit.annotate(|a| {
         a.action = Some(Action::Read);
         a.resource_type = Some("disclosures");

@@ -12,8 +12,8 @@ use crate::access::{Authorized, need};
 use crate::app::AppState;
 use crate::audit::Audit;
 use crate::audit::model::{Action, ContextValue};
+use crate::http::ApiError;
 use crate::http::json::QueryParams;
-use crate::http::{ApiError, FieldError};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(events))
@@ -23,8 +23,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct SecurityQuery {
-    /// 1–500, default 100.
-    limit: Option<u32>,
+    #[param(inline)]
+    limit: Option<crate::http::params::Limit<500, 100>>,
 }
 
 /// The newest security events.
@@ -47,13 +47,7 @@ pub async fn events(
     _auth: Authorized<need::AuditRead>,
     QueryParams(q): QueryParams<SecurityQuery>,
 ) -> Result<Json<SecurityPage>, ApiError> {
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > 500 {
-        return Err(ApiError::validation(vec![FieldError::new(
-            "limit",
-            "must be between 1 and 500",
-        )]));
-    }
+    let limit = q.limit.unwrap_or_default().get();
     let items = state.security().list(limit).await?;
     audit.annotate(|a| {
         a.action = Some(Action::Read);

@@ -3,9 +3,10 @@
 
 use std::collections::BTreeSet;
 
+use crate::http::json::QueryParams as Query;
 use askama::Template;
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;

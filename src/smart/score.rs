@@ -201,12 +201,24 @@ impl Category {
     }
 }
 
+/// The schema of [`Component::value`]: a number, a boolean or null.
+fn number_boolean_or_null() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([
+            Type::Number,
+            Type::Boolean,
+            Type::Null,
+        ]))
+        .build()
+}
+
 /// One line of the result.
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Component {
     pub name: &'static str,
     /// The value used (before truncation), a number or a boolean; null when unknown.
-    #[schema(value_type = Object)]
+    #[schema(schema_with = number_boolean_or_null)]
     pub value: serde_json::Value,
     /// Points it adds (rounded to 3 decimals for display; the total uses the exact sum).
     pub points: f64,

@@ -5,8 +5,9 @@
 pub mod pages;
 pub mod session;
 
+use crate::http::path::Path;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};

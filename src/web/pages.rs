@@ -2,8 +2,10 @@
 //! Every value in a page is escaped by the templates; forms re-render with messages on
 //! bad input (never a 500).
 
+use crate::http::json::QueryParams as Query;
+use crate::http::path::Path;
 use askama::Template;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;

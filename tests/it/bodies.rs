@@ -134,7 +134,7 @@ async fn each_kind_of_bad_json_is_422_with_the_field(backend: Backend) {
             "age",
             "invalid value",
         ),
-        (r#"{"given_name": "Ada"}"#, "", "missing field `age`"),
+        (r#"{"given_name": "Ada"}"#, "age", "missing field `age`"),
         (
             r#"{"given_name": "Ada", "age": 3, "role": "admin"}"#,
             "role",
@@ -146,7 +146,8 @@ async fn each_kind_of_bad_json_is_422_with_the_field(backend: Backend) {
             "invalid type",
         ),
         (r#"{"given_name": "Ada", "age": "#, "", "not valid JSON"),
-        (r#"[1,2,3]"#, "[0]", "invalid type"),
+        (r#"[1,2,3]"#, "", "the body must be a JSON object"),
+        (r#"["Ada", 36]"#, "", "the body must be a JSON object"),
         ("", "", "not valid JSON"),
         ("\u{0}\u{1}", "", "not valid JSON"),
     ];
@@ -189,3 +190,101 @@ async fn bad_query_parameters_are_422(backend: Backend) {
     }
 }
 both_backends!(bad_query_parameters_are_422);
+
+/// A 422 names every wrong field of a body or query string, missing ones included, in
+/// JSON's words (never a Rust type), and a path id that is not UTF-8 is a problem
+/// document too, on the API and on the pages.
+async fn every_wrong_field_is_named(backend: Backend) {
+    let s = TestServer::start_with(backend, Options::unlimited()).await;
+    s.user("doc", "doctor", "Correct-Horse-9!").await;
+    let t = s.login("doc", "Correct-Horse-9!").await;
+    let res = s
+        .post(
+            "/api/v1/patients",
+            Some(&t),
+            serde_json::json!({"given_name": 5, "family_name": true, "sex": 7, "mrn": [], "nickname": "CANARY"}),
+        )
+        .await;
+    assert_eq!(res.status(), 422);
+    let text = res.text().await.unwrap();
+    let b: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let fields: Vec<&str> = b["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "birth_date",
+            "family_name",
+            "given_name",
+            "mrn",
+            "nickname",
+            "sex"
+        ],
+        "{text}"
+    );
+    for e in b["errors"].as_array().unwrap() {
+        assert!(!e["field"].as_str().unwrap().is_empty(), "{text}");
+    }
+    // Not one object: named as the whole body, in JSON's words.
+    for body in [
+        serde_json::json!([1, 2]),
+        serde_json::json!(["doc", "pw"]),
+        serde_json::json!("x"),
+    ] {
+        let res = s.post("/api/v1/auth/login", None, body.clone()).await;
+        assert_eq!(res.status(), 422, "{body}");
+        let text = res.text().await.unwrap();
+        assert!(text.contains("the body must be a JSON object"), "{text}");
+        for rust in ["struct", "LoginRequest", "sequence", "u32"] {
+            assert!(!text.contains(rust), "{rust} in {text}");
+        }
+    }
+    // A query string: every wrong parameter at once.
+    let res = s
+        .get_as(
+            &format!(
+                "/api/v1/patients?limit=0&q={}&bogus=1&anonymize=perhaps",
+                "a".repeat(201)
+            ),
+            &t,
+        )
+        .await;
+    assert_eq!(res.status(), 422);
+    let b = json(res).await;
+    let mut fields: Vec<&str> = b["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    fields.sort_unstable();
+    assert_eq!(fields, ["anonymize", "bogus", "limit", "q"], "{b}");
+    // A path id that is not UTF-8: 404 like any id never issued, as problem+json.
+    s.user("adm", "admin", "Correct-Horse-9!").await;
+    let admin = s.login("adm", "Correct-Horse-9!").await;
+    for path in [
+        "/api/v1/patients/%FF",
+        "/api/v1/patients/%FF/records",
+        "/api/v1/records/%C3%28",
+        "/api/v1/users/%FF/logins",
+    ] {
+        let res = s.get_as(path, &admin).await;
+        assert_eq!(res.status(), 404, "{path}");
+        assert_eq!(
+            res.headers()["content-type"],
+            "application/problem+json",
+            "{path}"
+        );
+        assert_eq!(json(res).await["code"], "not_found", "{path}");
+    }
+    let res = s
+        .send_as(reqwest::Method::DELETE, "/api/v1/roles/%FF", &admin, None)
+        .await;
+    assert_eq!(res.status(), 404);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+}
+both_backends!(every_wrong_field_is_named);

@@ -6,7 +6,8 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use crate::support::command;
+use crate::both_backends;
+use crate::support::{Backend, TestDb, command};
 
 /// Runs the binary to completion: (exit code, stdout, stderr).
 pub(crate) fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
@@ -325,7 +326,7 @@ async fn staging_serves_tls_with_a_generated_certificate() {
     custodian::http::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().display().to_string();
-    // Staging does not create a keyring by itself; the operator does, once.
+    // The operator makes the keyring first (`serve` in staging would create one too).
     let env = [
         ("CUSTODIAN_ENV", "staging"),
         ("CUSTODIAN_DATA_DIR", data.as_str()),
@@ -593,4 +594,149 @@ fn demo_seed_creates_fake_patients_and_records_itself() {
     );
     let (code, _, err) = run(dir.path(), &["audit", "verify"], &env);
     assert_eq!(code, 0, "{err}");
+}
+
+/// How many tables the database at `url` has (0 for a SQLite file that does not exist):
+/// a command refused before it touched the database leaves 0.
+async fn tables_in(url: &str) -> i64 {
+    use sqlx::Connection;
+    if let Some(path) = url.strip_prefix("sqlite://")
+        && !Path::new(path).exists()
+    {
+        return 0;
+    }
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(url).await.unwrap();
+    let sql = if url.starts_with("sqlite") {
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'"
+    } else {
+        "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'public'"
+    };
+    let n: i64 = sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+    n
+}
+
+/// Synthetic patients never land in a staging or prod database by accident: outside dev
+/// `demo seed` needs the environment named again, and refuses before it opens anything.
+async fn demo_seed_outside_dev_needs_the_environment_named(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let data = db.path().display().to_string();
+    let base = [
+        ("CUSTODIAN_DATA_DIR", data.as_str()),
+        ("CUSTODIAN_DATABASE__URL", db.url.as_str()),
+    ];
+    for (env, confirm) in [
+        ("staging", None),
+        ("staging", Some("prod")),
+        ("staging", Some("dev")),
+        ("prod", None),
+        ("prod", Some("staging")),
+    ] {
+        let mut args = vec!["--env", env, "demo", "seed", "--patients", "3"];
+        if let Some(c) = confirm {
+            args.extend(["--confirm-env", c]);
+        }
+        let (code, out, err) = run(db.path(), &args, &base);
+        assert_eq!(code, 2, "{env} {confirm:?}: {out}{err}");
+        assert!(err.contains(&format!("--confirm-env {env}")), "{err}");
+        assert_eq!(
+            tables_in(&db.url).await,
+            0,
+            "{env}: the database was touched"
+        );
+    }
+    assert!(!db.path().join("keyring").exists());
+    // Named: it seeds (the operator made the keyring, as staging commands need).
+    let staging: Vec<(&str, &str)> = base
+        .iter()
+        .copied()
+        .chain([("CUSTODIAN_ENV", "staging")])
+        .collect();
+    let (code, _, err) = run(db.path(), &["keys", "rotate"], &staging);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = run(
+        db.path(),
+        &[
+            "demo",
+            "seed",
+            "--patients",
+            "3",
+            "--confirm-env",
+            "staging",
+        ],
+        &staging,
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["patients"], 3);
+}
+both_backends!(demo_seed_outside_dev_needs_the_environment_named);
+
+/// A command that needs the keyring and finds none (staging and prod do not create one
+/// for offline commands) stops before it migrates or writes anything.
+async fn a_missing_keyring_stops_a_command_before_the_database_is_touched(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let data = db.path().display().to_string();
+    for env in ["staging", "prod"] {
+        let vars = [
+            ("CUSTODIAN_ENV", env),
+            ("CUSTODIAN_DATA_DIR", data.as_str()),
+            ("CUSTODIAN_DATABASE__URL", db.url.as_str()),
+        ];
+        for args in [
+            &["audit", "verify"][..],
+            &["audit", "export"],
+            &[
+                "patients",
+                "shred",
+                "--deleted-before",
+                "2020-01-01T00:00:00Z",
+            ],
+        ] {
+            let (code, _, err) = run(db.path(), args, &vars);
+            assert_ne!(code, 0, "{env} {args:?}");
+            assert!(err.contains("keyring"), "{env} {args:?}: {err}");
+            assert_eq!(
+                tables_in(&db.url).await,
+                0,
+                "{env} {args:?}: migrated before failing"
+            );
+        }
+    }
+}
+both_backends!(a_missing_keyring_stops_a_command_before_the_database_is_touched);
+
+/// Staging warns about a missing keyring, as it does about every setting prod refuses,
+/// and starts: `serve` creates the keyring (mode 0600), as dev does.
+#[tokio::test]
+async fn staging_without_a_keyring_warns_creates_one_and_serves() {
+    custodian::http::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let env = [
+        ("CUSTODIAN_ENV", "staging"),
+        ("CUSTODIAN_DATA_DIR", data.as_str()),
+    ];
+    let s = serve(dir.path(), &env);
+    assert!(
+        s.early
+            .iter()
+            .any(|l| l.contains("keys.keyring") && l.contains("WARN")),
+        "{:#?}",
+        s.early
+    );
+    let keyring = dir.path().join("keyring");
+    let mode = std::fs::metadata(&keyring).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let client = reqwest::Client::builder()
+        .tls_danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let res = client
+        .get(format!("https://{}/ready", s.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
 }

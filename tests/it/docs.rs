@@ -355,3 +355,125 @@ async fn the_score_example_in_smart_md_is_what_the_server_answers() {
         "docs/smart.md shows another answer"
     );
 }
+
+/// Every bound the document states for a query parameter is the one the server keeps:
+/// for each integer parameter with a `minimum`/`maximum`, the bounds themselves are
+/// answered 200 and one past them 422 naming the parameter; a `maxLength` likewise.
+async fn documented_query_bounds_are_the_servers(backend: Backend) {
+    let s = TestServer::start_with(backend, crate::support::Options::unlimited()).await;
+    let admin_id = s.user("adm", "admin", "Correct-Horse-9!").await;
+    let t = s.login("adm", "Correct-Horse-9!").await;
+    let p = json(
+        s.post(
+            "/api/v1/patients",
+            Some(&t),
+            serde_json::json!({"given_name": "Ada", "family_name": "Lovelace", "birth_date": "1990-01-02"}),
+        )
+        .await,
+    )
+    .await;
+    let patient = p["id"].as_str().unwrap().to_owned();
+    let doc = json(s.get("/api/openapi.json").await).await;
+    let mut checked = 0;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        let Some(get) = ops.get("get") else { continue };
+        let concrete = path
+            .replace("/patients/{id}", &format!("/patients/{patient}"))
+            .replace("/users/{id}", &format!("/users/{admin_id}"));
+        for param in get["parameters"].as_array().into_iter().flatten() {
+            if param["in"] != "query" {
+                continue;
+            }
+            let name = param["name"].as_str().unwrap();
+            let schema = &param["schema"];
+            let mut cases: Vec<(String, u16)> = Vec::new();
+            if let Some(min) = schema["minimum"].as_i64() {
+                cases.push((min.to_string(), 200));
+                cases.push(((min - 1).to_string(), 422));
+            }
+            if let Some(max) = schema["maximum"].as_i64() {
+                cases.push((max.to_string(), 200));
+                cases.push(((max + 1).to_string(), 422));
+            }
+            if let Some(len) = schema["maxLength"].as_u64() {
+                cases.push(("a".repeat(len as usize), 200));
+                cases.push(("a".repeat(len as usize + 1), 422));
+            }
+            for (value, want) in cases {
+                let res = s.get_as(&format!("{concrete}?{name}={value}"), &t).await;
+                let status = res.status().as_u16();
+                let body = res.text().await.unwrap();
+                assert_eq!(status, want, "GET {path}?{name}={value}: {body}");
+                if want == 422 {
+                    let b: serde_json::Value = serde_json::from_str(&body).unwrap();
+                    assert_eq!(b["errors"][0]["field"], name, "{path}: {body}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 30, "{checked}");
+}
+both_backends!(documented_query_bounds_are_the_servers);
+
+/// The document lists the error answers every operation can give, each as the problem
+/// document it is (`application/problem+json`), and links each created resource to the
+/// operations on it. (The fuzz run of tests/fuzz/run.sh holds the server to it.)
+#[test]
+fn every_operation_documents_its_error_answers_as_problems() {
+    let doc: serde_json::Value =
+        serde_json::from_str(&custodian::http::openapi_document().to_json().unwrap()).unwrap();
+    let mut ops = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        if !path.starts_with("/api/v1/") {
+            continue;
+        }
+        for (method, op) in item.as_object().unwrap() {
+            let responses = op["responses"].as_object().unwrap();
+            let has = |s: &str| responses.contains_key(s);
+            let what = format!("{method} {path}");
+            for s in ["429", "500", "503"] {
+                assert!(has(s), "{what}: {s}");
+            }
+            if op["security"].as_array().is_some_and(|a| !a.is_empty()) {
+                assert!(has("401") && has("403"), "{what}");
+            }
+            if path.contains('{') {
+                assert!(has("404"), "{what}");
+            }
+            if op.get("requestBody").is_some() {
+                assert!(has("413") && has("415") && has("422"), "{what}");
+            }
+            for (status, r) in responses {
+                if status.starts_with('4') || status.starts_with('5') {
+                    let content = r["content"].as_object().unwrap();
+                    assert_eq!(
+                        content.keys().collect::<Vec<_>>(),
+                        ["application/problem+json"],
+                        "{what} {status}"
+                    );
+                    assert_eq!(
+                        content["application/problem+json"]["schema"]["$ref"],
+                        "#/components/schemas/Problem"
+                    );
+                }
+            }
+            ops += 1;
+        }
+    }
+    assert!(ops > 40, "{ops}");
+    let created = &doc["paths"]["/api/v1/patients"]["post"]["responses"]["201"]["links"];
+    assert_eq!(
+        created["get_patient"]["parameters"]["id"], "$response.body#/id",
+        "{created}"
+    );
+    let record =
+        &doc["paths"]["/api/v1/patients/{id}/records"]["post"]["responses"]["201"]["links"];
+    assert_eq!(
+        record["get_record"]["operationId"], "get_record",
+        "{record}"
+    );
+    // A score component's value is a number, a boolean or null (it said: an object).
+    let value = &doc["components"]["schemas"]["Component"]["properties"]["value"]["type"];
+    assert_eq!(*value, serde_json::json!(["number", "boolean", "null"]));
+}

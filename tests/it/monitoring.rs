@@ -6,7 +6,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::both_backends;
-use crate::support::{Backend, Options, TestServer, json};
+use crate::support::{Backend, Options, TestDb, TestServer, json};
 
 const PW: &str = "Correct-Horse-9!";
 
@@ -99,6 +99,54 @@ async fn metrics_need_an_allowed_address_or_audit_read(backend: Backend) {
     assert!(text.contains("# TYPE custodian_http_requests_total counter"));
 }
 both_backends!(metrics_need_an_allowed_address_or_audit_read);
+
+/// Outside dev `/metrics` needs a credential even from loopback (behind a reverse proxy
+/// on the same machine, loopback is every client): the scrape token Prometheus sends as
+/// a bearer token, or a user with `audit:read`.
+async fn metrics_need_a_credential_outside_dev(backend: Backend) {
+    use std::os::unix::fs::PermissionsExt;
+    let db = std::sync::Arc::new(TestDb::new(backend).await);
+    let keyring = db.path().join("keyring");
+    custodian::crypto::Keyring::create(&keyring, "2026-01-01T00:00:00Z").unwrap();
+    let token = "scrape-token-0123456789abcdef0123456789";
+    let token_file = db.path().join("metrics-token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    for p in [&keyring, &token_file] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let s = TestServer::start_on(
+        db,
+        Options {
+            env: Some("staging"),
+            sets: vec![
+                (
+                    "monitoring.metrics_token_file",
+                    token_file.display().to_string(),
+                ),
+                // Listing loopback does not open it outside dev (and is a start-up warning).
+                ("monitoring.metrics_allow", "127.0.0.1, ::1".into()),
+            ],
+            ..Options::default()
+        },
+    )
+    .await;
+    s.user("aud", "auditor", PW).await;
+    s.user("nur", "nurse", PW).await;
+    let auditor = s.login("aud", PW).await;
+    let nurse = s.login("nur", PW).await;
+    assert_eq!(metrics_text(&s, None).await.0, 404);
+    assert_eq!(metrics_text(&s, Some(&nurse)).await.0, 404);
+    assert_eq!(metrics_text(&s, Some("scrape-token-wrong")).await.0, 404);
+    assert_eq!(
+        metrics_text(&s, Some(&token[..token.len() - 1])).await.0,
+        404
+    );
+    let (status, text) = metrics_text(&s, Some(token)).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("# TYPE custodian_http_requests_total counter"));
+    assert_eq!(metrics_text(&s, Some(&auditor)).await.0, 200);
+}
+both_backends!(metrics_need_a_credential_outside_dev);
 
 /// Security events are stored in the background: wait (bounded) until `n` of `rule`.
 async fn wait_for(s: &TestServer, token: &str, rule: &str, n: usize) -> Vec<Value> {
@@ -312,3 +360,52 @@ async fn error_reports_reach_sentry_without_phi_or_secrets() {
     }
     drop(served);
 }
+
+/// A client that invents a method per request makes no new series and no new rate-limit
+/// budget: every label of `/metrics` takes its values from a fixed set.
+async fn invented_methods_make_no_new_series(backend: Backend) {
+    let s = TestServer::start_with(
+        backend,
+        Options {
+            sets: vec![("rate_limit.default", "40/m".into())],
+            ..Options::default()
+        },
+    )
+    .await;
+    let mut statuses = Vec::new();
+    for i in 0..50 {
+        let m = Method::from_bytes(format!("INVENTED{i}").as_bytes()).unwrap();
+        for path in ["/api/v1/patients", "/no/such/path"] {
+            let r = s
+                .client
+                .request(m.clone(), s.url(path))
+                .send()
+                .await
+                .unwrap();
+            statuses.push(r.status().as_u16());
+        }
+    }
+    // One shared budget of 40 for all of them per route, not one budget per method.
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let (status, text) = metrics_text(&s, None).await;
+    assert_eq!(status, 200);
+    assert!(!text.contains("INVENTED"), "{text}");
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("custodian_http_requests_total{"))
+        .collect();
+    assert!(series.len() <= 6, "{series:#?}");
+    assert!(
+        series
+            .iter()
+            .any(|l| l.contains("route=\"(unmatched)\",method=\"_OTHER\"")),
+        "{series:#?}"
+    );
+    let total: f64 = series
+        .iter()
+        .filter(|l| l.contains("method=\"_OTHER\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(total, 100.0, "{series:#?}");
+}
+both_backends!(invented_methods_make_no_new_series);

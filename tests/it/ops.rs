@@ -234,6 +234,126 @@ async fn compliance_is_evaluated_against_the_configuration() {
     );
 }
 
+/// The map claims only what the software does and tests: a control that asks for a
+/// plan, a procedure, training or a review is never "built in ✓", but "supported by …"
+/// with the organisation's duty, or the organisation's duty alone.
+#[tokio::test]
+async fn compliance_claims_only_what_the_software_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = secure_prod(dir.path());
+    let e = with(&env, &[]);
+    let (code, out, err) = run(dir.path(), &["compliance", "--format", "json"], &e);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let controls = v["controls"].as_array().unwrap();
+    let verdict = |id: &str| {
+        controls
+            .iter()
+            .find(|c| c["id"] == id)
+            .unwrap_or_else(|| panic!("{id} missing"))["verdict"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    // Plans, procedures, reviews, training, vulnerability management: the organisation's.
+    for id in [
+        "164.308(a)(7)(ii)(A)", // data backup plan
+        "09.l",                 // back-up
+        "10.m",                 // technical vulnerabilities
+        "164.308(a)(1)(ii)(D)", // activity review
+        "164.308(a)(5)(ii)(C)", // log-in monitoring (under training)
+        "164.308(a)(5)(ii)(D)", // password management (under training)
+        "164.312(a)(2)(ii)",    // emergency access procedure
+        "09.ab",                // monitoring system use
+        "11.a",                 // reporting security events
+    ] {
+        assert_eq!(verdict(id), "supported", "{id}");
+    }
+    for id in ["02.e", "164.308(a)(5)(i)", "12.c", "00.a"] {
+        assert_eq!(verdict(id), "organisational", "{id}");
+    }
+    // Only technical controls are ✓, and each names the tests that prove it.
+    for c in controls {
+        let ticked = matches!(c["verdict"].as_str(), Some("built_in" | "met"));
+        if ticked {
+            assert_eq!(c["kind"], "technical", "{}", c["id"]);
+            assert!(!c["tests"].as_array().unwrap().is_empty(), "{}", c["id"]);
+        }
+        if c["kind"] != "technical" {
+            assert!(
+                c["duty"].as_str().is_some_and(|d| !d.is_empty()),
+                "{}",
+                c["id"]
+            );
+        }
+    }
+
+    let (_, text, _) = run(dir.path(), &["compliance"], &e);
+    let line = |id: &str| {
+        text.lines()
+            .find(|l| l.contains(&format!(" {id} ")))
+            .unwrap_or_else(|| panic!("{id}: {text}"))
+            .to_owned()
+    };
+    let backup = line("164.308(a)(7)(ii)(A)");
+    assert!(
+        backup.contains("supported by: ")
+            && backup.contains("custodian backup")
+            && backup.contains("your organisation's duty: ")
+            && backup.ends_with('◐')
+            && !backup.contains("built in"),
+        "{backup}"
+    );
+    let training = line("02.e");
+    assert!(
+        training.contains("your organisation's duty: ")
+            && training.contains("PHI banner")
+            && training.ends_with('○'),
+        "{training}"
+    );
+    assert!(line("01.t").ends_with('✓'));
+}
+
+/// `check --code` fails when clippy finds something, and passes a clean checkout.
+#[test]
+fn check_code_fails_when_a_tool_finds_a_problem() {
+    let clean = "pub fn add(a: u32, b: u32) -> u32 {\n    a + b\n}\n";
+    let lint = "pub fn same(a: u32) -> bool {\n    a == a\n}\n";
+    let mut statuses = Vec::new();
+    for source in [clean, lint] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("Cargo.toml"),
+            "[package]\nname = \"custodian\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\n[workspace]\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("Cargo.lock"),
+            "version = 4\n\n[[package]]\nname = \"custodian\"\nversion = \"0.0.0\"\n",
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join("src")).unwrap();
+        std::fs::write(dir.path().join("src/lib.rs"), source).unwrap();
+        let d = dir.path().display().to_string();
+        let (_, out, err) = run(
+            dir.path(),
+            &["check", "--code", "--dir", &d, "--format", "json"],
+            &[("CUSTODIAN_DATA_DIR", d.as_str())],
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+        let clippy = v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["check"] == "cargo clippy")
+            .unwrap_or_else(|| panic!("{out}"))
+            .clone();
+        statuses.push(clippy["status"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(statuses, ["pass", "fail"]);
+}
+
 /// Every test the compliance map names exists.
 #[test]
 fn every_mapped_test_exists() {

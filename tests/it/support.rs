@@ -157,6 +157,8 @@ pub struct Options {
     pub extra: Option<Router<AppState>>,
     /// Do not attach Redis even when `TEST_REDIS_URL` is set.
     pub no_redis: bool,
+    /// The environment (default `dev`). Outside dev the keyring must exist already.
+    pub env: Option<&'static str>,
 }
 
 impl Options {
@@ -211,7 +213,7 @@ impl TestServer {
         }
         sets.extend(opts.sets.into_iter().map(|(k, v)| (k.to_owned(), v)));
         let config = Loader {
-            env: Some("dev".into()),
+            env: Some(opts.env.unwrap_or("dev").into()),
             sets,
             ..Loader::default()
         }
