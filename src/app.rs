@@ -130,13 +130,29 @@ fn open_keyring_creating(
     let now = crate::clock::rfc3339(clock.now());
     let (ring, created) = Keyring::open(&path, create, &now).map_err(|e| {
         anyhow::anyhow!(
-            "{e}; create one with `custodian keys rotate` (it is created automatically only in dev, and by `serve` in staging)"
+            "{e}. If this installation has data, restore the keyring from its backup or point keys.keyring at it: data sealed under it cannot be read without it. A new installation gets one from `custodian keys rotate` (made automatically for an empty database in dev, and by `serve` in staging)"
         )
     })?;
     if created {
         tracing::warn!(env = %config.env, path = %path.display(), "created a new keyring; back it up: data encrypted with it cannot be read without it");
     }
     Ok(Arc::new(SharedKeyring::new(ring)))
+}
+
+/// Whether the database has never been migrated (nothing in it is bound to a keyring).
+/// Only reads.
+async fn database_is_empty(config: &Config) -> anyhow::Result<bool> {
+    let db = connect_database(config).await?;
+    let status = store::migrate::status(&db).await?;
+    let empty = status.pending.len() == store::migrate::MIGRATIONS.len();
+    db.close().await;
+    if !empty {
+        tracing::error!(
+            path = %config.keyring_path().display(),
+            "the keyring is missing but the database already holds data sealed under one"
+        );
+    }
+    Ok(empty)
 }
 
 /// Opens the database named by the configuration, without migrating it.
@@ -186,7 +202,14 @@ impl App {
         // The keyring before the database: a server that cannot start leaves the database
         // as it was. A missing keyring is a warning outside prod (the start-up rules), so
         // dev and staging create one; prod has refused to start before this.
-        let keys = open_keyring_creating(&config, clock.as_ref(), config.env != Environment::Prod)?;
+        let mut create = config.env != Environment::Prod;
+        if create && !config.keyring_path().exists() {
+            // A new keyring only for a database that holds nothing yet: data sealed or
+            // chained under another keyring would become unreadable, and new data would
+            // be sealed under a key its real keyring does not have.
+            create = database_is_empty(&config).await?;
+        }
+        let keys = open_keyring_creating(&config, clock.as_ref(), create)?;
         let db = open_database(&config, clock.as_ref()).await?;
         let now = crate::clock::rfc3339(clock.now());
         let installation_id = store::ensure_installation(&db, &now).await?;

@@ -740,3 +740,48 @@ async fn staging_without_a_keyring_warns_creates_one_and_serves() {
         .unwrap();
     assert_eq!(res.status(), 200);
 }
+
+/// A missing keyring is created only for an empty database: a database that holds data
+/// sealed and chained under a keyring makes staging's `serve` stop, naming the fix, and
+/// no new keyring is made (data written under it would be lost to the real one).
+async fn a_used_database_never_gets_a_new_keyring(backend: Backend) {
+    custodian::http::tls::install_crypto_provider();
+    let db = TestDb::new(backend).await;
+    let data = db.path().display().to_string();
+    let vars = [
+        ("CUSTODIAN_ENV", "staging"),
+        ("CUSTODIAN_DATA_DIR", data.as_str()),
+        ("CUSTODIAN_DATABASE__URL", db.url.as_str()),
+    ];
+    let keyring = db.path().join("keyring");
+    drop(serve(db.path(), &vars));
+    assert!(keyring.exists(), "the first start made the keyring");
+    std::fs::remove_file(&keyring).unwrap();
+
+    let mut cmd = command(db.path());
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("serve started on a used database with a new keyring");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("restore the keyring"), "{err}");
+    assert!(!keyring.exists(), "no new keyring");
+}
+both_backends!(a_used_database_never_gets_a_new_keyring);
