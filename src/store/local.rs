@@ -144,12 +144,33 @@ impl Local {
     /// data in the one file, as it did when the pools' last connection removed the log
     /// (the audit writer's own connection may outlive the pools). Best effort: a log
     /// left behind is still read, and replayed, at the next start.
+    ///
+    /// The checkpoint thread may be in the middle of its own round when the pools close
+    /// (it stops at its next look at [`Local::check_open`]); SQLite then answers the
+    /// `TRUNCATE` with "busy" in its result row rather than with an error, so the round
+    /// is tried again, for up to two seconds, until it reports the log emptied.
     pub(super) fn flush_log(&self) {
-        let done = self
-            .open(false, true)
-            .and_then(|c| Ok(c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?));
-        if let Err(e) = done {
-            tracing::warn!(error = %e, "storage: the write-ahead log was not emptied at close");
+        let attempt = || -> Result<bool, StoreError> {
+            let c = self.open(false, true)?;
+            let busy: i64 = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+            Ok(busy == 0)
+        };
+        let mut last = None;
+        for _ in 0..100 {
+            match attempt() {
+                Ok(true) => return,
+                Ok(false) => last = None,
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        match last {
+            Some(e) => {
+                tracing::warn!(error = %e, "storage: the write-ahead log was not emptied at close");
+            }
+            None => tracing::warn!(
+                "storage: the write-ahead log was not emptied at close: another connection held it"
+            ),
         }
     }
 
