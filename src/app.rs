@@ -279,6 +279,6 @@ impl App {
     }
 
     pub fn router(&self) -> Router {
-        crate::http::router(self.state.clone())
+        crate::routes::router(self.state.clone())
     }
 }

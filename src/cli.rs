@@ -291,7 +291,7 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 fn print_openapi() -> ExitCode {
-    match crate::http::openapi_document().to_pretty_json() {
+    match crate::routes::openapi_document().to_pretty_json() {
         Ok(json) => {
             println!("{json}");
             ExitCode::SUCCESS

@@ -23,6 +23,7 @@ pub mod identity;
 pub mod phi;
 pub mod ratelimit;
 pub mod records;
+pub mod routes;
 pub mod reporting;
 pub mod security;
 pub mod smart;

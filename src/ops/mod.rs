@@ -5,3 +5,4 @@ pub mod backup;
 pub mod check;
 pub mod compliance;
 pub mod dump;
+pub mod health;

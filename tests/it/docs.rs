@@ -6,7 +6,7 @@ use crate::both_backends;
 use crate::support::{Backend, TestServer, json};
 
 /// Every route of the document is served by the router; every `/api/v1` route the
-/// router serves is in the document (the two are built together by `http::api`, and
+/// router serves is in the document (the two are built together by `routes::api`, and
 /// this walks the document against the live server).
 async fn every_documented_route_is_served(backend: Backend) {
     let s = TestServer::start(backend).await;
@@ -38,7 +38,7 @@ both_backends!(every_documented_route_is_served);
 /// `docs/openapi.json`. Set `UPDATE_OPENAPI=1` to rewrite the committed file.
 #[tokio::test]
 async fn committed_openapi_matches_the_code() {
-    let generated = custodian::http::openapi_document()
+    let generated = custodian::routes::openapi_document()
         .to_pretty_json()
         .unwrap()
         + "\n";
@@ -63,7 +63,7 @@ async fn committed_openapi_matches_the_code() {
 #[test]
 fn api_v1_routes_declare_bearer_auth() {
     let doc: serde_json::Value =
-        serde_json::from_str(&custodian::http::openapi_document().to_json().unwrap()).unwrap();
+        serde_json::from_str(&custodian::routes::openapi_document().to_json().unwrap()).unwrap();
     let public: BTreeSet<&str> = [
         "/api/v1/auth/login",
         "/api/v1/auth/password",
@@ -218,7 +218,7 @@ fn parse_needs(cell: &str) -> Needs {
 #[test]
 fn the_api_reference_lists_every_operation_as_enforced() {
     let doc: serde_json::Value =
-        serde_json::from_str(&custodian::http::openapi_document().to_json().unwrap()).unwrap();
+        serde_json::from_str(&custodian::routes::openapi_document().to_json().unwrap()).unwrap();
     let api = read_doc("docs/api.md");
     let documented: std::collections::BTreeMap<String, Needs> = rows(section(&api, "operations"))
         .into_iter()
@@ -266,7 +266,7 @@ fn the_api_reference_lists_every_operation_as_enforced() {
 #[test]
 fn the_api_reference_lists_every_error_code() {
     let doc: serde_json::Value =
-        serde_json::from_str(&custodian::http::openapi_document().to_json().unwrap()).unwrap();
+        serde_json::from_str(&custodian::routes::openapi_document().to_json().unwrap()).unwrap();
     let codes: BTreeSet<String> = doc["components"]["schemas"]["ErrorCode"]["enum"]
         .as_array()
         .unwrap()
@@ -422,7 +422,7 @@ both_backends!(documented_query_bounds_are_the_servers);
 #[test]
 fn every_operation_documents_its_error_answers_as_problems() {
     let doc: serde_json::Value =
-        serde_json::from_str(&custodian::http::openapi_document().to_json().unwrap()).unwrap();
+        serde_json::from_str(&custodian::routes::openapi_document().to_json().unwrap()).unwrap();
     let mut ops = 0;
     for (path, item) in doc["paths"].as_object().unwrap() {
         if !path.starts_with("/api/v1/") {

@@ -223,7 +223,7 @@ impl TestServer {
         let clock = ManualClock::new(custodian::clock::Clock::now(&custodian::clock::SystemClock));
         let app = App::build(config, Arc::new(clock.clone())).await.unwrap();
         let router =
-            custodian::http::router_with(app.state.clone(), opts.extra.unwrap_or_default());
+            custodian::routes::router_with(app.state.clone(), opts.extra.unwrap_or_default());
         let listener = std::net::TcpListener::bind(listen).unwrap();
         let server = RunningServer::spawn(router, listener, None, Duration::from_secs(5)).unwrap();
         let base = format!("http://{}", server.addr);
