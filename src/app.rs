@@ -36,6 +36,7 @@ struct Inner {
     security: crate::security::Security,
     smart: crate::smart::Smart,
     accounts: crate::accounts::Accounts,
+    fhir: crate::fhir::Fhir,
 }
 
 impl AppState {
@@ -80,6 +81,9 @@ impl AppState {
     }
     pub fn accounts(&self) -> &crate::accounts::Accounts {
         &self.inner.accounts
+    }
+    pub fn fhir(&self) -> &crate::fhir::Fhir {
+        &self.inner.fhir
     }
 }
 
@@ -237,9 +241,17 @@ impl App {
         let security =
             crate::security::Security::new(db.clone(), clock.clone(), config.security.clone());
         audit.observe_with(security.clone());
-        audit.describe_with(Arc::new(crate::records::routes::PhiSubjects(
+        let fhir = crate::fhir::Fhir::new(
+            db.clone(),
+            keys.clone(),
+            clock.clone(),
             patients.clone(),
-        )));
+            config.fhir.mrn_system.clone(),
+        );
+        audit.describe_with(Arc::new(crate::audit::middleware::AnyOf(vec![
+            Arc::new(crate::records::routes::PhiSubjects(patients.clone())),
+            Arc::new(crate::fhir::routes::FhirSubjects(fhir.clone())),
+        ])));
         let smart = crate::smart::Smart::new(
             &config,
             secrets.smart_client_secret,
@@ -273,6 +285,7 @@ impl App {
                     security,
                     smart,
                     accounts,
+                    fhir,
                 }),
             },
         })

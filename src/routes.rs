@@ -66,6 +66,7 @@ pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
         .merge(crate::web::router())
         .merge(crate::smart::routes::web_router())
         .merge(crate::accounts::pages::router())
+        .merge(crate::fhir::routes::router())
         .route("/metrics", axum::routing::get(crate::metrics::handler))
         .merge(extra)
         .fallback(not_found)
@@ -87,14 +88,20 @@ pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
     if let Some(cors) = cors {
         app = app.layer(cors);
     }
-    app.layer(from_fn_with_state(
-        state.audit().clone(),
-        crate::audit::middleware::middleware,
-    ))
-    .layer(from_fn_with_state(trusted, crate::http::client_ip::middleware))
-    .layer(from_fn(crate::http::logging::middleware))
-    .layer(from_fn_with_state(header_settings, crate::http::headers::middleware))
-    .layer(from_fn(crate::http::request_id::middleware))
-    .with_state(state)
+    app.layer(from_fn(crate::fhir::outcome::middleware))
+        .layer(from_fn_with_state(
+            state.audit().clone(),
+            crate::audit::middleware::middleware,
+        ))
+        .layer(from_fn_with_state(
+            trusted,
+            crate::http::client_ip::middleware,
+        ))
+        .layer(from_fn(crate::http::logging::middleware))
+        .layer(from_fn_with_state(
+            header_settings,
+            crate::http::headers::middleware,
+        ))
+        .layer(from_fn(crate::http::request_id::middleware))
+        .with_state(state)
 }
-

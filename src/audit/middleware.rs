@@ -256,6 +256,27 @@ pub trait Subjects: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = Option<Annotation>> + Send + 'a>>;
 }
 
+/// Several capabilities' [`Subjects`]: the first that knows the route answers.
+pub struct AnyOf(pub Vec<Arc<dyn Subjects>>);
+
+impl Subjects for AnyOf {
+    fn about<'a>(
+        &'a self,
+        method: &'a str,
+        route: &'a str,
+        path: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Option<Annotation>> + Send + 'a>> {
+        Box::pin(async move {
+            for s in &self.0 {
+                if let Some(a) = s.about(method, route, path).await {
+                    return Some(a);
+                }
+            }
+            None
+        })
+    }
+}
+
 /// The segment of `path` that stands where `route` has `{name}`.
 pub fn path_param<'a>(route: &str, path: &'a str, name: &str) -> Option<&'a str> {
     let (mut r, mut p) = (route.split('/'), path.split('/'));

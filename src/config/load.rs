@@ -193,6 +193,17 @@ fn cross_checks(c: &Config) -> Vec<String> {
     if c.api_tokens.max_lifetime.is_zero() {
         p.push("api_tokens.max_lifetime: must be more than 0".into());
     }
+    let uri = |s: &str| {
+        s.contains(':') && !s.chars().any(char::is_whitespace) && (1..=512).contains(&s.len())
+    };
+    if !uri(&c.fhir.mrn_system) {
+        p.push("fhir.mrn_system: must be an absolute URI (e.g. urn:oid:… or https://…)".into());
+    }
+    if let Some(b) = &c.fhir.base_url
+        && !(uri(b) && (b.starts_with("https://") || b.starts_with("http://")))
+    {
+        p.push("fhir.base_url: must be an http(s) URL".into());
+    }
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&c.logging.level) {
         p.push(format!(
             "logging.level: `{}` is not a level: {e}",

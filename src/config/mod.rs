@@ -83,6 +83,7 @@ pub struct Config {
     pub smart: SmartConfig,
     pub mail: MailConfig,
     pub accounts: AccountsConfig,
+    pub fhir: FhirConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -437,6 +438,26 @@ impl Default for MailConfig {
     }
 }
 
+/// The FHIR API (`docs/fhir.md`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FhirConfig {
+    /// The identifier system of this installation's MRNs (an absolute URI).
+    pub mrn_system: String,
+    /// The FHIR base URL clients reach, for `fullUrl`, links and `Location`
+    /// (e.g. `https://ehr.clinic.example/fhir`). Default: from the request's Host.
+    pub base_url: Option<String>,
+}
+
+impl Default for FhirConfig {
+    fn default() -> Self {
+        Self {
+            mrn_system: "urn:custodian:mrn".into(),
+            base_url: None,
+        }
+    }
+}
+
 /// Account lifecycle by email (`docs/accounts.md`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -625,6 +646,7 @@ impl Config {
             smart: SmartConfig::default(),
             mail: MailConfig::default(),
             accounts: AccountsConfig::default(),
+            fhir: FhirConfig::default(),
         };
         match env {
             Environment::Dev => {}

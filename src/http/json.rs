@@ -419,7 +419,12 @@ pub fn parse_query<T: DeserializeOwned>(q: &str) -> Result<T, ApiError> {
 /// Guards the API before routing: a body sent to `/api` must be JSON (415) and within
 /// the limit (413), judged from the headers, so nothing reads an oversize body.
 pub async fn body_guard(req: Request, next: Next) -> Response {
-    if !req.uri().path().starts_with("/api/") {
+    let path = req.uri().path();
+    let api = path.starts_with("/api/");
+    // FHIR bodies are `application/fhir+json` or a search form: their routes check the
+    // type; the size is checked here for both.
+    let fhir = path == "/fhir" || path.starts_with("/fhir/");
+    if !api && !fhir {
         return next.run(req).await;
     }
     let limit = req
@@ -440,7 +445,7 @@ pub async fn body_guard(req: Request, next: Next) -> Response {
         *req.method(),
         Method::POST | Method::PUT | Method::PATCH | Method::DELETE
     );
-    if writes && has_body {
+    if api && writes && has_body {
         let ct = req
             .headers()
             .get(header::CONTENT_TYPE)

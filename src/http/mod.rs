@@ -74,7 +74,11 @@ pub fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     )
 }
 
-pub async fn timeout_middleware(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+pub async fn timeout_middleware(
+    State(limit): State<Duration>,
+    req: Request,
+    next: Next,
+) -> Response {
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(res) => res,
         Err(_) => {

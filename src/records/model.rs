@@ -64,7 +64,7 @@ pub struct PatientPatch {
 }
 
 /// A patient's fields in the clear, checked.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PatientFields {
     pub mrn: String,
     pub given_name: String,

@@ -66,7 +66,11 @@ pub struct PhiReader {
 }
 
 impl PhiReader {
-    fn check(p: Principal, permission: Permission, headers: &HeaderMap) -> Result<Self, ApiError> {
+    pub fn check(
+        p: Principal,
+        permission: Permission,
+        headers: &HeaderMap,
+    ) -> Result<Self, ApiError> {
         if p.has(permission) {
             return Ok(Self {
                 principal: p,
@@ -95,14 +99,14 @@ impl PhiReader {
         }
     }
 
-    fn sees_ssn(&self) -> bool {
+    pub fn sees_ssn(&self) -> bool {
         self.principal.has(Permission::PhiSsn)
     }
 
     /// When this is a break-glass access: marks the request's events as break-glass, adds
     /// the `break_glass` event naming the patient (which the security rules raise), and
     /// logs it. Every route a break-glass reader can reach calls this once.
-    fn flag(
+    pub fn flag(
         &self,
         audit: &Audit,
         resource_type: &'static str,

@@ -12,6 +12,7 @@ use crate::crypto::{self, SharedKeyring};
 use crate::http::FieldError;
 use crate::phi::envelope::{self, DataKey, EnvelopeError};
 use crate::store::{Db, StoreError};
+use zeroize::Zeroizing;
 
 const PATIENTS: &str = "patients";
 const RECORDS: &str = "records";
@@ -57,6 +58,29 @@ pub struct Record {
     pub version: i64,
     pub created_at: String,
     pub updated_at: String,
+}
+
+/// Which blind index a FHIR patient search reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    Identifier,
+    BirthDate,
+    Name,
+    Given,
+    Family,
+}
+
+/// A patient write checked and sealed, not yet applied (the FHIR transactions apply
+/// several in one database transaction).
+pub struct PreparedPatient {
+    pub row: PatientRow,
+    /// The version the stored row must still have (`None`: a new patient).
+    pub expected: Option<i64>,
+    /// This version's fields, sealed for `patient_versions`.
+    pub sealed_fields: String,
+    fields: PatientFields,
+    assigned_mrn: bool,
+    key: DataKey,
 }
 
 #[derive(Clone)]
@@ -201,7 +225,30 @@ impl Patients {
         Ok(format!("MRN-{n:012}"))
     }
 
-    pub async fn create(&self, input: NewPatient) -> Result<Patient, PhiError> {
+    /// A version of a patient's fields, sealed for `patient_versions` (FHIR vread).
+    fn seal_version(
+        &self,
+        key: &DataKey,
+        id: &str,
+        version: i64,
+        f: &PatientFields,
+    ) -> Result<String, PhiError> {
+        let json = Zeroizing::new(serde_json::to_string(f).unwrap_or_default());
+        Ok(envelope::seal_field(
+            key,
+            "patient_versions",
+            "fields",
+            &format!("{id}/{version}"),
+            &json,
+        )?)
+    }
+
+    /// Checks and seals a new patient (id `id`, or a new one), without writing it.
+    pub fn prepare_create(
+        &self,
+        id: Option<&str>,
+        input: NewPatient,
+    ) -> Result<PreparedPatient, PhiError> {
         let mut c = Checks::default();
         let today = self.today();
         let mut f = PatientFields {
@@ -221,7 +268,7 @@ impl Patients {
             None => Self::new_mrn()?,
         };
         c.done().map_err(PhiError::Invalid)?;
-        let id = new_id();
+        let id = id.map_or_else(new_id, str::to_owned);
         let key = DataKey::generate().map_err(|e| PhiError::Envelope(e.into()))?;
         let (wrapped, version) = envelope::wrap(&self.keys, &id, &key)?;
         let mut row = self.seal_row(&id, &key, &f)?;
@@ -230,18 +277,45 @@ impl Patients {
         let now = self.now();
         row.created_at.clone_from(&now);
         row.updated_at = now;
+        let sealed = self.seal_version(&key, &id, 1, &f)?;
+        Ok(PreparedPatient {
+            row,
+            expected: None,
+            sealed_fields: sealed,
+            fields: f,
+            assigned_mrn: assigned,
+            key,
+        })
+    }
+
+    pub async fn create(&self, input: NewPatient) -> Result<Patient, PhiError> {
+        self.create_as(None, input).await
+    }
+
+    /// Creates a patient with the id `id` (FHIR update-as-create) or a new one.
+    pub async fn create_as(
+        &self,
+        id: Option<&str>,
+        input: NewPatient,
+    ) -> Result<Patient, PhiError> {
+        let mut p = self.prepare_create(id, input)?;
         let mut tries = 0;
-        while !store::insert_patient(&self.db, &row).await? {
+        while !store::write_patient(&self.db, &p.row, None, &p.sealed_fields).await? {
+            if id.is_some() && store::patient_exists(&self.db, &p.row.id).await?.is_some() {
+                return Err(PhiError::Conflict("a patient with this id exists"));
+            }
             tries += 1;
-            if !assigned || tries > 5 {
+            if !p.assigned_mrn || tries > 5 {
                 return Err(PhiError::Conflict("a patient with this MRN exists"));
             }
             // The MRN we drew is taken: draw another.
-            f.mrn = Self::new_mrn()?;
-            row.mrn = envelope::seal_field(&key, PATIENTS, "mrn", &id, &f.mrn)?;
-            row.bi_mrn = self.bi("mrn", &f.mrn)?;
+            p.fields.mrn = Self::new_mrn()?;
+            let id = p.row.id.clone();
+            p.row.mrn = envelope::seal_field(&p.key, PATIENTS, "mrn", &id, &p.fields.mrn)?;
+            p.row.bi_mrn = self.bi("mrn", &p.fields.mrn)?;
+            p.sealed_fields = self.seal_version(&p.key, &id, 1, &p.fields)?;
         }
-        self.open_row(&row)
+        self.open_row(&p.row)
     }
 
     pub async fn get(&self, id: &str) -> Result<Patient, PhiError> {
@@ -251,12 +325,41 @@ impl Patients {
         self.open_row(&row)
     }
 
-    pub async fn update(
+    /// A patient's fields as of `version` (kept since FHIR came; older versions are not).
+    pub async fn version(
+        &self,
+        id: &str,
+        version: i64,
+    ) -> Result<Option<(Option<PatientFields>, String)>, PhiError> {
+        let Some(row) = store::patient_row_any(&self.db, id).await? else {
+            return Ok(None);
+        };
+        let Some((sealed, at)) = store::patient_version(&self.db, id, version).await? else {
+            return Ok(None);
+        };
+        let Some(sealed) = sealed else {
+            return Ok(Some((None, at)));
+        };
+        let key = self.data_key(&row)?;
+        let json = envelope::open_field(
+            &key,
+            "patient_versions",
+            "fields",
+            &format!("{id}/{version}"),
+            &sealed,
+        )?;
+        let f: PatientFields = serde_json::from_str(&json)
+            .map_err(|_| PhiError::Envelope(crypto::CryptoError::Malformed.into()))?;
+        Ok(Some((Some(f), at)))
+    }
+
+    /// Checks and seals a change of a patient, without writing it.
+    pub async fn prepare_update(
         &self,
         id: &str,
         patch: PatientPatch,
         if_match: Option<i64>,
-    ) -> Result<Patient, PhiError> {
+    ) -> Result<PreparedPatient, PhiError> {
         let row = store::patient_by_id(&self.db, id)
             .await?
             .ok_or(PhiError::NotFound)?;
@@ -301,11 +404,42 @@ impl Patients {
             return Err(PhiError::Conflict("a patient with this MRN exists"));
         }
         new.version = row.version + 1;
+        new.created_at.clone_from(&row.created_at);
         new.updated_at = self.now();
-        if !store::update_patient(&self.db, &new, row.version).await? {
+        new.data_key.clone_from(&row.data_key);
+        new.kek_version = row.kek_version;
+        let sealed = self.seal_version(&key, id, new.version, &current.fields)?;
+        Ok(PreparedPatient {
+            row: new,
+            expected: Some(row.version),
+            sealed_fields: sealed,
+            fields: current.fields,
+            assigned_mrn: false,
+            key,
+        })
+    }
+
+    pub async fn update(
+        &self,
+        id: &str,
+        patch: PatientPatch,
+        if_match: Option<i64>,
+    ) -> Result<Patient, PhiError> {
+        let p = self.prepare_update(id, patch, if_match).await?;
+        if !store::write_patient(&self.db, &p.row, p.expected, &p.sealed_fields).await? {
             return Err(PhiError::PreconditionFailed);
         }
         self.get(id).await
+    }
+
+    /// The data key of a prepared patient (to seal the resources written with it).
+    pub fn prepared_key<'a>(&self, p: &'a PreparedPatient) -> &'a DataKey {
+        &p.key
+    }
+
+    /// Opens a prepared patient (what it will read as once written).
+    pub fn open_prepared(&self, p: &PreparedPatient) -> Result<Patient, PhiError> {
+        self.open_row(&p.row)
     }
 
     pub async fn delete(&self, id: &str) -> Result<(), PhiError> {
@@ -352,6 +486,58 @@ impl Patients {
         };
         let rows = store::search(&self.db, index.as_ref(), after, limit).await?;
         rows.iter().map(|r| self.open_row(r)).collect()
+    }
+
+    /// Every live patient whose blind index `probe` equals `value` (normalised as its
+    /// column is), in id order: the candidates of a FHIR search, filtered by the caller.
+    pub async fn search_index(
+        &self,
+        probe: Probe,
+        value: &str,
+        by_ssn: bool,
+    ) -> Result<Vec<Patient>, PhiError> {
+        let none = || "-".to_owned();
+        let name = norm_name(value);
+        let ix = SearchIndex {
+            mrn: match probe {
+                Probe::Identifier => self.bi("mrn", &value.trim().to_ascii_uppercase())?,
+                _ => none(),
+            },
+            ssn: match probe {
+                Probe::Identifier if by_ssn && super::model::valid_ssn(value.trim()) => {
+                    self.bi("ssn", &value.trim().replace('-', ""))?
+                }
+                _ => none(),
+            },
+            birth_date: match probe {
+                Probe::BirthDate if parse_date(value.trim()).is_some() => {
+                    self.bi("birth_date", value.trim())?
+                }
+                _ => none(),
+            },
+            given_name: match probe {
+                Probe::Name | Probe::Given => self.bi("given_name", &name)?,
+                _ => none(),
+            },
+            family_name: match probe {
+                Probe::Name | Probe::Family => self.bi("family_name", &name)?,
+                _ => none(),
+            },
+        };
+        let mut out: Vec<Patient> = Vec::new();
+        let mut after = String::new();
+        loop {
+            let rows = store::search(&self.db, Some(&ix), &after, 1000).await?;
+            let full = rows.len() == 1000;
+            for r in &rows {
+                out.push(self.open_row(r)?);
+            }
+            match rows.last() {
+                Some(last) if full => after.clone_from(&last.id),
+                _ => break,
+            }
+        }
+        Ok(out)
     }
 
     // ---- records ---------------------------------------------------------------------
@@ -420,7 +606,7 @@ impl Patients {
         })
     }
 
-    async fn patient_key(&self, patient_id: &str) -> Result<DataKey, PhiError> {
+    pub async fn patient_key(&self, patient_id: &str) -> Result<DataKey, PhiError> {
         let row = store::patient_by_id(&self.db, patient_id)
             .await?
             .ok_or(PhiError::NotFound)?;

@@ -63,69 +63,120 @@ fn patient<R: Cols>(r: &R) -> Result<PatientRow, StoreError> {
     })
 }
 
-/// Inserts a patient. Returns false when the MRN is taken.
-pub async fn insert_patient(db: &Db, p: &PatientRow) -> Result<bool, StoreError> {
-    let n = sqlx::query(
-        "INSERT INTO patients (id, data_key, kek_version, mrn, given_name, family_name, birth_date, sex, ssn, email, \
-         phone, address, bi_mrn, bi_ssn, bi_birth_date, bi_given_name, bi_family_name, version, created_at, updated_at) \
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20) ON CONFLICT (bi_mrn) DO NOTHING",
-    )
-    .bind(&p.id)
-    .bind(&p.data_key)
-    .bind(p.kek_version)
-    .bind(&p.mrn)
-    .bind(&p.given_name)
-    .bind(&p.family_name)
-    .bind(&p.birth_date)
-    .bind(&p.sex)
-    .bind(&p.ssn)
-    .bind(&p.email)
-    .bind(&p.phone)
-    .bind(&p.address)
-    .bind(&p.bi_mrn)
-    .bind(&p.bi_ssn)
-    .bind(&p.bi_birth_date)
-    .bind(&p.bi_given_name)
-    .bind(&p.bi_family_name)
-    .bind(p.version)
-    .bind(&p.created_at)
-    .bind(&p.updated_at)
-    .execute(db.writer())
-    .await?
-    .rows_affected();
+/// Writes a patient inside `tx`: inserts it (`expected` is `None`) or replaces its
+/// sealed fields if its version is still `expected`. Returns false when the MRN or the
+/// id is taken (an insert), or someone changed the patient first (an update).
+pub async fn write_patient_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    p: &PatientRow,
+    expected: Option<i64>,
+) -> Result<bool, StoreError> {
+    let n = match expected {
+        None => sqlx::query(
+            "INSERT INTO patients (id, data_key, kek_version, mrn, given_name, family_name, birth_date, sex, ssn, email, \
+             phone, address, bi_mrn, bi_ssn, bi_birth_date, bi_given_name, bi_family_name, version, created_at, updated_at) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20) ON CONFLICT DO NOTHING",
+        )
+        .bind(&p.id)
+        .bind(&p.data_key)
+        .bind(p.kek_version)
+        .bind(&p.mrn)
+        .bind(&p.given_name)
+        .bind(&p.family_name)
+        .bind(&p.birth_date)
+        .bind(&p.sex)
+        .bind(&p.ssn)
+        .bind(&p.email)
+        .bind(&p.phone)
+        .bind(&p.address)
+        .bind(&p.bi_mrn)
+        .bind(&p.bi_ssn)
+        .bind(&p.bi_birth_date)
+        .bind(&p.bi_given_name)
+        .bind(&p.bi_family_name)
+        .bind(p.version)
+        .bind(&p.created_at)
+        .bind(&p.updated_at)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected(),
+        Some(expected) => sqlx::query(
+            "UPDATE patients SET mrn=$1, given_name=$2, family_name=$3, birth_date=$4, sex=$5, ssn=$6, email=$7, phone=$8, \
+             address=$9, bi_mrn=$10, bi_ssn=$11, bi_birth_date=$12, bi_given_name=$13, bi_family_name=$14, version=$15, \
+             updated_at=$16 WHERE id=$17 AND version=$18 AND deleted_at IS NULL",
+        )
+        .bind(&p.mrn)
+        .bind(&p.given_name)
+        .bind(&p.family_name)
+        .bind(&p.birth_date)
+        .bind(&p.sex)
+        .bind(&p.ssn)
+        .bind(&p.email)
+        .bind(&p.phone)
+        .bind(&p.address)
+        .bind(&p.bi_mrn)
+        .bind(&p.bi_ssn)
+        .bind(&p.bi_birth_date)
+        .bind(&p.bi_given_name)
+        .bind(&p.bi_family_name)
+        .bind(p.version)
+        .bind(&p.updated_at)
+        .bind(&p.id)
+        .bind(expected)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected(),
+    };
     Ok(n == 1)
 }
 
-/// Replaces a patient's sealed fields if its version is still `expected`.
-/// Returns false when someone changed it first (or the MRN is taken: see the caller).
-pub async fn update_patient(db: &Db, p: &PatientRow, expected: i64) -> Result<bool, StoreError> {
-    let n = sqlx::query(
-        "UPDATE patients SET mrn=$1, given_name=$2, family_name=$3, birth_date=$4, sex=$5, ssn=$6, email=$7, phone=$8, \
-         address=$9, bi_mrn=$10, bi_ssn=$11, bi_birth_date=$12, bi_given_name=$13, bi_family_name=$14, version=$15, \
-         updated_at=$16 WHERE id=$17 AND version=$18 AND deleted_at IS NULL",
+/// Keeps one version of a patient's fields (sealed), for FHIR vread; `None` for a
+/// deletion.
+pub async fn insert_patient_version(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    patient_id: &str,
+    version: i64,
+    fields: Option<&str>,
+    at: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO patient_versions (patient_id, version, fields, at) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (patient_id, version) DO NOTHING",
     )
-    .bind(&p.mrn)
-    .bind(&p.given_name)
-    .bind(&p.family_name)
-    .bind(&p.birth_date)
-    .bind(&p.sex)
-    .bind(&p.ssn)
-    .bind(&p.email)
-    .bind(&p.phone)
-    .bind(&p.address)
-    .bind(&p.bi_mrn)
-    .bind(&p.bi_ssn)
-    .bind(&p.bi_birth_date)
-    .bind(&p.bi_given_name)
-    .bind(&p.bi_family_name)
-    .bind(p.version)
-    .bind(&p.updated_at)
-    .bind(&p.id)
-    .bind(expected)
-    .execute(db.writer())
-    .await?
-    .rows_affected();
-    Ok(n == 1)
+    .bind(patient_id)
+    .bind(version)
+    .bind(fields)
+    .bind(at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Writes a patient and its version row in one transaction ([`write_patient_in`]).
+pub async fn write_patient(
+    db: &Db,
+    p: &PatientRow,
+    expected: Option<i64>,
+    fields: &str,
+) -> Result<bool, StoreError> {
+    let mut tx = db.writer().begin().await?;
+    if !write_patient_in(&mut tx, p, expected).await? {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    insert_patient_version(&mut tx, &p.id, p.version, Some(fields), &p.updated_at).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Whether a patient id is taken (by a live or a deleted patient).
+pub async fn patient_exists(db: &Db, id: &str) -> Result<Option<bool>, StoreError> {
+    let row = sqlx::query("SELECT deleted_at FROM patients WHERE id = $1")
+        .bind(id)
+        .fetch_optional(db.reader())
+        .await?;
+    row.map(|r| Ok(r.col::<Option<String>>("deleted_at")?.is_some()))
+        .transpose()
 }
 
 pub async fn mrn_taken(db: &Db, bi_mrn: &str, except: &str) -> Result<bool, StoreError> {
@@ -137,6 +188,34 @@ pub async fn mrn_taken(db: &Db, bi_mrn: &str, except: &str) -> Result<bool, Stor
             .await?
             .is_some(),
     )
+}
+
+/// A patient's row, deleted or not (a deleted patient's versions stay readable).
+pub async fn patient_row_any(db: &Db, id: &str) -> Result<Option<PatientRow>, StoreError> {
+    let sql = format!("SELECT {PATIENT_COLUMNS} FROM patients WHERE id = $1");
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(db.reader())
+        .await?
+        .map(|r| patient(&r))
+        .transpose()
+}
+
+/// A patient's version: `(fields, at)`; the fields are `None` for a deletion.
+pub async fn patient_version(
+    db: &Db,
+    patient_id: &str,
+    version: i64,
+) -> Result<Option<(Option<String>, String)>, StoreError> {
+    let row = sqlx::query(
+        "SELECT fields, at FROM patient_versions WHERE patient_id = $1 AND version = $2",
+    )
+    .bind(patient_id)
+    .bind(version)
+    .fetch_optional(db.reader())
+    .await?;
+    row.map(|r| Ok((r.col("fields")?, r.col("at")?)))
+        .transpose()
 }
 
 pub async fn patient_by_id(db: &Db, id: &str) -> Result<Option<PatientRow>, StoreError> {
@@ -236,16 +315,29 @@ pub struct SearchIndex {
     pub family_name: String,
 }
 
+/// Soft-deletes a live patient: a new version, marked deleted, and its version row.
 pub async fn soft_delete_patient(db: &Db, id: &str, now: &str) -> Result<bool, StoreError> {
-    Ok(
-        sqlx::query("UPDATE patients SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL")
-            .bind(now)
-            .bind(id)
-            .execute(db.writer())
-            .await?
-            .rows_affected()
-            == 1,
+    let mut tx = db.writer().begin().await?;
+    let n = sqlx::query(
+        "UPDATE patients SET deleted_at = $1, version = version + 1 WHERE id = $2 AND deleted_at IS NULL",
     )
+    .bind(now)
+    .bind(id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if n != 1 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    let version: i64 = sqlx::query("SELECT version FROM patients WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?
+        .col("version")?;
+    insert_patient_version(&mut tx, id, version, None, now).await?;
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// Data keys wrapped under a version older than `current`, a batch at a time.

@@ -42,6 +42,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(9, "0009_audit_indexes"),
     migration!(10, "0010_audit_patients"),
     migration!(11, "0011_audit_client_request_id"),
+    migration!(12, "0012_fhir"),
 ];
 
 impl Migration {

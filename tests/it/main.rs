@@ -14,6 +14,8 @@ mod conventions;
 mod credentials;
 mod delegation;
 mod docs;
+mod fhir;
+mod fhir_capture;
 mod health;
 mod identity;
 mod monitoring;

@@ -1,0 +1,909 @@
+//! HTTP for FHIR at `/fhir`: the interactions, Bundles, the CapabilityStatement. Every
+//! read names its patient in the audit trail before the answer leaves (the activity
+//! middleware waits for the commit); a search names every patient it returns. Errors
+//! are `ApiError`s like everywhere else; `outcome::middleware` turns them into
+//! OperationOutcomes under `/fhir`.
+
+use std::collections::BTreeSet;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use super::resources::{ResourceType, params_of};
+use super::search::{self, Query};
+use super::service::{Entry, Fhir, FhirError, Outcome, Resource, View, fhir_instant};
+use crate::access::{Authorized, Permission, Principal, need};
+use crate::app::AppState;
+use crate::audit::middleware::{Annotation, Subjects, action_of};
+use crate::audit::model::SafeId;
+use crate::audit::{Action, Audit, ContextValue};
+use crate::http::{ApiError, ErrorCode};
+use crate::records::routes::PhiReader;
+
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+const NDJSON: &str = "application/fhir+ndjson";
+
+impl From<FhirError> for ApiError {
+    fn from(e: FhirError) -> Self {
+        match e {
+            FhirError::NotFound => {
+                ApiError::new(ErrorCode::NotFound).with_detail("There is no such resource.")
+            }
+            FhirError::Gone => ApiError::new(ErrorCode::Gone),
+            FhirError::Invalid(errors) => ApiError::validation(errors),
+            FhirError::BadRequest(m) => ApiError::new(ErrorCode::BadRequest).with_detail(m),
+            FhirError::Conflict(m) => ApiError::new(ErrorCode::Conflict).with_detail(m),
+            FhirError::PreconditionFailed => ApiError::new(ErrorCode::PreconditionFailed),
+            FhirError::Phi(e) => ApiError::from(e),
+        }
+    }
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/fhir/metadata", get(metadata))
+        .route("/fhir", post(transaction))
+        .route("/fhir/{type}", get(search_get).post(create))
+        .route("/fhir/{type}/_search", post(search_post))
+        .route("/fhir/{type}/{id}", get(read).put(update).delete(delete))
+        .route("/fhir/{type}/{id}/_history/{vid}", get(vread))
+        .route("/fhir/{type}/{id}/{op}", get(operation))
+}
+
+/// Whether `_format` asks for JSON.
+pub fn json_format(v: &str) -> bool {
+    matches!(
+        v,
+        "json" | "application/json" | "application/fhir+json" | "application/json+fhir"
+    )
+}
+
+fn resource_type(s: &str) -> Result<ResourceType, ApiError> {
+    ResourceType::parse(s).ok_or_else(|| {
+        ApiError::new(ErrorCode::NotFound).with_detail(format!(
+            "This server serves {}; not this type.",
+            ResourceType::ALL.map(ResourceType::as_str).join(", ")
+        ))
+    })
+}
+
+fn pairs(raw: Option<&str>) -> Vec<(String, String)> {
+    raw.map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+/// The query of a read: only `_format` and `_anonymize`.
+fn read_options(raw: Option<&str>) -> Result<bool, ApiError> {
+    let mut anonymize = false;
+    for (k, v) in pairs(raw) {
+        match k.as_str() {
+            "_format" if json_format(&v) => {}
+            "_format" => return Err(not_acceptable()),
+            "_anonymize" => anonymize = v == "true",
+            _ => {
+                return Err(ApiError::new(ErrorCode::BadRequest)
+                    .with_detail(format!("the parameter {k} is not supported here")));
+            }
+        }
+    }
+    Ok(anonymize)
+}
+
+fn not_acceptable() -> ApiError {
+    ApiError::new(ErrorCode::NotAcceptable)
+}
+
+/// The base URL of this FHIR server: `fhir.base_url`, else from the request's host.
+pub fn base_url(state: &AppState, headers: &HeaderMap) -> String {
+    if let Some(b) = &state.config().fhir.base_url {
+        return b.trim_end_matches('/').to_owned();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+        })
+        .unwrap_or("localhost");
+    let scheme = if state.config().serves_tls() || state.config().server.behind_tls_proxy {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{host}/fhir")
+}
+
+fn fhir_json(status: StatusCode, body: &Value) -> Response {
+    let mut r = (status, body.to_string()).into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    r
+}
+
+fn with_version(mut r: Response, version: i64, last_updated: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(&format!("W/\"{version}\"")) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+    if let Some(t) = http_date(last_updated)
+        && let Ok(v) = HeaderValue::from_str(&t)
+    {
+        r.headers_mut().insert(header::LAST_MODIFIED, v);
+    }
+    r
+}
+
+fn http_date(stored: &str) -> Option<String> {
+    let t =
+        time::OffsetDateTime::parse(stored, &time::format_description::well_known::Rfc3339).ok()?;
+    let f = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    t.format(&f).ok()
+}
+
+/// The version an `If-Match` names: `W/"3"`, `"3"`, `3` (or `"v3"` as `/api/v1` sends).
+fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = v.to_str().unwrap_or("").trim();
+    text.trim_start_matches("W/")
+        .trim_matches('"')
+        .trim_start_matches('v')
+        .parse()
+        .map(Some)
+        .map_err(|_| {
+            ApiError::new(ErrorCode::PreconditionFailed)
+                .with_detail("If-Match must be an ETag of this resource, e.g. W/\"3\"")
+        })
+}
+
+/// The body of a write: JSON (`application/fhir+json` or `application/json`), one object.
+fn body_json(
+    headers: &HeaderMap,
+    bytes: &Bytes,
+) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|c| c.split(';').next())
+        .map(|c| c.trim().to_ascii_lowercase());
+    if !matches!(
+        ct.as_deref(),
+        Some("application/fhir+json" | "application/json" | "application/json+fhir")
+    ) {
+        return Err(ApiError::new(ErrorCode::UnsupportedMediaType)
+            .with_detail("Send the resource as application/fhir+json."));
+    }
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::new(ErrorCode::BadRequest)
+            .with_detail("The body must be one JSON object (a resource).")),
+        Err(e) => Err(ApiError::new(ErrorCode::BadRequest).with_detail(format!(
+            "The body is not JSON (line {}, column {}).",
+            e.line(),
+            e.column()
+        ))),
+    }
+}
+
+/// Takes `resourceType` and `id` out of a resource body; the type must be `t`.
+fn split_resource(
+    t: ResourceType,
+    mut m: serde_json::Map<String, Value>,
+    at: &str,
+) -> Result<(Option<String>, Value), ApiError> {
+    match m.remove("resourceType") {
+        Some(Value::String(s)) if s == t.as_str() => {}
+        _ => {
+            return Err(ApiError::field(
+                format!("{at}resourceType"),
+                format!("must be {}", t.as_str()),
+            ));
+        }
+    }
+    let id = match m.remove("id") {
+        None => None,
+        Some(Value::String(s)) => Some(s),
+        Some(_) => return Err(ApiError::field(format!("{at}id"), "must be a string")),
+    };
+    Ok((id, Value::Object(m)))
+}
+
+/// Who may do what to a type on this request.
+fn require(p: &Principal, permission: Permission) -> Result<(), ApiError> {
+    if p.has(permission) {
+        Ok(())
+    } else {
+        Err(ApiError::new(ErrorCode::Forbidden).with_detail(format!(
+            "This needs the {} permission.",
+            permission.as_str()
+        )))
+    }
+}
+
+fn annotate(
+    audit: &Audit,
+    action: Action,
+    t: ResourceType,
+    id: Option<&str>,
+    patient: Option<&str>,
+) {
+    audit.annotate(|a| {
+        a.action = Some(action);
+        a.resource_type = Some(t.as_str());
+        a.resource_id = id.map(str::to_owned);
+        a.patient_id = patient.map(str::to_owned);
+        a.context.insert("via", ContextValue::Code("fhir"));
+    });
+}
+
+fn view<'a>(state: &'a AppState, sees_ssn: bool, anonymize: bool) -> View<'a> {
+    View {
+        sees_ssn,
+        anonymize,
+        today: state.clock().now().date(),
+        fhir: state.fhir(),
+    }
+}
+
+async fn metadata(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    read_options(q.as_deref())?;
+    Ok(fhir_json(
+        StatusCode::OK,
+        &capability_statement(&state, &base_url(&state, &headers)),
+    ))
+}
+
+/// What this server implements, from the same tables the parser and the router use.
+pub fn capability_statement(state: &AppState, base: &str) -> Value {
+    let resources: Vec<Value> = ResourceType::ALL
+        .into_iter()
+        .map(|t| {
+            let mut interactions = vec!["read", "vread", "create", "update", "delete", "search-type"];
+            interactions.sort_unstable();
+            let params: Vec<Value> = params_of(t)
+                .iter()
+                .map(|p| json!({"name": p.name, "type": p.kind.as_str(), "documentation": p.doc}))
+                .collect();
+            let mut r = json!({
+                "type": t.as_str(),
+                "supportedProfile": t.us_core_profiles(),
+                "interaction": interactions.iter().map(|i| json!({"code": i})).collect::<Vec<_>>(),
+                "versioning": "versioned",
+                "readHistory": true,
+                "updateCreate": true,
+                "conditionalCreate": false,
+                "conditionalUpdate": false,
+                "conditionalDelete": "not-supported",
+                "searchParam": params,
+            });
+            if t == ResourceType::Patient {
+                r["operation"] = json!([{
+                    "name": "everything",
+                    "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+                    "documentation": "The patient's whole compartment as a Bundle, or NDJSON with _format=ndjson; audited as an export."
+                }]);
+            }
+            r
+        })
+        .collect();
+    json!({
+        "resourceType": "CapabilityStatement",
+        "id": "custodian",
+        "url": format!("{base}/metadata"),
+        "name": "Custodian",
+        "title": "Custodian FHIR R4 server",
+        "status": "active",
+        "experimental": false,
+        "date": crate::clock::rfc3339(state.clock().now()).get(..10).unwrap_or("2026-01-01"),
+        "publisher": "Custodian",
+        "description": "FHIR R4 over Custodian's own sealed records. It does not claim the whole US Core server statement: it serves Patient, Condition, Observation, MedicationRequest and Procedure only (see supportedProfile).",
+        "kind": "instance",
+        "software": {"name": "Custodian", "version": env!("CARGO_PKG_VERSION")},
+        "implementation": {"description": "Custodian", "url": base},
+        "fhirVersion": "4.0.1",
+        "format": ["json", "application/fhir+json"],
+        "rest": [{
+            "mode": "server",
+            "documentation": "Every read, search and export is audited before the answer; errors are OperationOutcomes.",
+            "security": {
+                "cors": true,
+                "description": "Bearer tokens: a session or a personal API token of a Custodian account (POST /api/v1/auth/login). Permissions as for /api/v1: patients:read/write for Patient, records:read/write for the clinical types, phi:ssn for the SSN, breakglass with X-Break-Glass-Reason for one patient."
+            },
+            "resource": resources,
+            "interaction": [{"code": "transaction"}],
+        }],
+    })
+}
+
+async fn read(
+    State(state): State<AppState>,
+    audit: Audit,
+    auth: Authorized<need::Enrolled>,
+    headers: HeaderMap,
+    Path((ty, id)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let t = resource_type(&ty)?;
+    let anonymize = read_options(q.as_deref())?;
+    let reader = PhiReader::check(auth.0, t.read_permission(), &headers)?;
+    let fhir = state.fhir();
+    let patient = fhir.patient_of(t, &id).await?;
+    annotate(&audit, Action::Read, t, Some(&id), patient.as_deref());
+    reader.flag(&audit, t.as_str(), Some(&id), patient.as_deref());
+    let r = fhir.read(t, &id).await?;
+    let body = fhir.render(&r, view(&state, reader.sees_ssn(), anonymize));
+    Ok(with_version(
+        fhir_json(StatusCode::OK, &body),
+        r.version,
+        &r.last_updated,
+    ))
+}
+
+async fn vread(
+    State(state): State<AppState>,
+    audit: Audit,
+    auth: Authorized<need::Enrolled>,
+    headers: HeaderMap,
+    Path((ty, id, vid)): Path<(String, String, String)>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let t = resource_type(&ty)?;
+    let anonymize = read_options(q.as_deref())?;
+    let reader = PhiReader::check(auth.0, t.read_permission(), &headers)?;
+    let version: i64 = vid.parse().map_err(|_| {
+        ApiError::new(ErrorCode::NotFound).with_detail("Versions are whole numbers.")
+    })?;
+    let fhir = state.fhir();
+    let patient = fhir.patient_of(t, &id).await?;
+    annotate(&audit, Action::Read, t, Some(&id), patient.as_deref());
+    audit.context("version", ContextValue::Int(version));
+    reader.flag(&audit, t.as_str(), Some(&id), patient.as_deref());
+    let r = fhir.vread(t, &id, version).await?;
+    let body = fhir.render(&r, view(&state, reader.sees_ssn(), anonymize));
+    Ok(with_version(
+        fhir_json(StatusCode::OK, &body),
+        r.version,
+        &r.last_updated,
+    ))
+}
+
+async fn search_get(
+    State(state): State<AppState>,
+    audit: Audit,
+    auth: Authorized<need::Enrolled>,
+    headers: HeaderMap,
+    Path(ty): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let t = resource_type(&ty)?;
+    search(&state, &audit, auth.0, &headers, t, pairs(q.as_deref())).await
+}
+
+async fn search_post(
+    State(state): State<AppState>,
+    audit: Audit,
+    auth: Authorized<need::Enrolled>,
+    headers: HeaderMap,
+    Path(ty): Path<String>,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let t = resource_type(&ty)?;
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|c| c.split(';').next())
+        .map(str::trim);
+    if !body.is_empty() && ct != Some("application/x-www-form-urlencoded") {
+        return Err(ApiError::new(ErrorCode::UnsupportedMediaType)
+            .with_detail("Send the search as application/x-www-form-urlencoded."));
+    }
+    let mut all = pairs(q.as_deref());
+    all.extend(form_urlencoded::parse(&body).into_owned());
+    search(&state, &audit, auth.0, &headers, t, all).await
+}
+
+async fn search(
+    state: &AppState,
+    audit: &Audit,
+    principal: Principal,
+    headers: &HeaderMap,
+    t: ResourceType,
+    pairs: Vec<(String, String)>,
+) -> Result<Response, ApiError> {
+    annotate(audit, Action::Search, t, None, None);
+    // A de-identified search's links are one sealed `_page` token each.
+    let pairs = match pairs.iter().find(|(k, _)| k == "_page") {
+        None => pairs,
+        Some((_, token)) => {
+            if pairs.iter().any(|(k, _)| k != "_page" && k != "_format") {
+                return Err(ApiError::new(ErrorCode::BadRequest)
+                    .with_detail("_page stands for a whole search: send it alone"));
+            }
+            state.fhir().open_page(token).ok_or_else(|| {
+                ApiError::new(ErrorCode::BadRequest)
+                    .with_detail("_page is not a page of a search of this server")
+            })?
+        }
+    };
+    let q: Query = search::parse(t, &pairs)
+        .map_err(|m| ApiError::new(ErrorCode::BadRequest).with_detail(m))?;
+    // A list of patients needs `patients:read` itself; a search inside one named
+    // patient's compartment may also be a break-glass access to that patient.
+    let (sees_ssn, reader) = if t == ResourceType::Patient {
+        require(&principal, Permission::PatientsRead)?;
+        (principal.has(Permission::PhiSsn), None)
+    } else {
+        let r = PhiReader::check(principal, t.read_permission(), headers)?;
+        (r.sees_ssn(), Some(r))
+    };
+    if let (Some(r), Some(p)) = (&reader, &q.patient) {
+        audit.annotate(|a| a.patient_id = Some(p.clone()));
+        r.flag(audit, t.as_str(), None, Some(p));
+    }
+    let fhir = state.fhir();
+    let (total, page, next) = fhir.search(t, &q, sees_ssn).await?;
+    audit.context("count", ContextValue::Int(page.len() as i64));
+    if t == ResourceType::Patient {
+        audit.name_patients(Action::Read, page.iter().map(|r| r.id.as_str()));
+    }
+    let base = base_url(state, headers);
+    let v = view(state, sees_ssn, q.anonymize);
+    let link = |cursor: Option<&str>| -> Result<String, ApiError> {
+        let query = if q.anonymize {
+            let token = fhir.seal_page(&q.canonical, cursor)?;
+            form_urlencoded::Serializer::new(String::new())
+                .append_pair("_page", &token)
+                .finish()
+        } else {
+            let mut qs = form_urlencoded::Serializer::new(q.canonical.clone());
+            if let Some(c) = cursor {
+                qs.append_pair("_cursor", c);
+            }
+            qs.finish()
+        };
+        Ok(format!("{base}/{}?{query}", t.as_str()))
+    };
+    let mut links = vec![json!({"relation": "self", "url": link(q.cursor.as_deref())?})];
+    if let Some(c) = next {
+        links.push(json!({"relation": "next", "url": link(Some(&c))?}));
+    }
+    let entries: Vec<Value> = page.iter().map(|r| entry(fhir, &base, r, v)).collect();
+    Ok(fhir_json(
+        StatusCode::OK,
+        &bundle("searchset", Some(total), links, entries, state),
+    ))
+}
+
+fn entry(fhir: &Fhir, base: &str, r: &Resource, v: View<'_>) -> Value {
+    let resource = fhir.render(r, v);
+    let id = resource["id"].as_str().unwrap_or_default().to_owned();
+    json!({
+        "fullUrl": format!("{base}/{}/{id}", r.t.as_str()),
+        "resource": resource,
+        "search": {"mode": "match"},
+    })
+}
+
+fn bundle(
+    kind: &str,
+    total: Option<usize>,
+    links: Vec<Value>,
+    entries: Vec<Value>,
+    state: &AppState,
+) -> Value {
+    let mut b = json!({
+        "resourceType": "Bundle",
+        "id": uuid::Uuid::new_v4().to_string(),
+        "meta": {"lastUpdated": fhir_instant(&crate::clock::timestamp(state.clock().now()))},
+        "type": kind,
+    });
+    if let Some(t) = total {
+        b["total"] = json!(t);
+    }
+    if !links.is_empty() {
+        b["link"] = Value::Array(links);
+    }
+    if !entries.is_empty() {
+        b["entry"] = Value::Array(entries);
+    }
+    b
+}
+
+async fn create(
+    State(state): State<AppState>,
+    audit: Audit,
+    auth: Authorized<need::Enrolled>,
+    headers: HeaderMap,
+    Path(ty): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let t = resource_type(&ty)?;
+    annotate(&audit, Action::Create, t, None, None);
+    require(&auth, t.write_permission())?;
+    let m = body_json(&headers, &body)?;
+    // A create assigns the id: one in the body is ignored (FHIR R4, 3.1.0.6).
+    let (_, resource) = split_resource(t, m, &format!("{}.", t.as_str()))?;
+    write_one(&state, &audit, &auth, &headers, t, None, resource).await
+}
+
+async fn update(
+    State(state): State<AppState>,
+    audit: Audit,
+    auth: Authorized<need::Enrolled>,
+    headers: HeaderMap,
+    Path((ty, id)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let t = resource_type(&ty)?;
+    let patient = state.fhir().patient_of(t, &id).await.ok().flatten();
+    annotate(&audit, Action::Update, t, Some(&id), patient.as_deref());
+    require(&auth, t.write_permission())?;
+    let m = body_json(&headers, &body)?;
+    let (body_id, resource) = split_resource(t, m, &format!("{}.", t.as_str()))?;
+    if body_id.as_deref() != Some(id.as_str()) {
+        return Err(ApiError::field(
+            format!("{}.id", t.as_str()),
+            "must be the id in the URL",
+        ));
+    }
+    write_one(&state, &audit, &auth, &headers, t, Some(id), resource).await
+}
+
+async fn write_one(
+    state: &AppState,
+    audit: &Audit,
+    auth: &Principal,
+    headers: &HeaderMap,
+    t: ResourceType,
+    id: Option<String>,
+    body: Value,
+) -> Result<Response, ApiError> {
+    let entry = Entry {
+        t,
+        id,
+        full_url: None,
+        if_match: if_match(headers)?,
+        body,
+    };
+    let fhir = state.fhir();
+    let sees_ssn = auth.has(Permission::PhiSsn);
+    let out = fhir.write(vec![entry], sees_ssn).await?;
+    let Some(o) = out.into_iter().next() else {
+        return Err(ApiError::internal(anyhow::anyhow!(
+            "a write answered no outcome"
+        )));
+    };
+    annotate(
+        audit,
+        if o.created {
+            Action::Create
+        } else {
+            Action::Update
+        },
+        t,
+        Some(&o.id),
+        Some(&o.patient_id),
+    );
+    let r = fhir.read(t, &o.id).await?;
+    let body = fhir.render(&r, view(state, sees_ssn, false));
+    let status = if o.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut res = with_version(fhir_json(status, &body), r.version, &r.last_updated);
+    let location = format!(
+        "{}/{}/{}/_history/{}",
+        base_url(state, headers),
+        t.as_str(),
+        o.id,
+        o.version
+    );
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(res)
+}
+
+async fn delete(
+    State(state): State<AppState>,
+    audit: Audit,
+    auth: Authorized<need::Enrolled>,
+    Path((ty, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let t = resource_type(&ty)?;
+    let patient = state.fhir().patient_of(t, &id).await.ok().flatten();
+    annotate(&audit, Action::Delete, t, Some(&id), patient.as_deref());
+    require(&auth, t.write_permission())?;
+    state.fhir().delete(t, &id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /fhir/Patient/{id}/$everything`: the patient's compartment, audited as an export.
+async fn operation(
+    State(state): State<AppState>,
+    audit: Audit,
+    auth: Authorized<need::Enrolled>,
+    headers: HeaderMap,
+    Path((ty, id, op)): Path<(String, String, String)>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let t = resource_type(&ty)?;
+    if t != ResourceType::Patient || op != "$everything" {
+        return Err(ApiError::new(ErrorCode::NotFound)
+            .with_detail("The only operation here is GET /fhir/Patient/{id}/$everything."));
+    }
+    annotate(&audit, Action::Export, t, Some(&id), Some(&id));
+    // An export: both read permissions, never break-glass.
+    require(&auth, Permission::PatientsRead)?;
+    require(&auth, Permission::RecordsRead)?;
+    let mut ndjson = false;
+    let mut anonymize = false;
+    for (k, v) in pairs(q.as_deref()) {
+        match k.as_str() {
+            "_format" if json_format(&v) => {}
+            "_format"
+                if matches!(
+                    v.as_str(),
+                    "ndjson" | "application/fhir+ndjson" | "application/ndjson"
+                ) =>
+            {
+                ndjson = true
+            }
+            "_format" => return Err(not_acceptable()),
+            "_anonymize" => anonymize = v == "true",
+            _ => {
+                return Err(ApiError::new(ErrorCode::BadRequest)
+                    .with_detail(format!("the parameter {k} is not supported by $everything")));
+            }
+        }
+    }
+    let fhir = state.fhir();
+    let all = fhir.everything(&id).await?;
+    audit.context("count", ContextValue::Int(all.len() as i64));
+    let v = view(&state, auth.has(Permission::PhiSsn), anonymize);
+    if ndjson {
+        let mut text = String::new();
+        for r in &all {
+            text.push_str(&fhir.render(r, v).to_string());
+            text.push('\n');
+        }
+        let mut res = (StatusCode::OK, text).into_response();
+        res.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
+        return Ok(res);
+    }
+    let base = base_url(&state, &headers);
+    let entries: Vec<Value> = all.iter().map(|r| entry(fhir, &base, r, v)).collect();
+    let self_url = format!("{base}/Patient/{id}/$everything");
+    Ok(fhir_json(
+        StatusCode::OK,
+        &bundle(
+            "searchset",
+            Some(all.len()),
+            vec![json!({"relation": "self", "url": self_url})],
+            entries,
+            &state,
+        ),
+    ))
+}
+
+/// `POST /fhir` with a `transaction` Bundle: every entry or none.
+async fn transaction(
+    State(state): State<AppState>,
+    audit: Audit,
+    auth: Authorized<need::Enrolled>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    audit.annotate(|a| {
+        a.action = Some(Action::Update);
+        a.resource_type = Some("Bundle");
+        a.context.insert("via", ContextValue::Code("fhir"));
+    });
+    let m = body_json(&headers, &body)?;
+    let entries = bundle_entries(Value::Object(m), true)?;
+    let needed: BTreeSet<Permission> = entries.iter().map(|e| e.t.write_permission()).collect();
+    for p in needed {
+        require(&auth, p)?;
+    }
+    let fhir = state.fhir();
+    let out = fhir.write(entries, auth.has(Permission::PhiSsn)).await?;
+    name_written(&audit, &out);
+    let base = base_url(&state, &headers);
+    let entries: Vec<Value> = out
+        .iter()
+        .map(|o| {
+            json!({
+                "fullUrl": format!("{base}/{}/{}", o.t.as_str(), o.id),
+                "response": {
+                    "status": if o.created { "201 Created" } else { "200 OK" },
+                    "location": format!("{}/{}/_history/{}", o.t.as_str(), o.id, o.version),
+                    "etag": format!("W/\"{}\"", o.version),
+                    "lastModified": fhir_instant(&o.last_updated),
+                }
+            })
+        })
+        .collect();
+    Ok(fhir_json(
+        StatusCode::OK,
+        &bundle("transaction-response", None, Vec::new(), entries, &state),
+    ))
+}
+
+/// Names every patient a write touched in the request's event.
+pub fn name_written(audit: &Audit, out: &[Outcome]) {
+    let patients: BTreeSet<&str> = out.iter().map(|o| o.patient_id.as_str()).collect();
+    audit.context("count", ContextValue::Int(out.len() as i64));
+    audit.name_patients(Action::Update, patients);
+}
+
+/// The entries of a Bundle: a `transaction` (each with `request` POST or PUT), or, for
+/// an import (`http == false`), a `collection` too (each entry updates by its id).
+pub fn bundle_entries(v: Value, http: bool) -> Result<Vec<Entry>, ApiError> {
+    let Value::Object(mut m) = v else {
+        return Err(ApiError::new(ErrorCode::BadRequest).with_detail("A Bundle is a JSON object."));
+    };
+    if m.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err(ApiError::field("Bundle.resourceType", "must be Bundle"));
+    }
+    let kind = m
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let collection = kind == "collection";
+    if !(kind == "transaction" || (!http && collection)) {
+        return Err(ApiError::field(
+            "Bundle.type",
+            if http {
+                "must be transaction (batch is not supported)"
+            } else {
+                "must be transaction or collection"
+            },
+        ));
+    }
+    let list = match m.remove("entry") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(ApiError::field("Bundle.entry", "must be a list")),
+    };
+    if list.len() > super::service::MAX_ENTRIES {
+        return Err(
+            ApiError::new(ErrorCode::PayloadTooLarge).with_detail(format!(
+                "At most {} entries in one Bundle.",
+                super::service::MAX_ENTRIES
+            )),
+        );
+    }
+    let mut errors = Vec::new();
+    let mut out = Vec::new();
+    for (i, e) in list.into_iter().enumerate() {
+        let at = format!("Bundle.entry[{i}]");
+        let Value::Object(mut e) = e else {
+            errors.push(crate::http::FieldError::new(at, "must be an object"));
+            continue;
+        };
+        let full_url = e.get("fullUrl").and_then(Value::as_str).map(str::to_owned);
+        let Some(Value::Object(res)) = e.remove("resource") else {
+            errors.push(crate::http::FieldError::new(
+                format!("{at}.resource"),
+                "is required",
+            ));
+            continue;
+        };
+        let Some(t) = res
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .and_then(ResourceType::parse)
+        else {
+            errors.push(crate::http::FieldError::new(
+                format!("{at}.resource.resourceType"),
+                "must be Patient, Condition, Observation, MedicationRequest or Procedure",
+            ));
+            continue;
+        };
+        let (body_id, body) = match split_resource(t, res, &format!("{at}.resource.")) {
+            Ok(x) => x,
+            Err(e) => {
+                errors.extend(e.field_errors().iter().cloned());
+                continue;
+            }
+        };
+        let request = e.get("request");
+        let method = request
+            .and_then(|r| r.get("method"))
+            .and_then(Value::as_str);
+        let url = request
+            .and_then(|r| r.get("url"))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let id = match (method, collection) {
+            (_, true) | (None, false) if !http => body_id,
+            (Some("POST"), _) => None,
+            (Some("PUT"), _) => {
+                let want = url
+                    .strip_prefix(t.as_str())
+                    .and_then(|r| r.strip_prefix('/'));
+                if want.is_none() || want != body_id.as_deref() {
+                    errors.push(crate::http::FieldError::new(
+                        format!("{at}.request.url"),
+                        "must be <type>/<id> of the resource",
+                    ));
+                    continue;
+                }
+                body_id
+            }
+            _ => {
+                errors.push(crate::http::FieldError::new(
+                    format!("{at}.request.method"),
+                    "must be POST or PUT",
+                ));
+                continue;
+            }
+        };
+        out.push(Entry {
+            t,
+            id,
+            full_url,
+            if_match: None,
+            body,
+        });
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(ApiError::validation(errors))
+    }
+}
+
+/// What a `/fhir` request refused before its handler was about.
+pub struct FhirSubjects(pub Fhir);
+
+impl Subjects for FhirSubjects {
+    fn about<'a>(
+        &'a self,
+        method: &'a str,
+        route: &'a str,
+        path: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Annotation>> + Send + 'a>> {
+        Box::pin(async move {
+            if !route.starts_with("/fhir/{type}") {
+                return None;
+            }
+            let mut segs = path.trim_start_matches("/fhir/").split('/');
+            let t = ResourceType::parse(segs.next()?)?;
+            let id = segs
+                .next()
+                .filter(|s| *s != "_search" && SafeId::new(s).is_some());
+            let mut a = Annotation {
+                action: Some(if id.is_none() && method == "GET" {
+                    Action::Search
+                } else {
+                    action_of(method)
+                }),
+                resource_type: Some(t.as_str()),
+                resource_id: id.map(str::to_owned),
+                ..Annotation::default()
+            };
+            if let Some(id) = id {
+                a.patient_id = self.0.patient_of(t, id).await.ok().flatten();
+            }
+            a.context.insert("via", ContextValue::Code("fhir"));
+            Some(a)
+        })
+    }
+}
