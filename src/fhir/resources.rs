@@ -354,8 +354,10 @@ pub struct Procedure {
     pub note: Vec<Annotation>,
 }
 
-/// A stored clinical resource (its id and version live beside it, not inside).
+/// A stored clinical resource (its id and version live beside it, not inside). The
+/// variants differ in size, and resources are held a page at a time: not boxed.
 #[derive(Clone, Debug, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Clinical {
     Condition(Condition),
     Observation(Observation),

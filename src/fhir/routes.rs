@@ -270,8 +270,7 @@ pub fn capability_statement(state: &AppState, base: &str) -> Value {
     let resources: Vec<Value> = ResourceType::ALL
         .into_iter()
         .map(|t| {
-            let mut interactions = vec!["read", "vread", "create", "update", "delete", "search-type"];
-            interactions.sort_unstable();
+            let interactions = ["create", "delete", "read", "search-type", "update", "vread"];
             let params: Vec<Value> = params_of(t)
                 .iter()
                 .map(|p| json!({"name": p.name, "type": p.kind.as_str(), "documentation": p.doc}))

@@ -116,6 +116,7 @@ pub struct Resource {
 }
 
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Body {
     Patient(Patient),
     Clinical(Clinical),

@@ -587,20 +587,20 @@ async fn us_core_searches(backend: Backend) {
     }
     // Patient searches: _id, identifier, name, birthdate+name, gender+name.
     let p = |q: &str| get(format!("/fhir/Patient?{q}"));
-    assert_eq!(ids(&p(&format!("_id={pid}")).await), [pid.clone()]);
-    assert_eq!(ids(&p("identifier=MRN-2").await), [other.clone()]);
+    assert_eq!(ids(&p(&format!("_id={pid}")).await), vec![pid.clone()]);
+    assert_eq!(ids(&p("identifier=MRN-2").await), vec![other.clone()]);
     assert_eq!(
         ids(&p("identifier=urn:custodian:mrn|mrn-2").await),
-        [other.clone()]
+        vec![other.clone()]
     );
     assert_eq!(ids(&p("identifier=urn:other|MRN-2").await).len(), 0);
-    assert_eq!(ids(&p("name=LOVELACE").await), [pid.clone()]);
+    assert_eq!(ids(&p("name=LOVELACE").await), vec![pid.clone()]);
     assert_eq!(
         ids(&p("name=ada&birthdate=1961-07-04").await),
-        [pid.clone()]
+        vec![pid.clone()]
     );
     assert_eq!(ids(&p("name=ada&birthdate=lt1960").await).len(), 0);
-    assert_eq!(ids(&p("name=ada&gender=female").await), [pid.clone()]);
+    assert_eq!(ids(&p("name=ada&gender=female").await), vec![pid.clone()]);
     assert_eq!(ids(&p("name=ada&gender=male").await).len(), 0);
     // The SSN is an identifier only for phi:ssn (the nurse has not).
     let b = p("name=ada").await;
