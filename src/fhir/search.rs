@@ -30,6 +30,8 @@ pub struct Query {
     pub strings: Vec<(&'static str, String)>,
     /// Patient `_id`.
     pub ids: Option<Vec<String>>,
+    /// A Patient `birthdate` given as a day without prefix (for its blind index).
+    pub raw_birthdate: Option<String>,
     pub count: usize,
     pub cursor: Option<String>,
     pub anonymize: bool,
@@ -58,7 +60,18 @@ impl Query {
                 return Some((probe, code.clone()));
             }
         }
-        None
+        match self.dates.as_slice() {
+            [(_, Prefix::Eq, _)] => self.raw_birthdate.clone().map(|d| (Probe::BirthDate, d)),
+            _ => None,
+        }
+    }
+
+    /// Whether the search has no criterion at all (a list of every patient).
+    pub fn unfiltered(&self) -> bool {
+        self.ids.is_none()
+            && self.tokens.is_empty()
+            && self.dates.is_empty()
+            && self.strings.is_empty()
     }
 }
 
@@ -89,6 +102,7 @@ pub fn parse(t: ResourceType, pairs: &[(String, String)]) -> Result<Query, Bad> 
         dates: Vec::new(),
         strings: Vec::new(),
         ids: None,
+        raw_birthdate: None,
         count: DEFAULT_COUNT,
         cursor: None,
         anonymize: false,
@@ -212,6 +226,9 @@ pub fn parse(t: ResourceType, pairs: &[(String, String)]) -> Result<Query, Bad> 
                         Prefix::NAMES
                     )
                 })?;
+                if t == ResourceType::Patient && prefix == Prefix::Eq && date.len() == 10 {
+                    q.raw_birthdate = Some(date.to_owned());
+                }
                 q.dates.push((spec.name, prefix, range));
             }
             ParamKind::String => {

@@ -795,6 +795,9 @@ impl Fhir {
         q: &Query,
         sees_ssn: bool,
     ) -> Result<(usize, Vec<Resource>, Option<String>), FhirError> {
+        if t == ResourceType::Patient && q.unfiltered() {
+            return self.list_patients(q).await;
+        }
         let mut found = if t == ResourceType::Patient {
             self.search_patients(q, sees_ssn).await?
         } else {
@@ -867,6 +870,46 @@ impl Fhir {
         Some(pairs)
     }
 
+    /// Every patient, a page at a time in id order, straight from the table (no
+    /// criterion: nothing to filter in memory).
+    async fn list_patients(
+        &self,
+        q: &Query,
+    ) -> Result<(usize, Vec<Resource>, Option<String>), FhirError> {
+        let after = match &q.cursor {
+            None => String::new(),
+            Some(c) => self
+                .open_cursor(&q.canonical, c)
+                .map(|(_, id)| id)
+                .ok_or_else(|| {
+                    FhirError::BadRequest(
+                        "_cursor is not the cursor of a page of this search".into(),
+                    )
+                })?,
+        };
+        let total = usize::try_from(self.patients.count().await?).unwrap_or(0);
+        let limit = i64::try_from(q.count).unwrap_or(20) + 1;
+        let mut page = self.patients.search(None, false, &after, limit).await?;
+        let more = page.len() > q.count;
+        page.truncate(q.count);
+        let next = match page.last() {
+            Some(p) if more => Some(self.seal_cursor(&q.canonical, 0, &p.id)?),
+            _ => None,
+        };
+        let page = page
+            .into_iter()
+            .map(|p| Resource {
+                t: ResourceType::Patient,
+                id: p.id.clone(),
+                patient_id: p.id.clone(),
+                version: p.version,
+                last_updated: p.updated_at.clone(),
+                body: Body::Patient(p),
+            })
+            .collect();
+        Ok((total, page, next))
+    }
+
     fn seal_cursor(&self, scope: &str, k: i128, id: &str) -> Result<String, FhirError> {
         crypto::seal(
             &self.keys,
@@ -901,7 +944,11 @@ impl Fhir {
                 .search_index(probe.0, &probe.1, sees_ssn)
                 .await?
         } else {
-            self.patients.search(None, false, "", 100_000).await?
+            // Criteria without an index (a birthdate range, a gender) are refused by
+            // the parser unless an indexed one is given; reached only for those.
+            return Err(FhirError::BadRequest(
+                "combine this search with _id, identifier, name, family, given or an exact birthdate".into(),
+            ));
         };
         Ok(candidates
             .into_iter()

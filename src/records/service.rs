@@ -747,6 +747,11 @@ impl Patients {
         Ok(store::shred(&self.db, &before, &self.now()).await?)
     }
 
+    /// How many live patients there are (the `total` of an unfiltered FHIR list).
+    pub async fn count(&self) -> Result<i64, PhiError> {
+        Ok(store::count_live(&self.db).await?)
+    }
+
     pub async fn key_versions(&self) -> Result<Vec<(i64, i64)>, PhiError> {
         Ok(store::count_by_version(&self.db).await?)
     }

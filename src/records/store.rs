@@ -380,6 +380,14 @@ pub async fn rewrap(
         == 1)
 }
 
+/// How many live patients there are.
+pub async fn count_live(db: &Db) -> Result<i64, StoreError> {
+    let row = sqlx::query("SELECT COUNT(*) AS n FROM patients WHERE deleted_at IS NULL")
+        .fetch_one(db.reader())
+        .await?;
+    Ok(row.try_get("n")?)
+}
+
 pub async fn count_by_version(db: &Db) -> Result<Vec<(i64, i64)>, StoreError> {
     let rows = sqlx::query(
         "SELECT kek_version, COUNT(*) AS n FROM patients WHERE data_key IS NOT NULL GROUP BY kek_version ORDER BY kek_version",

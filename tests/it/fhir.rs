@@ -602,6 +602,17 @@ async fn us_core_searches(backend: Backend) {
     assert_eq!(ids(&p("name=ada&birthdate=lt1960").await).len(), 0);
     assert_eq!(ids(&p("name=ada&gender=female").await), vec![pid.clone()]);
     assert_eq!(ids(&p("name=ada&gender=male").await).len(), 0);
+    assert_eq!(ids(&p("birthdate=1951-12-26").await), vec![other.clone()]);
+    // No criterion: every patient, a page at a time.
+    let b = p("_count=1").await;
+    assert_eq!(b["total"], 2);
+    let next = b["link"][1]["url"].as_str().unwrap();
+    let b2 = get(next[next.find("/fhir/").unwrap()..].to_owned()).await;
+    let mut both = [ids(&b), ids(&b2)].concat();
+    both.sort();
+    let mut want = vec![pid.clone(), other.clone()];
+    want.sort();
+    assert_eq!(both, want);
     // The SSN is an identifier only for phi:ssn (the nurse has not).
     let b = p("name=ada").await;
     assert!(!b.to_string().contains("6789"), "{b}");
