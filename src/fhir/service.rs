@@ -82,7 +82,8 @@ pub fn expression(t: &str, e: &serde_path_to_error::Error<serde_json::Error>) ->
     {
         at = format!("{at}.{name}");
     }
-    at
+    // The path holds the client's own keys: bounded, as /api/v1 bounds its field paths.
+    at.chars().take(128).collect()
 }
 
 /// The message of a serde error, without the value it quotes.

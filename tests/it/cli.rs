@@ -133,7 +133,7 @@ pub(crate) fn create_user(
     );
 }
 
-fn kill_term(child: &Child) {
+pub(crate) fn kill_term(child: &Child) {
     let ok = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -1263,3 +1263,272 @@ async fn fhir_data_is_sealed_and_tampering_fails_closed(backend: Backend) {
     }
 }
 both_backends!(fhir_data_is_sealed_and_tampering_fails_closed);
+
+/// The canary test, through the real binary: canary values in every coded field of
+/// FHIR resources, in bad resources and in search parameters never reach the log (at
+/// debug level), an error body, or the database file.
+#[tokio::test]
+async fn fhir_canaries_reach_no_log_no_error_body_and_no_file() {
+    use crate::cli::{create_user, kill_term, serve};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let env = [
+        ("CUSTODIAN_DATA_DIR", data.as_str()),
+        ("CUSTODIAN_LOGGING__LEVEL", "debug"),
+    ];
+    create_user(dir.path(), &env, "doc", "doctor", PW);
+    let mut s = serve(dir.path(), &env);
+    let base = format!("http://{}", s.addr);
+    let c = reqwest::Client::new();
+    let token: Value = c
+        .post(format!("{base}/api/v1/auth/login"))
+        .json(&json!({"username": "doc", "password": PW}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = token["access_token"].as_str().unwrap().to_owned();
+    let send = |method: Method, path: String, body: Option<Value>| {
+        let c = c.clone();
+        let token = token.clone();
+        let base = base.clone();
+        async move {
+            let mut r = c
+                .request(method, format!("{base}{path}"))
+                .bearer_auth(&token);
+            if let Some(b) = body {
+                r = r
+                    .header("content-type", "application/fhir+json")
+                    .body(b.to_string());
+            }
+            let res = r.send().await.unwrap();
+            (res.status().as_u16(), res.text().await.unwrap())
+        }
+    };
+    let mut p = patient(
+        "FHIRCANARYFAMILY",
+        "FHIRCANARYGIVEN",
+        "1961-07-04",
+        "female",
+        "MRN-CANARY1",
+    );
+    p["address"] = json!([{"text": "FHIRCANARY street"}]);
+    let (st, body) = send(Method::POST, "/fhir/Patient".into(), Some(p)).await;
+    assert_eq!(st, 201, "{body}");
+    let pid = serde_json::from_str::<Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let obs = json!({
+        "resourceType": "Observation", "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory", "display": "FHIRCANARY-cat"}], "text": "FHIRCANARY-cattext"}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "718-7", "display": "FHIRCANARY-display"}], "text": "FHIRCANARY-codetext"},
+        "subject": {"reference": format!("Patient/{pid}"), "display": "FHIRCANARY-subject"},
+        "effectiveDateTime": "2026-01-01",
+        "valueString": "FHIRCANARY-value",
+        "interpretation": [{"text": "FHIRCANARY-interp"}],
+        "referenceRange": [{"text": "FHIRCANARY-range"}],
+        "note": [{"text": "FHIRCANARY-note", "authorString": "FHIRCANARY-author"}],
+        "component": [{"code": {"text": "FHIRCANARY-comp"}, "valueString": "FHIRCANARY-compvalue"}]
+    });
+    let (st, body) = send(Method::POST, "/fhir/Observation".into(), Some(obs.clone())).await;
+    assert_eq!(st, 201, "{body}");
+    let mr = json!({
+        "resourceType": "MedicationRequest", "status": "active", "intent": "order",
+        "medicationCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "1191", "display": "FHIRCANARY-med"}]},
+        "subject": {"reference": format!("Patient/{pid}")}, "requester": {"display": "FHIRCANARY-dr"},
+        "dosageInstruction": [{"text": "FHIRCANARY-dose"}]
+    });
+    assert_eq!(
+        send(Method::POST, "/fhir/MedicationRequest".into(), Some(mr))
+            .await
+            .0,
+        201
+    );
+    // Bad resources, bad searches: canaries in the values refused.
+    let mut bad = obs.clone();
+    // (An unknown element is named by its key, as the issue asks; its value never.)
+    bad["favouriteColour"] = json!("FHIRCANARY-unknown");
+    bad["status"] = json!("FHIRCANARY-status");
+    let mut errors = Vec::new();
+    errors.push(send(Method::POST, "/fhir/Observation".into(), Some(bad)).await);
+    let mut bad = obs.clone();
+    bad["code"]["coding"][0]["code"] = json!("FHIRCANARY-code");
+    bad["effectiveDateTime"] = json!("FHIRCANARY-date");
+    errors.push(send(Method::POST, "/fhir/Observation".into(), Some(bad)).await);
+    errors.push(
+        send(
+            Method::GET,
+            format!("/fhir/Observation?patient={pid}&date=FHIRCANARY-d"),
+            None,
+        )
+        .await,
+    );
+    errors.push(
+        send(
+            Method::GET,
+            format!("/fhir/Observation?patient={pid}&code=x&unknown=FHIRCANARY-v"),
+            None,
+        )
+        .await,
+    );
+    // A search that finds nobody answers its own query in the self link (FHIR's rule),
+    // but the log sees neither.
+    let (st, body) = send(
+        Method::GET,
+        "/fhir/Patient?name=FHIRCANARYNOBODY&birthdate=ge1900".into(),
+        None,
+    )
+    .await;
+    assert!(st == 200 && body.contains("\"total\":0"), "{st} {body}");
+    for (st, body) in &errors {
+        assert!(*st >= 400, "{st} {body}");
+        assert!(
+            !body.contains("FHIRCANARY"),
+            "a canary in an answer: {body}"
+        );
+    }
+    // A good read and search do answer them (the values are really there).
+    let (_, body) = send(
+        Method::GET,
+        format!("/fhir/Observation?patient={pid}"),
+        None,
+    )
+    .await;
+    assert!(body.contains("FHIRCANARY-note"));
+    kill_term(&s.child);
+    assert!(s.child.wait().unwrap().success());
+    let lines: Vec<String> = s.lines.iter().collect();
+    assert!(lines.len() > 5, "{lines:?}");
+    for l in lines.iter().chain(s.early.iter()) {
+        assert!(!l.contains("FHIRCANARY"), "a canary in the log: {l}");
+    }
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(
+                !String::from_utf8_lossy(&bytes).contains("FHIRCANARY"),
+                "{} holds a canary",
+                path.display()
+            );
+        }
+    }
+    drop(s);
+}
+
+async fn break_glass_opens_one_patient_never_a_list(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let t = team(&s).await;
+    let pid = new_patient(
+        &s,
+        &t.doctor,
+        patient("Lovelace", "Ada", "1961-07-04", "female", "MRN-1"),
+    )
+    .await;
+    post(
+        &s,
+        &t.doctor,
+        lab(&pid, "718-7", 13.2, "g/dL", "2026-01-10"),
+    )
+    .await;
+    // A role with breakglass alone.
+    let admin = {
+        s.user("boss", "admin", PW).await;
+        s.login("boss", PW).await
+    };
+    let res = s
+        .send_as(
+            Method::POST,
+            "/api/v1/roles",
+            &admin,
+            Some(json!({"name": "er", "permissions": ["breakglass"]})),
+        )
+        .await;
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    s.user("erdoc", "er", PW).await;
+    let er = s.login("erdoc", PW).await;
+    let glass = |path: String| {
+        let s = &s;
+        let er = er.clone();
+        async move {
+            let res = s
+                .client
+                .get(s.url(&path))
+                .bearer_auth(&er)
+                .header("x-break-glass-reason", "unconscious patient in the ER")
+                .send()
+                .await
+                .unwrap();
+            let st = res.status().as_u16();
+            let v: Value = res.json().await.unwrap();
+            capture("fhir", &v);
+            (st, v)
+        }
+    };
+    // Without the reason: refused.
+    let (st, _, _) = fhir(
+        &s,
+        Method::GET,
+        &format!("/fhir/Patient/{pid}"),
+        Some(&er),
+        None,
+    )
+    .await;
+    assert_eq!(st, 403);
+    let (st, p) = glass(format!("/fhir/Patient/{pid}")).await;
+    assert_eq!(st, 200);
+    assert!(!p.to_string().contains("6789"), "no SSN without phi:ssn");
+    let (st, b) = glass(format!("/fhir/Observation?patient={pid}")).await;
+    assert_eq!((st, b["total"].as_i64()), (200, Some(1)));
+    for path in [
+        "/fhir/Patient?name=lovelace".to_owned(),
+        format!("/fhir/Patient/{pid}/$everything"),
+    ] {
+        let (st, oo) = glass(path.clone()).await;
+        assert_eq!(st, 403, "{path}: {oo}");
+    }
+    // Each break-glass access is flagged and raised.
+    let events: Value = s
+        .get_as("/api/v1/audit/events?action=break_glass", &admin)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let n = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["patient_id"] == pid.as_str())
+        .count();
+    assert!(n >= 2, "{events}");
+}
+both_backends!(break_glass_opens_one_patient_never_a_list);
+
+async fn oversized_bodies_are_refused_as_outcomes(backend: Backend) {
+    let s = TestServer::start_with(
+        backend,
+        Options {
+            sets: vec![("server.max_body", "64KiB".into())],
+            ..Options::default()
+        },
+    )
+    .await;
+    let t = team(&s).await;
+    let entries: Vec<Value> = (0..400)
+        .map(|_| json!({"resource": patient("X", "Y", "1970-01-01", "other", "MRN-X"), "request": {"method": "POST", "url": "Patient"}}))
+        .collect();
+    let (st, _, oo) = fhir(
+        &s,
+        Method::POST,
+        "/fhir",
+        Some(&t.doctor),
+        Some(json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})),
+    )
+    .await;
+    assert_eq!(st, 413);
+    assert_eq!(oo["issue"][0]["code"], "too-costly");
+}
+both_backends!(oversized_bodies_are_refused_as_outcomes);
