@@ -73,33 +73,38 @@ for backend in $BACKENDS; do
         export CUSTODIAN_DATA_DIR="$DATA" CUSTODIAN_RATE_LIMIT__ENABLED=false CUSTODIAN_LOGGING__LEVEL=warn
         export CUSTODIAN_SERVER__MAX_BODY=16MiB
         [[ -n "$url" ]] && export CUSTODIAN_DATABASE__URL="$url"
-        printf '%s\n' 'Bench-Password-9!' | "$BIN" --env dev user create --username bench --role doctor --password-stdin >/dev/null
+        printf '%s\n' 'Correct-Horse-Staple-9!' | "$BIN" --env dev user create --username bench --role doctor --password-stdin >/dev/null
         exec "$BIN" --env dev serve --listen "$HOST:$port"
     ) >"$OUT/$backend-server.log" 2>&1 &
     pid="$!"
     PIDS+=("$pid")
-    for _ in $(seq 1 150); do curl -fsS -o /dev/null "http://$HOST:$port/health" 2>/dev/null && break; sleep 0.2; done
+    for _ in $(seq 1 150); do
+        kill -0 "$pid" 2>/dev/null || die "the server exited (see $OUT/$backend-server.log)"
+        curl -fsS -o /dev/null "http://$HOST:$port/health" 2>/dev/null && break
+        sleep 0.2
+    done
     base="http://$HOST:$port"
     token="$(curl -fsS -X POST "$base/api/v1/auth/login" -H 'content-type: application/json' \
-        -d '{"username":"bench","password":"Bench-Password-9!"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')"
+        -d '{"username":"bench","password":"Correct-Horse-Staple-9!"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')"
     start=$(date +%s.%N)
     BASE="$base" TOKEN="$token" PATIENTS="$PATIENTS" OBS="$OBS" PER_BUNDLE="$PER_BUNDLE" SAMPLE="$SAMPLE" \
         OUTDIR="$OUT/$backend" python3 "$ROOT/bench/fhir_seed.py"
     end=$(date +%s.%N)
     echo "$backend: seeded $PATIENTS patients x $OBS observations in $(python3 -c "print(round($end-$start,1))") s" | tee -a "$OUT/seed.txt"
     run() {
-        local name="$1" lua="$2" before after reqs
+        local name="$1" lua="$2" before after reqs file
+        file="$OUT/$backend-$(printf '%s' "$name" | tr -c 'A-Za-z0-9' '_').txt"
         before="$(cpu_ticks "$pid")"
         wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -H "authorization: Bearer $token" \
-            -s "$lua" "$base" >"$OUT/$backend-$name.txt" 2>&1
+            -s "$lua" "$base" >"$file" 2>&1
         after="$(cpu_ticks "$pid")"
-        reqs="$(awk '/requests in/ {print $1}' "$OUT/$backend-$name.txt")"
+        reqs="$(awk '/requests in/ {print $1}' "$file")"
         local rps p50 p99 cpu
-        rps="$(awk '/Requests\/sec/ {print $2}' "$OUT/$backend-$name.txt")"
-        p50="$(awk '$1=="50%" {print $2}' "$OUT/$backend-$name.txt")"
-        p99="$(awk '$1=="99%" {print $2}' "$OUT/$backend-$name.txt")"
+        rps="$(awk '/Requests\/sec/ {print $2}' "$file")"
+        p50="$(awk '$1=="50%" {print $2}' "$file")"
+        p99="$(awk '$1=="99%" {print $2}' "$file")"
         cpu="$(python3 -c "print(round(($after-$before)/$TICK*1e6/max($reqs,1)))")"
-        non2xx="$(awk '/Non-2xx/ {print $NF}' "$OUT/$backend-$name.txt")"
+        non2xx="$(awk '/Non-2xx/ {print $NF}' "$file")"
         [[ -z "$non2xx" ]] || echo "warning: $backend $name: $non2xx non-2xx answers" | tee -a "$OUT/seed.txt"
         echo "| $backend | $name | $rps | $p50 | $p99 | $cpu |" | tee -a "$OUT/table.md"
     }

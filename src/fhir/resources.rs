@@ -598,6 +598,16 @@ impl Clinical {
         })
     }
 
+    /// Parses a stored document (written by this server: no path needed for errors).
+    pub fn from_json(t: ResourceType, s: &str) -> Result<Self, serde_json::Error> {
+        Ok(match t {
+            ResourceType::Observation => Self::Observation(serde_json::from_str(s)?),
+            ResourceType::MedicationRequest => Self::MedicationRequest(serde_json::from_str(s)?),
+            ResourceType::Procedure => Self::Procedure(serde_json::from_str(s)?),
+            _ => Self::Condition(serde_json::from_str(s)?),
+        })
+    }
+
     pub fn to_value(&self) -> serde_json::Value {
         let v = match self {
             Self::Condition(r) => serde_json::to_value(r),

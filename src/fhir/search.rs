@@ -66,6 +66,26 @@ impl Query {
         }
     }
 
+    /// The one name criterion of a search that has nothing else (`name=smith`): its
+    /// blind index answers it exactly, a page at a time.
+    pub fn name_only(&self) -> Option<(Probe, &str)> {
+        if self.ids.is_some() || !self.tokens.is_empty() || !self.dates.is_empty() {
+            return None;
+        }
+        match self.strings.as_slice() {
+            [(name, v)] => {
+                let probe = match *name {
+                    "name" => Probe::Name,
+                    "family" => Probe::Family,
+                    "given" => Probe::Given,
+                    _ => return None,
+                };
+                Some((probe, v.as_str()))
+            }
+            _ => None,
+        }
+    }
+
     /// Whether the search has no criterion at all (a list of every patient).
     pub fn unfiltered(&self) -> bool {
         self.ids.is_none()

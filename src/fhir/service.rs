@@ -451,7 +451,7 @@ impl Fhir {
                 m.insert("lastUpdated".into(), json!(fhir_instant(&r.last_updated)));
             }
         }
-        reorder(out)
+        out
     }
 
     // ---- writing -------------------------------------------------------------------
@@ -796,7 +796,7 @@ impl Fhir {
         q: &Query,
         sees_ssn: bool,
     ) -> Result<(usize, Vec<Resource>, Option<String>), FhirError> {
-        if t == ResourceType::Patient && q.unfiltered() {
+        if t == ResourceType::Patient && (q.unfiltered() || q.name_only().is_some()) {
             return self.list_patients(q).await;
         }
         let mut found = if t == ResourceType::Patient {
@@ -871,8 +871,9 @@ impl Fhir {
         Some(pairs)
     }
 
-    /// Every patient, a page at a time in id order, straight from the table (no
-    /// criterion: nothing to filter in memory).
+    /// Every patient, or those of one name (whose blind index answers it exactly), a
+    /// page at a time in id order, straight from the table: nothing to filter in memory,
+    /// no patient opened but the page's.
     async fn list_patients(
         &self,
         q: &Query,
@@ -888,9 +889,19 @@ impl Fhir {
                     )
                 })?,
         };
-        let total = usize::try_from(self.patients.count().await?).unwrap_or(0);
         let limit = i64::try_from(q.count).unwrap_or(20) + 1;
-        let mut page = self.patients.search(None, false, &after, limit).await?;
+        let (total, mut page) = match q.name_only() {
+            None => (
+                self.patients.count().await?,
+                self.patients.search(None, false, &after, limit).await?,
+            ),
+            Some((probe, value)) => {
+                self.patients
+                    .search_index_page(probe, value, &after, limit)
+                    .await?
+            }
+        };
+        let total = usize::try_from(total).unwrap_or(0);
         let more = page.len() > q.count;
         page.truncate(q.count);
         let next = match page.last() {
@@ -1020,19 +1031,6 @@ pub fn fhir_instant(t: &str) -> String {
         (Some(head), 27) if t.ends_with('Z') => format!("{head}Z"),
         _ => t.to_owned(),
     }
-}
-
-/// `resourceType`, `id` and `meta` first, as FHIR JSON is usually read.
-fn reorder(v: Value) -> Value {
-    let Value::Object(mut m) = v else { return v };
-    let mut out = serde_json::Map::new();
-    for k in ["resourceType", "id", "meta"] {
-        if let Some(x) = m.remove(k) {
-            out.insert(k.into(), x);
-        }
-    }
-    out.extend(m);
-    Value::Object(out)
 }
 
 /// An `/api/v1` record as a Condition: the diagnosis as the code's text, the category

@@ -490,15 +490,16 @@ impl Patients {
 
     /// Every live patient whose blind index `probe` equals `value` (normalised as its
     /// column is), in id order: the candidates of a FHIR search, filtered by the caller.
-    pub async fn search_index(
+    /// The blind indexes a FHIR probe reads (the others match nothing).
+    fn probe_index(
         &self,
         probe: Probe,
         value: &str,
         by_ssn: bool,
-    ) -> Result<Vec<Patient>, PhiError> {
+    ) -> Result<SearchIndex, PhiError> {
         let none = || "-".to_owned();
         let name = norm_name(value);
-        let ix = SearchIndex {
+        Ok(SearchIndex {
             mrn: match probe {
                 Probe::Identifier => self.bi("mrn", &value.trim().to_ascii_uppercase())?,
                 _ => none(),
@@ -523,7 +524,39 @@ impl Patients {
                 Probe::Name | Probe::Family => self.bi("family_name", &name)?,
                 _ => none(),
             },
-        };
+        })
+    }
+
+    /// One page (by id, after `after`) of the live patients whose probe index equals
+    /// `value`, and how many there are in all: a search with that one criterion, no
+    /// patient opened but the page's.
+    pub async fn search_index_page(
+        &self,
+        probe: Probe,
+        value: &str,
+        after: &str,
+        limit: i64,
+    ) -> Result<(i64, Vec<Patient>), PhiError> {
+        let ix = self.probe_index(probe, value, false)?;
+        let total = store::count_index(&self.db, &ix).await?;
+        let rows = store::search(&self.db, Some(&ix), after, limit).await?;
+        Ok((
+            total,
+            rows.iter()
+                .map(|r| self.open_row(r))
+                .collect::<Result<_, _>>()?,
+        ))
+    }
+
+    /// Every live patient whose blind index `probe` equals `value` (normalised as its
+    /// column is), in id order: the candidates of a FHIR search, filtered by the caller.
+    pub async fn search_index(
+        &self,
+        probe: Probe,
+        value: &str,
+        by_ssn: bool,
+    ) -> Result<Vec<Patient>, PhiError> {
+        let ix = self.probe_index(probe, value, by_ssn)?;
         let mut out: Vec<Patient> = Vec::new();
         let mut after = String::new();
         loop {

@@ -305,6 +305,38 @@ pub async fn search(
     rows.iter().map(patient).collect()
 }
 
+/// How many live patients match any of the blind indexes given.
+pub async fn count_index(db: &Db, ix: &SearchIndex) -> Result<i64, StoreError> {
+    const SQL: &str = "SELECT COUNT(*) AS n FROM patients WHERE deleted_at IS NULL AND (bi_mrn = $1 \
+                       OR bi_ssn = $2 OR bi_birth_date = $3 OR bi_given_name = $4 OR bi_family_name = $5)";
+    if let Some(local) = db.local() {
+        let n = local.read(|c| {
+            local::query(
+                c,
+                SQL,
+                &[
+                    &ix.mrn,
+                    &ix.ssn,
+                    &ix.birth_date,
+                    &ix.given_name,
+                    &ix.family_name,
+                ],
+                |r| r.col::<i64>("n"),
+            )
+        })?;
+        return Ok(n.into_iter().next().unwrap_or(0));
+    }
+    let row = sqlx::query(SQL)
+        .bind(&ix.mrn)
+        .bind(&ix.ssn)
+        .bind(&ix.birth_date)
+        .bind(&ix.given_name)
+        .bind(&ix.family_name)
+        .fetch_one(db.reader())
+        .await?;
+    Ok(row.try_get("n")?)
+}
+
 /// The blind indexes a search term may match (a column's index, or a value that
 /// matches nothing when the term cannot be that kind of value).
 pub struct SearchIndex {
