@@ -240,7 +240,6 @@ fn annotate(
         a.resource_type = Some(t.as_str());
         a.resource_id = id.map(str::to_owned);
         a.patient_id = patient.map(str::to_owned);
-        a.context.insert("via", ContextValue::Code("fhir"));
     });
 }
 
@@ -711,7 +710,6 @@ async fn transaction(
     audit.annotate(|a| {
         a.action = Some(Action::Update);
         a.resource_type = Some("Bundle");
-        a.context.insert("via", ContextValue::Code("fhir"));
     });
     let m = body_json(&headers, &body)?;
     let entries = bundle_entries(Value::Object(m), true)?;
@@ -901,7 +899,6 @@ impl Subjects for FhirSubjects {
             if let Some(id) = id {
                 a.patient_id = self.0.patient_of(t, id).await.ok().flatten();
             }
-            a.context.insert("via", ContextValue::Code("fhir"));
             Some(a)
         })
     }

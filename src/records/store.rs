@@ -305,10 +305,15 @@ pub async fn search(
     rows.iter().map(patient).collect()
 }
 
-/// How many live patients match any of the blind indexes given.
+/// How many live patients match any of the blind indexes given: one count through each
+/// index's (value, id) index, their union deduplicated.
 pub async fn count_index(db: &Db, ix: &SearchIndex) -> Result<i64, StoreError> {
-    const SQL: &str = "SELECT COUNT(*) AS n FROM patients WHERE deleted_at IS NULL AND (bi_mrn = $1 \
-                       OR bi_ssn = $2 OR bi_birth_date = $3 OR bi_given_name = $4 OR bi_family_name = $5)";
+    const SQL: &str = "SELECT COUNT(*) AS n FROM (\
+        SELECT id FROM patients WHERE bi_mrn = $1 AND deleted_at IS NULL \
+        UNION SELECT id FROM patients WHERE bi_ssn = $2 AND deleted_at IS NULL \
+        UNION SELECT id FROM patients WHERE bi_birth_date = $3 AND deleted_at IS NULL \
+        UNION SELECT id FROM patients WHERE bi_given_name = $4 AND deleted_at IS NULL \
+        UNION SELECT id FROM patients WHERE bi_family_name = $5 AND deleted_at IS NULL) AS matches";
     if let Some(local) = db.local() {
         let n = local.read(|c| {
             local::query(
