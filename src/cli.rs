@@ -65,6 +65,9 @@ pub enum Command {
     /// Patients: retention.
     #[command(subcommand)]
     Patients(PatientsCommand),
+    /// FHIR data.
+    #[command(subcommand)]
+    Fhir(FhirCommand),
     /// Pre-deploy checks: configuration rules, key file permissions, the database (reachable,
     /// migrated) and the audit chain; with --code, clippy, cargo-deny and cargo-audit.
     /// Exits 1 when any check fails.
@@ -164,6 +167,16 @@ pub enum KeysCommand {
     Rotate,
     /// Re-wrap every patient data key under the newest key version (online, in batches).
     Rewrap,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FhirCommand {
+    /// Import a FHIR Bundle (transaction or collection) or NDJSON file: every resource
+    /// validated, all written or none, idempotent on resource ids.
+    Import {
+        /// The file (`-` for stdin).
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -270,6 +283,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 patients,
                 confirm_env,
             }) => demo_seed(config, patients, confirm_env.as_deref()).await,
+            Command::Fhir(FhirCommand::Import { file }) => fhir_import(config, &file).await,
             Command::Patients(PatientsCommand::Shred { deleted_before }) => {
                 patients_shred(config, &deleted_before).await
             }
@@ -899,6 +913,111 @@ async fn keys_rewrap(config: Config) -> ExitCode {
     code
 }
 
+fn fhir_service(config: &Config, db: &crate::store::Db) -> anyhow::Result<crate::fhir::Fhir> {
+    let keys = crate::app::open_keyring(config, &SystemClock)?;
+    let patients = patients_service(config, db)?;
+    Ok(crate::fhir::Fhir::new(
+        db.clone(),
+        keys,
+        Arc::new(SystemClock),
+        patients,
+        config.fhir.mrn_system.clone(),
+    ))
+}
+
+/// Largest file `fhir import` reads.
+const MAX_IMPORT: u64 = 512 * 1024 * 1024;
+
+async fn fhir_import(config: Config, file: &std::path::Path) -> ExitCode {
+    use crate::fhir::import::{self, ImportError};
+    let text = if file == std::path::Path::new("-") {
+        let mut s = String::new();
+        use std::io::Read;
+        match std::io::stdin().take(MAX_IMPORT).read_to_string(&mut s) {
+            Ok(_) => Ok(s),
+            Err(e) => Err(e),
+        }
+    } else {
+        match std::fs::metadata(file) {
+            Ok(m) if m.len() > MAX_IMPORT => {
+                eprintln!(
+                    "custodian fhir import: the file is larger than {MAX_IMPORT} bytes; split it"
+                );
+                return ExitCode::FAILURE;
+            }
+            _ => std::fs::read_to_string(file),
+        }
+    };
+    let text = match text {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("custodian fhir import: cannot read {}: {e}", file.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let (db, log) = match offline_context(&config).await {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("custodian fhir import: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let fhir = match fhir_service(&config, &db) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("custodian fhir import: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match import::import(&fhir, &text).await {
+        Ok(summary) => {
+            let ctx = vec![
+                (
+                    "count",
+                    crate::audit::ContextValue::Int(summary.written as i64),
+                ),
+                (
+                    "patient_ids",
+                    crate::audit::ContextValue::Ids(summary.patient_ids.clone()),
+                ),
+            ];
+            match record_system_event(
+                &log,
+                "fhir-import",
+                crate::audit::Action::Update,
+                "Bundle",
+                ctx,
+            )
+            .await
+            {
+                Ok(()) => {
+                    println!("{}", summary.report);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!(
+                        "custodian fhir import: the data was written but its audit event was not: {e}"
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(ImportError::Invalid(lines)) => {
+            eprintln!("custodian fhir import: nothing was imported; fix these and run it again:");
+            for l in lines {
+                eprintln!("  {l}");
+            }
+            ExitCode::from(65)
+        }
+        Err(ImportError::Failed(m)) => {
+            eprintln!("custodian fhir import: nothing was imported: {m}");
+            ExitCode::FAILURE
+        }
+    };
+    db.close().await;
+    code
+}
+
 async fn demo_seed(config: Config, count: u32, confirm_env: Option<&str>) -> ExitCode {
     // Synthetic patients in a real database mix with real ones: outside dev only when
     // the operator names the environment, and checked before anything is opened.
@@ -916,19 +1035,20 @@ async fn demo_seed(config: Config, count: u32, confirm_env: Option<&str>) -> Exi
             return ExitCode::FAILURE;
         }
     };
-    let patients = match patients_service(&config, &db) {
+    let fhir = match fhir_service(&config, &db) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("custodian demo seed: {e:#}");
             return ExitCode::FAILURE;
         }
     };
-    let made = crate::records::demo::seed(&patients, count).await;
+    let made = crate::fhir::demo::seed(&fhir, count).await;
     let code = match made {
-        Ok((p, r)) => {
+        Ok((p, r, c)) => {
             let ctx = vec![
                 ("patients", crate::audit::ContextValue::Int(i64::from(p))),
                 ("records", crate::audit::ContextValue::Int(i64::from(r))),
+                ("resources", crate::audit::ContextValue::Int(i64::from(c))),
                 ("env", crate::audit::ContextValue::Code(env)),
             ];
             let _ = record_system_event(
@@ -939,7 +1059,10 @@ async fn demo_seed(config: Config, count: u32, confirm_env: Option<&str>) -> Exi
                 ctx,
             )
             .await;
-            println!("{}", serde_json::json!({"patients": p, "records": r}));
+            println!(
+                "{}",
+                serde_json::json!({"patients": p, "records": r, "fhir_resources": c})
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

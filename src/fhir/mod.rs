@@ -3,6 +3,8 @@
 //! as documents sealed under their patient's data key. See docs/fhir.md.
 
 pub mod dates;
+pub mod demo;
+pub mod import;
 pub mod outcome;
 pub mod patient;
 pub mod resources;

@@ -194,7 +194,7 @@ fn body_json(
 }
 
 /// Takes `resourceType` and `id` out of a resource body; the type must be `t`.
-fn split_resource(
+pub fn split_resource(
     t: ResourceType,
     mut m: serde_json::Map<String, Value>,
     at: &str,

@@ -27,10 +27,16 @@ const DIAGNOSES: [&str; 8] = [
 
 /// A small non-cryptographic generator (xorshift) seeded from the OS: good enough to
 /// scatter fake data, never used for secrets.
-struct Rng(u64);
+pub struct Rng(u64);
+
+impl Default for Rng {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Rng {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let seed = crate::crypto::random_bytes::<8>()
             .map(u64::from_le_bytes)
             .unwrap_or(0x9e37_79b9_7f4a_7c15);
@@ -42,7 +48,7 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0
     }
-    fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
     fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
@@ -54,8 +60,15 @@ impl Rng {
 
 /// Creates `count` patients with one or two records each. Returns (patients, records).
 pub async fn seed(patients: &Patients, count: u32) -> Result<(u32, u32), PhiError> {
+    let (ids, records) = seed_ids(patients, count).await?;
+    Ok((u32::try_from(ids.len()).unwrap_or(u32::MAX), records))
+}
+
+/// [`seed`], returning the new patients' ids (and the records made).
+pub async fn seed_ids(patients: &Patients, count: u32) -> Result<(Vec<String>, u32), PhiError> {
     let mut rng = Rng::new();
     let mut records = 0;
+    let mut ids = Vec::new();
     for _ in 0..count {
         let given = rng.pick(&GIVEN);
         let family = rng.pick(&FAMILY);
@@ -93,6 +106,7 @@ pub async fn seed(patients: &Patients, count: u32) -> Result<(u32, u32), PhiErro
             mrn: None,
         };
         let p = patients.create(input).await?;
+        ids.push(p.id.clone());
         for _ in 0..(1 + rng.below(2)) {
             patients
                 .add_record(
@@ -108,5 +122,5 @@ pub async fn seed(patients: &Patients, count: u32) -> Result<(u32, u32), PhiErro
             records += 1;
         }
     }
-    Ok((count, records))
+    Ok((ids, records))
 }

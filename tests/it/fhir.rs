@@ -1264,20 +1264,14 @@ async fn fhir_data_is_sealed_and_tampering_fails_closed(backend: Backend) {
 }
 both_backends!(fhir_data_is_sealed_and_tampering_fails_closed);
 
-/// The canary test, through the real binary: canary values in every coded field of
-/// FHIR resources, in bad resources and in search parameters never reach the log (at
-/// debug level), an error body, or the database file.
-#[tokio::test]
-async fn fhir_canaries_reach_no_log_no_error_body_and_no_file() {
-    use crate::cli::{create_user, kill_term, serve};
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().display().to_string();
-    let env = [
-        ("CUSTODIAN_DATA_DIR", data.as_str()),
-        ("CUSTODIAN_LOGGING__LEVEL", "debug"),
-    ];
-    create_user(dir.path(), &env, "doc", "doctor", PW);
-    let mut s = serve(dir.path(), &env);
+/// The real binary on `dir`, with a doctor `doc` signed in: (server, base URL, client,
+/// token).
+async fn serve_signed_in(
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (crate::cli::Served, String, reqwest::Client, String) {
+    crate::cli::create_user(dir, env, "doc", "doctor", PW);
+    let s = crate::cli::serve(dir, env);
     let base = format!("http://{}", s.addr);
     let c = reqwest::Client::new();
     let token: Value = c
@@ -1290,6 +1284,22 @@ async fn fhir_canaries_reach_no_log_no_error_body_and_no_file() {
         .await
         .unwrap();
     let token = token["access_token"].as_str().unwrap().to_owned();
+    (s, base, c, token)
+}
+
+/// The canary test, through the real binary: canary values in every coded field of
+/// FHIR resources, in bad resources and in search parameters never reach the log (at
+/// debug level), an error body, or the database file.
+#[tokio::test]
+async fn fhir_canaries_reach_no_log_no_error_body_and_no_file() {
+    use crate::cli::kill_term;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let env = [
+        ("CUSTODIAN_DATA_DIR", data.as_str()),
+        ("CUSTODIAN_LOGGING__LEVEL", "debug"),
+    ];
+    let (mut s, base, c, token) = serve_signed_in(dir.path(), &env).await;
     let send = |method: Method, path: String, body: Option<Value>| {
         let c = c.clone();
         let token = token.clone();
@@ -1532,3 +1542,129 @@ async fn oversized_bodies_are_refused_as_outcomes(backend: Backend) {
     assert_eq!(oo["issue"][0]["code"], "too-costly");
 }
 both_backends!(oversized_bodies_are_refused_as_outcomes);
+
+/// `custodian fhir import`: a transaction Bundle, then the same again (nothing new), a
+/// file with one bad resource (nothing written, the element named, no value), NDJSON;
+/// and `demo seed` makes coded data for most patients and none for some.
+#[tokio::test]
+async fn import_and_demo_seed_write_coded_data() {
+    use crate::cli::run;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let env = [("CUSTODIAN_DATA_DIR", data.as_str())];
+    let mut grace = patient("Hopper", "Grace", "1906-12-09", "female", "MRN-GH");
+    grace["id"] = json!("grace");
+    let mut obs = lab("x", "718-7", 12.0, "g/dL", "2026-01-01");
+    obs["id"] = json!("obs-1");
+    obs["subject"]["reference"] = json!("urn:uuid:11111111-1111-4111-8111-111111111111");
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:11111111-1111-4111-8111-111111111111", "resource": grace, "request": {"method": "PUT", "url": "Patient/grace"}},
+        {"resource": obs, "request": {"method": "PUT", "url": "Observation/obs-1"}}
+    ]});
+    let file = dir.path().join("bundle.json");
+    std::fs::write(&file, bundle.to_string()).unwrap();
+    let f = file.display().to_string();
+    let (code, out, err) = run(dir.path(), &["fhir", "import", &f], &env);
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["created"], json!({"Observation": 1, "Patient": 1}));
+    let (code, out, _) = run(dir.path(), &["fhir", "import", &f], &env);
+    assert_eq!(code, 0);
+    let report: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        report["unchanged"],
+        json!({"Observation": 1, "Patient": 1}),
+        "idempotent"
+    );
+    // One bad resource among good ones: nothing written.
+    let mut bad = bundle.clone();
+    bad["entry"][1]["resource"]["status"] = json!("IMPORT-CANARY");
+    bad["entry"][0]["resource"]["name"][0]["family"] = json!("Changed");
+    let badf = dir.path().join("bad.json");
+    std::fs::write(&badf, bad.to_string()).unwrap();
+    let (code, _, err) = run(
+        dir.path(),
+        &["fhir", "import", &badf.display().to_string()],
+        &env,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("Bundle.entry[1].resource.status"), "{err}");
+    assert!(!err.contains("IMPORT-CANARY"), "{err}");
+    // NDJSON, by line.
+    let nd = dir.path().join("more.ndjson");
+    let mut o2 = lab("grace", "2160-0", 1.1, "mg/dL", "2026-01-02");
+    o2["id"] = json!("obs-2");
+    let mut o3 = o2.clone();
+    o3["id"] = json!("obs-3");
+    o3["status"] = json!("nope");
+    std::fs::write(&nd, format!("{o2}\n{o3}\n")).unwrap();
+    let (code, _, err) = run(
+        dir.path(),
+        &["fhir", "import", &nd.display().to_string()],
+        &env,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("line 2: Observation.status"), "{err}");
+    std::fs::write(&nd, format!("{o2}\n")).unwrap();
+    let (code, _, err) = run(
+        dir.path(),
+        &["fhir", "import", &nd.display().to_string()],
+        &env,
+    );
+    assert_eq!(code, 0, "{err}");
+    // Demo seed: coded data for most patients, none for some.
+    let (code, out, err) = run(dir.path(), &["demo", "seed", "--patients", "10"], &env);
+    assert_eq!(code, 0, "{err}");
+    let seeded: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert!(seeded["fhir_resources"].as_i64().unwrap() > 50, "{seeded}");
+    let (_server, base, c, token) = serve_signed_in(dir.path(), &env).await;
+    let token = token.as_str();
+    let get = |path: String| {
+        let c = c.clone();
+        let base = base.clone();
+        let token = token.to_owned();
+        async move {
+            let v: Value = c
+                .get(format!("{base}{path}"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            capture("fhir", &v);
+            v
+        }
+    };
+    let b = get("/fhir/Observation?patient=grace".into()).await;
+    assert_eq!(b["total"], 2);
+    assert_eq!(
+        get("/fhir/Patient/grace".into()).await["name"][0]["family"],
+        "Hopper",
+        "the bad import changed nothing"
+    );
+    let all = get("/fhir/Patient?_count=100".into()).await;
+    let mut with_labs = 0;
+    let mut without = 0;
+    for e in all["entry"].as_array().unwrap() {
+        let id = e["resource"]["id"].as_str().unwrap();
+        if id == "grace" {
+            continue;
+        }
+        let labs = get(format!(
+            "/fhir/Observation?patient={id}&category=laboratory&code=718-7"
+        ))
+        .await;
+        if labs["total"].as_i64().unwrap() > 0 {
+            with_labs += 1
+        } else {
+            without += 1
+        }
+    }
+    assert_eq!(
+        (with_labs, without),
+        (8, 2),
+        "every fifth patient has no labs"
+    );
+}
