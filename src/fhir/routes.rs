@@ -333,20 +333,17 @@ async fn read(
     Path((ty, id)): Path<(String, String)>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    let t = resource_type(&ty)?;
-    let anonymize = read_options(q.as_deref())?;
-    let reader = PhiReader::check(auth.0, t.read_permission(), &headers)?;
-    let fhir = state.fhir();
-    let patient = fhir.patient_of(t, &id).await?;
-    annotate(&audit, Action::Read, t, Some(&id), patient.as_deref());
-    reader.flag(&audit, t.as_str(), Some(&id), patient.as_deref());
-    let r = fhir.read(t, &id).await?;
-    let body = fhir.render(&r, view(&state, reader.sees_ssn(), anonymize));
-    Ok(with_version(
-        fhir_json(StatusCode::OK, &body),
-        r.version,
-        &r.last_updated,
-    ))
+    read_version(
+        &state,
+        &audit,
+        auth.0,
+        &headers,
+        &ty,
+        &id,
+        None,
+        q.as_deref(),
+    )
+    .await
 }
 
 async fn vread(
@@ -357,19 +354,50 @@ async fn vread(
     Path((ty, id, vid)): Path<(String, String, String)>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    let t = resource_type(&ty)?;
-    let anonymize = read_options(q.as_deref())?;
-    let reader = PhiReader::check(auth.0, t.read_permission(), &headers)?;
     let version: i64 = vid.parse().map_err(|_| {
         ApiError::new(ErrorCode::NotFound).with_detail("Versions are whole numbers.")
     })?;
+    read_version(
+        &state,
+        &audit,
+        auth.0,
+        &headers,
+        &ty,
+        &id,
+        Some(version),
+        q.as_deref(),
+    )
+    .await
+}
+
+/// A read (`version` `None`) or a vread: the permission (or break-glass), the patient
+/// named in the audit trail before the resource is opened, the view the caller may see.
+#[allow(clippy::too_many_arguments)]
+async fn read_version(
+    state: &AppState,
+    audit: &Audit,
+    principal: Principal,
+    headers: &HeaderMap,
+    ty: &str,
+    id: &str,
+    version: Option<i64>,
+    query: Option<&str>,
+) -> Result<Response, ApiError> {
+    let t = resource_type(ty)?;
+    let anonymize = read_options(query)?;
+    let reader = PhiReader::check(principal, t.read_permission(), headers)?;
     let fhir = state.fhir();
-    let patient = fhir.patient_of(t, &id).await?;
-    annotate(&audit, Action::Read, t, Some(&id), patient.as_deref());
-    audit.context("version", ContextValue::Int(version));
-    reader.flag(&audit, t.as_str(), Some(&id), patient.as_deref());
-    let r = fhir.vread(t, &id, version).await?;
-    let body = fhir.render(&r, view(&state, reader.sees_ssn(), anonymize));
+    let patient = fhir.patient_of(t, id).await?;
+    annotate(audit, Action::Read, t, Some(id), patient.as_deref());
+    if let Some(v) = version {
+        audit.context("version", ContextValue::Int(v));
+    }
+    reader.flag(audit, t.as_str(), Some(id), patient.as_deref());
+    let r = match version {
+        None => fhir.read(t, id).await?,
+        Some(v) => fhir.vread(t, id, v).await?,
+    };
+    let body = fhir.render(&r, view(state, reader.sees_ssn(), anonymize));
     Ok(with_version(
         fhir_json(StatusCode::OK, &body),
         r.version,
