@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::types::{Findings, Meta};
-use crate::records::model::{NewPatient, mask_ssn};
+use crate::records::model::NewPatient;
 use crate::records::service::Patient;
 
 pub const SSN_SYSTEM: &str = "http://hl7.org/fhir/sid/us-ssn";
@@ -222,50 +222,149 @@ pub fn element_of(field: &str) -> &'static str {
     }
 }
 
+#[derive(serde::Serialize)]
+struct Code<'a> {
+    system: &'a str,
+    code: &'a str,
+    display: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct Concept<'a> {
+    coding: [Code<'a>; 1],
+}
+
+#[derive(serde::Serialize)]
+struct IdentifierOut<'a> {
+    #[serde(rename = "use", skip_serializing_if = "Option::is_none")]
+    use_: Option<&'a str>,
+    #[serde(rename = "type")]
+    type_: Concept<'a>,
+    system: &'a str,
+    value: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct NameOut<'a> {
+    #[serde(rename = "use")]
+    use_: &'a str,
+    family: &'a str,
+    given: Vec<&'a str>,
+}
+
+#[derive(serde::Serialize)]
+struct TelecomOut<'a> {
+    system: &'a str,
+    value: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct AddressOut<'a> {
+    text: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct MetaOut<'a> {
+    #[serde(rename = "versionId")]
+    version_id: String,
+    #[serde(rename = "lastUpdated")]
+    last_updated: &'a str,
+}
+
+/// A Patient as answered (identified): serialised straight from the stored fields.
+#[derive(serde::Serialize)]
+pub struct PatientOut<'a> {
+    #[serde(rename = "resourceType")]
+    resource_type: &'static str,
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    meta: Option<MetaOut<'a>>,
+    identifier: Vec<IdentifierOut<'a>>,
+    name: [NameOut<'a>; 1],
+    gender: &'a str,
+    #[serde(rename = "birthDate")]
+    birth_date: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    telecom: Vec<TelecomOut<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    address: Vec<AddressOut<'a>>,
+}
+
 /// A patient as a FHIR Patient: the SSN only for `sees_ssn` (never masked into an
-/// identifier: without `phi:ssn` it is left out).
-pub fn to_fhir(p: &Patient, mrn_system: &str, sees_ssn: bool) -> Value {
+/// identifier: without `phi:ssn` it is left out). `meta` is `(versionId, lastUpdated)`.
+pub fn patient_out<'a>(
+    p: &'a Patient,
+    mrn_system: &'a str,
+    sees_ssn: bool,
+    meta: Option<(i64, &'a str)>,
+) -> PatientOut<'a> {
     let f = &p.fields;
-    let mut identifier = vec![json!({
-        "use": "usual",
-        "type": {"coding": [{"system": MR_TYPE, "code": "MR", "display": "Medical record number"}]},
-        "system": mrn_system,
-        "value": f.mrn,
-    })];
+    let mut identifier = vec![IdentifierOut {
+        use_: Some("usual"),
+        type_: Concept {
+            coding: [Code {
+                system: MR_TYPE,
+                code: "MR",
+                display: "Medical record number",
+            }],
+        },
+        system: mrn_system,
+        value: &f.mrn,
+    }];
     if let Some(ssn) = f.ssn.as_deref().filter(|_| sees_ssn) {
-        identifier.push(json!({
-            "type": {"coding": [{"system": MR_TYPE, "code": "SS", "display": "Social Security number"}]},
-            "system": SSN_SYSTEM,
-            "value": ssn,
-        }));
+        identifier.push(IdentifierOut {
+            use_: None,
+            type_: Concept {
+                coding: [Code {
+                    system: MR_TYPE,
+                    code: "SS",
+                    display: "Social Security number",
+                }],
+            },
+            system: SSN_SYSTEM,
+            value: ssn,
+        });
     }
-    let _ = mask_ssn;
-    let mut out = json!({
-        "resourceType": "Patient",
-        "id": p.id,
-        "identifier": identifier,
-        "name": [{
-            "use": "official",
-            "family": f.family_name,
-            "given": f.given_name.split_whitespace().collect::<Vec<_>>(),
-        }],
-        "gender": f.sex.as_deref().unwrap_or("unknown"),
-        "birthDate": f.birth_date,
-    });
     let mut telecom = Vec::new();
     if let Some(ph) = &f.phone {
-        telecom.push(json!({"system": "phone", "value": ph}));
+        telecom.push(TelecomOut {
+            system: "phone",
+            value: ph,
+        });
     }
     if let Some(e) = &f.email {
-        telecom.push(json!({"system": "email", "value": e}));
+        telecom.push(TelecomOut {
+            system: "email",
+            value: e,
+        });
     }
-    if !telecom.is_empty() {
-        out["telecom"] = Value::Array(telecom);
+    PatientOut {
+        resource_type: "Patient",
+        id: &p.id,
+        meta: meta.map(|(v, at)| MetaOut {
+            version_id: v.to_string(),
+            last_updated: at,
+        }),
+        identifier,
+        name: [NameOut {
+            use_: "official",
+            family: &f.family_name,
+            given: f.given_name.split_whitespace().collect(),
+        }],
+        gender: f.sex.as_deref().unwrap_or("unknown"),
+        birth_date: &f.birth_date,
+        telecom,
+        address: f
+            .address
+            .as_deref()
+            .map(|a| vec![AddressOut { text: a }])
+            .unwrap_or_default(),
     }
-    if let Some(a) = &f.address {
-        out["address"] = json!([{"text": a}]);
-    }
-    out
+}
+
+/// [`patient_out`] as JSON, without `meta` (the caller adds it).
+pub fn to_fhir(p: &Patient, mrn_system: &str, sees_ssn: bool) -> Value {
+    serde_json::to_value(patient_out(p, mrn_system, sees_ssn, None)).unwrap_or(Value::Null)
 }
 
 /// The de-identified Patient (Safe Harbor): no identifier, name, telecom or address;

@@ -120,7 +120,11 @@ pub fn base_url(state: &AppState, headers: &HeaderMap) -> String {
 }
 
 fn fhir_json(status: StatusCode, body: &Value) -> Response {
-    let mut r = (status, body.to_string()).into_response();
+    fhir_text(status, body.to_string())
+}
+
+fn fhir_text(status: StatusCode, body: String) -> Response {
+    let mut r = (status, body).into_response();
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
     r
@@ -397,9 +401,9 @@ async fn read_version(
         None => fhir.read(t, id).await?,
         Some(v) => fhir.vread(t, id, v).await?,
     };
-    let body = fhir.render(&r, view(state, reader.sees_ssn(), anonymize));
+    let body = fhir.render_text(&r, view(state, reader.sees_ssn(), anonymize));
     Ok(with_version(
-        fhir_json(StatusCode::OK, &body),
+        fhir_text(StatusCode::OK, body),
         r.version,
         &r.last_updated,
     ))

@@ -410,6 +410,24 @@ impl Fhir {
         self.patients.pseudonym(id)
     }
 
+    /// The resource as JSON text for this view; an identified Patient (the hot read) is
+    /// serialised straight from its fields.
+    pub fn render_text(&self, r: &Resource, view: View<'_>) -> String {
+        match &r.body {
+            Body::Patient(p) if !view.anonymize => {
+                let at = fhir_instant(&r.last_updated);
+                serde_json::to_string(&patient::patient_out(
+                    p,
+                    &self.mrn_system,
+                    view.sees_ssn,
+                    Some((r.version, &at)),
+                ))
+                .unwrap_or_default()
+            }
+            _ => self.render(r, view).to_string(),
+        }
+    }
+
     /// The resource as JSON for this view.
     pub fn render(&self, r: &Resource, view: View<'_>) -> Value {
         let mut out = match &r.body {
@@ -418,11 +436,13 @@ impl Fhir {
             }
             Body::Patient(p) => patient::to_fhir(p, &self.mrn_system, view.sees_ssn),
             Body::Clinical(c) => {
-                let mut c = c.clone();
-                if view.anonymize {
+                let mut v = if view.anonymize {
+                    let mut c = c.clone();
                     c.deidentify();
-                }
-                let mut v = c.to_value();
+                    c.to_value()
+                } else {
+                    c.to_value()
+                };
                 v["resourceType"] = json!(r.t.as_str());
                 v["id"] = json!(r.id);
                 v
