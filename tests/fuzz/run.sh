@@ -42,8 +42,12 @@ trap cleanup EXIT
 # The server under test: dev, its own data directory, nothing from the caller's
 # CUSTODIAN_* variables. Rate limits off: the fuzzer sends as fast as the server
 # answers, and 429s would only hide the answers it came to check.
+# `run --exec …` replaces the (background) subshell with the server, so that its pid is
+# the server's own and the cleanup's kill reaches it.
 run() {
-  env $(compgen -e | grep '^CUSTODIAN_' | sed 's/^/-u /') \
+  local ex=()
+  if [ "${1:-}" = --exec ]; then ex=(exec); shift; fi
+  "${ex[@]}" env $(compgen -e | grep '^CUSTODIAN_' | sed 's/^/-u /') \
     CUSTODIAN_ENV=dev CUSTODIAN_DATA_DIR="$work" CUSTODIAN_RATE_LIMIT__ENABLED=false \
     CUSTODIAN_LOGGING__FORMAT=json "$bin" "$@"
 }
@@ -54,7 +58,7 @@ password="Fuzz-$(python3 -c 'import secrets; print(secrets.token_hex(12))')-9!"
 run migrate >/dev/null 2>"$work/cli.log" || { cat "$work/cli.log"; exit 1; }
 printf '%s\n' "$password" | run user create --username fuzz-admin --role admin --password-stdin \
   >/dev/null 2>"$work/cli.log" || { cat "$work/cli.log"; exit 1; }
-run serve --listen "127.0.0.1:$port" >"$work/server.log" 2>&1 &
+run --exec serve --listen "127.0.0.1:$port" >"$work/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 300); do
   curl -fsS "$base/health" >/dev/null 2>&1 && break
