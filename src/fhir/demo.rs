@@ -103,7 +103,7 @@ fn coded(rng: &mut Rng, n: usize, pid: &str, today: time::Date) -> Vec<Entry> {
 /// Creates `count` synthetic patients with records and coded data. Returns (patients,
 /// records, FHIR resources).
 pub async fn seed(fhir: &Fhir, count: u32) -> Result<(u32, u32, u32), FhirError> {
-    let (ids, records) = crate::records::demo::seed_ids(fhir.patients(), count).await?;
+    let (ids, records) = crate::records::demo::seed(fhir.patients(), count).await?;
     let mut rng = Rng::new();
     let today = fhir.today();
     let mut made = 0u32;

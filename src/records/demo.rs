@@ -58,14 +58,9 @@ impl Rng {
     }
 }
 
-/// Creates `count` patients with one or two records each. Returns (patients, records).
-pub async fn seed(patients: &Patients, count: u32) -> Result<(u32, u32), PhiError> {
-    let (ids, records) = seed_ids(patients, count).await?;
-    Ok((u32::try_from(ids.len()).unwrap_or(u32::MAX), records))
-}
-
-/// [`seed`], returning the new patients' ids (and the records made).
-pub async fn seed_ids(patients: &Patients, count: u32) -> Result<(Vec<String>, u32), PhiError> {
+/// Creates `count` patients with one or two records each. Returns the new patients'
+/// ids and how many records were made.
+pub async fn seed(patients: &Patients, count: u32) -> Result<(Vec<String>, u32), PhiError> {
     let mut rng = Rng::new();
     let mut records = 0;
     let mut ids = Vec::new();
