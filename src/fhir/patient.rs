@@ -12,6 +12,9 @@ use crate::records::service::Patient;
 pub const SSN_SYSTEM: &str = "http://hl7.org/fhir/sid/us-ssn";
 const MR_TYPE: &str = "http://terminology.hl7.org/CodeSystem/v2-0203";
 
+// Some elements are accepted (a client may send them) but not kept: `use`, `type`,
+// `text`, `meta`.
+#[allow(dead_code)]
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Identifier {
@@ -25,6 +28,9 @@ struct Identifier {
     value: Option<String>,
 }
 
+// Some elements are accepted (a client may send them) but not kept: `use`, `type`,
+// `text`, `meta`.
+#[allow(dead_code)]
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct HumanName {
@@ -38,6 +44,9 @@ struct HumanName {
     given: Vec<String>,
 }
 
+// Some elements are accepted (a client may send them) but not kept: `use`, `type`,
+// `text`, `meta`.
+#[allow(dead_code)]
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ContactPoint {
@@ -49,6 +58,9 @@ struct ContactPoint {
     use_: Option<String>,
 }
 
+// Some elements are accepted (a client may send them) but not kept: `use`, `type`,
+// `text`, `meta`.
+#[allow(dead_code)]
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Address {
@@ -68,6 +80,9 @@ struct Address {
     country: Option<String>,
 }
 
+// Some elements are accepted (a client may send them) but not kept: `use`, `type`,
+// `text`, `meta`.
+#[allow(dead_code)]
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct PatientIn {
@@ -104,7 +119,6 @@ pub fn from_fhir(v: Value, mrn_system: &str) -> Result<NewPatient, Findings> {
             return Err(f);
         }
     };
-    let _ = p.meta;
     if p.active == Some(false) {
         f.add(
             "Patient.active",
@@ -115,7 +129,6 @@ pub fn from_fhir(v: Value, mrn_system: &str) -> Result<NewPatient, Findings> {
     let mut ssn = None;
     for (i, id) in p.identifier.iter().enumerate() {
         let at = format!("Patient.identifier[{i}]");
-        let _ = (&id.use_, &id.r#type);
         match (id.system.as_deref(), id.value.as_deref()) {
             (Some(s), Some(v)) if s == mrn_system && mrn.is_none() => mrn = Some(v.to_owned()),
             (Some(SSN_SYSTEM), Some(v)) if ssn.is_none() => ssn = Some(v.to_owned()),
@@ -134,7 +147,6 @@ pub fn from_fhir(v: Value, mrn_system: &str) -> Result<NewPatient, Findings> {
             "is required (one name with family and given)",
         ),
         [n] => {
-            let _ = (&n.use_, &n.text);
             match &n.family {
                 Some(x) => family.clone_from(x),
                 None => f.add("Patient.name[0].family", "is required"),
@@ -148,7 +160,6 @@ pub fn from_fhir(v: Value, mrn_system: &str) -> Result<NewPatient, Findings> {
     }
     let (mut phone, mut email) = (None, None);
     for (i, t) in p.telecom.iter().enumerate() {
-        let _ = &t.use_;
         let at = format!("Patient.telecom[{i}]");
         match (t.system.as_deref(), &t.value) {
             (Some("phone"), Some(v)) if phone.is_none() => phone = Some(v.clone()),
@@ -160,7 +171,6 @@ pub fn from_fhir(v: Value, mrn_system: &str) -> Result<NewPatient, Findings> {
     let address = match p.address.as_slice() {
         [] => None,
         [a] => {
-            let _ = &a.use_;
             let text = a.text.clone().unwrap_or_else(|| {
                 let mut parts: Vec<String> = a.line.clone();
                 let tail: Vec<&str> = [&a.city, &a.state, &a.postal_code, &a.country]
@@ -373,13 +383,7 @@ pub fn to_fhir(p: &Patient, mrn_system: &str, sees_ssn: bool) -> Value {
 pub fn deidentified(p: &Patient, pseudonym: &str, today: time::Date) -> Value {
     let f = &p.fields;
     let birth = crate::records::model::parse_date(&f.birth_date);
-    let age = birth.map(|b| {
-        let mut a = today.year() - b.year();
-        if (today.month() as u8, today.day()) < (b.month() as u8, b.day()) {
-            a -= 1;
-        }
-        a
-    });
+    let age = birth.map(|b| crate::records::model::age_on(b, today));
     let mut out = json!({
         "resourceType": "Patient",
         "id": pseudonym,

@@ -151,23 +151,6 @@ fn http_date(stored: &str) -> Option<String> {
     t.format(&f).ok()
 }
 
-/// The version an `If-Match` names: `W/"3"`, `"3"`, `3` (or `"v3"` as `/api/v1` sends).
-fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
-    let Some(v) = headers.get(header::IF_MATCH) else {
-        return Ok(None);
-    };
-    let text = v.to_str().unwrap_or("").trim();
-    text.trim_start_matches("W/")
-        .trim_matches('"')
-        .trim_start_matches('v')
-        .parse()
-        .map(Some)
-        .map_err(|_| {
-            ApiError::new(ErrorCode::PreconditionFailed)
-                .with_detail("If-Match must be an ETag of this resource, e.g. W/\"3\"")
-        })
-}
-
 /// The body of a write: JSON (`application/fhir+json` or `application/json`), one object.
 fn body_json(
     headers: &HeaderMap,
@@ -605,7 +588,7 @@ async fn write_one(
         t,
         id,
         full_url: None,
-        if_match: if_match(headers)?,
+        if_match: crate::http::headers::if_match_version(headers)?,
         body,
     };
     let fhir = state.fhir();

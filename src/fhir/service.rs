@@ -616,7 +616,11 @@ impl Fhir {
                     continue;
                 }
             };
-            c.check(&mut findings_at(&mut findings, e.t.as_str(), &here));
+            let mut own = Findings::default();
+            c.check(&mut own);
+            for (x, m) in own.0 {
+                findings.add(x.replacen(e.t.as_str(), &here, 1), m);
+            }
             // The subject: an entry of this bundle, or a live patient.
             let reference = c.subject().reference.clone().unwrap_or_default();
             let resolved = names.get(&reference).cloned().unwrap_or(reference);
@@ -1005,43 +1009,6 @@ impl Fhir {
             out.extend(list);
         }
         Ok(out)
-    }
-}
-
-/// Findings of a clinical resource's checks, renamed from `Observation.…` to where the
-/// resource is (`Bundle.entry[3].resource.…`).
-struct At<'a> {
-    into: &'a mut Findings,
-    from: &'a str,
-    to: &'a str,
-    local: Findings,
-}
-
-fn findings_at<'a>(into: &'a mut Findings, from: &'a str, to: &'a str) -> At<'a> {
-    At {
-        into,
-        from,
-        to,
-        local: Findings::default(),
-    }
-}
-
-impl std::ops::Deref for At<'_> {
-    type Target = Findings;
-    fn deref(&self) -> &Findings {
-        &self.local
-    }
-}
-impl std::ops::DerefMut for At<'_> {
-    fn deref_mut(&mut self) -> &mut Findings {
-        &mut self.local
-    }
-}
-impl Drop for At<'_> {
-    fn drop(&mut self) {
-        for (x, m) in std::mem::take(&mut self.local.0) {
-            self.into.add(x.replacen(self.from, self.to, 1), m);
-        }
     }
 }
 

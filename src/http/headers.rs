@@ -86,6 +86,30 @@ fn apply(h: &mut HeaderMap, settings: HeaderSettings, csp: Option<HeaderValue>, 
     }
 }
 
+/// The version an `If-Match` header names: `W/"3"`, `"3"`, `3`, or the `v`-prefixed
+/// ETags of `/api/v1` (`"v3"`, `W/"v3"`); `*` and no header mean any version. Anything
+/// else is a 412: a precondition that cannot be read does not hold.
+pub fn if_match_version(
+    headers: &axum::http::HeaderMap,
+) -> Result<Option<i64>, crate::http::ApiError> {
+    let Some(v) = headers.get(axum::http::header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = v.to_str().unwrap_or("").trim();
+    if text == "*" {
+        return Ok(None);
+    }
+    let tag = text.trim_start_matches("W/").trim_matches('"');
+    tag.strip_prefix('v')
+        .unwrap_or(tag)
+        .parse()
+        .map(Some)
+        .map_err(|_| {
+            crate::http::ApiError::new(crate::http::ErrorCode::PreconditionFailed)
+                .with_detail("If-Match must be an ETag this server sent, e.g. W/\"3\" or \"v3\".")
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,5 +148,25 @@ mod tests {
         );
         apply(&mut h, HeaderSettings { hsts: false }, None, true);
         assert_eq!(h[header::CACHE_CONTROL], "no-store");
+    }
+
+    #[test]
+    fn if_match_reads_every_etag_form_this_server_sends() {
+        let with = |v: &str| {
+            let mut h = axum::http::HeaderMap::new();
+            h.insert(axum::http::header::IF_MATCH, v.parse().unwrap());
+            if_match_version(&h).ok().flatten()
+        };
+        for v in ["W/\"3\"", "\"3\"", "3", "\"v3\"", "W/\"v3\"", "v3"] {
+            assert_eq!(with(v), Some(3), "{v}");
+        }
+        assert_eq!(with("*"), None);
+        let mut h = axum::http::HeaderMap::new();
+        h.insert(axum::http::header::IF_MATCH, "\"abc\"".parse().unwrap());
+        assert!(if_match_version(&h).is_err());
+        assert_eq!(
+            if_match_version(&axum::http::HeaderMap::new()).ok(),
+            Some(None)
+        );
     }
 }

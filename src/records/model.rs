@@ -200,6 +200,15 @@ pub fn parse_date(s: &str) -> Option<time::Date> {
         .flatten()
 }
 
+/// A person's age in whole years on `today`.
+pub fn age_on(birth: time::Date, today: time::Date) -> i32 {
+    let mut a = today.year() - birth.year();
+    if (today.month() as u8, today.day()) < (birth.month() as u8, birth.day()) {
+        a -= 1;
+    }
+    a
+}
+
 /// Whether `s` has the shape of an SSN, `ddd-dd-dddd`, issued or not.
 pub fn ssn_shaped(s: &str) -> bool {
     s.len() == 11

@@ -170,13 +170,7 @@ fn patient_view(state: &AppState, p: &Patient, sees_ssn: bool, anonymize: bool) 
     if anonymize {
         let today = state.clock().now().date();
         let birth = super::model::parse_date(&f.birth_date);
-        let age = birth.map(|b| {
-            let mut a = today.year() - b.year();
-            if (today.month() as u8, today.day()) < (b.month() as u8, b.day()) {
-                a -= 1;
-            }
-            a
-        });
+        let age = birth.map(|b| super::model::age_on(b, today));
         return PatientView {
             id: state.patients().pseudonym(&p.id),
             mrn: None,
@@ -242,23 +236,6 @@ fn record_view(state: &AppState, r: &Record, anonymize: bool) -> RecordView {
 
 fn etag(version: i64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"v{version}\"")).unwrap_or(HeaderValue::from_static("\"v0\""))
-}
-
-/// The version an `If-Match` header names (`"v3"`, `v3`, `W/"v3"`); a malformed one is a 412.
-fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
-    let Some(v) = headers.get(header::IF_MATCH) else {
-        return Ok(None);
-    };
-    let text = v.to_str().unwrap_or("").trim();
-    if text == "*" {
-        return Ok(None);
-    }
-    text.trim_start_matches("W/")
-        .trim_matches('"')
-        .strip_prefix('v')
-        .and_then(|n| n.parse().ok())
-        .map(Some)
-        .ok_or_else(|| ApiError::new(ErrorCode::PreconditionFailed))
 }
 
 fn with_etag(status: StatusCode, version: i64, body: impl Serialize) -> Response {
@@ -517,7 +494,11 @@ pub async fn patch_patient(
     touch(&audit, Action::Update, "patient", Some(&id), &id);
     let p = state
         .patients()
-        .update(&id, patch, if_match(&headers)?)
+        .update(
+            &id,
+            patch,
+            crate::http::headers::if_match_version(&headers)?,
+        )
         .await?;
     Ok(with_etag(
         StatusCode::OK,
@@ -652,7 +633,11 @@ pub async fn patch_record(
     touch(&audit, Action::Update, "record", Some(&id), &patient);
     let r = state
         .patients()
-        .update_record(&id, patch, if_match(&headers)?)
+        .update_record(
+            &id,
+            patch,
+            crate::http::headers::if_match_version(&headers)?,
+        )
         .await?;
     Ok(with_etag(
         StatusCode::OK,

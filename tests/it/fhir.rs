@@ -695,77 +695,46 @@ async fn bad_input_names_the_element_and_stores_nothing(backend: Backend) {
     )
     .await;
     let good = lab(&pid, "718-7", 13.2, "g/dL", "2026-01-10");
+    // `good` with the value at a JSON pointer replaced (or added), and the element a
+    // 4xx must name.
+    let with = |pointer: &str, value: Value| {
+        let mut v = good.clone();
+        let (parent, key) = pointer.rsplit_once('/').unwrap();
+        v.pointer_mut(parent).unwrap()[key] = value;
+        v
+    };
     let cases: Vec<(Value, &str)> = vec![
         (
-            {
-                let mut v = good.clone();
-                v["resourceType"] = json!("Condition");
-                v
-            },
+            with("/resourceType", json!("Condition")),
             "Observation.resourceType",
         ),
         (
-            {
-                let mut v = good.clone();
-                v["favouriteColour"] = json!("blue");
-                v
-            },
+            with("/favouriteColour", json!("blue")),
             "Observation.favouriteColour",
         ),
         (
-            {
-                let mut v = good.clone();
-                v["code"]["coding"][0]["code"] = json!("718-8");
-                v
-            },
+            with("/code/coding/0/code", json!("718-8")),
             "Observation.code.coding[0].code",
         ),
         (
-            {
-                let mut v = good.clone();
-                v["effectiveDateTime"] = json!("2026-02-30");
-                v
-            },
+            with("/effectiveDateTime", json!("2026-02-30")),
             "Observation.effectiveDateTime",
         ),
         (
-            {
-                let mut v = good.clone();
-                v["valueQuantity"]["code"] = json!("g dL");
-                v
-            },
+            with("/valueQuantity/code", json!("g dL")),
             "Observation.valueQuantity.code",
         ),
         (
-            {
-                let mut v = good.clone();
-                v["valueQuantity"]["value"] = json!("13");
-                v
-            },
+            with("/valueQuantity/value", json!("13")),
             "Observation.valueQuantity.value",
         ),
+        (with("/status", json!("done")), "Observation.status"),
         (
-            {
-                let mut v = good.clone();
-                v["status"] = json!("done");
-                v
-            },
-            "Observation.status",
-        ),
-        (
-            {
-                let mut v = good.clone();
-                v["subject"]["reference"] = json!("Patient/nobody");
-                v
-            },
+            with("/subject/reference", json!("Patient/nobody")),
             "Observation.subject.reference",
         ),
         (
-            {
-                let mut v = good.clone();
-                v["subject"]["reference"] = json!("Group/1");
-                v
-            },
+            with("/subject/reference", json!("Group/1")),
             "Observation.subject.reference",
         ),
     ];
