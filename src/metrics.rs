@@ -400,7 +400,7 @@ pub async fn handler(State(state): State<AppState>, req: Request) -> Result<Resp
         let (mut parts, _) = req.into_parts();
         let allowed = crate::identity::extract::pre_authenticate(&mut parts, &state)
             .await
-            .is_some_and(|p| p.permissions.contains(&Permission::AuditRead));
+            .is_some_and(|p| p.has(Permission::AuditRead));
         if !allowed {
             return Err(ApiError::new(ErrorCode::NotFound));
         }

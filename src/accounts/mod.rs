@@ -357,6 +357,10 @@ impl Accounts {
             .into_iter()
             .find(|i| i.id == id)
             .ok_or(IdentityError::NotFound)?;
+        // Checked before the old link is revoked: a refused resend leaves it as it was.
+        Grantor::user(by)
+            .covers_role(&self.inner.db, &old.role)
+            .await?;
         self.revoke_invitation(id).await?;
         self.invite(&old.email, &old.role, by).await
     }
@@ -613,6 +617,7 @@ impl Accounts {
         token: &str,
         new: &Secret,
         code: Option<&str>,
+        revoke_tokens: bool,
         origin: &Origin,
     ) -> Result<User, AccountsError> {
         let (t, user) = self.reset_link(token).await?;
@@ -639,6 +644,9 @@ impl Accounts {
         self.inner.identity.set_password(&user, new, None).await?;
         if !self.consume(&t.id).await? {
             return Err(AccountsError::InvalidLink);
+        }
+        if revoke_tokens {
+            self.inner.identity.revoke_tokens(&user.id).await?;
         }
         self.inner
             .identity

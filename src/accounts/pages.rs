@@ -310,6 +310,14 @@ fn reset_page(token: &str, totp: bool) -> FormPage {
             "one-time-code",
         ));
     }
+    fields.push(Field {
+        label: "Also revoke every API token of the account (do this if someone else may know one)",
+        name: "revoke_api_tokens",
+        kind: "checkbox",
+        value: "revoke".into(),
+        autocomplete: "off",
+        required: false,
+    });
     FormPage::new(
         "Choose a new password",
         format!("/accounts/reset/{token}"),
@@ -373,6 +381,7 @@ pub async fn reset_submit(
             &token,
             &pw,
             Some(code.as_str()).filter(|c| !c.is_empty()),
+            fields.get("revoke_api_tokens") == Some("revoke"),
             &crate::identity::routes::origin(ip, &headers),
         )
         .await

@@ -258,6 +258,10 @@ pub struct ResetConfirm {
     pub new_password: String,
     /// Needed when the account has TOTP: a current code or a recovery code.
     pub totp_code: Option<String>,
+    /// Also revoke every personal API token of the account (default false: a reset
+    /// ends sessions only).
+    #[serde(default)]
+    pub revoke_api_tokens: bool,
 }
 
 /// Sets a new password with a reset link (policy and history apply; TOTP or a recovery
@@ -288,6 +292,7 @@ pub async fn confirm_reset(
             &req.token,
             &pw,
             req.totp_code.as_deref(),
+            req.revoke_api_tokens,
             &crate::identity::routes::origin(ip, &headers),
         )
         .await?;

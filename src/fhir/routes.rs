@@ -6,9 +6,10 @@
 
 use std::collections::BTreeSet;
 
+use crate::http::path::Path;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -385,10 +386,16 @@ async fn read_version(
         Some(v) => fhir.vread(t, id, v).await?,
     };
     let body = fhir.render_text(&r, view(state, reader.sees_ssn(), anonymize));
+    // The de-identified view keeps no date finer than the year: no Last-Modified.
+    let last_updated = if anonymize {
+        ""
+    } else {
+        r.last_updated.as_str()
+    };
     Ok(with_version(
         fhir_text(StatusCode::OK, body),
         r.version,
-        &r.last_updated,
+        last_updated,
     ))
 }
 
@@ -453,6 +460,11 @@ async fn search(
     };
     let q: Query = search::parse(t, &pairs)
         .map_err(|m| ApiError::new(ErrorCode::BadRequest).with_detail(m))?;
+    // The patient a compartment search is about, named whatever the outcome (a refused
+    // search too).
+    if let Some(p) = &q.patient {
+        audit.annotate(|a| a.patient_id = Some(p.clone()));
+    }
     // A list of patients needs `patients:read` itself; a search inside one named
     // patient's compartment may also be a break-glass access to that patient.
     let (sees_ssn, reader) = if t == ResourceType::Patient {
@@ -463,7 +475,6 @@ async fn search(
         (r.sees_ssn(), Some(r))
     };
     if let (Some(r), Some(p)) = (&reader, &q.patient) {
-        audit.annotate(|a| a.patient_id = Some(p.clone()));
         r.flag(audit, t.as_str(), None, Some(p));
     }
     let fhir = state.fhir();
@@ -701,16 +712,15 @@ async fn operation(
     }
     let base = base_url(&state, &headers);
     let entries: Vec<Value> = all.iter().map(|r| entry(fhir, &base, r, v)).collect();
-    let self_url = format!("{base}/Patient/{id}/$everything");
+    // The de-identified export has no self link: it would name the real patient.
+    let links = if anonymize {
+        Vec::new()
+    } else {
+        vec![json!({"relation": "self", "url": format!("{base}/Patient/{id}/$everything")})]
+    };
     Ok(fhir_json(
         StatusCode::OK,
-        &bundle(
-            "searchset",
-            Some(all.len()),
-            vec![json!({"relation": "self", "url": self_url})],
-            entries,
-            &state,
-        ),
+        &bundle("searchset", Some(all.len()), links, entries, &state),
     ))
 }
 

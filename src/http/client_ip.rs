@@ -15,6 +15,26 @@ use crate::config::types::canonical_ip;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientIp(pub IpAddr);
 
+/// The network a client address counts under, for throttles and rate limits: an IPv4
+/// address alone, an IPv6 address by its /64 (one subscriber's usual allocation, so
+/// that walking through the addresses of one's own /64 does not reset a count).
+pub fn network_key(ip: IpAddr) -> String {
+    match canonical_ip(ip) {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let net = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+            format!("{net}/64")
+        }
+    }
+}
+
+/// [`network_key`] of an address held as text (as the sign-in records keep it).
+pub fn network_key_of(ip: &str) -> String {
+    ip.parse::<IpAddr>()
+        .map_or_else(|_| ip.to_owned(), network_key)
+}
+
 /// Picks the client address from the peer and the `X-Forwarded-For` values.
 pub fn resolve(peer: IpAddr, forwarded_for: &[&str], trusted: &NetList) -> IpAddr {
     let peer = canonical_ip(peer);
@@ -79,6 +99,23 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_ipv6_client_counts_by_its_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:1:2:3".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(network_key(a), network_key(b));
+        assert_eq!(network_key(a), "2001:db8:1:2::/64");
+        assert_ne!(network_key(a), network_key(other));
+        let v4: IpAddr = "203.0.113.7".parse().unwrap();
+        assert_eq!(network_key(v4), "203.0.113.7");
+        let mapped: IpAddr = "::ffff:203.0.113.7".parse().unwrap();
+        assert_eq!(network_key(mapped), "203.0.113.7");
+        assert_eq!(network_key_of("::ffff:203.0.113.8"), "203.0.113.8");
+        assert_eq!(network_key_of("not an address"), "not an address");
+    }
+
     use super::*;
 
     fn nets(s: &str) -> NetList {

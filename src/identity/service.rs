@@ -16,6 +16,7 @@ use crate::access::{Credential, Permission, Principal};
 use crate::clock::{SharedClock, timestamp};
 use crate::config::{Config, Secret};
 use crate::crypto::{self, CryptoError, SharedKeyring};
+use crate::http::client_ip::network_key_of;
 use crate::store::{Db, StoreError};
 
 pub const SESSION_PREFIX: &str = "cst_";
@@ -175,11 +176,16 @@ impl FailureKeys {
     fn new(username: &str, origin: &Origin) -> Self {
         Self {
             user: user_key(username),
-            ip: origin.ip.as_ref().map(|ip| format!("ip:{ip}")),
+            // Counted per network (an IPv6 /64 as one), so that the addresses of one
+            // subscriber's network do not each get a fresh count.
+            ip: origin
+                .ip
+                .as_deref()
+                .map(|ip| format!("ip:{}", network_key_of(ip))),
             pair: origin
                 .ip
-                .as_ref()
-                .map(|ip| format!("{}{ip}", pair_prefix(username))),
+                .as_deref()
+                .map(|ip| format!("{}{}", pair_prefix(username), network_key_of(ip))),
         }
     }
 }

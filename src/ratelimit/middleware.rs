@@ -42,7 +42,7 @@ pub async fn middleware(State(state): State<AppState>, req: Request, next: Next)
     let client = match crate::identity::extract::pre_authenticate(&mut parts, &state).await {
         Some(p) => format!("user:{}", p.user_id),
         None => match parts.extensions.get::<ClientIp>() {
-            Some(ClientIp(ip)) => format!("ip:{ip}"),
+            Some(ClientIp(ip)) => format!("ip:{}", crate::http::client_ip::network_key(*ip)),
             None => "ip:unknown".to_owned(),
         },
     };

@@ -221,6 +221,18 @@ async fn a_password_reset_ends_every_session(backend: Backend) {
     let root = admin(&s).await;
     invited(&s, &sink, &root, "paula@example.org", "paula").await;
     let old_session = s.login("paula", PW).await;
+    let res = post(
+        &s,
+        "/api/v1/tokens",
+        Some(&old_session),
+        json!({"name": "script"}),
+    )
+    .await;
+    assert_eq!(res.status(), 201);
+    let api_token = crate::support::json(res).await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     let res = post(
         &s,
@@ -253,11 +265,13 @@ async fn a_password_reset_ends_every_session(backend: Backend) {
     )
     .await;
     assert_eq!(res.status(), 204);
-    // The old session is dead; the new password works; the user was told.
+    // The old session is dead; the new password works; the user was told. Personal
+    // API tokens stay unless the reset asks to revoke them (below).
     assert_eq!(
         s.get_as("/api/v1/auth/me", &old_session).await.status(),
         401
     );
+    assert_eq!(s.get_as("/api/v1/auth/me", &api_token).await.status(), 200);
     s.login("paula", PW2).await;
     let notice = sink.wait_for(2).await;
     assert_eq!(notice.subject(), "Your Custodian password was changed");
@@ -321,11 +335,12 @@ async fn a_password_reset_ends_every_session(backend: Backend) {
         &s,
         "/api/v1/auth/password-reset/confirm",
         None,
-        json!({"token": unlock.token(), "new_password": PW3}),
+        json!({"token": unlock.token(), "new_password": PW3, "revoke_api_tokens": true}),
     )
     .await;
     assert_eq!(res.status(), 204);
     s.login("paula", PW3).await;
+    assert_eq!(s.get_as("/api/v1/auth/me", &api_token).await.status(), 401);
 }
 
 both_backends!(a_reset_needs_the_second_factor_when_totp_is_on);
@@ -1049,3 +1064,50 @@ async fn a_reset_link_cannot_be_used_to_guess_codes(backend: Backend) {
         .unwrap();
     assert_eq!(history.iter().filter(|a| a.reason == "bad_totp").count(), 3);
 }
+
+/// A resend the sender may not make (the invitation's role holds more than they do)
+/// leaves the invitation and its link as they were.
+async fn a_refused_resend_leaves_the_invitation(backend: Backend) {
+    let (s, sink) = server(backend, vec![]).await;
+    let root = admin(&s).await;
+    crate::delegation::role(&s, "usermgr", &["users:manage"]).await;
+    s.user("um", "usermgr", PW).await;
+    let um = s.login("um", PW).await;
+    let res = post(
+        &s,
+        "/api/v1/invitations",
+        Some(&root),
+        json!({"email": "boss@example.org", "role": "admin"}),
+    )
+    .await;
+    assert_eq!(res.status(), 201);
+    let id = json(res).await["id"].as_str().unwrap().to_owned();
+    let mail = sink.wait_for(0).await;
+    let res = post(
+        &s,
+        &format!("/api/v1/invitations/{id}/resend"),
+        Some(&um),
+        json!({}),
+    )
+    .await;
+    assert_eq!(res.status(), 403);
+    let list = json(s.get_as("/api/v1/invitations", &root).await).await;
+    assert!(
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["id"] == id.as_str()),
+        "{list}"
+    );
+    // The link sent first still works.
+    let res = post(
+        &s,
+        "/api/v1/invitations/accept",
+        None,
+        json!({"token": mail.token(), "username": "boss", "password": PW}),
+    )
+    .await;
+    assert_eq!(res.status(), 201);
+}
+both_backends!(a_refused_resend_leaves_the_invitation);

@@ -1016,6 +1016,28 @@ async fn audit_records_what_each_request_was_about(backend: Backend) {
             Some(&rid),
             None,
         ),
+        // The same on /fhir: a refused read and a refused compartment search name the
+        // patient they were about.
+        (
+            s.client
+                .get(s.url(&format!("/fhir/Patient/{pid}")))
+                .bearer_auth(&aud),
+            403,
+            "permission_denied",
+            "Patient",
+            Some(&pid),
+            Some("read"),
+        ),
+        (
+            s.client
+                .get(s.url(&format!("/fhir/Observation?patient={pid}")))
+                .bearer_auth(&aud),
+            403,
+            "permission_denied",
+            "Observation",
+            None,
+            Some("search"),
+        ),
         (
             s.client
                 .get(s.url(&format!("/api/v1/patients/{pid}/records")))

@@ -156,6 +156,40 @@ async fn one_address_cannot_lock_an_account_again_and_again(backend: Backend) {
 }
 both_backends!(one_address_cannot_lock_an_account_again_and_again);
 
+/// The addresses of one IPv6 /64 count as one address: an attacker who walks through
+/// the addresses of their own network gets no fresh count with each.
+async fn an_ipv6_network_counts_as_one_address(backend: Backend) {
+    let s = server(
+        backend,
+        vec![
+            ("lockout.max_failures", "3".into()),
+            ("lockout.address_max_failures", "6".into()),
+            ("server.trusted_proxies", "127.0.0.1/32".into()),
+        ],
+    )
+    .await;
+    s.user("root", "admin", PW).await;
+    let mut n = 0u32;
+    let mut next_address = || {
+        n += 1;
+        format!("2001:db8:77:1:{n:x}::{n:x}")
+    };
+    for round in 0..2 {
+        for _ in 0..3 {
+            let a = next_address();
+            assert_eq!(login_from(&s, &a, "root", WRONG).await.0, 401, "{round}");
+        }
+        s.clock.advance(Duration::from_secs(15 * 60 + 1));
+    }
+    // Six failures from six addresses of one /64: the seventh address of it is throttled.
+    let a = next_address();
+    let (st, b) = login_from(&s, &a, "root", WRONG).await;
+    assert_eq!((st, b["code"].as_str()), (429, Some("rate_limited")));
+    // Another /64 is another address.
+    assert_eq!(login_from(&s, "2001:db8:77:2::1", "root", PW).await.0, 200);
+}
+both_backends!(an_ipv6_network_counts_as_one_address);
+
 // ---- item 3: what an API token may do --------------------------------------------------
 
 /// The operations a personal API token may not call: identity administration and the

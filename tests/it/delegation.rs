@@ -12,7 +12,7 @@ use crate::web::Browser;
 
 const PW: &str = "Correct-Horse-9!";
 
-async fn role(s: &TestServer, name: &str, perms: &[&str]) {
+pub(crate) async fn role(s: &TestServer, name: &str, perms: &[&str]) {
     let mut tx = s.state.db().writer().begin().await.unwrap();
     sqlx::query("INSERT INTO roles (name, builtin, created_at) VALUES ($1, 0, '')")
         .bind(name)

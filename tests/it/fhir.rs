@@ -1101,7 +1101,7 @@ async fn records_everything_and_the_deidentified_view(backend: Backend) {
     assert_eq!(text.lines().count(), 3);
     // De-identified: no name, identifier, telecom, address; year only (masked over 89);
     // pseudonyms for ids, in the references too; free text redacted.
-    let (_, _, p) = fhir(
+    let (_, headers, p) = fhir(
         &s,
         Method::GET,
         &format!("/fhir/Patient/{pid}?_anonymize=true"),
@@ -1109,6 +1109,8 @@ async fn records_everything_and_the_deidentified_view(backend: Backend) {
         None,
     )
     .await;
+    // No header carries a date finer than the year (a Last-Modified would).
+    assert!(headers.get("last-modified").is_none(), "{headers:?}");
     let text = p.to_string();
     for leak in [
         "Lovelace",
@@ -1159,6 +1161,26 @@ async fn records_everything_and_the_deidentified_view(backend: Backend) {
     .await;
     assert_eq!(o["entry"][0]["resource"]["effectiveDateTime"], "2026");
     assert_eq!(o["entry"][0]["resource"]["valueQuantity"]["value"], 9.1);
+    // The de-identified export names the patient nowhere, its links included.
+    let (st, headers, e) = fhir(
+        &s,
+        Method::GET,
+        &format!("/fhir/Patient/{pid}/$everything?_anonymize=true"),
+        Some(&t.doctor),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+    let text = format!("{e}{headers:?}");
+    for leak in ["Lovelace", "MRN-1", &pid] {
+        assert!(!text.contains(leak), "{leak} in {text}");
+    }
+    // A path id that is not UTF-8 is an OperationOutcome like every other error here.
+    let (st, _, oo) = fhir(&s, Method::GET, "/fhir/Patient/%FF", Some(&t.doctor), None).await;
+    assert_eq!(
+        (st, oo["resourceType"].as_str()),
+        (404, Some("OperationOutcome"))
+    );
 }
 both_backends!(records_everything_and_the_deidentified_view);
 
@@ -1637,3 +1659,63 @@ async fn import_and_demo_seed_write_coded_data() {
         "every fifth patient has no labs"
     );
 }
+
+/// Without `phi:ssn`, an update that sends an SSN is a change whatever its value: if a
+/// right guess were taken as "unchanged" (no new version) and a wrong one as a change,
+/// the version would tell whose SSN it is.
+async fn an_update_is_no_ssn_oracle(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let t = team(&s).await;
+    crate::delegation::role(&s, "clerk", &["patients:read", "patients:write"]).await;
+    s.user("clerk1", "clerk", PW).await;
+    let clerk = s.login("clerk1", PW).await;
+    let pid = new_patient(
+        &s,
+        &t.doctor,
+        patient("Oracle", "Sam", "1970-01-01", "male", "MRN-ORACLE"),
+    )
+    .await;
+    let (_, _, seen) = fhir(
+        &s,
+        Method::GET,
+        &format!("/fhir/Patient/{pid}"),
+        Some(&clerk),
+        None,
+    )
+    .await;
+    assert!(!seen.to_string().contains("6789"), "{seen}");
+    let version = |v: &Value| v["meta"]["versionId"].as_str().unwrap().to_owned();
+    // Sending back what it read (no SSN) changes nothing.
+    let (st, _, same) = fhir(
+        &s,
+        Method::PUT,
+        &format!("/fhir/Patient/{pid}"),
+        Some(&clerk),
+        Some(seen.clone()),
+    )
+    .await;
+    assert_eq!(st, 200, "{same}");
+    assert_eq!(version(&same), version(&seen));
+    // A right guess and a wrong one look alike: each is a new version.
+    let mut before = version(&seen).parse::<i64>().unwrap();
+    for guess in ["123-45-6789", "123-45-6788"] {
+        let mut body = seen.clone();
+        body["identifier"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"system": "http://hl7.org/fhir/sid/us-ssn", "value": guess}));
+        let (st, _, v) = fhir(
+            &s,
+            Method::PUT,
+            &format!("/fhir/Patient/{pid}"),
+            Some(&clerk),
+            Some(body),
+        )
+        .await;
+        assert_eq!(st, 200, "{guess}: {v}");
+        let now = version(&v).parse::<i64>().unwrap();
+        assert_eq!(now, before + 1, "{guess}: {v}");
+        before = now;
+    }
+}
+both_backends!(an_update_is_no_ssn_oracle);

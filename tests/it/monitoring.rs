@@ -125,6 +125,7 @@ async fn metrics_need_a_credential_outside_dev(backend: Backend) {
                 ),
                 // Listing loopback does not open it outside dev (and is a start-up warning).
                 ("monitoring.metrics_allow", "127.0.0.1, ::1".into()),
+                ("mfa.required", "true".into()),
             ],
             ..Options::default()
         },
@@ -144,6 +145,9 @@ async fn metrics_need_a_credential_outside_dev(backend: Backend) {
     let (status, text) = metrics_text(&s, Some(token)).await;
     assert_eq!(status, 200);
     assert!(text.contains("# TYPE custodian_http_requests_total counter"));
+    // An auditor who has still to set up TOTP (mfa.required) holds nothing yet.
+    assert_eq!(metrics_text(&s, Some(&auditor)).await.0, 404);
+    crate::identity::enrol(&s, &auditor).await;
     assert_eq!(metrics_text(&s, Some(&auditor)).await.0, 200);
 }
 both_backends!(metrics_need_a_credential_outside_dev);
