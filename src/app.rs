@@ -225,6 +225,15 @@ impl App {
             clock.clone(),
             config.keys.min_decryption_version,
         );
+        // Name search tags for patients stored before they existed (once, after the
+        // migration that added them; a no-op afterwards).
+        let indexed = patients
+            .build_name_terms()
+            .await
+            .context("building the name search index")?;
+        if indexed > 0 {
+            tracing::info!(patients = indexed, "name search index built");
+        }
         let redis = match &secrets.redis_url {
             Some(url) => Some(
                 redis::Client::open(url.expose())

@@ -115,10 +115,18 @@ pub const PATIENT_PARAMS: &[ParamSpec] = &[
     p(
         "name",
         S,
-        "A whole given or family name, any case or accent form (no prefix match yet).",
+        "Each word begins a word of a given or family name (3 letters or more; shorter words match whole words), any case or accent form. No infix or fuzzy match.",
     ),
-    p("family", S, "A whole family name, any case."),
-    p("given", S, "A whole given name, any case."),
+    p(
+        "family",
+        S,
+        "Each word begins a word of the family name (3 letters or more; shorter words match whole words), any case or accent form.",
+    ),
+    p(
+        "given",
+        S,
+        "Each word begins a word of a given name (3 letters or more; shorter words match whole words), any case or accent form.",
+    ),
     p(
         "birthdate",
         D,

@@ -820,7 +820,10 @@ impl Fhir {
         q: &Query,
         sees_ssn: bool,
     ) -> Result<(usize, Vec<Resource>, Option<String>), FhirError> {
-        if t == ResourceType::Patient && (q.unfiltered() || q.name_only().is_some()) {
+        let from_tags = q
+            .name_only()
+            .is_some_and(|(probe, value)| self.patients.pages_from_tags(probe, value));
+        if t == ResourceType::Patient && (q.unfiltered() || from_tags) {
             return self.list_patients(q).await;
         }
         let mut found = if t == ResourceType::Patient {
@@ -917,7 +920,7 @@ impl Fhir {
         let (total, mut page) = match q.name_only() {
             None => (
                 self.patients.count().await?,
-                self.patients.search(None, false, &after, limit).await?,
+                self.patients.list(&after, limit).await?,
             ),
             Some((probe, value)) => {
                 self.patients
@@ -1087,18 +1090,18 @@ fn matches(r: &Resource, q: &Query) -> bool {
 
 fn patient_matches(p: &Patient, q: &Query, mrn_system: &str, sees_ssn: bool) -> bool {
     let f = &p.fields;
-    let norm = crate::records::model::norm_name;
+    // FHIR string search: every word of the value begins a word of the name (from 3
+    // letters; shorter words match whole), case and accents aside.
     q.strings.iter().all(|(name, v)| {
-        let v = norm(v);
-        let given = norm(&f.given_name);
-        let family = norm(&f.family_name);
-        let parts = || given.split(' ').chain(family.split(' '));
-        match *name {
-            "name" => given == v || family == v || parts().any(|x| x == v),
-            "family" => family == v || family.split(' ').any(|x| x == v),
-            "given" => given == v || given.split(' ').any(|x| x == v),
-            _ => false,
-        }
+        use crate::records::search::{self, Part};
+        let parts: &[Part] = match *name {
+            "name" => search::BOTH,
+            "family" => &[Part::Family],
+            "given" => &[Part::Given],
+            _ => return false,
+        };
+        let words = search::tokens(v);
+        !words.is_empty() && search::name_matches(&words, &f.given_name, &f.family_name, parts)
     }) && q.tokens.iter().all(|(name, values)| match *name {
         "identifier" => values.iter().any(|t| {
             let mrn = t

@@ -29,6 +29,7 @@ pub const TABLES: &[&str] = &[
     "login_attempts",
     "lockouts",
     "patients",
+    "patient_terms",
     "records",
     "fhir_resources",
     "fhir_versions",

@@ -5,6 +5,7 @@
 pub mod demo;
 pub mod model;
 pub mod routes;
+pub mod search;
 pub mod service;
 pub mod store;
 

@@ -193,6 +193,11 @@ impl Checks {
     }
 }
 
+/// A date as stored: `YYYY-MM-DD`.
+pub fn format_date(d: time::Date) -> String {
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+}
+
 pub fn parse_date(s: &str) -> Option<time::Date> {
     let f = time::macros::format_description!("[year]-[month]-[day]");
     (s.len() == 10)

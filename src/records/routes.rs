@@ -361,14 +361,21 @@ fn next_cursor(
 pub struct PatientPage {
     items: Vec<PatientView>,
     next_cursor: Option<String>,
+    /// With `q` only: more patients matched than a search answers (100); the best were
+    /// ranked. Narrow the search (more of the name, the birth date).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    truncated: Option<bool>,
 }
 
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct PatientQuery {
-    /// Exact MRN, SSN (needs `phi:ssn`: without it an SSN-shaped `q` is a 403
-    /// `forbidden`), birth date (YYYY-MM-DD), or given or family name (any case).
+    /// What a person would type: an MRN, an SSN (needs `phi:ssn`: without it an
+    /// SSN-shaped word is a 403 `forbidden`), a birth date (`1961-07-04`, `07/04/1961`,
+    /// `4 Jul 1961`, …), or names in either order (`Jane Doe`, `Doe, Jane`), each word
+    /// whole or its first 3 letters or more, with a birth date if wished. Every name
+    /// word and date must match. At most 100 patients answer, by relevance then name.
     #[param(inline)]
     q: Option<Text<200>>,
     #[param(inline)]
@@ -403,30 +410,58 @@ pub async fn list_patients(
     if !by_ssn
         && q.q
             .as_ref()
-            .map(|t| t.as_str().trim())
-            .is_some_and(ssn_shaped)
+            .is_some_and(|t| {
+                t.as_str()
+                    .split(|c: char| c.is_whitespace() || c == ',')
+                    .any(ssn_shaped)
+            })
     {
         return Err(ApiError::new(ErrorCode::Forbidden)
             .with_detail("Searching by SSN needs the phi:ssn permission."));
     }
     let anonymize = q.anonymize.unwrap_or(false);
-    let after = page_after(&state, q.cursor.as_deref(), anonymize, PATIENT_PAGES)?;
-    let mut found = state
-        .patients()
-        .search(
-            q.q.as_ref().map(Text::as_str),
-            by_ssn,
-            &after,
-            i64::from(limit) + 1,
-        )
-        .await?;
-    let more = found.len() > limit as usize;
-    found.truncate(limit as usize);
+    let text = q.q.as_ref().map(|t| t.as_str().trim()).unwrap_or("");
+    let (found, next_cursor, truncated) = if text.is_empty() {
+        // Every patient, by id.
+        let after = page_after(&state, q.cursor.as_deref(), anonymize, PATIENT_PAGES)?;
+        let mut found = state
+            .patients()
+            .list(&after, i64::from(limit) + 1)
+            .await?;
+        let more = found.len() > limit as usize;
+        found.truncate(limit as usize);
+        let last = found.last().filter(|_| more).map(|p| p.id.as_str());
+        let next = next_cursor(&state, last, anonymize, PATIENT_PAGES)?;
+        (found, next, None)
+    } else {
+        // A ranked search: its cursor is the next page's place in the ranking, sealed to
+        // this very search (and caller's view), so it carries no id.
+        let scope = format!("search|{anonymize}|{by_ssn}|{text}");
+        let offset = match q.cursor.as_deref() {
+            None => 0,
+            Some(c) => state
+                .patients()
+                .open_deid_cursor(&scope, c)
+                .and_then(|o| o.parse::<usize>().ok())
+                .ok_or_else(|| {
+                    ApiError::field("cursor", "is not the cursor of a previous page of this search")
+                })?,
+        };
+        let found = state
+            .patients()
+            .find(text, by_ssn, anonymize, offset, limit as usize)
+            .await?;
+        let next = found
+            .next_offset
+            .map(|o| state.patients().deid_cursor(&scope, &o.to_string()))
+            .transpose()?;
+        (found.patients, next, Some(found.truncated))
+    };
     audit.context("count", ContextValue::Int(found.len() as i64));
     audit.name_patients(Action::Read, found.iter().map(|p| p.id.as_str()));
-    let last = found.last().filter(|_| more).map(|p| p.id.as_str());
     Ok(Json(PatientPage {
-        next_cursor: next_cursor(&state, last, anonymize, PATIENT_PAGES)?,
+        next_cursor,
+        truncated,
         items: found
             .iter()
             .map(|p| patient_view(&state, p, by_ssn, anonymize))

@@ -3,10 +3,9 @@
 
 use std::sync::Arc;
 
-use super::model::{
-    Checks, NewPatient, NewRecord, PatientFields, PatientPatch, RecordPatch, norm_name, parse_date,
-};
-use super::store::{self, PatientRow, RecordRow, SearchIndex};
+use super::model::{Checks, NewPatient, NewRecord, PatientFields, PatientPatch, RecordPatch, parse_date};
+use super::search::{self, BOTH, Part, Query, Tags, TermTags};
+use super::store::{self, PatientRow, RecordRow, SearchIndex, TermProbe};
 use crate::clock::{SharedClock, timestamp};
 use crate::crypto::{self, SharedKeyring};
 use crate::http::FieldError;
@@ -16,8 +15,12 @@ use zeroize::Zeroizing;
 
 const PATIENTS: &str = "patients";
 const RECORDS: &str = "records";
-/// The purpose of the key that seals de-identified cursors.
+/// The purpose of the key that seals de-identified cursors (and ranked search pages).
 const DEID_CURSOR: &str = "custodian/phi/deid-cursor/v1";
+/// Most patients a search answers: a search is for finding a person, not for walking
+/// the population. Beyond it the answer says so, and asks for more of the name or the
+/// birth date.
+pub const MAX_MATCHES: usize = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PhiError {
@@ -35,6 +38,18 @@ pub enum PhiError {
     /// security event.
     #[error("decryption failed: {0}")]
     Envelope(#[from] EnvelopeError),
+}
+
+/// One page of a ranked search.
+#[derive(Debug, Default)]
+pub struct Found {
+    pub patients: Vec<Patient>,
+    /// Where the next page starts (`None`: this is the last).
+    pub next_offset: Option<usize>,
+    /// More than [`MAX_MATCHES`] patients matched: only the best were ranked.
+    pub truncated: bool,
+    /// A name word had fewer than 3 letters, so it matched whole names only.
+    pub short_terms: bool,
 }
 
 /// A patient in the clear (only in memory, only for the response).
@@ -182,12 +197,14 @@ impl Patients {
                 .map(|s| self.bi("ssn", &s.replace('-', "")))
                 .transpose()?,
             bi_birth_date: Some(self.bi("birth_date", &f.birth_date)?),
-            bi_given_name: Some(self.bi("given_name", &norm_name(&f.given_name))?),
-            bi_family_name: Some(self.bi("family_name", &norm_name(&f.family_name))?),
+            // Superseded by the name search tags (`terms`).
+            bi_given_name: None,
+            bi_family_name: None,
             version: 1,
             created_at: String::new(),
             updated_at: String::new(),
             deleted_at: None,
+            terms: Tags::new(&self.keys).of_name(&f.given_name, &f.family_name)?,
         })
     }
 
@@ -450,47 +467,169 @@ impl Patients {
         }
     }
 
-    /// Exact search on MRN, SSN (only when `by_ssn`: the caller holds `phi:ssn`), birth
-    /// date, given or family name, by blind index only: no table is decrypted to search it.
-    pub async fn search(
-        &self,
-        q: Option<&str>,
-        by_ssn: bool,
-        after: &str,
-        limit: i64,
-    ) -> Result<Vec<Patient>, PhiError> {
-        let index = match q.map(str::trim).filter(|s| !s.is_empty()) {
-            None => None,
-            Some(q) => {
-                // A value that cannot be of a kind matches nothing of that kind.
-                let none = || "-".to_owned();
-                let ssn = if by_ssn && super::model::valid_ssn(q) {
-                    self.bi("ssn", &q.replace('-', ""))?
-                } else {
-                    none()
-                };
-                let birth = if parse_date(q).is_some() {
-                    self.bi("birth_date", q)?
-                } else {
-                    none()
-                };
-                let name = norm_name(q);
-                Some(SearchIndex {
-                    mrn: self.bi("mrn", &q.to_ascii_uppercase())?,
-                    ssn,
-                    birth_date: birth,
-                    given_name: self.bi("given_name", &name)?,
-                    family_name: self.bi("family_name", &name)?,
-                })
-            }
-        };
-        let rows = store::search(&self.db, index.as_ref(), after, limit).await?;
+    /// Every live patient, a page at a time in id order (after `after`).
+    pub async fn list(&self, after: &str, limit: i64) -> Result<Vec<Patient>, PhiError> {
+        let rows = store::search(&self.db, None, after, limit).await?;
         rows.iter().map(|r| self.open_row(r)).collect()
     }
 
-    /// Every live patient whose blind index `probe` equals `value` (normalised as its
-    /// column is), in id order: the candidates of a FHIR search, filtered by the caller.
-    /// The blind indexes a FHIR probe reads (the others match nothing).
+    /// The given and family names of a row, and nothing else opened.
+    fn open_names(&self, row: &PatientRow) -> Result<(String, String), PhiError> {
+        let key = self.data_key(row)?;
+        let open = |column: &str, v: &str| {
+            envelope::open_field(&key, PATIENTS, column, &row.id, v).map(|s| s.to_string())
+        };
+        Ok((
+            open("given_name", &row.given_name)?,
+            open("family_name", &row.family_name)?,
+        ))
+    }
+
+    /// The blind indexes of the whole value and the identifier words of a query (MRNs,
+    /// and the SSN when `by_ssn`: the caller holds `phi:ssn`).
+    fn identifier_indexes(&self, q: &Query, by_ssn: bool) -> Result<Vec<String>, PhiError> {
+        let mut out = vec![self.bi("mrn", &q.whole.to_ascii_uppercase())?];
+        for w in &q.identifiers {
+            out.push(self.bi("mrn", w)?);
+        }
+        if by_ssn && super::model::valid_ssn(&q.whole) {
+            out.push(self.bi("ssn", &q.whole.replace('-', ""))?);
+        }
+        Ok(out)
+    }
+
+    /// A search box's text, answered a page at a time: the best [`MAX_MATCHES`] matches,
+    /// by relevance then name. An MRN (or, with `by_ssn`, an SSN) given whole ranks first;
+    /// then patients matching every name word and the birth date, a word matched whole
+    /// above one matched as a prefix. Read from keyed tags and blind indexes only; the
+    /// names of at most [`MAX_MATCHES`] candidates are opened to sort them, and the
+    /// patients of the page alone are opened whole. De-identified (`anonymize`), ties are
+    /// ordered by pseudonym, so the order tells nothing of the names.
+    pub async fn find(
+        &self,
+        text: &str,
+        by_ssn: bool,
+        anonymize: bool,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Found, PhiError> {
+        let q = Query::parse(text, self.today());
+        let mut found = Found {
+            short_terms: q.short_terms,
+            ..Found::default()
+        };
+        if q.whole.is_empty() {
+            return Ok(found);
+        }
+        let cap = MAX_MATCHES + 1;
+        let cap_i = i64::try_from(cap).unwrap_or(101);
+        // (id, score)
+        let mut scored: Vec<(String, i64)> = Vec::new();
+        let indexes = self.identifier_indexes(&q, by_ssn)?;
+        let refs: Vec<&str> = indexes.iter().map(String::as_str).collect();
+        for id in store::ids_by_identifier(&self.db, &refs).await? {
+            scored.push((id, 100));
+        }
+        let tags = Tags::new(&self.keys);
+        let terms: Vec<TermTags> = q
+            .names
+            .iter()
+            .map(|n| tags.of_term(&n.text, n.parts))
+            .collect::<Result<_, _>>()?;
+        let loose = terms.iter().any(|t| t.loose);
+        match (terms.as_slice(), q.birth_date) {
+            ([], None) => {}
+            ([one], None) => {
+                // One word: whole-token matches first, then prefix matches, each read a
+                // page at most from its tags' index.
+                let exact: Vec<&str> = one.exact.iter().map(String::as_str).collect();
+                for id in store::ids_with_any_tag(&self.db, &exact, "", cap_i).await? {
+                    scored.push((id, 2));
+                }
+                if scored.len() < cap {
+                    let prefix: Vec<&str> = one.prefix.iter().map(String::as_str).collect();
+                    for id in store::ids_with_any_tag(&self.db, &prefix, "", cap_i).await? {
+                        scored.push((id, 1));
+                    }
+                }
+            }
+            (terms, birth) => {
+                let probes: Vec<TermProbe> = terms
+                    .iter()
+                    .map(|t| TermProbe {
+                        exact: t.exact.iter().map(String::as_str).collect(),
+                        all: t.all(),
+                    })
+                    .collect();
+                let birth = match birth {
+                    Some(d) => Some(self.bi("birth_date", &super::model::format_date(d))?),
+                    None => None,
+                };
+                scored.extend(
+                    store::ranked_matches(&self.db, &probes, birth.as_deref(), cap_i).await?,
+                );
+            }
+        }
+        // Each patient once, at its best score; best first, then by id.
+        scored.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let mut seen = std::collections::HashSet::new();
+        scored.retain(|(id, _)| seen.insert(id.clone()));
+        found.truncated = scored.len() > MAX_MATCHES;
+        scored.truncate(MAX_MATCHES);
+        let score: std::collections::HashMap<String, i64> = scored.iter().cloned().collect();
+        let ids: Vec<String> = scored.into_iter().map(|(id, _)| id).collect();
+        let rows = store::patients_by_ids(&self.db, &ids).await?;
+        // The sort key of each candidate: its score, then its name (or its pseudonym).
+        let mut keyed: Vec<((i64, String, String, String), PatientRow)> =
+            Vec::with_capacity(rows.len());
+        let words: Vec<String> = q.names.iter().map(|n| n.text.clone()).collect();
+        for row in rows {
+            let s = -score.get(&row.id).copied().unwrap_or(0);
+            let (given, family) = self.open_names(&row)?;
+            if loose && s > -100 && !search::name_matches(&words, &given, &family, BOTH) {
+                continue;
+            }
+            let key = if anonymize {
+                (s, self.pseudonym(&row.id), String::new(), row.id.clone())
+            } else {
+                (s, search::fold(&family), search::fold(&given), row.id.clone())
+            };
+            keyed.push((key, row));
+        }
+        keyed.sort_by(|a, b| a.0.cmp(&b.0));
+        let end = offset.saturating_add(limit).min(keyed.len());
+        if end < keyed.len() {
+            found.next_offset = Some(end);
+        }
+        found.patients = keyed
+            .get(offset.min(end)..end)
+            .unwrap_or(&[])
+            .iter()
+            .map(|(_, row)| self.open_row(row))
+            .collect::<Result<_, _>>()?;
+        Ok(found)
+    }
+
+    /// The tags a FHIR name probe reads: each word of `value`, in the parts the
+    /// parameter names. `None` for a probe that is not a name.
+    fn name_probe(&self, probe: Probe, value: &str) -> Result<Option<Vec<TermTags>>, PhiError> {
+        let parts: &[Part] = match probe {
+            Probe::Name => BOTH,
+            Probe::Given => &[Part::Given],
+            Probe::Family => &[Part::Family],
+            Probe::Identifier | Probe::BirthDate => return Ok(None),
+        };
+        let tags = Tags::new(&self.keys);
+        Ok(Some(
+            search::tokens(value)
+                .iter()
+                .map(|t| tags.of_term(t, parts))
+                .collect::<Result<_, _>>()?,
+        ))
+    }
+
+    /// The blind indexes a FHIR identifier or birth-date probe reads (the others match
+    /// nothing).
     fn probe_index(
         &self,
         probe: Probe,
@@ -498,7 +637,6 @@ impl Patients {
         by_ssn: bool,
     ) -> Result<SearchIndex, PhiError> {
         let none = || "-".to_owned();
-        let name = norm_name(value);
         Ok(SearchIndex {
             mrn: match probe {
                 Probe::Identifier => self.bi("mrn", &value.trim().to_ascii_uppercase())?,
@@ -516,20 +654,21 @@ impl Patients {
                 }
                 _ => none(),
             },
-            given_name: match probe {
-                Probe::Name | Probe::Given => self.bi("given_name", &name)?,
-                _ => none(),
-            },
-            family_name: match probe {
-                Probe::Name | Probe::Family => self.bi("family_name", &name)?,
-                _ => none(),
-            },
         })
     }
 
-    /// One page (by id, after `after`) of the live patients whose probe index equals
-    /// `value`, and how many there are in all: a search with that one criterion, no
-    /// patient opened but the page's.
+    /// Whether a name probe can be answered a page at a time straight from the tags:
+    /// one word, short enough to have a tag of its own.
+    pub fn pages_from_tags(&self, probe: Probe, value: &str) -> bool {
+        let words = search::tokens(value);
+        matches!(probe, Probe::Name | Probe::Given | Probe::Family)
+            && words.len() == 1
+            && words.iter().all(|w| w.chars().count() <= search::MAX_PREFIX)
+    }
+
+    /// One page (by id, after `after`) of the live patients matching one probe, and how
+    /// many there are in all: a search with that one criterion, no patient opened but the
+    /// page's. For a name, only a probe [`Patients::pages_from_tags`] accepts.
     pub async fn search_index_page(
         &self,
         probe: Probe,
@@ -537,9 +676,22 @@ impl Patients {
         after: &str,
         limit: i64,
     ) -> Result<(i64, Vec<Patient>), PhiError> {
-        let ix = self.probe_index(probe, value, false)?;
-        let total = store::count_index(&self.db, &ix).await?;
-        let rows = store::search(&self.db, Some(&ix), after, limit).await?;
+        let (total, rows) = match self.name_probe(probe, value)? {
+            Some(terms) => {
+                let [term] = terms.as_slice() else {
+                    return Ok((0, Vec::new()));
+                };
+                let tags = term.all();
+                let total = store::count_with_any_tag(&self.db, &tags).await?;
+                let ids = store::ids_with_any_tag(&self.db, &tags, after, limit).await?;
+                (total, store::patients_by_ids(&self.db, &ids).await?)
+            }
+            None => {
+                let ix = self.probe_index(probe, value, false)?;
+                let total = store::count_index(&self.db, &ix).await?;
+                (total, store::search(&self.db, Some(&ix), after, limit).await?)
+            }
+        };
         Ok((
             total,
             rows.iter()
@@ -548,19 +700,32 @@ impl Patients {
         ))
     }
 
-    /// Every live patient whose blind index `probe` equals `value` (normalised as its
-    /// column is), in id order: the candidates of a FHIR search, filtered by the caller.
+    /// Every live patient matching one probe, in id order: the candidates of a FHIR
+    /// search, filtered by the caller. A name probe reads the tags of its first word (the
+    /// caller checks every word against the opened names).
     pub async fn search_index(
         &self,
         probe: Probe,
         value: &str,
         by_ssn: bool,
     ) -> Result<Vec<Patient>, PhiError> {
-        let ix = self.probe_index(probe, value, by_ssn)?;
         let mut out: Vec<Patient> = Vec::new();
         let mut after = String::new();
+        let name = self.name_probe(probe, value)?;
         loop {
-            let rows = store::search(&self.db, Some(&ix), &after, 1000).await?;
+            let rows = match &name {
+                Some(terms) => {
+                    let Some(first) = terms.first() else {
+                        return Ok(out);
+                    };
+                    let ids = store::ids_with_any_tag(&self.db, &first.all(), &after, 1000).await?;
+                    store::patients_by_ids(&self.db, &ids).await?
+                }
+                None => {
+                    let ix = self.probe_index(probe, value, by_ssn)?;
+                    store::search(&self.db, Some(&ix), &after, 1000).await?
+                }
+            };
             let full = rows.len() == 1000;
             for r in &rows {
                 out.push(self.open_row(r)?);
@@ -571,6 +736,33 @@ impl Patients {
             }
         }
         Ok(out)
+    }
+
+    /// Builds the name search tags of patients written before they existed (at start,
+    /// after migrating). Idempotent; a patient changed meanwhile keeps what its own
+    /// write made. Returns how many were indexed.
+    pub async fn build_name_terms(&self) -> Result<u64, PhiError> {
+        let tags = Tags::new(&self.keys);
+        let mut done = 0u64;
+        loop {
+            let rows = store::patients_without_terms(&self.db, 500).await?;
+            if rows.is_empty() {
+                return Ok(done);
+            }
+            let mut progressed = false;
+            for row in &rows {
+                let (given, family) = self.open_names(row)?;
+                let terms = tags.of_name(&given, &family)?;
+                if store::write_terms(&self.db, &row.id, row.version, &terms).await? {
+                    done += 1;
+                    progressed = true;
+                }
+            }
+            if !progressed {
+                // Every row changed under us: their writers made their tags.
+                return Ok(done);
+            }
+        }
     }
 
     // ---- records ---------------------------------------------------------------------

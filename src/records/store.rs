@@ -31,6 +31,9 @@ pub struct PatientRow {
     pub created_at: String,
     pub updated_at: String,
     pub deleted_at: Option<String>,
+    /// The name search tags of this row's name (`patient_terms`): filled when the row is
+    /// sealed for a write, empty when it was read.
+    pub terms: Vec<String>,
 }
 
 const PATIENT_COLUMNS: &str = "id, data_key, kek_version, mrn, given_name, family_name, birth_date, sex, ssn, \
@@ -60,7 +63,38 @@ fn patient<R: Cols>(r: &R) -> Result<PatientRow, StoreError> {
         created_at: r.col_at(18, "created_at")?,
         updated_at: r.col_at(19, "updated_at")?,
         deleted_at: r.col_at(20, "deleted_at")?,
+        terms: Vec::new(),
     })
+}
+
+/// The version of the name search tags that writes give a row (`patients.terms_version`).
+pub const TERMS_VERSION: i64 = 1;
+
+/// Replaces a patient's name search tags inside `tx`.
+async fn write_terms_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    patient_id: &str,
+    terms: &[String],
+) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM patient_terms WHERE patient_id = $1")
+        .bind(patient_id)
+        .execute(&mut **tx)
+        .await?;
+    for chunk in terms.chunks(100) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+            .collect();
+        let sql = format!(
+            "INSERT INTO patient_terms (tag, patient_id) VALUES {} ON CONFLICT DO NOTHING",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for t in chunk {
+            q = q.bind(t).bind(patient_id);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 /// Writes a patient inside `tx`: inserts it (`expected` is `None`) or replaces its
@@ -74,8 +108,9 @@ pub async fn write_patient_in(
     let n = match expected {
         None => sqlx::query(
             "INSERT INTO patients (id, data_key, kek_version, mrn, given_name, family_name, birth_date, sex, ssn, email, \
-             phone, address, bi_mrn, bi_ssn, bi_birth_date, bi_given_name, bi_family_name, version, created_at, updated_at) \
-             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20) ON CONFLICT DO NOTHING",
+             phone, address, bi_mrn, bi_ssn, bi_birth_date, bi_given_name, bi_family_name, version, created_at, updated_at, \
+             terms_version) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21) ON CONFLICT DO NOTHING",
         )
         .bind(&p.id)
         .bind(&p.data_key)
@@ -97,13 +132,14 @@ pub async fn write_patient_in(
         .bind(p.version)
         .bind(&p.created_at)
         .bind(&p.updated_at)
+        .bind(TERMS_VERSION)
         .execute(&mut **tx)
         .await?
         .rows_affected(),
         Some(expected) => sqlx::query(
             "UPDATE patients SET mrn=$1, given_name=$2, family_name=$3, birth_date=$4, sex=$5, ssn=$6, email=$7, phone=$8, \
              address=$9, bi_mrn=$10, bi_ssn=$11, bi_birth_date=$12, bi_given_name=$13, bi_family_name=$14, version=$15, \
-             updated_at=$16 WHERE id=$17 AND version=$18 AND deleted_at IS NULL",
+             updated_at=$16, terms_version=$19 WHERE id=$17 AND version=$18 AND deleted_at IS NULL",
         )
         .bind(&p.mrn)
         .bind(&p.given_name)
@@ -123,11 +159,16 @@ pub async fn write_patient_in(
         .bind(&p.updated_at)
         .bind(&p.id)
         .bind(expected)
+        .bind(TERMS_VERSION)
         .execute(&mut **tx)
         .await?
         .rows_affected(),
     };
-    Ok(n == 1)
+    if n != 1 {
+        return Ok(false);
+    }
+    write_terms_in(tx, &p.id, &p.terms).await?;
+    Ok(true)
 }
 
 /// Keeps one version of a patient's fields (sealed), for FHIR vread; `None` for a
@@ -242,7 +283,7 @@ pub async fn search(
 ) -> Result<Vec<PatientRow>, StoreError> {
     // The page size is written into the SQL, not bound: SQLite plans `ORDER BY … LIMIT`
     // with the bound value and so prepared the statement anew at every run (its whole
-    // compile, for the five-index union, at every search). An integer, clamped here.
+    // compile, for the union, at every search). An integer, clamped here.
     let limit = limit.clamp(1, 1000);
     let sql = match index {
         None => format!(
@@ -252,7 +293,7 @@ pub async fn search(
             // One page from each blind index, in id order through its (value, id)
             // index, then the first page of their union: the first `limit` matches
             // after the cursor are among them, and no index is read further than a
-            // page, however many patients share a name.
+            // page, however many patients share a value.
             let branch = |column: &str, param: u8, alias: &str| {
                 format!(
                     "SELECT id FROM (SELECT id FROM patients WHERE {column} = ${param} \
@@ -263,8 +304,6 @@ pub async fn search(
                 branch("bi_mrn", 2, "m"),
                 branch("bi_ssn", 3, "s"),
                 branch("bi_birth_date", 4, "b"),
-                branch("bi_given_name", 5, "g"),
-                branch("bi_family_name", 6, "f"),
             ]
             .join(" UNION ");
             format!(
@@ -279,14 +318,7 @@ pub async fn search(
             Some(ix) => local::query(
                 c,
                 &sql,
-                &[
-                    &after,
-                    &ix.mrn,
-                    &ix.ssn,
-                    &ix.birth_date,
-                    &ix.given_name,
-                    &ix.family_name,
-                ],
+                &[&after, &ix.mrn, &ix.ssn, &ix.birth_date],
                 |r| patient(r),
             ),
         });
@@ -294,12 +326,7 @@ pub async fn search(
     let q = sqlx::query(AssertSqlSafe(sql)).bind(after);
     let q = match index {
         None => q,
-        Some(ix) => q
-            .bind(&ix.mrn)
-            .bind(&ix.ssn)
-            .bind(&ix.birth_date)
-            .bind(&ix.given_name)
-            .bind(&ix.family_name),
+        Some(ix) => q.bind(&ix.mrn).bind(&ix.ssn).bind(&ix.birth_date),
     };
     let rows = q.fetch_all(db.reader()).await?;
     rows.iter().map(patient).collect()
@@ -308,48 +335,244 @@ pub async fn search(
 /// How many live patients match any of the blind indexes given: one count through each
 /// index's (value, id) index, their union deduplicated.
 pub async fn count_index(db: &Db, ix: &SearchIndex) -> Result<i64, StoreError> {
-    const SQL: &str = "SELECT COUNT(*) AS n FROM (\
+    const SQL: &str = "SELECT '' AS id, COUNT(*) AS n FROM (\
         SELECT id FROM patients WHERE bi_mrn = $1 AND deleted_at IS NULL \
         UNION SELECT id FROM patients WHERE bi_ssn = $2 AND deleted_at IS NULL \
-        UNION SELECT id FROM patients WHERE bi_birth_date = $3 AND deleted_at IS NULL \
-        UNION SELECT id FROM patients WHERE bi_given_name = $4 AND deleted_at IS NULL \
-        UNION SELECT id FROM patients WHERE bi_family_name = $5 AND deleted_at IS NULL) AS matches";
-    if let Some(local) = db.local() {
-        let n = local.read(|c| {
-            local::query(
-                c,
-                SQL,
-                &[
-                    &ix.mrn,
-                    &ix.ssn,
-                    &ix.birth_date,
-                    &ix.given_name,
-                    &ix.family_name,
-                ],
-                |r| r.col::<i64>("n"),
-            )
-        })?;
-        return Ok(n.into_iter().next().unwrap_or(0));
-    }
-    let row = sqlx::query(SQL)
-        .bind(&ix.mrn)
-        .bind(&ix.ssn)
-        .bind(&ix.birth_date)
-        .bind(&ix.given_name)
-        .bind(&ix.family_name)
-        .fetch_one(db.reader())
-        .await?;
-    Ok(row.try_get("n")?)
+        UNION SELECT id FROM patients WHERE bi_birth_date = $3 AND deleted_at IS NULL) AS matches";
+    let rows = ids_and_numbers(db, SQL.to_owned(), &[&ix.mrn, &ix.ssn, &ix.birth_date]).await?;
+    Ok(rows.first().map_or(0, |(_, n)| *n))
 }
 
-/// The blind indexes a search term may match (a column's index, or a value that
-/// matches nothing when the term cannot be that kind of value).
+/// The blind indexes an identifier or a birth date may match (a column's index, or a
+/// value that matches nothing when the term cannot be that kind of value).
 pub struct SearchIndex {
     pub mrn: String,
     pub ssn: String,
     pub birth_date: String,
-    pub given_name: String,
-    pub family_name: String,
+}
+
+/// Runs a read whose rows are `(id, n)`: a text column `id` and an integer column `n`.
+/// In place on a SQLite file, through the pool elsewhere. Every parameter is text.
+async fn ids_and_numbers(
+    db: &Db,
+    sql: String,
+    params: &[&str],
+) -> Result<Vec<(String, i64)>, StoreError> {
+    if let Some(local) = db.local() {
+        let p: Vec<&dyn rusqlite::ToSql> =
+            params.iter().map(|v| v as &dyn rusqlite::ToSql).collect();
+        return local.read(|c| local::query(c, &sql, &p, |r| Ok((r.col("id")?, r.col("n")?))));
+    }
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for v in params {
+        q = q.bind(*v);
+    }
+    q.fetch_all(db.reader())
+        .await?
+        .iter()
+        .map(|r| Ok((r.col("id")?, r.col("n")?)))
+        .collect()
+}
+
+/// `$first, $first+1, …` for `n` values.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One name term of a search: the tags of its whole token, and every tag it matches
+/// (the token's and, from 3 letters, its prefix's).
+pub struct TermProbe<'a> {
+    pub exact: Vec<&'a str>,
+    pub all: Vec<&'a str>,
+}
+
+/// The live patients with any of `tags`, at most `limit` of them, lowest ids first: one
+/// page from each tag's (tag, patient) index, never more.
+pub async fn ids_with_any_tag(
+    db: &Db,
+    tags: &[&str],
+    after: &str,
+    limit: i64,
+) -> Result<Vec<String>, StoreError> {
+    if tags.is_empty() {
+        return Ok(Vec::new());
+    }
+    let limit = limit.clamp(1, 10_000);
+    let union = (0..tags.len())
+        .map(|i| {
+            format!(
+                "SELECT patient_id FROM (SELECT patient_id FROM patient_terms WHERE tag = ${} \
+                 AND patient_id > $1 ORDER BY patient_id LIMIT {limit}) AS t{i}",
+                i + 2
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ");
+    let sql = format!(
+        "SELECT patient_id AS id, CAST(0 AS BIGINT) AS n FROM ({union}) AS u ORDER BY patient_id LIMIT {limit}"
+    );
+    let mut params: Vec<&str> = vec![after];
+    params.extend_from_slice(tags);
+    Ok(ids_and_numbers(db, sql, &params)
+        .await?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect())
+}
+
+/// How many live patients have any of `tags`.
+pub async fn count_with_any_tag(db: &Db, tags: &[&str]) -> Result<i64, StoreError> {
+    if tags.is_empty() {
+        return Ok(0);
+    }
+    let sql = format!(
+        "SELECT '' AS id, COUNT(DISTINCT patient_id) AS n FROM patient_terms WHERE tag IN ({})",
+        placeholders(1, tags.len())
+    );
+    let rows = ids_and_numbers(db, sql, tags).await?;
+    Ok(rows.first().map_or(0, |(_, n)| *n))
+}
+
+/// The best matches of a search, ranked: every patient matching each name term (2 points
+/// a term matched whole, 1 a term matched as a prefix) and the birth date (2 points) when
+/// one is given, at most `limit`, highest score first (then by id).
+pub async fn ranked_matches(
+    db: &Db,
+    terms: &[TermProbe<'_>],
+    birth_date: Option<&str>,
+    limit: i64,
+) -> Result<Vec<(String, i64)>, StoreError> {
+    let limit = limit.clamp(1, 10_000);
+    let mut params: Vec<&str> = Vec::new();
+    let mut branches: Vec<String> = Vec::new();
+    for t in terms {
+        if t.all.is_empty() {
+            return Ok(Vec::new());
+        }
+        let e = placeholders(params.len() + 1, t.exact.len());
+        params.extend(t.exact.iter().copied());
+        let a = placeholders(params.len() + 1, t.all.len());
+        params.extend(t.all.iter().copied());
+        let exact = if t.exact.is_empty() {
+            "1".to_owned()
+        } else {
+            format!("CASE WHEN tag IN ({e}) THEN 2 ELSE 1 END")
+        };
+        branches.push(format!(
+            "SELECT patient_id, MAX({exact}) AS w FROM patient_terms WHERE tag IN ({a}) GROUP BY patient_id"
+        ));
+    }
+    if let Some(b) = birth_date {
+        params.push(b);
+        branches.push(format!(
+            "SELECT id AS patient_id, 2 AS w FROM patients WHERE bi_birth_date = ${} AND deleted_at IS NULL",
+            params.len()
+        ));
+    }
+    if branches.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "SELECT patient_id AS id, SUM(w) AS n FROM ({}) AS hits GROUP BY patient_id \
+         HAVING COUNT(*) = {} ORDER BY n DESC, patient_id LIMIT {limit}",
+        branches.join(" UNION ALL "),
+        branches.len()
+    );
+    ids_and_numbers(db, sql, &params).await
+}
+
+/// The live patients whose MRN or SSN blind index is one of `indexes`.
+pub async fn ids_by_identifier(db: &Db, indexes: &[&str]) -> Result<Vec<String>, StoreError> {
+    if indexes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let p = placeholders(1, indexes.len());
+    let sql = format!(
+        "SELECT id, CAST(0 AS BIGINT) AS n FROM patients WHERE (bi_mrn IN ({p}) OR bi_ssn IN ({p})) AND deleted_at IS NULL ORDER BY id LIMIT 100"
+    );
+    Ok(ids_and_numbers(db, sql, indexes)
+        .await?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect())
+}
+
+/// Live patients by id, in the order given (ids not found are left out).
+pub async fn patients_by_ids(db: &Db, ids: &[String]) -> Result<Vec<PatientRow>, StoreError> {
+    let mut out: Vec<PatientRow> = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(500) {
+        let sql = format!(
+            "SELECT {PATIENT_COLUMNS} FROM patients WHERE id IN ({}) AND deleted_at IS NULL",
+            placeholders(1, chunk.len())
+        );
+        let rows: Vec<PatientRow> = if let Some(local) = db.local() {
+            let p: Vec<&dyn rusqlite::ToSql> =
+                chunk.iter().map(|v| v as &dyn rusqlite::ToSql).collect();
+            local.read(|c| local::query(c, &sql, &p, |r| patient(r)))?
+        } else {
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for v in chunk {
+                q = q.bind(v);
+            }
+            q.fetch_all(db.reader())
+                .await?
+                .iter()
+                .map(patient)
+                .collect::<Result<_, _>>()?
+        };
+        out.extend(rows);
+    }
+    let order: std::collections::HashMap<&str, usize> =
+        ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
+    out.sort_by_key(|r| order.get(r.id.as_str()).copied().unwrap_or(usize::MAX));
+    Ok(out)
+}
+
+/// Live patients whose name search tags are older than [`TERMS_VERSION`] (written before
+/// the tags existed), a batch at a time.
+pub async fn patients_without_terms(db: &Db, limit: i64) -> Result<Vec<PatientRow>, StoreError> {
+    let sql = format!(
+        "SELECT {PATIENT_COLUMNS} FROM patients WHERE terms_version < $1 AND deleted_at IS NULL \
+         AND data_key IS NOT NULL ORDER BY id LIMIT {}",
+        limit.clamp(1, 1000)
+    );
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(TERMS_VERSION)
+        .fetch_all(db.reader())
+        .await?
+        .iter()
+        .map(patient)
+        .collect()
+}
+
+/// Writes the name search tags of a patient read at `version` (false: it changed since,
+/// and its writer wrote them).
+pub async fn write_terms(
+    db: &Db,
+    id: &str,
+    version: i64,
+    terms: &[String],
+) -> Result<bool, StoreError> {
+    let mut tx = db.writer().begin().await?;
+    let n = sqlx::query(
+        "UPDATE patients SET terms_version = $1 WHERE id = $2 AND version = $3 AND deleted_at IS NULL",
+    )
+    .bind(TERMS_VERSION)
+    .bind(id)
+    .bind(version)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if n != 1 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    write_terms_in(&mut tx, id, terms).await?;
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// Soft-deletes a live patient: a new version, marked deleted, and its version row.
@@ -372,6 +595,8 @@ pub async fn soft_delete_patient(db: &Db, id: &str, now: &str) -> Result<bool, S
         .fetch_one(&mut *tx)
         .await?
         .col("version")?;
+    // A deleted patient is found by no search.
+    write_terms_in(&mut tx, id, &[]).await?;
     insert_patient_version(&mut tx, id, version, None, now).await?;
     tx.commit().await?;
     Ok(true)
@@ -570,6 +795,10 @@ pub async fn shred(db: &Db, before: &str, now: &str) -> Result<Vec<String>, Stor
         .bind(id)
         .execute(db.writer())
         .await?;
+        sqlx::query("DELETE FROM patient_terms WHERE patient_id = $1")
+            .bind(id)
+            .execute(db.writer())
+            .await?;
     }
     Ok(ids)
 }

@@ -22,6 +22,7 @@ mod monitoring;
 mod ops;
 mod phi;
 mod ratelimit;
+mod search;
 mod smart;
 mod smart_fixture;
 mod smtp_sink;
