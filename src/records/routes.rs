@@ -165,7 +165,12 @@ pub struct ViewQuery {
 /// (§164.514(b)(2)) for every field a patient has: names redacted; SSN, email, phone,
 /// address, MRN and the record's own dates removed; the birth date reduced to its year,
 /// or `90+` over 89; the id replaced by a pseudonym.
-fn patient_view(state: &AppState, p: &Patient, sees_ssn: bool, anonymize: bool) -> PatientView {
+pub(crate) fn patient_view(
+    state: &AppState,
+    p: &Patient,
+    sees_ssn: bool,
+    anonymize: bool,
+) -> PatientView {
     let f = &p.fields;
     if anonymize {
         let today = state.clock().now().date();
@@ -209,7 +214,7 @@ fn patient_view(state: &AppState, p: &Patient, sees_ssn: bool, anonymize: bool) 
     }
 }
 
-fn record_view(state: &AppState, r: &Record, anonymize: bool) -> RecordView {
+pub(crate) fn record_view(state: &AppState, r: &Record, anonymize: bool) -> RecordView {
     if anonymize {
         return RecordView {
             id: state.patients().pseudonym(&r.id),
@@ -408,13 +413,11 @@ pub async fn list_patients(
     // would tell whose SSN it is. Refused on its shape alone, before any lookup.
     let by_ssn = auth.has(Permission::PhiSsn);
     if !by_ssn
-        && q.q
-            .as_ref()
-            .is_some_and(|t| {
-                t.as_str()
-                    .split(|c: char| c.is_whitespace() || c == ',')
-                    .any(ssn_shaped)
-            })
+        && q.q.as_ref().is_some_and(|t| {
+            t.as_str()
+                .split(|c: char| c.is_whitespace() || c == ',')
+                .any(ssn_shaped)
+        })
     {
         return Err(ApiError::new(ErrorCode::Forbidden)
             .with_detail("Searching by SSN needs the phi:ssn permission."));
@@ -424,10 +427,7 @@ pub async fn list_patients(
     let (found, next_cursor, truncated) = if text.is_empty() {
         // Every patient, by id.
         let after = page_after(&state, q.cursor.as_deref(), anonymize, PATIENT_PAGES)?;
-        let mut found = state
-            .patients()
-            .list(&after, i64::from(limit) + 1)
-            .await?;
+        let mut found = state.patients().list(&after, i64::from(limit) + 1).await?;
         let more = found.len() > limit as usize;
         found.truncate(limit as usize);
         let last = found.last().filter(|_| more).map(|p| p.id.as_str());
@@ -444,7 +444,10 @@ pub async fn list_patients(
                 .open_deid_cursor(&scope, c)
                 .and_then(|o| o.parse::<usize>().ok())
                 .ok_or_else(|| {
-                    ApiError::field("cursor", "is not the cursor of a previous page of this search")
+                    ApiError::field(
+                        "cursor",
+                        "is not the cursor of a previous page of this search",
+                    )
                 })?,
         };
         let found = state
@@ -698,22 +701,22 @@ pub async fn delete_record(
 
 #[derive(Serialize, ToSchema)]
 pub struct Disclosure {
-    at: String,
-    actor_id: Option<String>,
-    actor: Option<String>,
-    action: String,
-    resource_type: Option<String>,
-    resource_id: Option<String>,
+    pub(crate) at: String,
+    pub(crate) actor_id: Option<String>,
+    pub(crate) actor: Option<String>,
+    pub(crate) action: String,
+    pub(crate) resource_type: Option<String>,
+    pub(crate) resource_id: Option<String>,
     /// The break-glass reason, or what was done.
-    purpose: String,
-    break_glass: bool,
-    request_id: Option<String>,
+    pub(crate) purpose: String,
+    pub(crate) break_glass: bool,
+    pub(crate) request_id: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
 pub struct DisclosurePage {
-    items: Vec<Disclosure>,
-    next_cursor: Option<String>,
+    pub(crate) items: Vec<Disclosure>,
+    pub(crate) next_cursor: Option<String>,
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -743,14 +746,24 @@ pub async fn disclosures(
         // Reading the accounting is not itself a disclosure of the patient's data.
         a.context.insert("patient_id", ContextValue::id(&id));
     });
+    Ok(Json(
+        accounting(&state, &id, q.cursor.as_deref(), limit).await?,
+    ))
+}
+
+/// The accounting of disclosures of a patient: the audited accesses that disclosed their
+/// data over the last six years, newest first, a page at a time (the API and the chart).
+pub(crate) async fn accounting(
+    state: &AppState,
+    id: &str,
+    cursor: Option<&str>,
+    limit: u32,
+) -> Result<DisclosurePage, ApiError> {
     let six_years = time::Duration::days(6 * 365 + 2);
     let filter = crate::audit::store::Filter {
-        patient_id: Some(id.clone()),
+        patient_id: Some(id.to_owned()),
         since: Some(crate::clock::timestamp(state.clock().now() - six_years)),
-        before_seq: q
-            .cursor
-            .as_deref()
-            .and_then(crate::audit::service::decode_cursor),
+        before_seq: cursor.and_then(crate::audit::service::decode_cursor),
         ..Default::default()
     };
     let page = state.audit().page(&filter, limit).await?;
@@ -777,8 +790,8 @@ pub async fn disclosures(
             request_id: e.request_id,
         })
         .collect();
-    Ok(Json(DisclosurePage {
+    Ok(DisclosurePage {
         items,
         next_cursor: page.next_cursor,
-    }))
+    })
 }

@@ -126,7 +126,10 @@ impl<'a> Tags<'a> {
     }
 
     fn tag(&self, key: &crypto::Key, part: Part, kind: &str, text: &str) -> String {
-        let t = crypto::hmac_sha256(key, &[part.as_str().as_bytes(), kind.as_bytes(), text.as_bytes()]);
+        let t = crypto::hmac_sha256(
+            key,
+            &[part.as_str().as_bytes(), kind.as_bytes(), text.as_bytes()],
+        );
         let mut h = crypto::hex(&t);
         h.truncate(TAG_HEX);
         h
@@ -311,7 +314,11 @@ pub fn parse_birth_date(s: &str, today: Date) -> Option<Date> {
     };
     // Eight digits: YYYYMMDD.
     if s.len() == 8 && s.bytes().all(|b| b.is_ascii_digit()) {
-        return ymd(s[..4].parse().ok()?, s[4..6].parse().ok()?, s[6..].parse().ok()?);
+        return ymd(
+            s[..4].parse().ok()?,
+            s[4..6].parse().ok()?,
+            s[6..].parse().ok()?,
+        );
     }
     for sep in ['-', '/', '.'] {
         let parts: Vec<&str> = s.split(sep).collect();
@@ -439,7 +446,10 @@ mod tests {
         ] {
             assert_eq!(parse_birth_date(s, TODAY), Some(d), "{s}");
         }
-        assert_eq!(parse_birth_date("1/2/26", TODAY), Some(date!(2026 - 01 - 02)));
+        assert_eq!(
+            parse_birth_date("1/2/26", TODAY),
+            Some(date!(2026 - 01 - 02))
+        );
         assert_eq!(
             parse_birth_date("1/2/27", TODAY),
             Some(date!(1927 - 01 - 02)),

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use super::model::{Checks, NewPatient, NewRecord, PatientFields, PatientPatch, RecordPatch, parse_date};
+use super::model::{
+    Checks, NewPatient, NewRecord, PatientFields, PatientPatch, RecordPatch, parse_date,
+};
 use super::search::{self, BOTH, Part, Query, Tags, TermTags};
 use super::store::{self, PatientRow, RecordRow, SearchIndex, TermProbe};
 use crate::clock::{SharedClock, timestamp};
@@ -592,7 +594,12 @@ impl Patients {
             let key = if anonymize {
                 (s, self.pseudonym(&row.id), String::new(), row.id.clone())
             } else {
-                (s, search::fold(&family), search::fold(&given), row.id.clone())
+                (
+                    s,
+                    search::fold(&family),
+                    search::fold(&given),
+                    row.id.clone(),
+                )
             };
             keyed.push((key, row));
         }
@@ -663,7 +670,9 @@ impl Patients {
         let words = search::tokens(value);
         matches!(probe, Probe::Name | Probe::Given | Probe::Family)
             && words.len() == 1
-            && words.iter().all(|w| w.chars().count() <= search::MAX_PREFIX)
+            && words
+                .iter()
+                .all(|w| w.chars().count() <= search::MAX_PREFIX)
     }
 
     /// One page (by id, after `after`) of the live patients matching one probe, and how
@@ -689,7 +698,10 @@ impl Patients {
             None => {
                 let ix = self.probe_index(probe, value, false)?;
                 let total = store::count_index(&self.db, &ix).await?;
-                (total, store::search(&self.db, Some(&ix), after, limit).await?)
+                (
+                    total,
+                    store::search(&self.db, Some(&ix), after, limit).await?,
+                )
             }
         };
         Ok((

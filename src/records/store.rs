@@ -315,12 +315,9 @@ pub async fn search(
         // In place: at most a page from each index (store/local.rs).
         return local.read(|c| match index {
             None => local::query(c, &sql, &[&after], |r| patient(r)),
-            Some(ix) => local::query(
-                c,
-                &sql,
-                &[&after, &ix.mrn, &ix.ssn, &ix.birth_date],
-                |r| patient(r),
-            ),
+            Some(ix) => local::query(c, &sql, &[&after, &ix.mrn, &ix.ssn, &ix.birth_date], |r| {
+                patient(r)
+            }),
         });
     }
     let q = sqlx::query(AssertSqlSafe(sql)).bind(after);
@@ -525,8 +522,11 @@ pub async fn patients_by_ids(db: &Db, ids: &[String]) -> Result<Vec<PatientRow>,
         };
         out.extend(rows);
     }
-    let order: std::collections::HashMap<&str, usize> =
-        ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
+    let order: std::collections::HashMap<&str, usize> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), i))
+        .collect();
     out.sort_by_key(|r| order.get(r.id.as_str()).copied().unwrap_or(usize::MAX));
     Ok(out)
 }

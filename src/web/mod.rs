@@ -2,6 +2,7 @@
 //! default), the project's own CSS and script in `assets/` served from the binary, no
 //! inline script or style, so the strict content-security policy holds.
 
+pub mod clinic;
 pub mod pages;
 pub mod session;
 
@@ -9,7 +10,7 @@ use crate::http::path::Path;
 use axum::Router;
 use axum::extract::State;
 use axum::http::header;
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
 use crate::app::AppState;
@@ -22,7 +23,21 @@ const APP_JS: &str = include_str!("../../assets/app.js");
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/", get(|| async { Redirect::to("/admin") }))
+        .route("/", get(pages::start))
+        .route("/patients", get(clinic::list))
+        .route("/patients/{id}", get(clinic::chart))
+        .route("/patients/{id}/ssn", post(clinic::reveal_ssn))
+        .route("/patients/{id}/breakglass", post(clinic::break_glass_start))
+        .route(
+            "/patients/{id}/breakglass/end",
+            post(clinic::break_glass_end),
+        )
+        .route("/patients/{id}/records", post(clinic::add_record))
+        .route("/patients/{id}/records/{rid}", post(clinic::save_record))
+        .route(
+            "/patients/{id}/records/{rid}/edit",
+            get(clinic::edit_record),
+        )
         .route("/login", get(pages::login_form).post(pages::login_submit))
         .route("/login/password", post(pages::login_password))
         .route("/logout", post(pages::logout))

@@ -36,6 +36,7 @@ pub struct Layout {
     pub(crate) can_roles: bool,
     pub(crate) can_audit: bool,
     pub(crate) can_calc: bool,
+    pub(crate) can_patients: bool,
     pub(crate) notice: Option<String>,
 }
 
@@ -51,6 +52,7 @@ impl Layout {
             can_roles: false,
             can_audit: false,
             can_calc: false,
+            can_patients: false,
             notice,
         }
     }
@@ -66,6 +68,7 @@ impl Layout {
             can_roles: u.can(Permission::RolesManage),
             can_audit: u.can(Permission::AuditRead),
             can_calc: u.can(Permission::RecordsRead),
+            can_patients: u.can(Permission::PatientsRead),
             notice,
         }
     }
@@ -93,10 +96,9 @@ struct Message {
     back: &'static str,
 }
 
-/// The page for a role that lacks the permission a page needs (recorded in the audit
-/// trail as `permission_denied`).
-pub fn forbidden(u: &WebUser) -> Response {
-    let layout = Layout {
+/// The frame of an error page: signed in, no idle timer.
+fn error_layout(u: &WebUser) -> Layout {
+    Layout {
         signed_in: true,
         username: u.principal.username.clone(),
         role: u.principal.role.clone(),
@@ -106,8 +108,28 @@ pub fn forbidden(u: &WebUser) -> Response {
         can_roles: u.can(Permission::RolesManage),
         can_audit: u.can(Permission::AuditRead),
         can_calc: u.can(Permission::RecordsRead),
+        can_patients: u.can(Permission::PatientsRead),
         notice: None,
-    };
+    }
+}
+
+/// The page for something that does not exist (or is not this user's to know of).
+pub fn not_found(u: &WebUser) -> Response {
+    render_status(
+        StatusCode::NOT_FOUND,
+        &Message {
+            layout: error_layout(u),
+            heading: "Not found",
+            text: "There is nothing here. It may have been deleted.".into(),
+            back: "/",
+        },
+    )
+}
+
+/// The page for a role that lacks the permission a page needs (recorded in the audit
+/// trail as `permission_denied`).
+pub fn forbidden(u: &WebUser) -> Response {
+    let layout = error_layout(u);
     let mut r = render_status(
         StatusCode::FORBIDDEN,
         &Message {
@@ -123,7 +145,7 @@ pub fn forbidden(u: &WebUser) -> Response {
 }
 
 /// A stored time as people read it: `2026-11-23 03:59:51 UTC`.
-fn display_time(s: &str) -> String {
+pub(crate) fn display_time(s: &str) -> String {
     match (s.get(..10), s.get(11..19)) {
         (Some(d), Some(t)) if s.get(10..11) == Some("T") => format!("{d} {t} UTC"),
         _ => s.to_owned(),
@@ -251,7 +273,7 @@ struct Continue {
 fn signed_in(state: &AppState, token: &Secret, next: &str) -> Response {
     let embedded = embedded_flow(state, next);
     let mut r = if next.is_empty() {
-        Redirect::to("/admin").into_response()
+        Redirect::to("/").into_response()
     } else {
         let mut r = render(&Continue {
             layout: Layout::anonymous(None),
@@ -452,6 +474,23 @@ pub async fn logout(State(state): State<AppState>, audit: Audit, form: WebForm) 
             .append(header::SET_COOKIE, set_embedded_cookie(name, None));
     }
     r
+}
+
+/// `/`: where a signed-in person starts. A role that reads patients and administers
+/// nothing starts at the patient list; everyone else at the dashboard; nobody signed in
+/// at the sign-in page.
+pub async fn start(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    match super::session::signed_in_user(&state, &headers, None).await {
+        None => Redirect::to("/login").into_response(),
+        Some(u)
+            if u.can(Permission::PatientsRead)
+                && !u.can(Permission::UsersManage)
+                && !u.can(Permission::RolesManage) =>
+        {
+            Redirect::to("/patients").into_response()
+        }
+        Some(_) => Redirect::to("/admin").into_response(),
+    }
 }
 
 // ---- dashboard -------------------------------------------------------------------------

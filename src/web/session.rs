@@ -41,6 +41,11 @@ pub fn login_cookie_name(env: Environment) -> &'static str {
     }
 }
 
+/// The `Secure` attribute of this server's cookies (with its separator).
+pub fn secure_attribute(_state: &AppState) -> &'static str {
+    " Secure;"
+}
+
 /// `Set-Cookie` for a value (or its removal when `value` is None).
 pub fn set_cookie(name: &str, value: Option<&str>) -> HeaderValue {
     let text = match value {

@@ -114,5 +114,5 @@ export async function startServer({ bin = process.env.CUSTODIAN_BIN || join(repo
     await sleep(200);
   }
 
-  return { baseURL, logPath, dir, stop, log: () => readFileSync(logPath, 'utf8') };
+  return { baseURL, logPath, dir, bin, cwd: work, env, stop, log: () => readFileSync(logPath, 'utf8') };
 }

@@ -10,6 +10,7 @@ mod audit;
 mod bodies;
 mod browser;
 mod cli;
+mod clinic;
 mod conventions;
 mod credentials;
 mod delegation;

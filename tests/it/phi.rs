@@ -370,8 +370,15 @@ async fn search_uses_blind_indexes_and_names_the_patients(backend: Backend) {
     assert_eq!(search("  GRACE ").await, [gid.as_str()]);
     assert_eq!(search("1961-07-04").await, [aid.as_str()]);
     assert_eq!(search(a["mrn"].as_str().unwrap()).await, [aid.as_str()]);
-    assert_eq!(search("Love").await, [aid.as_str()], "a prefix of 3 letters or more");
-    assert!(search("Lo").await.is_empty(), "2 letters match whole names only");
+    assert_eq!(
+        search("Love").await,
+        [aid.as_str()],
+        "a prefix of 3 letters or more"
+    );
+    assert!(
+        search("Lo").await.is_empty(),
+        "2 letters match whole names only"
+    );
     assert!(search("ovel").await.is_empty(), "no infix");
     let mut all = search("").await;
     all.sort();

@@ -83,10 +83,19 @@ async fn people_are_found_as_they_are_typed(backend: Backend) {
     let n = &t.nurse;
 
     // A full name in either order; a whole word ranks above a prefix.
-    assert_eq!(find(&s, n, "Jane Doe", 20).await, ["Jane Doe", "Janet Doerr"]);
-    assert_eq!(find(&s, n, "doe jane", 20).await, ["Jane Doe", "Janet Doerr"]);
+    assert_eq!(
+        find(&s, n, "Jane Doe", 20).await,
+        ["Jane Doe", "Janet Doerr"]
+    );
+    assert_eq!(
+        find(&s, n, "doe jane", 20).await,
+        ["Jane Doe", "Janet Doerr"]
+    );
     // "Family, Given": each word in its part only.
-    assert_eq!(find(&s, n, "Doe, Jane", 20).await, ["Jane Doe", "Janet Doerr"]);
+    assert_eq!(
+        find(&s, n, "Doe, Jane", 20).await,
+        ["Jane Doe", "Janet Doerr"]
+    );
     assert!(find(&s, n, "Jane, Doe", 20).await.is_empty());
     // One word: whole-word matches by name, then prefix matches by name.
     assert_eq!(
@@ -102,22 +111,38 @@ async fn people_are_found_as_they_are_typed(backend: Backend) {
     for q in ["garcia", "GARCÍA", "jose garc", "José"] {
         assert_eq!(find(&s, n, q, 20).await, ["José García"], "{q}");
     }
-    for q in ["obrien", "O'Brien", "o’brien", "mary-ann", "Mary Ann", "ann obr"] {
+    for q in [
+        "obrien",
+        "O'Brien",
+        "o’brien",
+        "mary-ann",
+        "Mary Ann",
+        "ann obr",
+    ] {
         assert_eq!(find(&s, n, q, 20).await, ["Mary-Ann O'Brien"], "{q}");
     }
     // Names shorter than 3 letters are found whole.
     assert_eq!(find(&s, n, "Wu", 20).await, ["Li Wu"]);
     assert_eq!(find(&s, n, "li wu", 20).await, ["Li Wu"]);
     // Birth dates in the common forms, alone or with a name.
-    for q in ["1961-07-04", "07/04/1961", "7/4/61", "4 July 1961", "Jul 4, 1961", "19610704"] {
-        assert_eq!(
-            find(&s, n, q, 20).await,
-            ["Jane Doe", "Janet Doerr"],
-            "{q}"
-        );
+    for q in [
+        "1961-07-04",
+        "07/04/1961",
+        "7/4/61",
+        "4 July 1961",
+        "Jul 4, 1961",
+        "19610704",
+    ] {
+        assert_eq!(find(&s, n, q, 20).await, ["Jane Doe", "Janet Doerr"], "{q}");
     }
-    assert_eq!(find(&s, n, "doe 07/04/1961", 20).await, ["Jane Doe", "Janet Doerr"]);
-    assert_eq!(find(&s, n, "jane doe 1961-07-04", 20).await, ["Jane Doe", "Janet Doerr"]);
+    assert_eq!(
+        find(&s, n, "doe 07/04/1961", 20).await,
+        ["Jane Doe", "Janet Doerr"]
+    );
+    assert_eq!(
+        find(&s, n, "jane doe 1961-07-04", 20).await,
+        ["Jane Doe", "Janet Doerr"]
+    );
     // The MRN, whole.
     let mrn = jane["mrn"].as_str().unwrap();
     assert_eq!(find(&s, n, mrn, 20).await, ["Jane Doe"]);
@@ -154,16 +179,20 @@ async fn people_are_found_as_they_are_typed(backend: Backend) {
     assert_eq!(find(&s, n, "Doe", 20).await, ["John Doe", "Janet Doerr"]);
     assert_eq!(find(&s, n, "quay jane", 20).await, ["Jane Quayle"]);
     let res = s
-        .send_as(Method::DELETE, &format!("/api/v1/patients/{id}"), &t.doctor, None)
+        .send_as(
+            Method::DELETE,
+            &format!("/api/v1/patients/{id}"),
+            &t.doctor,
+            None,
+        )
         .await;
     assert_eq!(res.status(), 204);
     assert!(find(&s, n, "quayle", 20).await.is_empty());
-    let terms: (i64,) =
-        sqlx::query_as("SELECT COUNT(*) FROM patient_terms WHERE patient_id = $1")
-            .bind(id)
-            .fetch_one(s.state.db().reader())
-            .await
-            .unwrap();
+    let terms: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM patient_terms WHERE patient_id = $1")
+        .bind(id)
+        .fetch_one(s.state.db().reader())
+        .await
+        .unwrap();
     assert_eq!(terms.0, 0, "a deleted patient's tags go with it");
 
     // The FHIR name parameter reads the same index: prefixes, any part, every word.
@@ -175,7 +204,12 @@ async fn people_are_found_as_they_are_typed(backend: Backend) {
                 .as_array()
                 .map(|e| {
                     e.iter()
-                        .map(|x| x["resource"]["name"][0]["family"].as_str().unwrap().to_owned())
+                        .map(|x| {
+                            x["resource"]["name"][0]["family"]
+                                .as_str()
+                                .unwrap()
+                                .to_owned()
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
@@ -183,7 +217,10 @@ async fn people_are_found_as_they_are_typed(backend: Backend) {
             (b["total"].as_i64().unwrap(), names)
         }
     };
-    assert_eq!(fhir("name=doe").await, (2, vec!["Doe".into(), "Doerr".into()]));
+    assert_eq!(
+        fhir("name=doe").await,
+        (2, vec!["Doe".into(), "Doerr".into()])
+    );
     assert_eq!(fhir("family=garc").await, (1, vec!["García".into()]));
     assert_eq!(fhir("given=garc").await, (0, vec![]));
     assert_eq!(fhir("name=jan&name=smi").await, (1, vec!["Smith".into()]));
@@ -200,7 +237,11 @@ async fn a_search_answers_the_best_hundred(backend: Backend) {
     let s = TestServer::start(backend).await;
     let t = team(&s).await;
     for i in 0..101u8 {
-        let given = format!("Many{}{}", char::from(b'a' + i / 26), char::from(b'a' + i % 26));
+        let given = format!(
+            "Many{}{}",
+            char::from(b'a' + i / 26),
+            char::from(b'a' + i % 26)
+        );
         create(&s, &t.doctor, &given, "Common", "1970-01-01").await;
     }
     create(&s, &t.doctor, "Exact", "Commonwealth", "1970-01-01").await;
@@ -228,7 +269,11 @@ async fn a_search_answers_the_best_hundred(backend: Backend) {
     )
     .await;
     assert!(first["next_cursor"].is_null());
-    let p1 = json(s.get_as("/api/v1/patients?q=common&limit=5", &t.nurse).await).await;
+    let p1 = json(
+        s.get_as("/api/v1/patients?q=common&limit=5", &t.nurse)
+            .await,
+    )
+    .await;
     let c = p1["next_cursor"].as_str().unwrap().to_owned();
     for id in p1["items"].as_array().unwrap() {
         assert!(!c.contains(id["id"].as_str().unwrap()));
@@ -289,10 +334,7 @@ async fn an_ssn_among_words_needs_phi_ssn(backend: Backend) {
         assert_eq!(s.get_as(&url, &t.nurse).await.status(), 403, "{q}");
     }
     // With it, the SSN finds its patient.
-    assert_eq!(
-        find(&s, &t.doctor, "123-45-6789", 20).await,
-        ["Sam Secret"]
-    );
+    assert_eq!(find(&s, &t.doctor, "123-45-6789", 20).await, ["Sam Secret"]);
 }
 both_backends!(an_ssn_among_words_needs_phi_ssn);
 
@@ -303,7 +345,10 @@ async fn the_search_index_holds_no_plaintext(backend: Backend) {
     let t = team(&s).await;
     let p = create(&s, &t.doctor, "Quintessa", "Zephyrine", "1966-06-06").await;
     let pid = p["id"].as_str().unwrap();
-    assert_eq!(find(&s, &t.nurse, "zeph quin", 20).await, ["Quintessa Zephyrine"]);
+    assert_eq!(
+        find(&s, &t.nurse, "zeph quin", 20).await,
+        ["Quintessa Zephyrine"]
+    );
     let tags: Vec<(String,)> =
         sqlx::query_as("SELECT tag FROM patient_terms WHERE patient_id = $1")
             .bind(pid)
@@ -314,7 +359,10 @@ async fn the_search_index_holds_no_plaintext(backend: Backend) {
     assert_eq!(tags.len(), 2 + (9 - 2) + (9 - 2), "{tags:?}");
     for (tag,) in &tags {
         assert!(
-            tag.len() == 24 && tag.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+            tag.len() == 24
+                && tag
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
             "{tag}"
         );
     }
@@ -337,7 +385,12 @@ async fn the_search_index_holds_no_plaintext(backend: Backend) {
         }
         Backend::Postgres => {
             let mut out = String::new();
-            for table in ["patients", "patient_terms", "patient_versions", "audit_events"] {
+            for table in [
+                "patients",
+                "patient_terms",
+                "patient_versions",
+                "audit_events",
+            ] {
                 let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                     "SELECT row_to_json(t)::text FROM {table} t"
                 )))
