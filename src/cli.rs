@@ -191,6 +191,10 @@ pub enum DemoCommand {
         /// refuse, before the database is touched.
         #[arg(long, value_name = "ENV")]
         confirm_env: Option<String>,
+        /// Patients and their records only: no coded labs, conditions or medications
+        /// (faster; for benchmarks of the patient tables).
+        #[arg(long)]
+        without_clinical_data: bool,
     },
 }
 
@@ -282,7 +286,16 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Demo(DemoCommand::Seed {
                 patients,
                 confirm_env,
-            }) => demo_seed(config, patients, confirm_env.as_deref()).await,
+                without_clinical_data,
+            }) => {
+                demo_seed(
+                    config,
+                    patients,
+                    confirm_env.as_deref(),
+                    !without_clinical_data,
+                )
+                .await
+            }
             Command::Fhir(FhirCommand::Import { file }) => fhir_import(config, &file).await,
             Command::Patients(PatientsCommand::Shred { deleted_before }) => {
                 patients_shred(config, &deleted_before).await
@@ -1018,7 +1031,12 @@ async fn fhir_import(config: Config, file: &std::path::Path) -> ExitCode {
     code
 }
 
-async fn demo_seed(config: Config, count: u32, confirm_env: Option<&str>) -> ExitCode {
+async fn demo_seed(
+    config: Config,
+    count: u32,
+    confirm_env: Option<&str>,
+    clinical: bool,
+) -> ExitCode {
     // Synthetic patients in a real database mix with real ones: outside dev only when
     // the operator names the environment, and checked before anything is opened.
     let env = config.env.as_str();
@@ -1042,7 +1060,7 @@ async fn demo_seed(config: Config, count: u32, confirm_env: Option<&str>) -> Exi
             return ExitCode::FAILURE;
         }
     };
-    let made = crate::fhir::demo::seed(&fhir, count).await;
+    let made = crate::fhir::demo::seed(&fhir, count, clinical).await;
     let code = match made {
         Ok((p, r, c)) => {
             let ctx = vec![

@@ -100,10 +100,13 @@ fn coded(rng: &mut Rng, n: usize, pid: &str, today: time::Date) -> Vec<Entry> {
         .collect()
 }
 
-/// Creates `count` synthetic patients with records and coded data. Returns (patients,
-/// records, FHIR resources).
-pub async fn seed(fhir: &Fhir, count: u32) -> Result<(u32, u32, u32), FhirError> {
+/// Seeds `count` synthetic patients with their records, and (`clinical`) their coded
+/// data. Returns (patients, records, coded resources).
+pub async fn seed(fhir: &Fhir, count: u32, clinical: bool) -> Result<(u32, u32, u32), FhirError> {
     let (ids, records) = crate::records::demo::seed(fhir.patients(), count).await?;
+    if !clinical {
+        return Ok((u32::try_from(ids.len()).unwrap_or(u32::MAX), records, 0));
+    }
     let mut rng = Rng::new();
     let today = fhir.today();
     let mut made = 0u32;
