@@ -27,6 +27,16 @@ impl From<IdentityError> for ApiError {
     fn from(e: IdentityError) -> Self {
         match e {
             IdentityError::Unauthorized => ApiError::new(ErrorCode::Unauthorized),
+            IdentityError::SessionExpired(super::service::Expiry::Idle) => {
+                ApiError::new(ErrorCode::Unauthorized).with_detail(
+                    "The session expired: it was not used for longer than the idle timeout (session.idle_timeout). Sign in again (POST /api/v1/auth/login).",
+                )
+            }
+            IdentityError::SessionExpired(super::service::Expiry::Absolute) => {
+                ApiError::new(ErrorCode::Unauthorized).with_detail(
+                    "The session expired: it reached its longest lifetime since sign-in (session.absolute_timeout). Sign in again (POST /api/v1/auth/login).",
+                )
+            }
             IdentityError::InvalidCredentials => ApiError::new(ErrorCode::InvalidCredentials),
             IdentityError::MfaRequired => ApiError::new(ErrorCode::MfaRequired),
             IdentityError::InvalidTotp => ApiError::new(ErrorCode::InvalidTotp),

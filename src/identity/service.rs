@@ -29,6 +29,10 @@ const RECOVERY_PURPOSE: &str = "custodian/identity/recovery-codes/v1";
 pub enum IdentityError {
     #[error("unauthorized")]
     Unauthorized,
+    /// A session that was valid has ended by time: idle too long, or past its absolute
+    /// lifetime (still a 401 `unauthorized`, with a `detail` that says so).
+    #[error("session expired")]
+    SessionExpired(Expiry),
     #[error("invalid credentials")]
     InvalidCredentials,
     #[error("TOTP code required")]
@@ -73,6 +77,15 @@ impl From<password::PasswordError> for IdentityError {
             other => IdentityError::Internal(other.to_string()),
         }
     }
+}
+
+/// Why a session ended by time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// Unused for longer than `session.idle_timeout`.
+    Idle,
+    /// Older than `session.absolute_timeout`.
+    Absolute,
 }
 
 /// The numbers the rules use, from the configuration.
@@ -741,8 +754,17 @@ impl Identity {
         };
         let now = self.now();
         let now_s = timestamp(now);
-        if revoked_at.is_some() || expires_at.as_str() <= now_s.as_str() || !user.active {
+        if revoked_at.is_some() || !user.active {
             return Err(IdentityError::Unauthorized);
+        }
+        // A session that ended by time says so (its holder signs in again); an API
+        // token past its expiry is simply not valid any more.
+        if expires_at.as_str() <= now_s.as_str() {
+            return Err(if is_session {
+                IdentityError::SessionExpired(Expiry::Absolute)
+            } else {
+                IdentityError::Unauthorized
+            });
         }
         if is_session {
             let last = last_used_at
@@ -750,7 +772,7 @@ impl Identity {
                 .and_then(parse_ts)
                 .ok_or(IdentityError::Unauthorized)?;
             if add(last, self.settings.idle_timeout) <= now {
-                return Err(IdentityError::Unauthorized);
+                return Err(IdentityError::SessionExpired(Expiry::Idle));
             }
         }
         // A lock from failed sign-ins is not checked here: it stops password sign-in

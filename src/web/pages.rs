@@ -135,6 +135,9 @@ fn notice(code: Option<&str>) -> Option<String> {
     let text = match code? {
         "expired" => "You were signed out after a period of inactivity.",
         "signed-out" => "You are signed out.",
+        "session-ended" => {
+            "Your session reached its longest lifetime (session.absolute_timeout). Sign in again."
+        }
         "saved" => "Saved.",
         "created" => "Created.",
         "deleted" => "Deleted.",
@@ -183,13 +186,13 @@ fn login_page(state: &AppState, mut page: LoginPage) -> Response {
     page.login_csrf.clone_from(&csrf);
     let embedded = embedded_flow(state, &page.next);
     let mut r = render(&page);
-    let name = login_cookie_name(state.config().env);
+    let name = login_cookie_name(state.config());
     r.headers_mut().append(
         header::SET_COOKIE,
         if embedded {
             set_embedded_cookie(name, Some(&csrf))
         } else {
-            set_cookie(name, Some(&csrf))
+            set_cookie(state.config(), name, Some(&csrf))
         },
     );
     if embedded {
@@ -262,8 +265,8 @@ fn signed_in(state: &AppState, token: &Secret, next: &str) -> Response {
         }
         r
     };
-    let env = state.config().env;
-    let (session, login) = (session_cookie_name(env), login_cookie_name(env));
+    let cfg = state.config();
+    let (session, login) = (session_cookie_name(cfg), login_cookie_name(cfg));
     let headers = r.headers_mut();
     if embedded {
         headers.append(
@@ -274,9 +277,9 @@ fn signed_in(state: &AppState, token: &Secret, next: &str) -> Response {
     } else {
         headers.append(
             header::SET_COOKIE,
-            set_cookie(session, Some(token.expose())),
+            set_cookie(cfg, session, Some(token.expose())),
         );
-        headers.append(header::SET_COOKIE, set_cookie(login, None));
+        headers.append(header::SET_COOKIE, set_cookie(cfg, login, None));
     }
     r
 }
@@ -443,9 +446,9 @@ pub async fn logout(State(state): State<AppState>, audit: Audit, form: WebForm) 
         return ApiError::from(e).into_response();
     }
     let mut r = Redirect::to("/login?ok=signed-out").into_response();
-    let name = session_cookie_name(state.config().env);
+    let name = session_cookie_name(state.config());
     r.headers_mut()
-        .append(header::SET_COOKIE, set_cookie(name, None));
+        .append(header::SET_COOKIE, set_cookie(state.config(), name, None));
     if !state.config().smart.frame_ancestors.is_empty() {
         // A session begun inside an EHR frame has a partitioned cookie of its own.
         r.headers_mut()
@@ -972,7 +975,7 @@ pub async fn end_my_sessions(
     let mut r = Redirect::to("/login?ok=signed-out").into_response();
     r.headers_mut().append(
         header::SET_COOKIE,
-        set_cookie(session_cookie_name(state.config().env), None),
+        set_cookie(state.config(), session_cookie_name(state.config()), None),
     );
     r
 }

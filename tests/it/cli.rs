@@ -430,6 +430,28 @@ async fn dev_prints_a_working_admin_password_once() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
+    // Dev's idle timeout is an hour (time to explore the API in Swagger UI).
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["expires_in"], 3600);
+    // Over plain HTTP the sign-in cookies go without `Secure` (so signing in works from
+    // another machine), and the server said so when it started.
+    assert!(
+        s.early.iter().any(|l| l.contains("WARN")
+            && l.contains("server.tls")
+            && l.contains("without `Secure`")),
+        "{:#?}",
+        s.early
+    );
+    let res = client
+        .get(format!("http://{}/login", s.addr))
+        .send()
+        .await
+        .unwrap();
+    let cookie = res.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.starts_with("custodian_login=") && !cookie.contains("Secure"),
+        "{cookie}"
+    );
     drop(s);
     // A second start creates nobody and prints no password.
     let s = serve(dir.path(), &[("CUSTODIAN_DATA_DIR", &data)]);

@@ -52,7 +52,8 @@ async fn sign_in_and_out(backend: Backend) {
     assert!(token.starts_with("cst_") && token.len() >= 47);
     assert_eq!(body["token_type"], "Bearer");
     assert_eq!(body["user"]["role"], "doctor");
-    assert_eq!(body["expires_in"], 300);
+    // Dev's idle timeout: an hour, to explore the API (staging and prod: 5 minutes).
+    assert_eq!(body["expires_in"], 3600);
 
     let me = json(s.get_as("/api/v1/auth/me", &token).await).await;
     assert_eq!(me["username"], "dr_who");
@@ -446,10 +447,17 @@ async fn idle_and_absolute_timeouts(backend: Backend) {
         "activity kept it alive"
     );
     s.clock.advance(Duration::from_secs(11));
-    assert_eq!(
-        s.get_as("/api/v1/auth/me", &t).await.status(),
-        401,
-        "idle too long"
+    let res = s.get_as("/api/v1/auth/me", &t).await;
+    assert_eq!(res.status(), 401, "idle too long");
+    assert_eq!(res.headers()["www-authenticate"], "Bearer");
+    let b = json(res).await;
+    assert_eq!(b["code"], "unauthorized", "the contract's code stays");
+    let detail = b["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("session expired")
+            && detail.contains("idle")
+            && detail.contains("Sign in again"),
+        "{detail}"
     );
 
     // Absolute: continuous use still ends at one minute.
@@ -459,11 +467,34 @@ async fn idle_and_absolute_timeouts(backend: Backend) {
         assert_eq!(s.get_as("/api/v1/auth/me", &t).await.status(), 200);
     }
     s.clock.advance(Duration::from_secs(8));
-    assert_eq!(
-        s.get_as("/api/v1/auth/me", &t).await.status(),
-        401,
-        "past the absolute lifetime"
+    let res = s.get_as("/api/v1/auth/me", &t).await;
+    assert_eq!(res.status(), 401, "past the absolute lifetime");
+    assert_eq!(res.headers()["www-authenticate"], "Bearer");
+    let b = json(res).await;
+    assert_eq!(b["code"], "unauthorized");
+    let detail = b["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("session expired") && detail.contains("absolute_timeout"),
+        "{detail}"
     );
+    assert!(!detail.contains("idle"), "{detail}");
+
+    // Revoked, unknown or malformed: the plain answer, nothing about expiry.
+    let t = s.login("hank", PW).await;
+    assert_eq!(
+        s.send_as(Method::POST, "/api/v1/auth/logout", &t, None)
+            .await
+            .status(),
+        204
+    );
+    for token in [t.as_str(), "cst_unknown", "garbage"] {
+        let b = json(s.get_as("/api/v1/auth/me", token).await).await;
+        assert_eq!(b["code"], "unauthorized");
+        assert!(
+            !b["detail"].as_str().unwrap().contains("expired"),
+            "{token}: {b}"
+        );
+    }
 }
 both_backends!(idle_and_absolute_timeouts);
 

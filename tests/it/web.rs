@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use reqwest::header::{COOKIE, SET_COOKIE};
 
 use crate::both_backends;
-use crate::support::{Backend, TestServer};
+use crate::support::{Backend, Options, TestServer};
 
 const PW: &str = "Correct-Horse-9!";
 const XSS: &str = "<script>alert(1)</script>";
@@ -29,13 +29,16 @@ impl<'a> Browser<'a> {
             let text = v.to_str().unwrap();
             assert!(
                 text.contains("HttpOnly")
-                    && text.contains("Secure")
                     && text.contains("SameSite=Strict")
                     && text.contains("Path=/"),
                 "{text}"
             );
             let (pair, _) = text.split_once(';').unwrap();
             let (k, val) = pair.split_once('=').unwrap();
+            // `__Host-` cookies always carry `Secure`; the test servers are dev over
+            // plain HTTP, whose unprefixed cookies go without it (sign-in from another
+            // machine works).
+            assert_eq!(text.contains("Secure"), k.starts_with("__Host-"), "{text}");
             if val.is_empty() {
                 self.cookies.remove(k);
             } else {
@@ -44,7 +47,7 @@ impl<'a> Browser<'a> {
         }
     }
 
-    fn cookie_header(&self) -> String {
+    pub(crate) fn cookie_header(&self) -> String {
         self.cookies
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
@@ -520,3 +523,160 @@ async fn admins_invite_from_the_pages(backend: Backend) {
     assert_eq!(status, 403);
 }
 both_backends!(admins_invite_from_the_pages);
+
+// ---- issue 22: the admin console, friendly dev defaults ----------------------------------
+
+/// The `Set-Cookie` headers of a response.
+fn set_cookies(res: &reqwest::Response) -> Vec<String> {
+    res.headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Signs in through the form with raw requests; answers the sign-in response's cookies.
+async fn form_sign_in(s: &TestServer, login_cookie: &str, user: &str) -> Vec<String> {
+    let res = s.get("/login").await;
+    let set = set_cookies(&res);
+    let pair = set
+        .iter()
+        .find(|c| c.starts_with(&format!("{login_cookie}=")))
+        .unwrap_or_else(|| panic!("no {login_cookie} in {set:?}"))
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let html = res.text().await.unwrap();
+    let csrf = field(&html, "csrf");
+    let res = s
+        .client
+        .post(s.url("/login"))
+        .header(COOKIE, pair)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("username", user),
+            ("password", PW),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 303, "sign-in through the form");
+    set_cookies(&res)
+}
+
+/// Dev over plain HTTP drops `Secure` (and the `__Host-` prefix that needs it), so the
+/// sign-in works from another machine; TLS at a proxy in dev, and staging, keep both.
+async fn cookies_lose_secure_only_in_dev_over_plain_http(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    s.user("webby", "admin", PW).await;
+    let set = form_sign_in(&s, "custodian_login", "webby").await;
+    let session = set.iter().find(|c| c.starts_with("custodian=")).unwrap();
+    assert!(!session.contains("Secure"), "{session}");
+    assert!(
+        session.contains("HttpOnly") && session.contains("SameSite=Strict"),
+        "{session}"
+    );
+    assert!(s.state.config().dev_over_plain_http());
+
+    let proxied = TestServer::start_with(
+        backend,
+        Options {
+            sets: vec![("server.behind_tls_proxy", "true".into())],
+            ..Options::default()
+        },
+    )
+    .await;
+    proxied.user("webby", "admin", PW).await;
+    let set = form_sign_in(&proxied, "__Host-custodian_login", "webby").await;
+    let session = set
+        .iter()
+        .find(|c| c.starts_with("__Host-custodian="))
+        .unwrap();
+    assert!(
+        session.contains("; Secure;") && session.contains("HttpOnly"),
+        "{session}"
+    );
+    assert!(!set.iter().any(|c| c.starts_with("custodian=")));
+
+    use std::os::unix::fs::PermissionsExt;
+    let db = std::sync::Arc::new(crate::support::TestDb::new(backend).await);
+    let keyring = db.path().join("keyring");
+    custodian::crypto::Keyring::create(&keyring, "2026-01-01T00:00:00Z").unwrap();
+    std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let staging = TestServer::start_on(
+        db,
+        Options {
+            env: Some("staging"),
+            ..Options::default()
+        },
+    )
+    .await;
+    staging.user("webby", "admin", PW).await;
+    let set = form_sign_in(&staging, "__Host-custodian_login", "webby").await;
+    assert!(
+        set.iter()
+            .any(|c| c.starts_with("__Host-custodian=") && c.contains("; Secure;")),
+        "{set:?}"
+    );
+    // Staging keeps the 5-minute idle timeout; dev has an hour to explore.
+    assert_eq!(
+        staging.state.config().session.idle_timeout.to_string(),
+        "5m"
+    );
+    assert_eq!(s.state.config().session.idle_timeout.to_string(), "1h");
+}
+both_backends!(cookies_lose_secure_only_in_dev_over_plain_http);
+
+/// A page whose session ended by time sends its user to the sign-in page, which says
+/// so (idle: the inactivity notice; absolute: its own).
+async fn an_expired_page_session_says_so(backend: Backend) {
+    let s = TestServer::start_with(
+        backend,
+        Options {
+            sets: vec![
+                ("session.idle_timeout", "10m".into()),
+                ("session.absolute_timeout", "30m".into()),
+            ],
+            ..Options::default()
+        },
+    )
+    .await;
+    s.user("webby", "admin", PW).await;
+    let mut b = Browser::new(&s);
+    b.sign_in("webby", PW).await;
+    s.clock.advance(std::time::Duration::from_secs(11 * 60));
+    let res = s
+        .client
+        .get(s.url("/admin"))
+        .header(COOKIE, b.cookie_header())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 303);
+    assert_eq!(res.headers()["location"], "/login?expired=1");
+    let (_, html) = b.get("/login?expired=1").await;
+    assert!(html.contains("signed out after a period of inactivity"));
+
+    let mut b = Browser::new(&s);
+    b.sign_in("webby", PW).await;
+    // In use every 8 minutes: never idle, yet over at 30 minutes.
+    for _ in 0..3 {
+        s.clock.advance(std::time::Duration::from_secs(8 * 60));
+        assert_eq!(b.get("/admin").await.0, 200);
+    }
+    s.clock.advance(std::time::Duration::from_secs(8 * 60));
+    let res = s
+        .client
+        .get(s.url("/admin"))
+        .header(COOKIE, b.cookie_header())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["location"], "/login?ok=session-ended");
+    let (_, html) = b.get("/login?ok=session-ended").await;
+    assert!(html.contains("longest lifetime"));
+    // No cookie at all: the plain sign-in page.
+    assert_eq!(s.get("/admin").await.headers()["location"], "/login");
+}
+both_backends!(an_expired_page_session_says_so);
