@@ -43,6 +43,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(10, "0010_audit_patients"),
     migration!(11, "0011_audit_client_request_id"),
     migration!(12, "0012_fhir"),
+    migration!(14, "0014_must_change_password"),
 ];
 
 impl Migration {

@@ -178,6 +178,8 @@ struct LoginPage {
     error: Option<String>,
     need_totp: bool,
     expired: bool,
+    /// The password to change is one an administrator set (not one past its age).
+    set_by_admin: bool,
     violations: Vec<&'static str>,
 }
 
@@ -216,6 +218,7 @@ fn blank_login(notice: Option<String>) -> LoginPage {
         error: None,
         need_totp: false,
         expired: false,
+        set_by_admin: false,
         violations: Vec::new(),
     }
 }
@@ -326,8 +329,9 @@ pub async fn login_submit(
             page.error = Some("The authentication code is wrong or was already used.".into());
             login_page(&state, page)
         }
-        Err(IdentityError::PasswordExpired) => {
+        Err(IdentityError::PasswordExpired { set_by_admin }) => {
             page.expired = true;
+            page.set_by_admin = set_by_admin;
             // TOTP is on: the change needs a fresh code too.
             page.need_totp = !code.is_empty();
             login_page(&state, page)
@@ -391,8 +395,11 @@ pub async fn login_password(
         return ApiError::from(e).into_response();
     }
     crate::identity::routes::audit_reauth(&audit, &result, &facts);
+    if let Err(IdentityError::PasswordExpired { set_by_admin }) = &result {
+        page.set_by_admin = *set_by_admin;
+    }
     let user = match result {
-        Ok(_) | Err(IdentityError::PasswordExpired) => {
+        Ok(_) | Err(IdentityError::PasswordExpired { .. }) => {
             match identity.user_by_username(&username).await {
                 Ok(Some(u)) => u,
                 _ => {
@@ -1304,7 +1311,7 @@ pub async fn user_action(
             audit.context("change", ContextValue::Code("password_reset"));
             let new = Secret::new(f.get("new_password").unwrap_or("").to_owned());
             identity
-                .admin_reset_password(by, &id, &new)
+                .admin_reset_password(by, &id, &new, false)
                 .await
                 .map(|()| "password-set")
         }
