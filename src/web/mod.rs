@@ -4,6 +4,7 @@
 
 pub mod pages;
 pub mod session;
+pub mod sessions;
 
 use crate::http::path::Path;
 use axum::Router;
@@ -58,6 +59,21 @@ pub fn router() -> Router<AppState> {
         .route(
             "/admin/users/{id}/sessions/end",
             post(user_action_route(UserAction::EndSessions)),
+        )
+        // Issue 22, admin console: every user's sessions and tokens, email, TOTP reset.
+        .route("/admin/sessions", get(sessions::sessions))
+        .route("/admin/sessions/{id}/end", post(sessions::end_session))
+        .route(
+            "/admin/users/{id}/tokens/{token_id}/revoke",
+            post(sessions::revoke_token),
+        )
+        .route(
+            "/admin/users/{id}/email",
+            post(user_action_route(UserAction::Email)),
+        )
+        .route(
+            "/admin/users/{id}/totp/reset",
+            post(user_action_route(UserAction::TotpReset)),
         )
         .route(
             "/admin/roles",

@@ -123,7 +123,7 @@ pub fn forbidden(u: &WebUser) -> Response {
 }
 
 /// A stored time as people read it: `2026-11-23 03:59:51 UTC`.
-fn display_time(s: &str) -> String {
+pub(crate) fn display_time(s: &str) -> String {
     match (s.get(..10), s.get(11..19)) {
         (Some(d), Some(t)) if s.get(10..11) == Some("T") => format!("{d} {t} UTC"),
         _ => s.to_owned(),
@@ -131,7 +131,7 @@ fn display_time(s: &str) -> String {
 }
 
 /// Notices chosen by code, so no request value is ever reflected into a page.
-fn notice(code: Option<&str>) -> Option<String> {
+pub(crate) fn notice(code: Option<&str>) -> Option<String> {
     let text = match code? {
         "expired" => "You were signed out after a period of inactivity.",
         "signed-out" => "You are signed out.",
@@ -150,6 +150,16 @@ fn notice(code: Option<&str>) -> Option<String> {
         }
         "tokens-revoked" => "Every API token of yours is revoked.",
         "revoked" => "Revoked.",
+        "ended" => "The session ended.",
+        "email-saved" => {
+            "Saved. The new address counts as verified only once its owner follows the link sent to it; links sent to the old address no longer work."
+        }
+        "totp-reset" => {
+            "The second factor was reset and the user's sessions ended: they set up an authenticator again at their next sign-in. No mail was sent (no verified address, or mail is off): tell them yourself."
+        }
+        "totp-reset-mailed" => {
+            "The second factor was reset and the user's sessions ended: they set up an authenticator again at their next sign-in, and were told by mail."
+        }
         _ => return None,
     };
     Some(text.to_owned())
@@ -1012,9 +1022,12 @@ struct UserRow {
     role: String,
     active: bool,
     mfa_enabled: bool,
+    /// An authenticator was set up but not confirmed yet.
+    mfa_pending: bool,
     locked_until: Option<String>,
     password_changed_at: String,
     password_age_days: i64,
+    must_change_password: bool,
 }
 
 async fn user_row(state: &AppState, u: crate::identity::model::User) -> Result<UserRow, ApiError> {
@@ -1037,9 +1050,11 @@ async fn user_row(state: &AppState, u: crate::identity::model::User) -> Result<U
         role: u.role,
         active: u.active,
         mfa_enabled: u.totp_enabled,
+        mfa_pending: !u.totp_enabled && u.totp_secret.is_some(),
         locked_until: locked_until.as_deref().map(display_time),
         password_changed_at: display_time(&u.password_changed_at),
         password_age_days: age,
+        must_change_password: u.must_change_password,
     })
 }
 
@@ -1055,6 +1070,7 @@ struct UsersPage {
     form_username: String,
     form_email: String,
     form_role: String,
+    form_must_change: bool,
 }
 
 #[derive(Deserialize)]
@@ -1107,6 +1123,7 @@ async fn users_page(
         form_username: String::new(),
         form_email: String::new(),
         form_role: "nurse".into(),
+        form_must_change: true,
     })
 }
 
@@ -1150,14 +1167,18 @@ pub async fn user_create(State(state): State<AppState>, audit: Audit, form: WebF
     let (username, email, role) = (f.text("username"), f.text("email"), f.text("role"));
     let password = Secret::new(f.get("password").unwrap_or("").to_owned());
     let email_opt = Some(email.as_str()).filter(|e| !e.is_empty());
+    // Checked by default on the form: a password an administrator typed is theirs to
+    // know, so its owner replaces it at the first sign-in.
+    let must_change = f.get("must_change_password").is_some();
     match state
         .identity()
-        .create_user(
+        .create_user_with(
             Grantor::user(&u.principal),
             &username,
             email_opt,
             &role,
             &password,
+            must_change,
         )
         .await
     {
@@ -1165,6 +1186,8 @@ pub async fn user_create(State(state): State<AppState>, audit: Audit, form: WebF
             audit.annotate(|a| {
                 a.resource_id = Some(user.id.clone());
                 a.context.insert("role", ContextValue::id(&user.role));
+                a.context
+                    .insert("must_change_password", ContextValue::Bool(must_change));
             });
             Redirect::to(&format!("/admin/users/{}?ok=created", user.id)).into_response()
         }
@@ -1179,6 +1202,7 @@ pub async fn user_create(State(state): State<AppState>, audit: Audit, form: WebF
                 p.form_username = username.chars().take(64).collect();
                 p.form_email = email.chars().take(254).collect();
                 p.form_role = role;
+                p.form_must_change = must_change;
                 render_status(StatusCode::UNPROCESSABLE_ENTITY, &p)
             }
             Err(e) => e.into_response(),
@@ -1200,7 +1224,12 @@ struct LoginRow {
 struct UserPage {
     layout: Layout,
     user: UserRow,
+    email_verified: bool,
+    /// The viewer's role covers this account's (they may change it).
+    manageable: bool,
     roles: Vec<String>,
+    sessions: Vec<super::sessions::CredentialRow>,
+    tokens: Vec<super::sessions::CredentialRow>,
     logins: Vec<LoginRow>,
     errors: Vec<String>,
 }
@@ -1223,14 +1252,25 @@ async fn user_page(
             user_agent: a.user_agent.unwrap_or_default(),
         })
         .collect();
+    let email_verified = state
+        .accounts()
+        .is_verified(&user)
+        .await
+        .map_err(ApiError::from)?;
+    let manageable = super::sessions::may_manage(state, u, &user.role).await?;
+    let (sessions, tokens) = super::sessions::credentials_of(state, &user.id).await?;
     Ok(UserPage {
         layout: Layout::of(state, u, notice),
         user: user_row(state, user).await?,
+        email_verified,
+        manageable,
         roles: store::roles(state.db())
             .await?
             .into_iter()
             .map(|r| r.name)
             .collect(),
+        sessions,
+        tokens,
         logins,
         errors: Vec::new(),
     })
@@ -1257,6 +1297,29 @@ pub async fn user(
     }
 }
 
+/// Renders the user page with the message of a refused or invalid change (422), or the
+/// error as the API would answer it.
+pub(crate) async fn user_page_error(
+    state: &AppState,
+    u: &WebUser,
+    id: &str,
+    e: IdentityError,
+) -> Response {
+    match e {
+        IdentityError::Invalid(..)
+        | IdentityError::Conflict(_)
+        | IdentityError::Policy(_)
+        | IdentityError::Forbidden(_) => match user_page(state, u, id, None).await {
+            Ok(mut p) => {
+                p.errors = vec![describe(&e)];
+                render_status(StatusCode::UNPROCESSABLE_ENTITY, &p)
+            }
+            Err(e) => e.into_response(),
+        },
+        e => ApiError::from(e).into_response(),
+    }
+}
+
 /// The user-administration actions, one route each.
 #[derive(Clone, Copy)]
 pub enum UserAction {
@@ -1265,6 +1328,8 @@ pub enum UserAction {
     Unlock,
     Password,
     EndSessions,
+    Email,
+    TotpReset,
 }
 
 pub async fn user_action(
@@ -1309,9 +1374,12 @@ pub async fn user_action(
         }
         UserAction::Password => {
             audit.context("change", ContextValue::Code("password_reset"));
+            // Checked by default on the form (see `user_create`).
+            let must_change = f.get("must_change_password").is_some();
+            audit.context("must_change_password", ContextValue::Bool(must_change));
             let new = Secret::new(f.get("new_password").unwrap_or("").to_owned());
             identity
-                .admin_reset_password(by, &id, &new, false)
+                .admin_reset_password(by, &id, &new, must_change)
                 .await
                 .map(|()| "password-set")
         }
@@ -1322,22 +1390,50 @@ pub async fn user_action(
                 .await
                 .map(|_| "sessions-ended")
         }
+        UserAction::Email => {
+            // The same change as `PATCH /api/v1/users/{id}` with `email`: links sent to
+            // the old address die, the new one must be verified, and a verified old
+            // address is told.
+            audit.context("email_changed", ContextValue::Bool(true));
+            let email = f.text("email");
+            let before = match identity.user(&id).await {
+                Ok(b) => b,
+                Err(e) => return ApiError::from(e).into_response(),
+            };
+            let new = Some(email.as_str()).filter(|e| !e.is_empty());
+            match identity.update_user(by, &id, None, Some(new), None).await {
+                Ok(after) => {
+                    if after.email != before.email
+                        && let Err(e) = state.accounts().notify_email_changed(&before).await
+                    {
+                        return ApiError::from(e).into_response();
+                    }
+                    Ok("email-saved")
+                }
+                Err(e) => Err(e),
+            }
+        }
+        UserAction::TotpReset => {
+            audit.context("change", ContextValue::Code("totp_reset"));
+            match identity.reset_totp(by, &id).await {
+                Ok(before) => match state.accounts().notify_totp_reset(&before).await {
+                    Ok(notified) => {
+                        audit.context("notified", ContextValue::Bool(notified));
+                        Ok(if notified {
+                            "totp-reset-mailed"
+                        } else {
+                            "totp-reset"
+                        })
+                    }
+                    Err(e) => return ApiError::from(e).into_response(),
+                },
+                Err(e) => Err(e),
+            }
+        }
     };
     match result {
-        Ok(code) => Redirect::to(&format!("/admin/users/{id}?ok={code}")).into_response(),
-        Err(
-            e @ (IdentityError::Invalid(..)
-            | IdentityError::Conflict(_)
-            | IdentityError::Policy(_)
-            | IdentityError::Forbidden(_)),
-        ) => match user_page(&state, u, &id, None).await {
-            Ok(mut p) => {
-                p.errors = vec![describe(&e)];
-                render_status(StatusCode::UNPROCESSABLE_ENTITY, &p)
-            }
-            Err(e) => e.into_response(),
-        },
-        Err(e) => ApiError::from(e).into_response(),
+        Ok(code) => super::sessions::back(f, &id, code),
+        Err(e) => user_page_error(&state, u, &id, e).await,
     }
 }
 
@@ -1355,6 +1451,8 @@ struct RolesPage {
     layout: Layout,
     roles: Vec<RoleRow>,
     permissions: Vec<String>,
+    /// Each permission and what it allows.
+    descriptions: Vec<(&'static str, &'static str)>,
     errors: Vec<String>,
 }
 
@@ -1378,6 +1476,10 @@ async fn roles_page(
         permissions: Permission::ALL
             .iter()
             .map(|p| p.as_str().to_owned())
+            .collect(),
+        descriptions: Permission::ALL
+            .iter()
+            .map(|p| (p.as_str(), p.description()))
             .collect(),
         errors,
     })

@@ -680,3 +680,407 @@ async fn an_expired_page_session_says_so(backend: Backend) {
     assert_eq!(s.get("/admin").await.headers()["location"], "/login");
 }
 both_backends!(an_expired_page_session_says_so);
+
+/// The page of every user's sessions and API tokens: filtered by user and kind, no
+/// secret shown, one ended, one revoked, all of a user ended, each change needing its
+/// CSRF token and `users:manage`.
+async fn administrators_end_sessions_and_tokens_from_the_sessions_page(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    s.user("root", "admin", PW).await;
+    let nina = s.user("nina", "nurse", PW).await;
+    s.user("otto", "nurse", PW).await;
+    let nina_a = s.login("nina", PW).await;
+    let nina_b = s.login("nina", PW).await;
+    let otto = s.login("otto", PW).await;
+    let token = crate::support::json(
+        s.post(
+            "/api/v1/tokens",
+            Some(&nina_a),
+            serde_json::json!({"name": "nina-export"}),
+        )
+        .await,
+    )
+    .await;
+    let (token_id, secret) = (
+        token["id"].as_str().unwrap().to_owned(),
+        token["token"].as_str().unwrap().to_owned(),
+    );
+    let mut b = Browser::new(&s);
+    b.sign_in("root", PW).await;
+    let (status, html) = b.get("/admin/sessions").await;
+    assert_eq!(status, 200);
+    assert!(html.contains(">nina<") && html.contains(">otto<") && html.contains(">root<"));
+    assert!(html.contains("nina-export") && html.contains("this one"));
+    assert!(
+        !html.contains(&secret) && !html.contains("cat_"),
+        "no secret"
+    );
+    assert!(
+        !html.contains(&nina_a) && !html.contains("cst_"),
+        "no session token"
+    );
+    // Filters.
+    let (_, html) = b.get("/admin/sessions?user=nin&kind=api_token").await;
+    assert!(html.contains("nina-export") && html.contains("0 session(s), 1 API token(s)"));
+    assert!(!html.contains(">otto<"));
+    let (_, html) = b.get("/admin/sessions?user=nina&kind=session").await;
+    assert!(html.contains("2 session(s), 0 API token(s)"), "{html}");
+    let csrf = field(&html, "csrf");
+
+    // End one of nina's sessions: that one only.
+    let sessions = crate::support::json(
+        s.get_as(&format!("/api/v1/sessions?user_id={nina}"), &otto)
+            .await,
+    )
+    .await;
+    assert_eq!(sessions["code"], "forbidden", "a nurse cannot list them");
+    let root_api = s.login("root", PW).await;
+    let listed = crate::support::json(
+        s.get_as(&format!("/api/v1/sessions?user_id={nina}"), &root_api)
+            .await,
+    )
+    .await;
+    let ids: Vec<String> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    // Without the CSRF token: refused, nothing ends.
+    let (status, _, _) = b
+        .post(
+            &format!("/admin/sessions/{}/end", ids[0]),
+            &[("user_id", &nina)],
+        )
+        .await;
+    assert_eq!(status, 403);
+    let alive = |t: String| {
+        let s = &s;
+        async move { s.get_as("/api/v1/auth/me", &t).await.status().as_u16() }
+    };
+    assert_eq!(
+        alive(nina_a.clone()).await + alive(nina_b.clone()).await,
+        400
+    );
+    let (status, _, location) = b
+        .post(
+            &format!("/admin/sessions/{}/end", ids[0]),
+            &[
+                ("csrf", &csrf),
+                ("user_id", &nina),
+                ("back", "sessions"),
+                ("back_user", "nina"),
+                ("back_kind", "session"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 303);
+    assert_eq!(
+        location.as_deref(),
+        Some("/admin/sessions?user=nina&kind=session&ok=ended")
+    );
+    let statuses = [alive(nina_a.clone()).await, alive(nina_b.clone()).await];
+    assert!(
+        statuses.contains(&401) && statuses.contains(&200),
+        "{statuses:?}"
+    );
+    // Revoke the token (from the user page's form: back to the user page).
+    let (status, _, location) = b
+        .post(
+            &format!("/admin/users/{nina}/tokens/{token_id}/revoke"),
+            &[("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(status, 303);
+    assert_eq!(
+        location.as_deref(),
+        Some(format!("/admin/users/{nina}?ok=revoked").as_str())
+    );
+    assert_eq!(alive(secret.clone()).await, 401);
+    // All of nina's, from the sessions page.
+    let (status, _, location) = b
+        .post(
+            &format!("/admin/users/{nina}/sessions/end"),
+            &[("csrf", &csrf), ("back", "sessions")],
+        )
+        .await;
+    assert_eq!(status, 303);
+    assert_eq!(
+        location.as_deref(),
+        Some("/admin/sessions?user=&kind=&ok=sessions-ended")
+    );
+    assert_eq!(alive(nina_a).await + alive(nina_b).await, 802);
+    assert_eq!(alive(otto.clone()).await, 200, "otto's go on");
+    let (_, html) = b.get("/admin/sessions?ok=sessions-ended").await;
+    assert!(html.contains("Every sign-in of this user has ended"));
+    assert!(!html.contains(">nina<"));
+
+    // A nurse: no page, no action.
+    let mut n = Browser::new(&s);
+    n.sign_in("otto", PW).await;
+    assert_eq!(n.get("/admin/sessions").await.0, 403);
+    let ncsrf = n.csrf().await;
+    let (status, _, _) = n
+        .post(
+            &format!("/admin/users/{nina}/sessions/end"),
+            &[("csrf", &ncsrf)],
+        )
+        .await;
+    assert_eq!(status, 403);
+    // Every step is in the audit trail, naming whose session or token it was.
+    let deleted = custodian::audit::store::query(
+        s.state.db(),
+        &custodian::audit::store::Filter {
+            action: Some("delete".into()),
+            actor: Some("root".into()),
+            ..Default::default()
+        },
+        20,
+        true,
+    )
+    .await
+    .unwrap();
+    assert!(
+        deleted
+            .iter()
+            .any(|e| e.resource_type.as_deref() == Some("session") && e.context.contains(&nina))
+    );
+    assert!(
+        deleted
+            .iter()
+            .any(|e| e.resource_type.as_deref() == Some("api_token")
+                && e.resource_id.as_deref() == Some(token_id.as_str()))
+    );
+}
+both_backends!(administrators_end_sessions_and_tokens_from_the_sessions_page);
+
+/// The user page: a password an administrator types must be changed at the first
+/// sign-in unless unticked; the email is edited there; a lost second factor is reset.
+async fn the_user_page_sets_passwords_emails_and_resets_the_second_factor(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    s.user("root", "admin", PW).await;
+    let mut b = Browser::new(&s);
+    b.sign_in("root", PW).await;
+    let (_, html) = b.get("/admin/users").await;
+    assert!(
+        html.contains("name=\"must_change_password\" value=\"1\" checked"),
+        "ticked by default"
+    );
+    let csrf = field(&html, "csrf");
+    let create = |name: &'static str, tick: bool| {
+        let mut form = vec![
+            ("csrf", csrf.clone()),
+            ("username", name.to_owned()),
+            ("email", format!("{name}@example.org")),
+            ("role", "nurse".to_owned()),
+            ("password", PW.to_owned()),
+        ];
+        if tick {
+            form.push(("must_change_password", "1".to_owned()));
+        }
+        form
+    };
+    for (name, tick) in [("ticked", true), ("unticked", false)] {
+        let form = create(name, tick);
+        let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (status, _, _) = b.post("/admin/users", &form).await;
+        assert_eq!(status, 303, "{name}");
+    }
+    let ticked = s
+        .state
+        .identity()
+        .user_by_username("ticked")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(ticked.must_change_password);
+    assert!(
+        !s.state
+            .identity()
+            .user_by_username("unticked")
+            .await
+            .unwrap()
+            .unwrap()
+            .must_change_password
+    );
+    // The flagged user's sign-in page asks for a new password first, saying why.
+    let mut t = Browser::new(&s);
+    let (_, html) = t.get("/login").await;
+    let lcsrf = field(&html, "csrf");
+    let (status, html, _) = t
+        .post(
+            "/login",
+            &[("csrf", &lcsrf), ("username", "ticked"), ("password", PW)],
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(html.contains("An administrator set the password"), "{html}");
+    let lcsrf = field(&html, "csrf");
+    let (status, _, location) = t
+        .post(
+            "/login/password",
+            &[
+                ("csrf", &lcsrf),
+                ("username", "ticked"),
+                ("current_password", PW),
+                ("new_password", "Battery-Staple-7?"),
+            ],
+        )
+        .await;
+    assert_eq!((status, location.as_deref()), (303, Some("/admin")));
+    assert!(
+        !s.state
+            .identity()
+            .user(&ticked.id)
+            .await
+            .unwrap()
+            .must_change_password
+    );
+    let mut u = Browser::new(&s);
+    u.sign_in("unticked", PW).await;
+
+    // The user page: a reset, ticked by default.
+    let page = format!("/admin/users/{}", ticked.id);
+    let (_, html) = b.get(&page).await;
+    assert!(html.contains("Must change it at the next sign-in"));
+    let (status, _, _) = b
+        .post(
+            &format!("{page}/password"),
+            &[
+                ("csrf", &csrf),
+                ("new_password", "Quartz-Lantern-5#"),
+                ("must_change_password", "1"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 303);
+    let (_, html) = b.get(&page).await;
+    assert!(html.contains("must be changed at the next sign-in"));
+
+    // The email: changed, then removed; a bad one is shown, not a 500.
+    let (status, _, location) = b
+        .post(
+            &format!("{page}/email"),
+            &[("csrf", &csrf), ("email", "New.Ticked@example.org")],
+        )
+        .await;
+    assert_eq!(status, 303);
+    assert_eq!(location.unwrap(), format!("{page}?ok=email-saved"));
+    let after = s.state.identity().user(&ticked.id).await.unwrap();
+    assert_eq!(after.email.as_deref(), Some("New.Ticked@example.org"));
+    let (_, html) = b.get(&format!("{page}?ok=email-saved")).await;
+    assert!(html.contains("not verified") && html.contains("verified only once"));
+    let (status, html, _) = b
+        .post(
+            &format!("{page}/email"),
+            &[("csrf", &csrf), ("email", "not an address")],
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert!(html.contains("email"), "{html}");
+    let (status, _, _) = b
+        .post(&format!("{page}/email"), &[("csrf", &csrf), ("email", "")])
+        .await;
+    assert_eq!(status, 303);
+    assert_eq!(
+        s.state.identity().user(&ticked.id).await.unwrap().email,
+        None
+    );
+    // Without the CSRF token: refused, unchanged.
+    let (status, _, _) = b
+        .post(&format!("{page}/email"), &[("email", "x@example.org")])
+        .await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        s.state.identity().user(&ticked.id).await.unwrap().email,
+        None
+    );
+
+    // The second factor: no button without one; with one, a reset ends the sessions.
+    let unticked = s
+        .state
+        .identity()
+        .user_by_username("unticked")
+        .await
+        .unwrap()
+        .unwrap();
+    let upage = format!("/admin/users/{}", unticked.id);
+    let (_, html) = b.get(&upage).await;
+    assert!(!html.contains("Reset two-factor"));
+    let session = s.login("unticked", PW).await;
+    crate::identity::enrol(&s, &session).await;
+    let (_, html) = b.get(&upage).await;
+    assert!(html.contains("Reset two-factor"));
+    let (status, _, _) = b.post(&format!("{upage}/totp/reset"), &[]).await;
+    assert_eq!(status, 403, "no CSRF token");
+    assert!(
+        s.state
+            .identity()
+            .user(&unticked.id)
+            .await
+            .unwrap()
+            .totp_enabled
+    );
+    let (status, _, location) = b
+        .post(&format!("{upage}/totp/reset"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(status, 303);
+    assert_eq!(location.unwrap(), format!("{upage}?ok=totp-reset"));
+    assert!(
+        !s.state
+            .identity()
+            .user(&unticked.id)
+            .await
+            .unwrap()
+            .totp_enabled
+    );
+    assert_eq!(s.get_as("/api/v1/auth/me", &session).await.status(), 401);
+    assert_eq!(u.get("/admin").await.0, 303, "the page session ended too");
+    let (_, html) = b.get(&format!("{upage}?ok=totp-reset")).await;
+    assert!(html.contains("tell them yourself"));
+    // Its own second factor: not from here.
+    let root_id = s
+        .state
+        .identity()
+        .user_by_username("root")
+        .await
+        .unwrap()
+        .unwrap()
+        .id;
+    sqlx::query("UPDATE users SET totp_enabled = 1, totp_secret = 'x' WHERE id = $1")
+        .bind(&root_id)
+        .execute(s.state.db().writer())
+        .await
+        .unwrap();
+    let (status, html, _) = b
+        .post(
+            &format!("/admin/users/{root_id}/totp/reset"),
+            &[("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert!(html.contains("your own second factor"));
+}
+both_backends!(the_user_page_sets_passwords_emails_and_resets_the_second_factor);
+
+/// The roles page says what each permission allows.
+async fn the_roles_page_describes_every_permission(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    s.user("root", "admin", PW).await;
+    let mut b = Browser::new(&s);
+    b.sign_in("root", PW).await;
+    let (status, html) = b.get("/admin/roles").await;
+    assert_eq!(status, 200);
+    assert!(html.contains("What each permission allows"));
+    for p in custodian::access::Permission::ALL {
+        let escaped = p.description().replace('\'', "&#39;");
+        assert!(
+            html.contains(p.description()) || html.contains(&escaped),
+            "{}",
+            p.as_str()
+        );
+        assert!(html.contains(&format!("<code>{}</code>", p.as_str())));
+    }
+}
+both_backends!(the_roles_page_describes_every_permission);
