@@ -75,6 +75,7 @@ pub fn router() -> Router<AppState> {
             "/admin/users/{id}/totp/reset",
             post(user_action_route(UserAction::TotpReset)),
         )
+        .route("/admin/security.csv", get(pages::security_csv))
         .route(
             "/admin/roles",
             get(pages::roles_list).post(pages::role_create),

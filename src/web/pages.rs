@@ -1624,13 +1624,37 @@ pub struct AuditFilter {
     cursor: Option<String>,
 }
 
+/// An id as the audit page shows it: the first characters, the whole in a tooltip and
+/// in the filter it links to.
+struct ShortId {
+    full: String,
+    short: String,
+}
+
+impl ShortId {
+    fn of(id: Option<String>) -> Option<Self> {
+        let full = id.filter(|i| !i.is_empty())?;
+        let short = if full.chars().count() > 10 {
+            format!("{}…", full.chars().take(8).collect::<String>())
+        } else {
+            full.clone()
+        };
+        Some(Self { full, short })
+    }
+}
+
 struct EventRow {
     seq: i64,
     at: String,
     actor: String,
+    actor_id: Option<ShortId>,
     action: String,
-    resource: String,
-    patient_id: String,
+    resource_type: String,
+    /// The username, for a user resource (or a session or token of a user): never a
+    /// patient's name (an auditor holds no PHI permission).
+    resource_name: String,
+    resource_id: Option<ShortId>,
+    patient_id: Option<ShortId>,
     method: String,
     path: String,
     status: String,
@@ -1639,20 +1663,34 @@ struct EventRow {
     break_glass: bool,
 }
 
-impl From<AuditEvent> for EventRow {
-    fn from(e: AuditEvent) -> Self {
-        let resource = match (e.resource_type, e.resource_id) {
-            (Some(t), Some(id)) => format!("{t} {id}"),
-            (Some(t), None) => t,
-            _ => String::new(),
-        };
+impl EventRow {
+    /// The user an event is about: a user resource, or the owner named in its context
+    /// (a session or token ended by an administrator).
+    fn user_of(e: &AuditEvent) -> Option<String> {
+        if e.resource_type.as_deref() == Some("user") {
+            return e.resource_id.clone();
+        }
+        serde_json::from_str::<serde_json::Value>(&e.context)
+            .ok()?
+            .get("user_id")?
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    fn new(e: AuditEvent, names: &std::collections::HashMap<String, String>) -> Self {
+        let resource_name = Self::user_of(&e)
+            .and_then(|id| names.get(&id).cloned())
+            .unwrap_or_default();
         Self {
             seq: e.seq,
             at: display_time(&e.at),
             actor: e.actor.unwrap_or_default(),
+            actor_id: ShortId::of(e.actor_id),
             action: e.action,
-            resource,
-            patient_id: e.patient_id.unwrap_or_default(),
+            resource_type: e.resource_type.unwrap_or_default(),
+            resource_name,
+            resource_id: ShortId::of(e.resource_id),
+            patient_id: ShortId::of(e.patient_id),
             method: e.method.unwrap_or_default(),
             path: e.path.unwrap_or_default(),
             status: e.status.map(|s| s.to_string()).unwrap_or_default(),
@@ -1758,6 +1796,15 @@ pub async fn audit_log(
         a.context
             .insert("count", ContextValue::Int(page.items.len() as i64));
     });
+    // Usernames beside the ids of the users the events are about (from the users
+    // table: nothing of a patient).
+    let mut ids: Vec<String> = page.items.iter().filter_map(EventRow::user_of).collect();
+    ids.sort();
+    ids.dedup();
+    let names = match store::usernames(state.db(), &ids).await {
+        Ok(n) => n,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
     let p = AuditPage {
         layout: Layout::of(&state, &u, None),
         query: filter_query(&f),
@@ -1766,7 +1813,11 @@ pub async fn audit_log(
             .iter()
             .map(|o| o.as_str().to_owned())
             .collect(),
-        events: page.items.into_iter().map(EventRow::from).collect(),
+        events: page
+            .items
+            .into_iter()
+            .map(|e| EventRow::new(e, &names))
+            .collect(),
         next_cursor: page.next_cursor,
         errors,
         f,
@@ -1774,32 +1825,190 @@ pub async fn audit_log(
     render(&p)
 }
 
-#[derive(Template)]
-#[template(path = "security.html")]
-struct SecurityPage {
-    layout: Layout,
-    events: Vec<crate::security::SecurityEvent>,
+/// The security-event filters of the page (and of its CSV export), as typed.
+#[derive(Deserialize, Default)]
+pub struct SecurityFilter {
+    #[serde(default)]
+    rule: String,
+    #[serde(default)]
+    severity: String,
+    #[serde(default)]
+    subject: String,
+    #[serde(default)]
+    since: String,
+    #[serde(default)]
+    until: String,
+    #[serde(default)]
+    cursor: Option<String>,
 }
 
-/// The newest security events (needs `audit:read`; the read is audited).
-pub async fn security_events(State(state): State<AppState>, audit: Audit, u: WebUser) -> Response {
+fn security_filter(f: &SecurityFilter) -> (crate::security::Filter, Vec<String>) {
+    let mut errors = Vec::new();
+    let mut out = crate::security::Filter::default();
+    let opt = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
+    if let Some(r) = opt(&f.rule) {
+        match crate::security::Rule::ALL.iter().find(|x| x.as_str() == r) {
+            Some(x) => out.rule = Some(x.as_str().to_owned()),
+            None => errors.push("Rule: not a rule.".to_owned()),
+        }
+    }
+    if let Some(v) = opt(&f.severity) {
+        match crate::security::SEVERITIES.iter().find(|x| **x == v) {
+            Some(x) => out.severity = Some((*x).to_owned()),
+            None => errors.push("Severity: warning, high or critical.".to_owned()),
+        }
+    }
+    out.subject = opt(&f.subject).map(|s| s.chars().take(200).collect());
+    for (label, raw, slot) in [
+        ("Since", &f.since, &mut out.since),
+        ("Until", &f.until, &mut out.until),
+    ] {
+        if let Some(v) = opt(raw) {
+            match crate::clock::parse_rfc3339(&v) {
+                Some(t) => *slot = Some(t),
+                None => errors.push(format!(
+                    "{label}: use an RFC 3339 time such as 2026-01-31T00:00:00Z."
+                )),
+            }
+        }
+    }
+    if let Some(c) = &f.cursor {
+        out.before = crate::security::decode_cursor(c);
+    }
+    (out, errors)
+}
+
+fn security_query(f: &SecurityFilter) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .append_pair("rule", &f.rule)
+        .append_pair("severity", &f.severity)
+        .append_pair("subject", &f.subject)
+        .append_pair("since", &f.since)
+        .append_pair("until", &f.until)
+        .finish()
+}
+
+#[derive(Template)]
+#[template(path = "security.html")]
+struct SecurityEventsPage {
+    layout: Layout,
+    f: SecurityFilter,
+    rules: Vec<String>,
+    severities: Vec<String>,
+    events: Vec<crate::security::SecurityEvent>,
+    next_cursor: Option<String>,
+    query: String,
+    errors: Vec<String>,
+}
+
+/// Security events, newest first, filtered by rule, severity, subject and time (needs
+/// `audit:read`; the read is audited).
+pub async fn security_events(
+    State(state): State<AppState>,
+    audit: Audit,
+    u: WebUser,
+    Query(f): Query<SecurityFilter>,
+) -> Response {
     if let Some(r) = u.refuse(Permission::AuditRead) {
         return r;
     }
-    let events = match state.security().list(200).await {
-        Ok(e) => e,
-        Err(e) => return ApiError::from(e).into_response(),
+    let (filter, errors) = security_filter(&f);
+    let page = if errors.is_empty() {
+        match state.security().search(&filter, 100).await {
+            Ok(p) => p,
+            Err(e) => return ApiError::from(e).into_response(),
+        }
+    } else {
+        crate::security::SecurityPage {
+            items: Vec::new(),
+            next_cursor: None,
+        }
     };
     audit.annotate(|a| {
         a.action = Some(Action::Read);
         a.resource_type = Some("security_events");
         a.context
-            .insert("count", ContextValue::Int(events.len() as i64));
+            .insert("count", ContextValue::Int(page.items.len() as i64));
     });
-    render(&SecurityPage {
+    render(&SecurityEventsPage {
         layout: Layout::of(&state, &u, None),
-        events,
+        query: security_query(&f),
+        rules: crate::security::Rule::ALL
+            .iter()
+            .map(|r| r.as_str().to_owned())
+            .collect(),
+        severities: crate::security::SEVERITIES
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect(),
+        events: page
+            .items
+            .into_iter()
+            .map(|mut e| {
+                e.at = display_time(&e.at);
+                e
+            })
+            .collect(),
+        next_cursor: page.next_cursor,
+        errors,
+        f,
     })
+}
+
+/// The filtered security events as CSV, newest first, every page (audited as an
+/// export).
+pub async fn security_csv(
+    State(state): State<AppState>,
+    audit: Audit,
+    u: WebUser,
+    Query(f): Query<SecurityFilter>,
+) -> Response {
+    if let Some(r) = u.refuse(Permission::AuditRead) {
+        return r;
+    }
+    let (mut filter, errors) = security_filter(&f);
+    if !errors.is_empty() {
+        return (StatusCode::UNPROCESSABLE_ENTITY, errors.join(" ")).into_response();
+    }
+    let mut out = crate::security::CSV_COLUMNS.join(",");
+    out.push('\n');
+    let mut n: i64 = 0;
+    loop {
+        let page = match state.security().search(&filter, 500).await {
+            Ok(p) => p,
+            Err(e) => return ApiError::from(e).into_response(),
+        };
+        for e in &page.items {
+            out.push_str(&crate::security::csv_line(e));
+            out.push('\n');
+            n += 1;
+        }
+        match page
+            .next_cursor
+            .as_deref()
+            .and_then(crate::security::decode_cursor)
+        {
+            Some(next) => filter.before = Some(next),
+            None => break,
+        }
+    }
+    audit.annotate(|a| {
+        a.action = Some(Action::Export);
+        a.resource_type = Some("security_events");
+        a.context.insert("count", ContextValue::Int(n));
+        a.context.insert("format", ContextValue::Code("csv"));
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"security-events.csv\"",
+            ),
+        ],
+        out,
+    )
+        .into_response()
 }
 
 /// The filtered audit log as CSV (audited as an export).

@@ -1084,3 +1084,172 @@ async fn the_roles_page_describes_every_permission(backend: Backend) {
     }
 }
 both_backends!(the_roles_page_describes_every_permission);
+
+/// The audit page names users beside their ids (from the users table), and never a
+/// patient: an auditor holds no PHI permission.
+async fn the_audit_page_names_users_never_patients(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    s.user("root", "admin", PW).await;
+    let nina = s.user("nina", "nurse", PW).await;
+    s.user("audrey", "auditor", PW).await;
+    let root = s.login("root", PW).await;
+    let patient = crate::support::json(
+        s.post(
+            "/api/v1/patients",
+            Some(&root),
+            serde_json::json!({"given_name": "Zelda", "family_name": "Quartermain", "birth_date": "1970-01-02"}),
+        )
+        .await,
+    )
+    .await;
+    let pid = patient["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        s.get_as(&format!("/api/v1/patients/{pid}"), &root)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        s.post(
+            &format!("/api/v1/users/{nina}/unlock"),
+            Some(&root),
+            serde_json::json!({})
+        )
+        .await
+        .status(),
+        204
+    );
+    let mut b = Browser::new(&s);
+    b.sign_in("audrey", PW).await;
+    let (status, html) = b.get("/admin/audit").await;
+    assert_eq!(status, 200);
+    assert!(
+        html.contains("user <strong>nina</strong>"),
+        "the user's name beside its id"
+    );
+    assert!(
+        html.contains(&format!("title=\"{nina}\"")),
+        "the whole id in reach"
+    );
+    assert!(html.contains(&format!("/admin/audit?patient_id={pid}")));
+    for phi in ["Zelda", "Quartermain", "1970-01-02"] {
+        assert!(!html.contains(phi), "{phi} on the audit page");
+    }
+    // The CSV export of a filtered view: that filter's events only.
+    let (status, csv) = b.get("/admin/audit.csv?action=update&status=204").await;
+    assert_eq!(status, 200);
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    assert!(!rows.is_empty());
+    assert!(
+        rows.iter()
+            .all(|r| r.contains(",update,") && r.contains(",204,")),
+        "{csv}"
+    );
+}
+both_backends!(the_audit_page_names_users_never_patients);
+
+/// Security events: filtered by rule, severity, subject and time, paged, and exported
+/// as CSV (the same filters), on the page and in the API; every read audited.
+async fn security_events_are_filtered_and_exported(backend: Backend) {
+    use custodian::security::{Rule, SecurityEvent, insert};
+    let s = TestServer::start(backend).await;
+    s.user("audrey", "auditor", PW).await;
+    let events = [
+        (
+            Rule::FailedLoginsAddress,
+            "203.0.113.9",
+            "2026-01-10T10:00:00.000000Z",
+        ),
+        (Rule::BreakGlass, "user-a", "2026-01-11T10:00:00.000000Z"),
+        (Rule::BreakGlass, "user-b", "2026-01-12T10:00:00.000000Z"),
+        (
+            Rule::AuditChainBroken,
+            "=cmd|' /C calc'!A0",
+            "2026-01-13T10:00:00.000000Z",
+        ),
+    ];
+    for (rule, subject, at) in events {
+        insert(
+            s.state.db(),
+            &SecurityEvent::new(rule, subject, "detail", at.into()),
+        )
+        .await
+        .unwrap();
+    }
+    let t = s.login("audrey", PW).await;
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["subject"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let all = crate::support::json(s.get_as("/api/v1/security/events", &t).await).await;
+    assert_eq!(ids(&all).len(), 4);
+    let q = |query: &str| {
+        let url = format!("/api/v1/security/events?{query}");
+        let s = &s;
+        let t = t.clone();
+        async move { crate::support::json(s.get_as(&url, &t).await).await }
+    };
+    assert_eq!(ids(&q("rule=break_glass").await), ["user-b", "user-a"]);
+    assert_eq!(ids(&q("severity=critical").await).len(), 1);
+    assert_eq!(ids(&q("subject=user-a").await), ["user-a"]);
+    assert_eq!(
+        ids(&q("since=2026-01-11T00:00:00Z&until=2026-01-12T00:00:00Z").await),
+        ["user-a"]
+    );
+    // Paged newest first.
+    let first = q("limit=3").await;
+    assert_eq!(ids(&first).len(), 3);
+    let cursor = first["next_cursor"].as_str().unwrap().to_owned();
+    let second = q(&format!("limit=3&cursor={}", urlencode(&cursor))).await;
+    assert_eq!(ids(&second), ["203.0.113.9"]);
+    assert!(second["next_cursor"].is_null());
+    for bad in ["rule=nope", "severity=low", "cursor=xyz", "since=yesterday"] {
+        let b = q(bad).await;
+        assert_eq!(b["code"], "validation_error", "{bad}: {b}");
+    }
+
+    let mut b = Browser::new(&s);
+    b.sign_in("audrey", PW).await;
+    let (status, html) = b.get("/admin/security?rule=break_glass").await;
+    assert_eq!(status, 200);
+    assert!(html.contains("user-a") && html.contains("user-b") && !html.contains("203.0.113.9"));
+    assert!(html.contains("/admin/security.csv?rule=break_glass"));
+    let (status, html) = b.get("/admin/security?since=never").await;
+    assert_eq!(status, 200);
+    assert!(html.contains("RFC 3339"));
+    let (status, csv) = b.get("/admin/security.csv?rule=break_glass").await;
+    assert_eq!(status, 200);
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "id,at,rule,severity,subject,detail");
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert!(lines[1].contains(",break_glass,high,user-b,"));
+    let (_, csv) = b.get("/admin/security.csv?severity=critical").await;
+    assert!(csv.contains("'=cmd"), "a formula is defused: {csv}");
+    // Exports and reads are audited; a nurse gets neither.
+    let exports = custodian::audit::store::query(
+        s.state.db(),
+        &custodian::audit::store::Filter {
+            action: Some("export".into()),
+            ..Default::default()
+        },
+        10,
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(exports.len(), 2);
+    assert!(
+        exports
+            .iter()
+            .all(|e| e.resource_type.as_deref() == Some("security_events"))
+    );
+    s.user("nurse", "nurse", PW).await;
+    let mut n = Browser::new(&s);
+    n.sign_in("nurse", PW).await;
+    assert_eq!(n.get("/admin/security.csv").await.0, 403);
+}
+both_backends!(security_events_are_filtered_and_exported);
