@@ -141,6 +141,14 @@ pub enum UserCommand {
         #[arg(long)]
         password_stdin: bool,
     },
+    /// Reset a user's second factor (a lost authenticator, e.g. of the only
+    /// administrator): removes the TOTP secret and recovery codes and ends the user's
+    /// sessions; the user is told by mail (at a verified address, sent by the server's
+    /// outbox). Audited.
+    ResetTotp {
+        #[arg(long)]
+        username: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -313,6 +321,9 @@ pub fn run(cli: Cli) -> ExitCode {
                 email,
                 password_stdin,
             }) => user_create(config, &username, &role, email.as_deref(), password_stdin).await,
+            Command::User(UserCommand::ResetTotp { username }) => {
+                user_reset_totp(config, &username).await
+            }
         }
     })
 }
@@ -824,6 +835,124 @@ async fn user_create(
     };
     db.close().await;
     code
+}
+
+/// `custodian user reset-totp --username U`: the operator (who holds the server's
+/// configuration and database) resets a second factor, e.g. when the only administrator
+/// lost their authenticator. Exit 0 when reset, 1 when it could not be done, 2 for an
+/// unknown user or one without a second factor.
+async fn user_reset_totp(config: Config, username: &str) -> ExitCode {
+    let secrets = match config.resolve_secrets() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("custodian user reset-totp: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let (db, log) = match offline_context(&config).await {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("custodian user reset-totp: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let clock: crate::clock::SharedClock = Arc::new(SystemClock);
+    let services = crate::app::open_keyring(&config, &SystemClock).and_then(|keys| {
+        let identity =
+            crate::app::identity_service(&config, db.clone(), clock.clone(), keys.clone())?;
+        // The outbox only stores the mail here; a running server's outbox sends it
+        // (a sender started by this short-lived process could die mid-send).
+        let outbox = crate::accounts::mail::Outbox::new(
+            &config,
+            secrets.smtp_password.clone(),
+            db.clone(),
+            keys,
+            clock.clone(),
+        )?;
+        Ok((identity, outbox))
+    });
+    let (identity, outbox) = match services {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("custodian user reset-totp: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match reset_totp_of(&identity, &outbox, &db, &log, username).await {
+        Ok((user, notified)) => {
+            println!(
+                "{}",
+                serde_json::json!({"id": user.id, "username": user.username, "notified": notified})
+            );
+            eprintln!(
+                "the second factor of {} is reset and their sessions ended; {}",
+                user.username,
+                if notified {
+                    "a mail telling them is queued"
+                } else {
+                    "no mail was queued (no verified address, or no mail configured): tell them yourself"
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err((status, message)) => {
+            eprintln!("custodian user reset-totp: {message}");
+            ExitCode::from(status)
+        }
+    };
+    db.close().await;
+    code
+}
+
+async fn reset_totp_of(
+    identity: &crate::identity::Identity,
+    outbox: &crate::accounts::mail::Outbox,
+    db: &crate::store::Db,
+    log: &crate::audit::AuditLog,
+    username: &str,
+) -> Result<(crate::identity::model::User, bool), (u8, String)> {
+    use crate::identity::IdentityError;
+    let user = match identity.user_by_username(username).await {
+        Ok(Some(u)) => u,
+        Ok(None) => return Err((2, "no such user".into())),
+        Err(e) => return Err((1, crate::identity::service::describe(&e))),
+    };
+    match identity
+        .reset_totp(crate::identity::Grantor::Operator, &user.id)
+        .await
+    {
+        Ok(_) => {}
+        Err(e @ IdentityError::Conflict(_)) => {
+            return Err((2, crate::identity::service::describe(&e)));
+        }
+        Err(e) => return Err((1, crate::identity::service::describe(&e))),
+    }
+    let now = identity.now_timestamp();
+    // Reset already: a mail that cannot be queued is said, not a reason to fail.
+    let notified = match crate::accounts::totp_reset_notice(db, outbox, &user, &now).await {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!(
+                "custodian user reset-totp: the mail telling the user could not be queued: {e}"
+            );
+            false
+        }
+    };
+    let mut e = log.event(crate::audit::Action::Update, crate::audit::Outcome::Success);
+    e.actor = Some(crate::audit::Actor::system("user-reset-totp").name);
+    e.resource_type = Some("user");
+    e.resource_id = Some(user.id.clone());
+    e.context
+        .insert("change", crate::audit::ContextValue::Code("totp_reset"));
+    e.context
+        .insert("notified", crate::audit::ContextValue::Bool(notified));
+    log.record(vec![e]).await.map_err(|e| {
+        (
+            1,
+            format!("the second factor was reset but not recorded in the audit trail: {e}"),
+        )
+    })?;
+    Ok((user, notified))
 }
 
 /// In dev, a database with no users at all gets an `admin` with a random password,

@@ -66,6 +66,35 @@ impl Permission {
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|p| p.as_str() == s)
     }
+
+    /// What the permission allows, in one sentence (the roles page and docs/api.md).
+    pub const fn description(self) -> &'static str {
+        match self {
+            Permission::PatientsRead => {
+                "Find and read patients' demographics (the SSN masked without phi:ssn), in the API, FHIR and the pages."
+            }
+            Permission::PatientsWrite => {
+                "Register patients, change their demographics and delete them."
+            }
+            Permission::RecordsRead => {
+                "Read patients' medical records and clinical data, and use the PRECISE-HBR calculator and SMART app."
+            }
+            Permission::RecordsWrite => "Add, change and delete medical records and clinical data.",
+            Permission::PhiSsn => "See Social Security numbers in full, and search by them.",
+            Permission::AuditRead => {
+                "Read the audit trail, the security events, a patient's accounting of disclosures and /metrics (no patient data)."
+            }
+            Permission::UsersManage => {
+                "Manage accounts: create, invite, change and deactivate them, reset passwords and second factors, end sessions and API tokens (only of accounts within one's own permissions)."
+            }
+            Permission::RolesManage => {
+                "Create, change and delete roles (only with permissions one holds oneself, and never one's own role)."
+            }
+            Permission::BreakGlass => {
+                "In an emergency, open one named patient without the read permission, giving a reason; every use is flagged as a security event."
+            }
+        }
+    }
 }
 
 /// How the request authenticated.
@@ -242,6 +271,8 @@ mod tests {
     #[test]
     fn permissions_round_trip() {
         for p in Permission::ALL {
+            let d = p.description();
+            assert!(d.len() > 20 && d.ends_with('.'), "{d}");
             assert_eq!(Permission::parse(p.as_str()), Some(p));
             assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
         }

@@ -414,17 +414,13 @@ impl Accounts {
 
     /// Whether the user's current email is the verified one.
     pub async fn is_verified(&self, user: &User) -> Result<bool, AccountsError> {
-        let Some(email) = &user.email else {
-            return Ok(false);
-        };
-        let row = sqlx::query("SELECT email FROM email_verifications WHERE user_id = $1")
-            .bind(&user.id)
-            .fetch_optional(self.inner.db.reader())
-            .await?;
-        Ok(match row {
-            Some(r) => r.try_get::<String, _>("email")?.eq_ignore_ascii_case(email),
-            None => false,
-        })
+        email_verified(&self.inner.db, user).await
+    }
+
+    /// Tells a user by mail that an administrator reset their second factor (see
+    /// [`totp_reset_notice`]). Answers whether a mail was queued.
+    pub async fn notify_totp_reset(&self, user: &User) -> Result<bool, AccountsError> {
+        totp_reset_notice(&self.inner.db, &self.inner.outbox, user, &self.now()).await
     }
 
     async fn send_verification_marked(
@@ -766,4 +762,54 @@ impl Accounts {
             .await?;
         Ok(())
     }
+}
+
+/// Whether the user's current email is the verified one.
+pub async fn email_verified(db: &Db, user: &User) -> Result<bool, AccountsError> {
+    let Some(email) = &user.email else {
+        return Ok(false);
+    };
+    let row = sqlx::query("SELECT email FROM email_verifications WHERE user_id = $1")
+        .bind(&user.id)
+        .fetch_optional(db.reader())
+        .await?;
+    Ok(match row {
+        Some(r) => r.try_get::<String, _>("email")?.eq_ignore_ascii_case(email),
+        None => false,
+    })
+}
+
+/// Queues the mail telling `user` that their second factor (authenticator app and
+/// recovery codes) was reset by an administrator at `now`, so that a reset nobody asked
+/// for does not go unnoticed. Like every mail other than a verification, it goes only to
+/// a verified address; nothing is queued without one or when no mail can be sent. The
+/// outbox delivers it (from the command line: the next server that polls the outbox).
+/// Answers whether a mail was queued.
+pub async fn totp_reset_notice(
+    db: &Db,
+    outbox: &Outbox,
+    user: &User,
+    now: &str,
+) -> Result<bool, AccountsError> {
+    let Some(email) = &user.email else {
+        return Ok(false);
+    };
+    if !outbox.can_send() || !email_verified(db, user).await? {
+        return Ok(false);
+    }
+    let body = format!(
+        "The second factor of the Custodian account \"{}\" (its authenticator app and recovery codes) was reset by an administrator at {now} UTC, \
+         and every session of the account was ended.\n\n\
+         At your next sign-in you set up an authenticator app again.\n\n\
+         If you did not ask for this, tell your administrator now.\n",
+        user.username
+    );
+    outbox
+        .enqueue(
+            email,
+            "The second factor of your Custodian account was reset",
+            &body,
+        )
+        .await?;
+    Ok(true)
 }

@@ -113,7 +113,11 @@ impl FormPage {
         let mut r = render_status(status, &self);
         r.headers_mut().append(
             header::SET_COOKIE,
-            set_cookie(login_cookie_name(state.config().env), Some(&csrf)),
+            set_cookie(
+                state.config(),
+                login_cookie_name(state.config()),
+                Some(&csrf),
+            ),
         );
         r
     }

@@ -334,7 +334,8 @@ mod tests {
         let dev = loader().load().unwrap();
         assert_eq!(dev.env, Environment::Dev);
         assert!(!dev.mfa.required);
-        assert_eq!(dev.session.idle_timeout.to_string(), "5m");
+        assert_eq!(dev.session.idle_timeout.to_string(), "1h");
+        assert!(dev.dev_over_plain_http());
         let prod = Loader {
             env: Some("prod".into()),
             ..loader()
@@ -343,6 +344,16 @@ mod tests {
         .unwrap();
         assert!(prod.mfa.required);
         assert_eq!(prod.logging.format, super::super::LogFormat::Json);
+        assert_eq!(prod.session.idle_timeout.to_string(), "5m");
+        assert!(!prod.dev_over_plain_http());
+        let staging = Loader {
+            env: Some("staging".into()),
+            ..loader()
+        }
+        .load()
+        .unwrap();
+        assert_eq!(staging.session.idle_timeout.to_string(), "5m");
+        assert!(!staging.dev_over_plain_http());
     }
 
     #[test]

@@ -649,7 +649,9 @@ impl Config {
             fhir: FhirConfig::default(),
         };
         match env {
-            Environment::Dev => {}
+            // Long enough to explore the API in Swagger UI without signing in again
+            // every few minutes (staging and prod keep 5 minutes; prod refuses over 60).
+            Environment::Dev => c.session.idle_timeout = Duration::from_mins(60),
             Environment::Staging => {
                 c.logging.format = LogFormat::Json;
                 c.monitoring.metrics_allow = NetList(Vec::new());
@@ -681,6 +683,14 @@ impl Config {
     pub fn serves_tls(&self) -> bool {
         self.server.tls.cert.is_some()
             || (self.env == Environment::Staging && !self.server.behind_tls_proxy)
+    }
+
+    /// Whether this is dev speaking plain HTTP to browsers (no TLS here, none at a proxy):
+    /// the only case where the sign-in cookies are sent without `Secure` (and without
+    /// the `__Host-` prefix, which requires it), so that signing in works from another
+    /// machine on the network. Staging and prod never.
+    pub fn dev_over_plain_http(&self) -> bool {
+        self.env == Environment::Dev && !self.serves_tls() && !self.server.behind_tls_proxy
     }
 
     /// Whether responses carry `Strict-Transport-Security`.

@@ -321,6 +321,12 @@ pub fn advisories(c: &Config) -> Vec<Finding> {
             problem: "trusts X-Forwarded-For from every address; list only your proxies".into(),
         });
     }
+    if c.dev_over_plain_http() {
+        out.push(Finding {
+            key: "server.tls",
+            problem: "dev over plain HTTP: the sign-in cookies (`custodian`, `custodian_login`) are sent without `Secure`, so that signing in works from another machine; staging and prod always send `__Host-` cookies with `Secure`".into(),
+        });
+    }
     if c.env == Environment::Dev
         && !c.server.listen.ip().is_loopback()
         && c.server.tls.cert.is_none()
@@ -662,6 +668,24 @@ mod tests {
                 "server.trusted_proxies"
             ]
         );
+    }
+
+    #[test]
+    fn dev_over_plain_http_warns_that_cookies_lose_secure() {
+        let (_d, mut c) = secure();
+        c.env = Environment::Dev;
+        c.server.tls.cert = None;
+        c.server.tls.key = None;
+        let has = |c: &Config| advisories(c).iter().any(|f| f.key == "server.tls");
+        assert!(has(&c), "dev without TLS warns");
+        c.server.behind_tls_proxy = true;
+        assert!(!has(&c), "TLS at a proxy: the cookies keep Secure");
+        c.server.behind_tls_proxy = false;
+        c.server.tls.cert = Some("/x.pem".into());
+        c.server.tls.key = Some("/x.key".into());
+        assert!(!has(&c), "dev with TLS");
+        let (_d, prod) = secure();
+        assert!(!has(&prod));
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(user_logins))
         .routes(routes!(list_sessions))
         .routes(routes!(delete_session))
+        .routes(routes!(user_tokens))
+        .routes(routes!(revoke_user_token))
+        .routes(routes!(logout_user))
+        .routes(routes!(reset_totp))
         .routes(routes!(permissions))
         .routes(routes!(roles, create_role))
         .routes(routes!(update_role, delete_role))
@@ -48,6 +52,8 @@ pub struct UserView {
     /// Set while sign-in is locked for this account.
     locked_until: Option<String>,
     password_changed_at: String,
+    /// An administrator set the password: the user must change it at the next sign-in.
+    must_change_password: bool,
     created_at: String,
     updated_at: String,
 }
@@ -65,6 +71,7 @@ async fn view(state: &AppState, u: User) -> Result<UserView, ApiError> {
         mfa_enabled: u.totp_enabled,
         locked_until,
         password_changed_at: u.password_changed_at,
+        must_change_password: u.must_change_password,
         created_at: u.created_at,
         updated_at: u.updated_at,
     })
@@ -143,6 +150,10 @@ pub struct NewUser {
     #[schema(value_type = String, format = Password, max_length = 1024)]
     password: String,
     role: String,
+    /// The user must change the password at the first sign-in (sign-in answers 403
+    /// `password_expired` until then). Default false.
+    #[serde(default)]
+    must_change_password: bool,
 }
 
 /// Create a user (needs `users:manage`); the password policy applies.
@@ -168,17 +179,22 @@ pub async fn create_user(
     });
     let user = state
         .identity()
-        .create_user(
+        .create_user_with(
             Grantor::user(&auth),
             &req.username,
             req.email.as_deref(),
             &req.role,
             &Secret::new(req.password),
+            req.must_change_password,
         )
         .await?;
     audit.annotate(|a| {
         a.resource_id = Some(user.id.clone());
         a.context.insert("role", ContextValue::id(&user.role));
+        a.context.insert(
+            "must_change_password",
+            ContextValue::Bool(user.must_change_password),
+        );
     });
     Ok((StatusCode::CREATED, Json(view(&state, user).await?)).into_response())
 }
@@ -288,11 +304,16 @@ pub async fn unlock_user(
 pub struct PasswordReset {
     #[schema(value_type = String, format = Password)]
     new_password: String,
+    /// The user must change it at the next sign-in (sign-in answers 403
+    /// `password_expired` until then). Default false.
+    #[serde(default)]
+    must_change_password: bool,
 }
 
 /// Set a user's password (needs `users:manage`, and every permission of the user's
 /// role): the policy and history apply, and every credential of the user ends —
-/// sessions, personal API tokens and app grants.
+/// sessions, personal API tokens and app grants. With `must_change_password` the user
+/// must change it at the next sign-in.
 #[utoipa::path(post, path = "/api/v1/users/{id}/password", tag = "users", security(("bearer" = ["users:manage"])),
     params(("id" = String, Path)), request_body = PasswordReset,
     responses((status = 204, description = "Set"), (status = 422, description = "password_policy")))]
@@ -311,9 +332,18 @@ pub async fn reset_password(
     }
     audit_user(&audit, Action::Update, &id);
     audit.context("change", ContextValue::Code("password_reset"));
+    audit.context(
+        "must_change_password",
+        ContextValue::Bool(req.must_change_password),
+    );
     state
         .identity()
-        .admin_reset_password(Grantor::user(&auth), &id, &Secret::new(req.new_password))
+        .admin_reset_password(
+            Grantor::user(&auth),
+            &id,
+            &Secret::new(req.new_password),
+            req.must_change_password,
+        )
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -398,6 +428,7 @@ pub struct SessionQuery {
 pub struct SessionView {
     id: String,
     user_id: String,
+    username: String,
     created_at: String,
     last_used_at: String,
     expires_at: String,
@@ -425,22 +456,15 @@ pub async fn list_sessions(
         a.resource_type = Some("session");
     });
     let identity = state.identity();
-    let now = state.clock().now();
-    let idle = identity.settings().idle_timeout;
     let rows =
         store::live_sessions(state.db(), q.user_id.as_deref(), &identity.now_timestamp()).await?;
     let items = rows
         .into_iter()
-        .filter(|s| {
-            time::OffsetDateTime::parse(
-                &s.last_used_at,
-                &time::format_description::well_known::Rfc3339,
-            )
-            .is_ok_and(|t| t + time::Duration::try_from(idle).unwrap_or(time::Duration::ZERO) > now)
-        })
+        .filter(|s| !identity.session_idle(&s.last_used_at))
         .map(|s| SessionView {
             id: s.id,
             user_id: s.user_id,
+            username: s.username,
             created_at: s.created_at,
             last_used_at: s.last_used_at,
             expires_at: s.absolute_expires_at,
@@ -474,6 +498,154 @@ pub async fn delete_session(
         .await?;
     audit.context("user_id", ContextValue::id(&owner));
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A user's personal API token, as an administrator sees it (never its secret).
+#[derive(Serialize, ToSchema)]
+pub struct UserTokenView {
+    id: String,
+    user_id: String,
+    name: String,
+    created_at: String,
+    expires_at: String,
+    last_used_at: Option<String>,
+    /// The token ends within 24 hours.
+    expires_soon: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UserTokenList {
+    items: Vec<UserTokenView>,
+    next_cursor: Option<String>,
+}
+
+/// A user's live personal API tokens, newest first, never their secrets (needs
+/// `users:manage`).
+#[utoipa::path(get, path = "/api/v1/users/{id}/tokens", tag = "users", security(("bearer" = ["users:manage"])),
+    params(("id" = String, Path)),
+    responses((status = 200, body = UserTokenList), (status = 404, description = "not_found")))]
+pub async fn user_tokens(
+    State(state): State<AppState>,
+    audit: Audit,
+    _auth: Authorized<need::UsersManage>,
+    Path(id): Path<String>,
+) -> Result<Json<UserTokenList>, ApiError> {
+    audit.annotate(|a| {
+        a.action = Some(Action::Read);
+        a.resource_type = Some("api_token");
+        a.context.insert("user_id", ContextValue::id(&id));
+    });
+    let identity = state.identity();
+    let items: Vec<UserTokenView> = identity
+        .user_tokens(&id)
+        .await?
+        .into_iter()
+        .map(|t| UserTokenView {
+            expires_soon: identity.expires_soon(&t.expires_at),
+            id: t.id,
+            user_id: t.user_id,
+            name: t.name,
+            created_at: t.created_at,
+            expires_at: t.expires_at,
+            last_used_at: t.last_used_at,
+        })
+        .collect();
+    audit.context("count", ContextValue::Int(items.len() as i64));
+    Ok(Json(UserTokenList {
+        items,
+        next_cursor: None,
+    }))
+}
+
+/// Revoke one personal API token of a user (needs `users:manage`, and every permission
+/// of the user's role); it stops working at once.
+#[utoipa::path(delete, path = "/api/v1/users/{id}/tokens/{token_id}", tag = "users", security(("bearer" = ["users:manage"])),
+    params(("id" = String, Path), ("token_id" = String, Path)),
+    responses((status = 204, description = "Revoked"), (status = 404, description = "not_found: no such user or live token")))]
+pub async fn revoke_user_token(
+    State(state): State<AppState>,
+    audit: Audit,
+    auth: Authorized<need::UsersManage>,
+    Path((id, token_id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    audit.annotate(|a| {
+        a.action = Some(Action::Delete);
+        a.resource_type = Some("api_token");
+        a.resource_id = Some(token_id.chars().take(64).collect());
+        a.context.insert("user_id", ContextValue::id(&id));
+    });
+    state
+        .identity()
+        .admin_revoke_token(Grantor::user(&auth), &id, &token_id)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// End every credential of a user: sessions, personal API tokens and app grants (needs
+/// `users:manage`, and every permission of the user's role). The account stays active:
+/// its owner can sign in again.
+#[utoipa::path(post, path = "/api/v1/users/{id}/logout", tag = "users", security(("bearer" = ["users:manage"])),
+    params(("id" = String, Path)),
+    responses((status = 204, description = "Every credential ended"), (status = 404, description = "not_found")))]
+pub async fn logout_user(
+    State(state): State<AppState>,
+    audit: Audit,
+    auth: Authorized<need::UsersManage>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    audit.annotate(|a| {
+        a.action = Some(Action::Logout);
+        a.resource_type = Some("user");
+        a.resource_id = Some(id.clone());
+        a.context.insert("all", ContextValue::Bool(true));
+    });
+    let ended = state
+        .identity()
+        .end_credentials(Grantor::user(&auth), &id)
+        .await?;
+    audit.context(
+        "ended",
+        ContextValue::Int(i64::try_from(ended).unwrap_or(i64::MAX)),
+    );
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TotpResetView {
+    /// Whether the user was told by mail (only to a verified address, when mail can be
+    /// sent).
+    notified: bool,
+}
+
+/// Reset a user's second factor, for a lost authenticator (needs `users:manage`, and
+/// every permission of the user's role; never one's own): the TOTP secret and recovery
+/// codes are removed, the user's sessions and app grants end, and the user is told by
+/// mail. They sign in with the password and set up an authenticator again (with
+/// `mfa.required`, before anything else).
+#[utoipa::path(post, path = "/api/v1/users/{id}/totp/reset", tag = "users", security(("bearer" = ["users:manage"])),
+    params(("id" = String, Path)),
+    responses((status = 200, description = "Reset", body = TotpResetView),
+        (status = 404, description = "not_found"),
+        (status = 409, description = "conflict: no second factor to reset")))]
+pub async fn reset_totp(
+    State(state): State<AppState>,
+    audit: Audit,
+    auth: Authorized<need::UsersManage>,
+    Path(id): Path<String>,
+) -> Result<Json<TotpResetView>, ApiError> {
+    audit_user(&audit, Action::Update, &id);
+    audit.context("change", ContextValue::Code("totp_reset"));
+    let user = state
+        .identity()
+        .reset_totp(Grantor::user(&auth), &id)
+        .await?;
+    let notified = state
+        .accounts()
+        .notify_totp_reset(&user)
+        .await
+        .map_err(ApiError::from)?;
+    audit.context("notified", ContextValue::Bool(notified));
+    Ok(Json(TotpResetView { notified }))
 }
 
 /// The permission names.

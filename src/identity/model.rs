@@ -116,6 +116,9 @@ pub struct User {
     pub totp_last_step: Option<i64>,
     pub created_at: String,
     pub updated_at: String,
+    /// An administrator typed the password: sign-in answers `password_expired` until
+    /// the user changes it.
+    pub must_change_password: bool,
 }
 
 #[cfg(test)]

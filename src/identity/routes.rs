@@ -27,6 +27,16 @@ impl From<IdentityError> for ApiError {
     fn from(e: IdentityError) -> Self {
         match e {
             IdentityError::Unauthorized => ApiError::new(ErrorCode::Unauthorized),
+            IdentityError::SessionExpired(super::service::Expiry::Idle) => {
+                ApiError::new(ErrorCode::Unauthorized).with_detail(
+                    "The session expired: it was not used for longer than the idle timeout (session.idle_timeout). Sign in again (POST /api/v1/auth/login).",
+                )
+            }
+            IdentityError::SessionExpired(super::service::Expiry::Absolute) => {
+                ApiError::new(ErrorCode::Unauthorized).with_detail(
+                    "The session expired: it reached its longest lifetime since sign-in (session.absolute_timeout). Sign in again (POST /api/v1/auth/login).",
+                )
+            }
             IdentityError::InvalidCredentials => ApiError::new(ErrorCode::InvalidCredentials),
             IdentityError::MfaRequired => ApiError::new(ErrorCode::MfaRequired),
             IdentityError::InvalidTotp => ApiError::new(ErrorCode::InvalidTotp),
@@ -36,7 +46,14 @@ impl From<IdentityError> for ApiError {
             IdentityError::RateLimited { retry_after } => ApiError::new(ErrorCode::RateLimited)
                 .with_detail("Too many failed sign-ins from this address; retry after the time in Retry-After.")
                 .with_retry_after(retry_after),
-            IdentityError::PasswordExpired => ApiError::new(ErrorCode::PasswordExpired),
+            IdentityError::PasswordExpired { set_by_admin: false } => {
+                ApiError::new(ErrorCode::PasswordExpired)
+            }
+            IdentityError::PasswordExpired { set_by_admin: true } => {
+                ApiError::new(ErrorCode::PasswordExpired).with_detail(
+                    "An administrator set this password, and it must be changed before the first sign-in: change it with POST /api/v1/auth/password (username, current_password, new_password).",
+                )
+            }
             IdentityError::Policy(v) => ApiError::password_policy(v),
             IdentityError::Invalid(field, message) => ApiError::field(field, message),
             IdentityError::Conflict(detail) => ApiError::new(ErrorCode::Conflict).with_detail(detail),
@@ -409,7 +426,7 @@ pub async fn change_password(
                 .await;
             identity.record_attempt(&facts, &origin).await?;
             let user = match result {
-                Ok(_) | Err(IdentityError::PasswordExpired) => identity
+                Ok(_) | Err(IdentityError::PasswordExpired { .. }) => identity
                     .user_by_username(&username)
                     .await?
                     .ok_or(IdentityError::InvalidCredentials)?,

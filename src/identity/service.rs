@@ -29,6 +29,10 @@ const RECOVERY_PURPOSE: &str = "custodian/identity/recovery-codes/v1";
 pub enum IdentityError {
     #[error("unauthorized")]
     Unauthorized,
+    /// A session that was valid has ended by time: idle too long, or past its absolute
+    /// lifetime (still a 401 `unauthorized`, with a `detail` that says so).
+    #[error("session expired")]
+    SessionExpired(Expiry),
     #[error("invalid credentials")]
     InvalidCredentials,
     #[error("TOTP code required")]
@@ -39,8 +43,10 @@ pub enum IdentityError {
     Locked { retry_after: u64 },
     #[error("too many failures from this address")]
     RateLimited { retry_after: u64 },
+    /// The password is past `password.max_age`, or an administrator set it and the
+    /// user must change it (`set_by_admin`).
     #[error("password expired")]
-    PasswordExpired,
+    PasswordExpired { set_by_admin: bool },
     #[error("password policy")]
     Policy(Vec<&'static str>),
     #[error("invalid {0}: {1}")]
@@ -73,6 +79,15 @@ impl From<password::PasswordError> for IdentityError {
             other => IdentityError::Internal(other.to_string()),
         }
     }
+}
+
+/// Why a session ended by time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// Unused for longer than `session.idle_timeout`.
+    Idle,
+    /// Older than `session.absolute_timeout`.
+    Absolute,
 }
 
 /// The numbers the rules use, from the configuration.
@@ -277,6 +292,21 @@ impl Identity {
         role: &str,
         password: &Secret,
     ) -> Result<User, IdentityError> {
+        self.create_user_with(by, username, email, role, password, false)
+            .await
+    }
+
+    /// [`Self::create_user`], and with `must_change_password` the user must change the
+    /// password at the first sign-in (an administrator typed it).
+    pub async fn create_user_with(
+        &self,
+        by: Grantor<'_>,
+        username: &str,
+        email: Option<&str>,
+        role: &str,
+        password: &Secret,
+        must_change_password: bool,
+    ) -> Result<User, IdentityError> {
         let username =
             Username::parse(username).map_err(|m| IdentityError::Invalid("username", m))?;
         let email = email
@@ -306,6 +336,7 @@ impl Identity {
             totp_last_step: None,
             created_at: now.clone(),
             updated_at: now,
+            must_change_password,
         };
         if !store::insert_user(&self.db, &user, &new_id()).await? {
             return Err(IdentityError::Conflict("the username is taken"));
@@ -403,9 +434,11 @@ impl Identity {
             store::rehash(&self.db, &user.id, &user.password_hash, &new_hash).await?;
         }
         let expires_at = self.password_expires_at(&user.password_changed_at);
-        if expires_at.is_some_and(|t| t <= now) {
+        if user.must_change_password || expires_at.is_some_and(|t| t <= now) {
             facts.reason = AttemptReason::Expired;
-            return Err(IdentityError::PasswordExpired);
+            return Err(IdentityError::PasswordExpired {
+                set_by_admin: user.must_change_password,
+            });
         }
 
         let (token, hash) = crypto::new_token(SESSION_PREFIX)?;
@@ -741,8 +774,17 @@ impl Identity {
         };
         let now = self.now();
         let now_s = timestamp(now);
-        if revoked_at.is_some() || expires_at.as_str() <= now_s.as_str() || !user.active {
+        if revoked_at.is_some() || !user.active {
             return Err(IdentityError::Unauthorized);
+        }
+        // A session that ended by time says so (its holder signs in again); an API
+        // token past its expiry is simply not valid any more.
+        if expires_at.as_str() <= now_s.as_str() {
+            return Err(if is_session {
+                IdentityError::SessionExpired(Expiry::Absolute)
+            } else {
+                IdentityError::Unauthorized
+            });
         }
         if is_session {
             let last = last_used_at
@@ -750,7 +792,7 @@ impl Identity {
                 .and_then(parse_ts)
                 .ok_or(IdentityError::Unauthorized)?;
             if add(last, self.settings.idle_timeout) <= now {
-                return Err(IdentityError::Unauthorized);
+                return Err(IdentityError::SessionExpired(Expiry::Idle));
             }
         }
         // A lock from failed sign-ins is not checked here: it stops password sign-in
@@ -844,12 +886,24 @@ impl Identity {
         Ok(())
     }
 
-    /// Sets a password without the current one (admin reset): policy and history apply.
+    /// Sets a password without the current one (the user's own change after checks made
+    /// elsewhere, a reset link): policy and history apply, and the "must change" flag is
+    /// cleared.
     pub async fn set_password(
         &self,
         user: &User,
         new: &Secret,
         keep_session: Option<&str>,
+    ) -> Result<(), IdentityError> {
+        self.store_password(user, new, keep_session, false).await
+    }
+
+    async fn store_password(
+        &self,
+        user: &User,
+        new: &Secret,
+        keep_session: Option<&str>,
+        must_change: bool,
     ) -> Result<(), IdentityError> {
         if new.expose().chars().count() > super::model::MAX_PASSWORD {
             return Err(IdentityError::Policy(vec![password::TOO_LONG]));
@@ -879,6 +933,7 @@ impl Identity {
             &timestamp(self.now()),
             &new_id(),
             keep_session,
+            must_change,
         )
         .await?;
         Ok(())
@@ -957,16 +1012,18 @@ impl Identity {
 
     /// An administrator sets a user's password (the usual answer to a suspected
     /// compromise): the policy and history apply, and every credential of the account
-    /// ends — sessions, personal API tokens and app grants.
+    /// ends — sessions, personal API tokens and app grants. With `must_change` the user
+    /// must change it at the next sign-in.
     pub async fn admin_reset_password(
         &self,
         by: Grantor<'_>,
         id: &str,
         new: &Secret,
+        must_change: bool,
     ) -> Result<(), IdentityError> {
         let user = self.user(id).await?;
         by.may_manage(&self.db, &user.role).await?;
-        self.set_password(&user, new, None).await?;
+        self.store_password(&user, new, None, must_change).await?;
         self.revoke_all(&user.id, true).await?;
         Ok(())
     }
@@ -992,6 +1049,57 @@ impl Identity {
         by.may_manage(&self.db, &user.role).await?;
         self.logout(session_id).await?;
         Ok(owner)
+    }
+
+    /// An administrator resets a user's second factor (a lost authenticator): the TOTP
+    /// secret and every recovery code are removed, and the user's sessions and app
+    /// grants end (their API tokens stay; with `mfa.required` they are refused until
+    /// the user enrols again). The user then signs in with the password alone and, with
+    /// `mfa.required`, can do nothing but enrol. Nobody resets their own second factor
+    /// this way (`DELETE /api/v1/auth/totp` needs the password and a code), nor that of
+    /// an account holding more than they do. Returns the account as it was.
+    pub async fn reset_totp(&self, by: Grantor<'_>, id: &str) -> Result<User, IdentityError> {
+        let user = self.user(id).await?;
+        if let Grantor::User(p) = by
+            && p.user_id == user.id
+        {
+            return Err(IdentityError::Forbidden(
+                "You cannot reset your own second factor here: turn it off with your password and a code, or ask another administrator.".into(),
+            ));
+        }
+        by.may_manage(&self.db, &user.role).await?;
+        if !user.totp_enabled && user.totp_secret.is_none() {
+            return Err(IdentityError::Conflict(
+                "This user has no second factor to reset.",
+            ));
+        }
+        store::disable_totp(&self.db, &user.id, &timestamp(self.now())).await?;
+        self.revoke_all(&user.id, false).await?;
+        Ok(user)
+    }
+
+    /// The live personal API tokens of a user (an administrator's view; never secrets).
+    pub async fn user_tokens(&self, user_id: &str) -> Result<Vec<TokenRow>, IdentityError> {
+        let user = self.user(user_id).await?;
+        self.tokens(&user.id).await
+    }
+
+    /// An administrator revokes one personal API token of a user (not of an account
+    /// holding more than they do). `NotFound` when the user has no such live token.
+    pub async fn admin_revoke_token(
+        &self,
+        by: Grantor<'_>,
+        user_id: &str,
+        token_id: &str,
+    ) -> Result<(), IdentityError> {
+        let user = self.user(user_id).await?;
+        by.may_manage(&self.db, &user.role).await?;
+        self.revoke_token(&user.id, token_id).await
+    }
+
+    /// Whether a session last used at `last_used_at` has been idle too long by now.
+    pub fn session_idle(&self, last_used_at: &str) -> bool {
+        parse_ts(last_used_at).is_none_or(|t| add(t, self.settings.idle_timeout) <= self.now())
     }
 
     /// Checks a TOTP or recovery code of `user` (spending it); `InvalidTotp` when wrong.

@@ -7,7 +7,7 @@ use crate::store::local::{self, Cols};
 use crate::store::{Backend, Db, StoreError};
 
 const USER_COLUMNS: &str = "id, username, email, role, active, password_hash, password_changed_at, \
-totp_secret, totp_enabled, totp_last_step, created_at, updated_at";
+totp_secret, totp_enabled, totp_last_step, created_at, updated_at, must_change_password";
 
 fn user_from_row<R: Cols>(r: &R) -> Result<User, StoreError> {
     user_at(r, 0)
@@ -28,6 +28,7 @@ fn user_at<R: Cols>(r: &R, base: usize) -> Result<User, StoreError> {
         totp_last_step: r.col_at(base + 9, "totp_last_step")?,
         created_at: r.col_at(base + 10, "created_at")?,
         updated_at: r.col_at(base + 11, "updated_at")?,
+        must_change_password: r.col_at::<i64>(base + 12, "must_change_password")? != 0,
     })
 }
 
@@ -64,8 +65,8 @@ pub async fn insert_user(db: &Db, u: &User, history_id: &str) -> Result<bool, St
     let mut tx = db.writer().begin().await?;
     let inserted = sqlx::query(
         "INSERT INTO users (id, username, email, role, active, password_hash, password_changed_at, \
-         totp_secret, totp_enabled, totp_last_step, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, 0, NULL, $8, $9) ON CONFLICT (username) DO NOTHING",
+         totp_secret, totp_enabled, totp_last_step, created_at, updated_at, must_change_password) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, 0, NULL, $8, $9, $10) ON CONFLICT (username) DO NOTHING",
     )
     .bind(&u.id)
     .bind(&u.username)
@@ -76,6 +77,7 @@ pub async fn insert_user(db: &Db, u: &User, history_id: &str) -> Result<bool, St
     .bind(&u.password_changed_at)
     .bind(&u.created_at)
     .bind(&u.updated_at)
+    .bind(i64::from(u.must_change_password))
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -134,6 +136,8 @@ pub async fn recent_password_hashes(
 }
 
 /// Sets a new password (with history) and revokes the user's sessions, except `keep`.
+/// `must_change`: whether the user must change it at the next sign-in (an
+/// administrator typed it); any other change clears the flag.
 pub async fn set_password(
     db: &Db,
     user_id: &str,
@@ -141,14 +145,19 @@ pub async fn set_password(
     now: &str,
     history_id: &str,
     keep_session: Option<&str>,
+    must_change: bool,
 ) -> Result<(), StoreError> {
     let mut tx = db.writer().begin().await?;
-    sqlx::query("UPDATE users SET password_hash = $1, password_changed_at = $2, updated_at = $2 WHERE id = $3")
-        .bind(hash)
-        .bind(now)
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "UPDATE users SET password_hash = $1, password_changed_at = $2, updated_at = $2, \
+         must_change_password = $3 WHERE id = $4",
+    )
+    .bind(hash)
+    .bind(now)
+    .bind(i64::from(must_change))
+    .bind(user_id)
+    .execute(&mut *tx)
+    .await?;
     sqlx::query("INSERT INTO password_history (id, user_id, password_hash, created_at) VALUES ($1, $2, $3, $4)")
         .bind(history_id)
         .bind(user_id)
@@ -646,6 +655,7 @@ pub async fn revoke_all(
 pub struct SessionRow {
     pub id: String,
     pub user_id: String,
+    pub username: String,
     pub created_at: String,
     pub last_used_at: String,
     pub absolute_expires_at: String,
@@ -653,37 +663,20 @@ pub struct SessionRow {
     pub user_agent: Option<String>,
 }
 
-/// Sessions not revoked and not past their absolute end (idle ones are filtered by the caller).
-pub async fn live_sessions(
-    db: &Db,
-    user_id: Option<&str>,
-    now: &str,
-) -> Result<Vec<SessionRow>, StoreError> {
-    let base = "SELECT id, user_id, created_at, last_used_at, absolute_expires_at, ip, user_agent FROM sessions \
-                WHERE revoked_at IS NULL AND absolute_expires_at > $1";
-    let rows = match user_id {
-        Some(u) => {
-            sqlx::query(AssertSqlSafe(format!(
-                "{base} AND user_id = $2 ORDER BY created_at DESC"
-            )))
-            .bind(now)
-            .bind(u)
-            .fetch_all(db.reader())
-            .await?
-        }
-        None => {
-            sqlx::query(AssertSqlSafe(format!("{base} ORDER BY created_at DESC")))
-                .bind(now)
-                .fetch_all(db.reader())
-                .await?
-        }
-    };
+const SESSION_SELECT: &str = "SELECT s.id AS id, s.user_id AS user_id, u.username AS username, \
+    s.created_at AS created_at, s.last_used_at AS last_used_at, \
+    s.absolute_expires_at AS absolute_expires_at, s.ip AS ip, s.user_agent AS user_agent \
+    FROM sessions s JOIN users u ON u.id = s.user_id \
+    WHERE s.revoked_at IS NULL AND s.absolute_expires_at > $1";
+
+fn session_rows(rows: &[sqlx::any::AnyRow]) -> Result<Vec<SessionRow>, StoreError> {
     Ok(rows
         .iter()
         .map(|r| {
             Ok(SessionRow {
                 id: r.try_get("id")?,
                 user_id: r.try_get("user_id")?,
+                username: r.try_get("username")?,
                 created_at: r.try_get("created_at")?,
                 last_used_at: r.try_get("last_used_at")?,
                 absolute_expires_at: r.try_get("absolute_expires_at")?,
@@ -692,6 +685,128 @@ pub async fn live_sessions(
             })
         })
         .collect::<Result<_, sqlx::Error>>()?)
+}
+
+/// Sessions not revoked and not past their absolute end (idle ones are filtered by the caller).
+pub async fn live_sessions(
+    db: &Db,
+    user_id: Option<&str>,
+    now: &str,
+) -> Result<Vec<SessionRow>, StoreError> {
+    let rows = match user_id {
+        Some(u) => {
+            sqlx::query(AssertSqlSafe(format!(
+                "{SESSION_SELECT} AND s.user_id = $2 ORDER BY s.created_at DESC"
+            )))
+            .bind(now)
+            .bind(u)
+            .fetch_all(db.reader())
+            .await?
+        }
+        None => {
+            sqlx::query(AssertSqlSafe(format!(
+                "{SESSION_SELECT} ORDER BY s.created_at DESC"
+            )))
+            .bind(now)
+            .fetch_all(db.reader())
+            .await?
+        }
+    };
+    session_rows(&rows)
+}
+
+/// A `LIKE` pattern for a part of a username (`%`, `_` and `\` dropped), or "" for any.
+fn username_pattern(q: Option<&str>) -> String {
+    q.map(|q| format!("%{}%", q.to_lowercase().replace(['%', '_', '\\'], "")))
+        .filter(|p| p != "%%")
+        .unwrap_or_default()
+}
+
+/// Live sessions of every user whose username contains `q` (all users without it), newest
+/// first, at most `limit` (idle ones are filtered by the caller).
+pub async fn sessions_of_users(
+    db: &Db,
+    q: Option<&str>,
+    now: &str,
+    limit: i64,
+) -> Result<Vec<SessionRow>, StoreError> {
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "{SESSION_SELECT} AND ($2 = '' OR u.username LIKE $2) ORDER BY s.created_at DESC LIMIT $3"
+    )))
+    .bind(now)
+    .bind(username_pattern(q))
+    .bind(limit)
+    .fetch_all(db.reader())
+    .await?;
+    session_rows(&rows)
+}
+
+/// A user's live personal API token, with the username (an administrator's list).
+pub struct UserTokenRow {
+    pub token: TokenRow,
+    pub username: String,
+}
+
+/// Live API tokens of every user whose username contains `q` (all users without it),
+/// newest first, at most `limit`.
+pub async fn tokens_of_users(
+    db: &Db,
+    q: Option<&str>,
+    now: &str,
+    limit: i64,
+) -> Result<Vec<UserTokenRow>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT t.id AS id, t.user_id AS user_id, u.username AS username, t.name AS name, \
+         t.created_at AS created_at, t.expires_at AS expires_at, t.last_used_at AS last_used_at \
+         FROM api_tokens t JOIN users u ON u.id = t.user_id \
+         WHERE t.revoked_at IS NULL AND t.expires_at > $1 AND ($2 = '' OR u.username LIKE $2) \
+         ORDER BY t.created_at DESC LIMIT $3",
+    )
+    .bind(now)
+    .bind(username_pattern(q))
+    .bind(limit)
+    .fetch_all(db.reader())
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            Ok(UserTokenRow {
+                username: r.try_get("username")?,
+                token: TokenRow {
+                    id: r.try_get("id")?,
+                    user_id: r.try_get("user_id")?,
+                    name: r.try_get("name")?,
+                    created_at: r.try_get("created_at")?,
+                    expires_at: r.try_get("expires_at")?,
+                    last_used_at: r.try_get("last_used_at")?,
+                },
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()?)
+}
+
+/// The usernames of the users among `ids` (ids that name no user are left out).
+pub async fn usernames(
+    db: &Db,
+    ids: &[String],
+) -> Result<std::collections::HashMap<String, String>, StoreError> {
+    let mut out = std::collections::HashMap::new();
+    // Bounded pages of placeholders, so any number of ids stays one short query each.
+    for chunk in ids.chunks(100) {
+        let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT id, username FROM users WHERE id IN ({})",
+            marks.join(", ")
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for id in chunk {
+            query = query.bind(id);
+        }
+        for r in query.fetch_all(db.reader()).await? {
+            out.insert(r.try_get("id")?, r.try_get("username")?);
+        }
+    }
+    Ok(out)
 }
 
 // ---- API tokens --------------------------------------------------------------------

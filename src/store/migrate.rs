@@ -44,6 +44,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(11, "0011_audit_client_request_id"),
     migration!(12, "0012_fhir"),
     migration!(13, "0013_name_terms"),
+    migration!(14, "0014_must_change_password"),
 ];
 
 impl Migration {

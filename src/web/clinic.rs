@@ -46,7 +46,7 @@ const BREAK_GLASS_PURPOSE: &str = "custodian/web/breakglass/v1";
 const PAGE: usize = 25;
 
 fn breakglass_cookie_name(state: &AppState) -> &'static str {
-    if state.config().env == crate::config::Environment::Dev {
+    if state.config().dev_over_plain_http() {
         "custodian_bg"
     } else {
         "__Secure-custodian_bg"
@@ -190,7 +190,7 @@ fn break_glass(state: &AppState, u: &WebUser, headers: &HeaderMap, id: &str) -> 
 /// only with that patient's pages, ending with the access.
 fn break_glass_cookie(state: &AppState, id: &str, value: Option<&str>) -> HeaderValue {
     let name = breakglass_cookie_name(state);
-    let secure = secure_attribute(state);
+    let secure = secure_attribute(state.config());
     let text = match value {
         Some(v) => format!(
             "{name}={v}; HttpOnly;{secure} SameSite=Strict; Path=/patients/{id}; Max-Age={}",

@@ -5,6 +5,7 @@
 pub mod clinic;
 pub mod pages;
 pub mod session;
+pub mod sessions;
 
 use crate::http::path::Path;
 use axum::Router;
@@ -74,6 +75,22 @@ pub fn router() -> Router<AppState> {
             "/admin/users/{id}/sessions/end",
             post(user_action_route(UserAction::EndSessions)),
         )
+        // Issue 22, admin console: every user's sessions and tokens, email, TOTP reset.
+        .route("/admin/sessions", get(sessions::sessions))
+        .route("/admin/sessions/{id}/end", post(sessions::end_session))
+        .route(
+            "/admin/users/{id}/tokens/{token_id}/revoke",
+            post(sessions::revoke_token),
+        )
+        .route(
+            "/admin/users/{id}/email",
+            post(user_action_route(UserAction::Email)),
+        )
+        .route(
+            "/admin/users/{id}/totp/reset",
+            post(user_action_route(UserAction::TotpReset)),
+        )
+        .route("/admin/security.csv", get(pages::security_csv))
         .route(
             "/admin/roles",
             get(pages::roles_list).post(pages::role_create),

@@ -153,10 +153,13 @@ pub(crate) fn display_time(s: &str) -> String {
 }
 
 /// Notices chosen by code, so no request value is ever reflected into a page.
-fn notice(code: Option<&str>) -> Option<String> {
+pub(crate) fn notice(code: Option<&str>) -> Option<String> {
     let text = match code? {
         "expired" => "You were signed out after a period of inactivity.",
         "signed-out" => "You are signed out.",
+        "session-ended" => {
+            "Your session reached its longest lifetime (session.absolute_timeout). Sign in again."
+        }
         "saved" => "Saved.",
         "created" => "Created.",
         "deleted" => "Deleted.",
@@ -169,6 +172,16 @@ fn notice(code: Option<&str>) -> Option<String> {
         }
         "tokens-revoked" => "Every API token of yours is revoked.",
         "revoked" => "Revoked.",
+        "ended" => "The session ended.",
+        "email-saved" => {
+            "Saved. The new address counts as verified only once its owner follows the link sent to it; links sent to the old address no longer work."
+        }
+        "totp-reset" => {
+            "The second factor was reset and the user's sessions ended: they set up an authenticator again at their next sign-in. No mail was sent (no verified address, or mail is off): tell them yourself."
+        }
+        "totp-reset-mailed" => {
+            "The second factor was reset and the user's sessions ended: they set up an authenticator again at their next sign-in, and were told by mail."
+        }
         _ => return None,
     };
     Some(text.to_owned())
@@ -197,6 +210,8 @@ struct LoginPage {
     error: Option<String>,
     need_totp: bool,
     expired: bool,
+    /// The password to change is one an administrator set (not one past its age).
+    set_by_admin: bool,
     violations: Vec<&'static str>,
 }
 
@@ -205,13 +220,13 @@ fn login_page(state: &AppState, mut page: LoginPage) -> Response {
     page.login_csrf.clone_from(&csrf);
     let embedded = embedded_flow(state, &page.next);
     let mut r = render(&page);
-    let name = login_cookie_name(state.config().env);
+    let name = login_cookie_name(state.config());
     r.headers_mut().append(
         header::SET_COOKIE,
         if embedded {
             set_embedded_cookie(name, Some(&csrf))
         } else {
-            set_cookie(name, Some(&csrf))
+            set_cookie(state.config(), name, Some(&csrf))
         },
     );
     if embedded {
@@ -235,6 +250,7 @@ fn blank_login(notice: Option<String>) -> LoginPage {
         error: None,
         need_totp: false,
         expired: false,
+        set_by_admin: false,
         violations: Vec::new(),
     }
 }
@@ -284,8 +300,8 @@ fn signed_in(state: &AppState, token: &Secret, next: &str) -> Response {
         }
         r
     };
-    let env = state.config().env;
-    let (session, login) = (session_cookie_name(env), login_cookie_name(env));
+    let cfg = state.config();
+    let (session, login) = (session_cookie_name(cfg), login_cookie_name(cfg));
     let headers = r.headers_mut();
     if embedded {
         headers.append(
@@ -296,9 +312,9 @@ fn signed_in(state: &AppState, token: &Secret, next: &str) -> Response {
     } else {
         headers.append(
             header::SET_COOKIE,
-            set_cookie(session, Some(token.expose())),
+            set_cookie(cfg, session, Some(token.expose())),
         );
-        headers.append(header::SET_COOKIE, set_cookie(login, None));
+        headers.append(header::SET_COOKIE, set_cookie(cfg, login, None));
     }
     r
 }
@@ -345,8 +361,9 @@ pub async fn login_submit(
             page.error = Some("The authentication code is wrong or was already used.".into());
             login_page(&state, page)
         }
-        Err(IdentityError::PasswordExpired) => {
+        Err(IdentityError::PasswordExpired { set_by_admin }) => {
             page.expired = true;
+            page.set_by_admin = set_by_admin;
             // TOTP is on: the change needs a fresh code too.
             page.need_totp = !code.is_empty();
             login_page(&state, page)
@@ -410,8 +427,11 @@ pub async fn login_password(
         return ApiError::from(e).into_response();
     }
     crate::identity::routes::audit_reauth(&audit, &result, &facts);
+    if let Err(IdentityError::PasswordExpired { set_by_admin }) = &result {
+        page.set_by_admin = *set_by_admin;
+    }
     let user = match result {
-        Ok(_) | Err(IdentityError::PasswordExpired) => {
+        Ok(_) | Err(IdentityError::PasswordExpired { .. }) => {
             match identity.user_by_username(&username).await {
                 Ok(Some(u)) => u,
                 _ => {
@@ -465,9 +485,9 @@ pub async fn logout(State(state): State<AppState>, audit: Audit, form: WebForm) 
         return ApiError::from(e).into_response();
     }
     let mut r = Redirect::to("/login?ok=signed-out").into_response();
-    let name = session_cookie_name(state.config().env);
+    let name = session_cookie_name(state.config());
     r.headers_mut()
-        .append(header::SET_COOKIE, set_cookie(name, None));
+        .append(header::SET_COOKIE, set_cookie(state.config(), name, None));
     if !state.config().smart.frame_ancestors.is_empty() {
         // A session begun inside an EHR frame has a partitioned cookie of its own.
         r.headers_mut()
@@ -1011,7 +1031,7 @@ pub async fn end_my_sessions(
     let mut r = Redirect::to("/login?ok=signed-out").into_response();
     r.headers_mut().append(
         header::SET_COOKIE,
-        set_cookie(session_cookie_name(state.config().env), None),
+        set_cookie(state.config(), session_cookie_name(state.config()), None),
     );
     r
 }
@@ -1041,9 +1061,12 @@ struct UserRow {
     role: String,
     active: bool,
     mfa_enabled: bool,
+    /// An authenticator was set up but not confirmed yet.
+    mfa_pending: bool,
     locked_until: Option<String>,
     password_changed_at: String,
     password_age_days: i64,
+    must_change_password: bool,
 }
 
 async fn user_row(state: &AppState, u: crate::identity::model::User) -> Result<UserRow, ApiError> {
@@ -1066,9 +1089,11 @@ async fn user_row(state: &AppState, u: crate::identity::model::User) -> Result<U
         role: u.role,
         active: u.active,
         mfa_enabled: u.totp_enabled,
+        mfa_pending: !u.totp_enabled && u.totp_secret.is_some(),
         locked_until: locked_until.as_deref().map(display_time),
         password_changed_at: display_time(&u.password_changed_at),
         password_age_days: age,
+        must_change_password: u.must_change_password,
     })
 }
 
@@ -1084,6 +1109,7 @@ struct UsersPage {
     form_username: String,
     form_email: String,
     form_role: String,
+    form_must_change: bool,
 }
 
 #[derive(Deserialize)]
@@ -1136,6 +1162,7 @@ async fn users_page(
         form_username: String::new(),
         form_email: String::new(),
         form_role: "nurse".into(),
+        form_must_change: true,
     })
 }
 
@@ -1179,14 +1206,18 @@ pub async fn user_create(State(state): State<AppState>, audit: Audit, form: WebF
     let (username, email, role) = (f.text("username"), f.text("email"), f.text("role"));
     let password = Secret::new(f.get("password").unwrap_or("").to_owned());
     let email_opt = Some(email.as_str()).filter(|e| !e.is_empty());
+    // Checked by default on the form: a password an administrator typed is theirs to
+    // know, so its owner replaces it at the first sign-in.
+    let must_change = f.get("must_change_password").is_some();
     match state
         .identity()
-        .create_user(
+        .create_user_with(
             Grantor::user(&u.principal),
             &username,
             email_opt,
             &role,
             &password,
+            must_change,
         )
         .await
     {
@@ -1194,6 +1225,8 @@ pub async fn user_create(State(state): State<AppState>, audit: Audit, form: WebF
             audit.annotate(|a| {
                 a.resource_id = Some(user.id.clone());
                 a.context.insert("role", ContextValue::id(&user.role));
+                a.context
+                    .insert("must_change_password", ContextValue::Bool(must_change));
             });
             Redirect::to(&format!("/admin/users/{}?ok=created", user.id)).into_response()
         }
@@ -1208,6 +1241,7 @@ pub async fn user_create(State(state): State<AppState>, audit: Audit, form: WebF
                 p.form_username = username.chars().take(64).collect();
                 p.form_email = email.chars().take(254).collect();
                 p.form_role = role;
+                p.form_must_change = must_change;
                 render_status(StatusCode::UNPROCESSABLE_ENTITY, &p)
             }
             Err(e) => e.into_response(),
@@ -1229,7 +1263,12 @@ struct LoginRow {
 struct UserPage {
     layout: Layout,
     user: UserRow,
+    email_verified: bool,
+    /// The viewer's role covers this account's (they may change it).
+    manageable: bool,
     roles: Vec<String>,
+    sessions: Vec<super::sessions::CredentialRow>,
+    tokens: Vec<super::sessions::CredentialRow>,
     logins: Vec<LoginRow>,
     errors: Vec<String>,
 }
@@ -1252,14 +1291,25 @@ async fn user_page(
             user_agent: a.user_agent.unwrap_or_default(),
         })
         .collect();
+    let email_verified = state
+        .accounts()
+        .is_verified(&user)
+        .await
+        .map_err(ApiError::from)?;
+    let manageable = super::sessions::may_manage(state, u, &user.role).await?;
+    let (sessions, tokens) = super::sessions::credentials_of(state, &user.id).await?;
     Ok(UserPage {
         layout: Layout::of(state, u, notice),
         user: user_row(state, user).await?,
+        email_verified,
+        manageable,
         roles: store::roles(state.db())
             .await?
             .into_iter()
             .map(|r| r.name)
             .collect(),
+        sessions,
+        tokens,
         logins,
         errors: Vec::new(),
     })
@@ -1286,6 +1336,29 @@ pub async fn user(
     }
 }
 
+/// Renders the user page with the message of a refused or invalid change (422), or the
+/// error as the API would answer it.
+pub(crate) async fn user_page_error(
+    state: &AppState,
+    u: &WebUser,
+    id: &str,
+    e: IdentityError,
+) -> Response {
+    match e {
+        IdentityError::Invalid(..)
+        | IdentityError::Conflict(_)
+        | IdentityError::Policy(_)
+        | IdentityError::Forbidden(_) => match user_page(state, u, id, None).await {
+            Ok(mut p) => {
+                p.errors = vec![describe(&e)];
+                render_status(StatusCode::UNPROCESSABLE_ENTITY, &p)
+            }
+            Err(e) => e.into_response(),
+        },
+        e => ApiError::from(e).into_response(),
+    }
+}
+
 /// The user-administration actions, one route each.
 #[derive(Clone, Copy)]
 pub enum UserAction {
@@ -1294,6 +1367,8 @@ pub enum UserAction {
     Unlock,
     Password,
     EndSessions,
+    Email,
+    TotpReset,
 }
 
 pub async fn user_action(
@@ -1338,9 +1413,12 @@ pub async fn user_action(
         }
         UserAction::Password => {
             audit.context("change", ContextValue::Code("password_reset"));
+            // Checked by default on the form (see `user_create`).
+            let must_change = f.get("must_change_password").is_some();
+            audit.context("must_change_password", ContextValue::Bool(must_change));
             let new = Secret::new(f.get("new_password").unwrap_or("").to_owned());
             identity
-                .admin_reset_password(by, &id, &new)
+                .admin_reset_password(by, &id, &new, must_change)
                 .await
                 .map(|()| "password-set")
         }
@@ -1351,22 +1429,50 @@ pub async fn user_action(
                 .await
                 .map(|_| "sessions-ended")
         }
+        UserAction::Email => {
+            // The same change as `PATCH /api/v1/users/{id}` with `email`: links sent to
+            // the old address die, the new one must be verified, and a verified old
+            // address is told.
+            audit.context("email_changed", ContextValue::Bool(true));
+            let email = f.text("email");
+            let before = match identity.user(&id).await {
+                Ok(b) => b,
+                Err(e) => return ApiError::from(e).into_response(),
+            };
+            let new = Some(email.as_str()).filter(|e| !e.is_empty());
+            match identity.update_user(by, &id, None, Some(new), None).await {
+                Ok(after) => {
+                    if after.email != before.email
+                        && let Err(e) = state.accounts().notify_email_changed(&before).await
+                    {
+                        return ApiError::from(e).into_response();
+                    }
+                    Ok("email-saved")
+                }
+                Err(e) => Err(e),
+            }
+        }
+        UserAction::TotpReset => {
+            audit.context("change", ContextValue::Code("totp_reset"));
+            match identity.reset_totp(by, &id).await {
+                Ok(before) => match state.accounts().notify_totp_reset(&before).await {
+                    Ok(notified) => {
+                        audit.context("notified", ContextValue::Bool(notified));
+                        Ok(if notified {
+                            "totp-reset-mailed"
+                        } else {
+                            "totp-reset"
+                        })
+                    }
+                    Err(e) => return ApiError::from(e).into_response(),
+                },
+                Err(e) => Err(e),
+            }
+        }
     };
     match result {
-        Ok(code) => Redirect::to(&format!("/admin/users/{id}?ok={code}")).into_response(),
-        Err(
-            e @ (IdentityError::Invalid(..)
-            | IdentityError::Conflict(_)
-            | IdentityError::Policy(_)
-            | IdentityError::Forbidden(_)),
-        ) => match user_page(&state, u, &id, None).await {
-            Ok(mut p) => {
-                p.errors = vec![describe(&e)];
-                render_status(StatusCode::UNPROCESSABLE_ENTITY, &p)
-            }
-            Err(e) => e.into_response(),
-        },
-        Err(e) => ApiError::from(e).into_response(),
+        Ok(code) => super::sessions::back(f, &id, code),
+        Err(e) => user_page_error(&state, u, &id, e).await,
     }
 }
 
@@ -1384,6 +1490,8 @@ struct RolesPage {
     layout: Layout,
     roles: Vec<RoleRow>,
     permissions: Vec<String>,
+    /// Each permission and what it allows.
+    descriptions: Vec<(&'static str, &'static str)>,
     errors: Vec<String>,
 }
 
@@ -1407,6 +1515,10 @@ async fn roles_page(
         permissions: Permission::ALL
             .iter()
             .map(|p| p.as_str().to_owned())
+            .collect(),
+        descriptions: Permission::ALL
+            .iter()
+            .map(|p| (p.as_str(), p.description()))
             .collect(),
         errors,
     })
@@ -1551,13 +1663,37 @@ pub struct AuditFilter {
     cursor: Option<String>,
 }
 
+/// An id as the audit page shows it: the first characters, the whole in a tooltip and
+/// in the filter it links to.
+struct ShortId {
+    full: String,
+    short: String,
+}
+
+impl ShortId {
+    fn of(id: Option<String>) -> Option<Self> {
+        let full = id.filter(|i| !i.is_empty())?;
+        let short = if full.chars().count() > 10 {
+            format!("{}…", full.chars().take(8).collect::<String>())
+        } else {
+            full.clone()
+        };
+        Some(Self { full, short })
+    }
+}
+
 struct EventRow {
     seq: i64,
     at: String,
     actor: String,
+    actor_id: Option<ShortId>,
     action: String,
-    resource: String,
-    patient_id: String,
+    resource_type: String,
+    /// The username, for a user resource (or a session or token of a user): never a
+    /// patient's name (an auditor holds no PHI permission).
+    resource_name: String,
+    resource_id: Option<ShortId>,
+    patient_id: Option<ShortId>,
     method: String,
     path: String,
     status: String,
@@ -1566,20 +1702,34 @@ struct EventRow {
     break_glass: bool,
 }
 
-impl From<AuditEvent> for EventRow {
-    fn from(e: AuditEvent) -> Self {
-        let resource = match (e.resource_type, e.resource_id) {
-            (Some(t), Some(id)) => format!("{t} {id}"),
-            (Some(t), None) => t,
-            _ => String::new(),
-        };
+impl EventRow {
+    /// The user an event is about: a user resource, or the owner named in its context
+    /// (a session or token ended by an administrator).
+    fn user_of(e: &AuditEvent) -> Option<String> {
+        if e.resource_type.as_deref() == Some("user") {
+            return e.resource_id.clone();
+        }
+        serde_json::from_str::<serde_json::Value>(&e.context)
+            .ok()?
+            .get("user_id")?
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    fn new(e: AuditEvent, names: &std::collections::HashMap<String, String>) -> Self {
+        let resource_name = Self::user_of(&e)
+            .and_then(|id| names.get(&id).cloned())
+            .unwrap_or_default();
         Self {
             seq: e.seq,
             at: display_time(&e.at),
             actor: e.actor.unwrap_or_default(),
+            actor_id: ShortId::of(e.actor_id),
             action: e.action,
-            resource,
-            patient_id: e.patient_id.unwrap_or_default(),
+            resource_type: e.resource_type.unwrap_or_default(),
+            resource_name,
+            resource_id: ShortId::of(e.resource_id),
+            patient_id: ShortId::of(e.patient_id),
             method: e.method.unwrap_or_default(),
             path: e.path.unwrap_or_default(),
             status: e.status.map(|s| s.to_string()).unwrap_or_default(),
@@ -1685,6 +1835,15 @@ pub async fn audit_log(
         a.context
             .insert("count", ContextValue::Int(page.items.len() as i64));
     });
+    // Usernames beside the ids of the users the events are about (from the users
+    // table: nothing of a patient).
+    let mut ids: Vec<String> = page.items.iter().filter_map(EventRow::user_of).collect();
+    ids.sort();
+    ids.dedup();
+    let names = match store::usernames(state.db(), &ids).await {
+        Ok(n) => n,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
     let p = AuditPage {
         layout: Layout::of(&state, &u, None),
         query: filter_query(&f),
@@ -1693,7 +1852,11 @@ pub async fn audit_log(
             .iter()
             .map(|o| o.as_str().to_owned())
             .collect(),
-        events: page.items.into_iter().map(EventRow::from).collect(),
+        events: page
+            .items
+            .into_iter()
+            .map(|e| EventRow::new(e, &names))
+            .collect(),
         next_cursor: page.next_cursor,
         errors,
         f,
@@ -1701,32 +1864,190 @@ pub async fn audit_log(
     render(&p)
 }
 
-#[derive(Template)]
-#[template(path = "security.html")]
-struct SecurityPage {
-    layout: Layout,
-    events: Vec<crate::security::SecurityEvent>,
+/// The security-event filters of the page (and of its CSV export), as typed.
+#[derive(Deserialize, Default)]
+pub struct SecurityFilter {
+    #[serde(default)]
+    rule: String,
+    #[serde(default)]
+    severity: String,
+    #[serde(default)]
+    subject: String,
+    #[serde(default)]
+    since: String,
+    #[serde(default)]
+    until: String,
+    #[serde(default)]
+    cursor: Option<String>,
 }
 
-/// The newest security events (needs `audit:read`; the read is audited).
-pub async fn security_events(State(state): State<AppState>, audit: Audit, u: WebUser) -> Response {
+fn security_filter(f: &SecurityFilter) -> (crate::security::Filter, Vec<String>) {
+    let mut errors = Vec::new();
+    let mut out = crate::security::Filter::default();
+    let opt = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
+    if let Some(r) = opt(&f.rule) {
+        match crate::security::Rule::ALL.iter().find(|x| x.as_str() == r) {
+            Some(x) => out.rule = Some(x.as_str().to_owned()),
+            None => errors.push("Rule: not a rule.".to_owned()),
+        }
+    }
+    if let Some(v) = opt(&f.severity) {
+        match crate::security::SEVERITIES.iter().find(|x| **x == v) {
+            Some(x) => out.severity = Some((*x).to_owned()),
+            None => errors.push("Severity: warning, high or critical.".to_owned()),
+        }
+    }
+    out.subject = opt(&f.subject).map(|s| s.chars().take(200).collect());
+    for (label, raw, slot) in [
+        ("Since", &f.since, &mut out.since),
+        ("Until", &f.until, &mut out.until),
+    ] {
+        if let Some(v) = opt(raw) {
+            match crate::clock::parse_rfc3339(&v) {
+                Some(t) => *slot = Some(t),
+                None => errors.push(format!(
+                    "{label}: use an RFC 3339 time such as 2026-01-31T00:00:00Z."
+                )),
+            }
+        }
+    }
+    if let Some(c) = &f.cursor {
+        out.before = crate::security::decode_cursor(c);
+    }
+    (out, errors)
+}
+
+fn security_query(f: &SecurityFilter) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .append_pair("rule", &f.rule)
+        .append_pair("severity", &f.severity)
+        .append_pair("subject", &f.subject)
+        .append_pair("since", &f.since)
+        .append_pair("until", &f.until)
+        .finish()
+}
+
+#[derive(Template)]
+#[template(path = "security.html")]
+struct SecurityEventsPage {
+    layout: Layout,
+    f: SecurityFilter,
+    rules: Vec<String>,
+    severities: Vec<String>,
+    events: Vec<crate::security::SecurityEvent>,
+    next_cursor: Option<String>,
+    query: String,
+    errors: Vec<String>,
+}
+
+/// Security events, newest first, filtered by rule, severity, subject and time (needs
+/// `audit:read`; the read is audited).
+pub async fn security_events(
+    State(state): State<AppState>,
+    audit: Audit,
+    u: WebUser,
+    Query(f): Query<SecurityFilter>,
+) -> Response {
     if let Some(r) = u.refuse(Permission::AuditRead) {
         return r;
     }
-    let events = match state.security().list(200).await {
-        Ok(e) => e,
-        Err(e) => return ApiError::from(e).into_response(),
+    let (filter, errors) = security_filter(&f);
+    let page = if errors.is_empty() {
+        match state.security().search(&filter, 100).await {
+            Ok(p) => p,
+            Err(e) => return ApiError::from(e).into_response(),
+        }
+    } else {
+        crate::security::SecurityPage {
+            items: Vec::new(),
+            next_cursor: None,
+        }
     };
     audit.annotate(|a| {
         a.action = Some(Action::Read);
         a.resource_type = Some("security_events");
         a.context
-            .insert("count", ContextValue::Int(events.len() as i64));
+            .insert("count", ContextValue::Int(page.items.len() as i64));
     });
-    render(&SecurityPage {
+    render(&SecurityEventsPage {
         layout: Layout::of(&state, &u, None),
-        events,
+        query: security_query(&f),
+        rules: crate::security::Rule::ALL
+            .iter()
+            .map(|r| r.as_str().to_owned())
+            .collect(),
+        severities: crate::security::SEVERITIES
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect(),
+        events: page
+            .items
+            .into_iter()
+            .map(|mut e| {
+                e.at = display_time(&e.at);
+                e
+            })
+            .collect(),
+        next_cursor: page.next_cursor,
+        errors,
+        f,
     })
+}
+
+/// The filtered security events as CSV, newest first, every page (audited as an
+/// export).
+pub async fn security_csv(
+    State(state): State<AppState>,
+    audit: Audit,
+    u: WebUser,
+    Query(f): Query<SecurityFilter>,
+) -> Response {
+    if let Some(r) = u.refuse(Permission::AuditRead) {
+        return r;
+    }
+    let (mut filter, errors) = security_filter(&f);
+    if !errors.is_empty() {
+        return (StatusCode::UNPROCESSABLE_ENTITY, errors.join(" ")).into_response();
+    }
+    let mut out = crate::security::CSV_COLUMNS.join(",");
+    out.push('\n');
+    let mut n: i64 = 0;
+    loop {
+        let page = match state.security().search(&filter, 500).await {
+            Ok(p) => p,
+            Err(e) => return ApiError::from(e).into_response(),
+        };
+        for e in &page.items {
+            out.push_str(&crate::security::csv_line(e));
+            out.push('\n');
+            n += 1;
+        }
+        match page
+            .next_cursor
+            .as_deref()
+            .and_then(crate::security::decode_cursor)
+        {
+            Some(next) => filter.before = Some(next),
+            None => break,
+        }
+    }
+    audit.annotate(|a| {
+        a.action = Some(Action::Export);
+        a.resource_type = Some("security_events");
+        a.context.insert("count", ContextValue::Int(n));
+        a.context.insert("format", ContextValue::Code("csv"));
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"security-events.csv\"",
+            ),
+        ],
+        out,
+    )
+        .into_response()
 }
 
 /// The filtered audit log as CSV (audited as an export).

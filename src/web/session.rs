@@ -1,9 +1,11 @@
 //! The browser session: a cookie holding the session token, CSRF tokens, and the
 //! extractors every page uses (`WebUser` for reading, `WebForm` for changing).
 //!
-//! - The cookie is `__Host-custodian` (staging/prod) or `custodian` (dev), `HttpOnly;
-//!   Secure; SameSite=Strict; Path=/`, with no lifetime of its own: the server session
-//!   (idle and absolute timeouts) is the authority.
+//! - The cookie is `__Host-custodian`, `HttpOnly; Secure; SameSite=Strict; Path=/`,
+//!   with no lifetime of its own: the server session (idle and absolute timeouts) is the
+//!   authority. Only in dev over plain HTTP (no TLS here or at a proxy) is it
+//!   `custodian` without `Secure` (a `__Host-` cookie must be `Secure`), so that signing
+//!   in works from another machine on the network; the server warns at start.
 //! - Every form and fetch that changes something carries a CSRF token: the HMAC of the
 //!   session id under a keyring key (synchronizer token, nothing stored). The sign-in
 //!   form, which has no session yet, uses a double-submit cookie. A forged or missing
@@ -17,40 +19,49 @@ use axum::response::{IntoResponse, Redirect, Response};
 use crate::access::{Permission, Principal};
 use crate::app::AppState;
 use crate::audit::{Action, Actor, Audit, ContextValue, Outcome};
-use crate::config::Environment;
+use crate::config::Config;
 use crate::crypto;
 use crate::http::logging::UserSlot;
+use crate::identity::IdentityError;
+use crate::identity::service::Expiry;
 
 const CSRF_PURPOSE: &str = "custodian/web/csrf/v1";
 /// Longest form body read (forms are small).
 const MAX_FORM: usize = 64 * 1024;
 
-pub fn session_cookie_name(env: Environment) -> &'static str {
-    if env == Environment::Dev {
+pub fn session_cookie_name(c: &Config) -> &'static str {
+    if c.dev_over_plain_http() {
         "custodian"
     } else {
         "__Host-custodian"
     }
 }
 
-pub fn login_cookie_name(env: Environment) -> &'static str {
-    if env == Environment::Dev {
+pub fn login_cookie_name(c: &Config) -> &'static str {
+    if c.dev_over_plain_http() {
         "custodian_login"
     } else {
         "__Host-custodian_login"
     }
 }
 
-/// The `Secure` attribute of this server's cookies (with its separator).
-pub fn secure_attribute(_state: &AppState) -> &'static str {
-    " Secure;"
+/// The `Secure` attribute of this server's cookies, with its separator: none in dev over
+/// plain HTTP ([`Config::dev_over_plain_http`]), so that sign-in works from another
+/// machine there; everywhere else the cookies are `Secure`.
+pub fn secure_attribute(c: &Config) -> &'static str {
+    if c.dev_over_plain_http() {
+        ""
+    } else {
+        " Secure;"
+    }
 }
 
 /// `Set-Cookie` for a value (or its removal when `value` is None).
-pub fn set_cookie(name: &str, value: Option<&str>) -> HeaderValue {
+pub fn set_cookie(c: &Config, name: &str, value: Option<&str>) -> HeaderValue {
+    let secure = secure_attribute(c);
     let text = match value {
-        Some(v) => format!("{name}={v}; HttpOnly; Secure; SameSite=Strict; Path=/"),
-        None => format!("{name}=; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age=0"),
+        Some(v) => format!("{name}={v}; HttpOnly;{secure} SameSite=Strict; Path=/"),
+        None => format!("{name}=; HttpOnly;{secure} SameSite=Strict; Path=/; Max-Age=0"),
     };
     HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("invalid=; Max-Age=0"))
 }
@@ -85,7 +96,7 @@ pub async fn signed_in_user(
     headers: &HeaderMap,
     audit: Option<&Audit>,
 ) -> Option<WebUser> {
-    let token = cookie(headers, session_cookie_name(state.config().env))?.to_owned();
+    let token = cookie(headers, session_cookie_name(state.config()))?.to_owned();
     let principal = state.identity().authenticate(&token).await.ok()?;
     // The pages are for people in a session: a personal API token put in the cookie
     // does not sign anyone in (it would reach the session-only administration).
@@ -148,12 +159,19 @@ impl WebUser {
     }
 }
 
-async fn web_user(parts: &mut Parts, state: &AppState) -> Option<WebUser> {
-    let token = cookie(&parts.headers, session_cookie_name(state.config().env))?.to_owned();
-    let principal = state.identity().authenticate(&token).await.ok()?;
+async fn web_user(parts: &mut Parts, state: &AppState) -> Result<WebUser, Response> {
+    let token = cookie(&parts.headers, session_cookie_name(state.config()))
+        .ok_or_else(|| to_login(None))?
+        .to_owned();
+    let principal = match state.identity().authenticate(&token).await {
+        Ok(p) => p,
+        // Ended by time: the sign-in page says so.
+        Err(IdentityError::SessionExpired(why)) => return Err(to_login(Some(why))),
+        Err(_) => return Err(to_login(None)),
+    };
     // The pages are for people in a session: a personal API token put in the cookie
     // does not sign anyone in (it would reach the session-only administration).
-    principal.session_id()?;
+    principal.session_id().ok_or_else(|| to_login(None))?;
     if let Some(audit) = parts.extensions.get::<Audit>() {
         audit.set_actor(Actor::user(&principal.user_id, &principal.username));
     }
@@ -164,11 +182,17 @@ async fn web_user(parts: &mut Parts, state: &AppState) -> Option<WebUser> {
         .session_id()
         .map(|s| csrf_token(state, s))
         .unwrap_or_default();
-    Some(WebUser { principal, csrf })
+    Ok(WebUser { principal, csrf })
 }
 
-fn to_login() -> Response {
-    Redirect::to("/login").into_response()
+/// To the sign-in page; after a session that ended by time, with a notice saying so.
+fn to_login(expired: Option<Expiry>) -> Response {
+    Redirect::to(match expired {
+        Some(Expiry::Idle) => "/login?expired=1",
+        Some(Expiry::Absolute) => "/login?ok=session-ended",
+        None => "/login",
+    })
+    .into_response()
 }
 
 impl FromRequestParts<AppState> for WebUser {
@@ -178,7 +202,7 @@ impl FromRequestParts<AppState> for WebUser {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        web_user(parts, state).await.ok_or_else(to_login)
+        web_user(parts, state).await
     }
 }
 
@@ -246,7 +270,7 @@ impl FromRequest<AppState> for WebForm {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let (mut parts, body) = req.into_parts();
-        let user = web_user(&mut parts, state).await.ok_or_else(to_login)?;
+        let user = web_user(&mut parts, state).await?;
         let audit = parts.extensions.get::<Audit>().cloned();
         let header_token = parts
             .headers
@@ -273,7 +297,7 @@ impl FromRequest<AppState> for LoginForm {
     type Rejection = Response;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let expected = cookie(req.headers(), login_cookie_name(state.config().env))
+        let expected = cookie(req.headers(), login_cookie_name(state.config()))
             .unwrap_or("")
             .to_owned();
         let audit = req.extensions().get::<Audit>().cloned();

@@ -255,6 +255,8 @@ test('create a user (nurse.joy, nurse) from the users page', async () => {
   await form.locator('input[name=email]').fill(NURSE.email);
   await form.locator('select[name=role]').selectOption('nurse');
   await form.locator('input[name=password]').fill(NURSE.password);
+  assert.equal(await form.locator('input[name=must_change_password]').isChecked(), true,
+    'a typed password must be changed at the first sign-in, by default');
   await Promise.all([
     page.waitForURL((u) => /^\/admin\/users\/[^/]+$/.test(u.pathname)),
     form.getByRole('button', { name: 'Create' }).click(),
@@ -262,7 +264,7 @@ test('create a user (nurse.joy, nurse) from the users page', async () => {
   state.userPath = new URL(page.url()).pathname;
   await expectBanner(page);
   assert.equal((await page.locator('h1').innerText()).trim(), NURSE.username);
-  assert.equal(await fact(page, 'Email'), NURSE.email);
+  assert.equal(await fact(page, 'Email'), `${NURSE.email} not verified`);
   assert.equal(await fact(page, 'Role'), 'nurse');
 
   await page.goto('/admin/users');
@@ -287,10 +289,13 @@ test("change the user's role to doctor on the user page", async () => {
   assert.equal(await fact(page, 'Role'), 'doctor');
   assert.equal(await page.locator(`form[action$="/role"] select[name=role]`).inputValue(), 'doctor');
   assert.equal(await page.locator('.error').count(), 0, 'no error shown');
-  for (const name of ['Change role', 'Deactivate', 'Reset password', 'End all sessions']) {
+  for (const name of ['Change role', 'Deactivate', 'Reset password', 'End all sessions', 'Change email']) {
     assert.equal(await page.getByRole('button', { name, exact: true }).count(), 1, `button ${name}`);
   }
   assert.equal(await page.getByRole('heading', { name: 'Sign-in history' }).count(), 1);
+  assert.equal(await page.getByRole('heading', { name: 'Sessions and API tokens' }).count(), 1);
+  assert.match(await fact(page, 'Password changed'), /must be changed at the next sign-in/);
+  assert.equal(await page.locator('form[action$="/password"] input[name=must_change_password]').isChecked(), true);
   await shot(page, 'user.png');
 });
 
@@ -421,6 +426,115 @@ test('security events page: its heading, table and the link to it', async () => 
   await page.waitForURL((u) => u.pathname === '/admin/security');
   await page.getByRole('heading', { name: 'Security events' }).waitFor();
   assert.ok(await page.getByRole('columnheader', { name: 'Rule' }).isVisible());
+});
+
+/** Whether the page's `.scroll` table containers and the document fit the viewport width. */
+async function fitsWidth(p) {
+  return p.evaluate(() => {
+    const tooWide = [...document.querySelectorAll('.scroll')]
+      .filter((el) => el.scrollWidth > el.clientWidth + 1)
+      .map((el) => `${el.firstElementChild && el.firstElementChild.className}: ${el.scrollWidth} > ${el.clientWidth}`);
+    const doc = document.documentElement.scrollWidth > window.innerWidth + 1;
+    return { ok: tooWide.length === 0 && !doc, tooWide, doc: document.documentElement.scrollWidth };
+  });
+}
+
+test('sessions page: every user\'s sessions and API tokens, filtered; a token revoked', async () => {
+  await page.goto('/admin');
+  await Promise.all([
+    page.waitForURL((u) => u.pathname === '/admin/sessions'),
+    page.getByRole('navigation', { name: 'Main' }).getByRole('link', { name: 'Sessions', exact: true }).click(),
+  ]);
+  await expectBanner(page);
+  await page.getByRole('heading', { name: 'Sessions and API tokens' }).waitFor();
+  const headers = (await page.locator('table.credentials thead th').allInnerTexts()).map((x) => x.trim());
+  assert.deepEqual(headers, ['User', 'Kind', 'Browser or name', 'Address', 'Started', 'Last used', 'Ends', '']);
+  const mine = page.locator('table.credentials tbody tr', { hasText: 'this one' });
+  assert.equal(await mine.count(), 1, 'the current session is marked');
+  const token = page.locator('table.credentials tbody tr', { hasText: TOKEN_NAME });
+  assert.equal(await token.count(), 1, 'the API token is listed');
+  assert.equal((await page.content()).includes('cat_'), false, 'no secret on the page');
+  const fit = await fitsWidth(page);
+  assert.ok(fit.ok, `fits 1280 px: ${JSON.stringify(fit)}`);
+  await shot(page, 'sessions.png');
+
+  await page.locator('select[name=kind]').selectOption('api_token');
+  await page.locator('input[name=user]').fill(ADMIN.username);
+  await Promise.all([
+    page.waitForURL((u) => u.pathname === '/admin/sessions' && u.searchParams.get('kind') === 'api_token'),
+    page.getByRole('button', { name: 'Filter' }).click(),
+  ]);
+  assert.equal(await page.locator('table.credentials tbody tr', { hasText: 'this one' }).count(), 0, 'sessions filtered out');
+  const row = page.locator('table.credentials tbody tr', { hasText: TOKEN_NAME });
+  assert.equal(await row.count(), 1);
+  await Promise.all([
+    page.waitForURL((u) => u.pathname === '/admin/sessions' && u.searchParams.get('ok') === 'revoked'),
+    row.getByRole('button', { name: 'Revoke', exact: true }).click(),
+  ]);
+  await expectBanner(page);
+  assert.equal(await page.locator('.notice').innerText(), 'Revoked.');
+  assert.equal(await page.locator('table.credentials tbody tr', { hasText: TOKEN_NAME }).count(), 0, 'the token is gone');
+  assert.equal(await page.locator('select[name=kind]').inputValue(), 'api_token', 'the filter stays');
+  const res = await page.request.get('/api/v1/auth/me', { headers: { authorization: `Bearer ${state.token}` } });
+  assert.equal(res.status(), 401, 'the revoked token stops at once');
+});
+
+test('audit log is readable at 1280 px, usernames beside ids', async () => {
+  await page.goto('/admin/audit?action=update');
+  await expectBanner(page);
+  const fit = await fitsWidth(page);
+  assert.ok(fit.ok, `the audit table fits 1280 px: ${JSON.stringify(fit)}`);
+  const named = page.locator('table.audit tbody td strong', { hasText: NURSE.username });
+  assert.ok((await named.count()) >= 1, 'the user is named beside the id');
+  const id = page.locator('table.audit tbody a.id').first();
+  assert.match(await id.getAttribute('title'), /^[0-9a-f-]{36}$/, 'a shortened id carries the whole one');
+  for (const name of ['Outcome', 'Status']) {
+    assert.equal(await page.getByLabel(name).count(), 1, `filter ${name}`);
+  }
+});
+
+test('security events: filters and CSV export', async () => {
+  // Three failed sign-ins for one (unknown) account raise a warning.
+  for (let i = 0; i < 3; i++) {
+    const r = await page.request.post('/api/v1/auth/login', { data: { username: 'mallory.target', password: 'Wrong-Pass-1!' } });
+    assert.equal(r.status(), 401);
+  }
+  await until(async () => {
+    await page.goto('/admin/security');
+    return (await page.locator('table.security tbody tr', { hasText: 'failed_logins_account' }).count()) > 0;
+  }, { what: 'the failed_logins_account event' });
+  await expectBanner(page);
+  await shot(page, 'security.png');
+  await page.locator('select[name=severity]').selectOption('high');
+  await Promise.all([
+    page.waitForURL((u) => u.pathname === '/admin/security' && u.searchParams.get('severity') === 'high'),
+    page.getByRole('button', { name: 'Filter' }).click(),
+  ]);
+  assert.equal(await page.locator('select[name=severity]').inputValue(), 'high', 'the filter stays');
+  assert.equal(await page.locator('table.security tbody tr', { hasText: 'failed_logins_account' }).count(), 0, 'a warning is filtered out');
+  await page.locator('select[name=severity]').selectOption('warning');
+  await Promise.all([
+    page.waitForURL((u) => u.searchParams.get('severity') === 'warning'),
+    page.getByRole('button', { name: 'Filter' }).click(),
+  ]);
+  assert.equal(await page.locator('table.security tbody tr', { hasText: 'failed_logins_account' }).count(), 1);
+  const href = await page.getByRole('link', { name: 'Export CSV' }).getAttribute('href');
+  assert.match(href, /severity=warning/, 'the export keeps the filter');
+  const res = await page.request.get(href);
+  assert.equal(res.status(), 200);
+  assert.match(res.headers()['content-type'] || '', /csv/);
+  const lines = (await res.text()).trim().split('\n');
+  assert.equal(lines[0], 'id,at,rule,severity,subject,detail');
+  assert.ok(lines.slice(1).length >= 1 && lines.slice(1).every((l) => l.includes(',warning,')), lines.join('\n'));
+});
+
+test('roles page: what each permission allows', async () => {
+  await page.goto('/admin/roles');
+  const rows = page.locator('#permissions table tbody tr');
+  assert.equal(await rows.count(), 9, 'every permission is described');
+  const ssn = rows.filter({ has: page.locator('th code', { hasText: /^phi:ssn$/ }) });
+  assert.match(await ssn.innerText(), /Social Security numbers/);
+  assert.match(await page.locator('table.matrix thead th[title]').first().getAttribute('title'), /\./);
 });
 
 test('no console errors, page errors or CSP violations on any page', async () => {

@@ -1111,3 +1111,77 @@ async fn a_refused_resend_leaves_the_invitation(backend: Backend) {
     assert_eq!(res.status(), 201);
 }
 both_backends!(a_refused_resend_leaves_the_invitation);
+
+/// A second factor reset by an administrator is told by mail to the account's verified
+/// address (nothing goes to an unverified one), through the outbox; the email change of
+/// the user page tells the old verified address like the API's.
+async fn a_second_factor_reset_and_an_email_change_are_told_by_mail(backend: Backend) {
+    let (s, sink) = server(backend, vec![]).await;
+    let root = admin(&s).await;
+    let vera = invited(&s, &sink, &root, "vera@example.org", "vera").await;
+    let t = s.login("vera", PW).await;
+    enrol(&s, &t).await;
+    let n = sink.count();
+    let res = post(
+        &s,
+        &format!("/api/v1/users/{vera}/totp/reset"),
+        Some(&root),
+        json!({}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(json(res).await["notified"], true);
+    let mail = sink.wait_for(n).await;
+    assert_eq!(mail.to, "vera@example.org");
+    assert_eq!(
+        mail.subject(),
+        "The second factor of your Custodian account was reset"
+    );
+    assert!(mail.data.contains("\"vera\"") && mail.data.contains("administrator"));
+
+    // An address never verified gets nothing.
+    let res = post(
+        &s,
+        "/api/v1/users",
+        Some(&root),
+        json!({"username": "ulla", "email": "ulla@example.org", "password": PW, "role": "nurse"}),
+    )
+    .await;
+    let ulla = json(res).await["id"].as_str().unwrap().to_owned();
+    let t = s.login("ulla", PW).await;
+    enrol(&s, &t).await;
+    let res = post(
+        &s,
+        &format!("/api/v1/users/{ulla}/totp/reset"),
+        Some(&root),
+        json!({}),
+    )
+    .await;
+    assert_eq!(json(res).await["notified"], false);
+    let (queued,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM mail_outbox WHERE recipient = $1")
+        .bind("ulla@example.org")
+        .fetch_one(s.state.db().reader())
+        .await
+        .unwrap();
+    assert_eq!(queued, 0);
+
+    // The user page's email change: the old, verified address is told.
+    let mut b = crate::web::Browser::new(&s);
+    b.sign_in("root", PW).await;
+    let csrf = b.csrf().await;
+    let n = sink.count();
+    let (status, _, _) = b
+        .post(
+            &format!("/admin/users/{vera}/email"),
+            &[("csrf", &csrf), ("email", "vera.new@example.org")],
+        )
+        .await;
+    assert_eq!(status, 303);
+    let mail = sink.wait_for(n).await;
+    assert_eq!(mail.to, "vera@example.org");
+    assert_eq!(
+        mail.subject(),
+        "The email address of your Custodian account was changed"
+    );
+}
+both_backends!(a_second_factor_reset_and_an_email_change_are_told_by_mail);

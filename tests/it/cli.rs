@@ -430,6 +430,28 @@ async fn dev_prints_a_working_admin_password_once() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
+    // Dev's idle timeout is an hour (time to explore the API in Swagger UI).
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["expires_in"], 3600);
+    // Over plain HTTP the sign-in cookies go without `Secure` (so signing in works from
+    // another machine), and the server said so when it started.
+    assert!(
+        s.early.iter().any(|l| l.contains("WARN")
+            && l.contains("server.tls")
+            && l.contains("without `Secure`")),
+        "{:#?}",
+        s.early
+    );
+    let res = client
+        .get(format!("http://{}/login", s.addr))
+        .send()
+        .await
+        .unwrap();
+    let cookie = res.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.starts_with("custodian_login=") && !cookie.contains("Secure"),
+        "{cookie}"
+    );
     drop(s);
     // A second start creates nobody and prints no password.
     let s = serve(dir.path(), &[("CUSTODIAN_DATA_DIR", &data)]);
@@ -785,3 +807,65 @@ async fn a_used_database_never_gets_a_new_keyring(backend: Backend) {
     assert!(!keyring.exists(), "no new keyring");
 }
 both_backends!(a_used_database_never_gets_a_new_keyring);
+
+/// `custodian user reset-totp --username U`: the operator resets a lost second factor
+/// (the only administrator's, say), the sessions end, and it is audited as the command.
+async fn the_operator_resets_a_lost_second_factor(backend: Backend) {
+    let db = std::sync::Arc::new(TestDb::new(backend).await);
+    let s =
+        crate::support::TestServer::start_on(db.clone(), crate::support::Options::default()).await;
+    s.user("solo", "admin", "Correct-Horse-9!").await;
+    let t = s.login("solo", "Correct-Horse-9!").await;
+    crate::identity::enrol(&s, &t).await;
+    let data = db.path().display().to_string();
+    let vars = [
+        ("CUSTODIAN_DATA_DIR", data.as_str()),
+        ("CUSTODIAN_DATABASE__URL", db.url.as_str()),
+        ("CUSTODIAN_PASSWORD__HASH_MEMORY_KIB", "1024"),
+        ("CUSTODIAN_PASSWORD__HASH_ITERATIONS", "1"),
+    ];
+    let (code, out, err) = run(
+        db.path(),
+        &["user", "reset-totp", "--username", "SOLO"],
+        &vars,
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["username"], "solo");
+    assert_eq!(v["notified"], false, "no verified address");
+    assert!(err.contains("tell them yourself"), "{err}");
+    let user = s
+        .state
+        .identity()
+        .user_by_username("solo")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!user.totp_enabled && user.totp_secret.is_none());
+    assert_eq!(s.get_as("/api/v1/auth/me", &t).await.status(), 401);
+    let events = custodian::audit::store::query(
+        s.state.db(),
+        &custodian::audit::store::Filter {
+            actor: Some("system:user-reset-totp".into()),
+            ..Default::default()
+        },
+        10,
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].resource_id.as_deref(), Some(user.id.as_str()));
+    assert!(events[0].context.contains("totp_reset"));
+    // Nothing left to reset, or nobody by that name: exit 2, nothing recorded.
+    for (name, says) in [("solo", "no second factor"), ("nobody", "no such user")] {
+        let (code, _, err) = run(
+            db.path(),
+            &["user", "reset-totp", "--username", name],
+            &vars,
+        );
+        assert_eq!(code, 2, "{name}: {err}");
+        assert!(err.contains(says), "{err}");
+    }
+}
+both_backends!(the_operator_resets_a_lost_second_factor);

@@ -194,7 +194,7 @@ both_backends!(an_ipv6_network_counts_as_one_address);
 
 /// The operations a personal API token may not call: identity administration and the
 /// caller's own credentials. Everything else accepts one.
-pub(crate) const SESSION_ONLY: [&str; 24] = [
+pub(crate) const SESSION_ONLY: [&str; 28] = [
     "POST /api/v1/auth/logout-all",
     "POST /api/v1/auth/password",
     "POST /api/v1/auth/totp/enroll",
@@ -208,6 +208,10 @@ pub(crate) const SESSION_ONLY: [&str; 24] = [
     "POST /api/v1/users/{id}/unlock",
     "POST /api/v1/users/{id}/password",
     "GET /api/v1/users/{id}/logins",
+    "GET /api/v1/users/{id}/tokens",
+    "DELETE /api/v1/users/{id}/tokens/{token_id}",
+    "POST /api/v1/users/{id}/logout",
+    "POST /api/v1/users/{id}/totp/reset",
     "GET /api/v1/sessions",
     "DELETE /api/v1/sessions/{id}",
     "GET /api/v1/permissions",

@@ -138,6 +138,30 @@ async fn a_user_manager_cannot_grant_what_it_lacks(backend: Backend) {
     )
     .await;
     let root_sid = root_sessions["items"][0]["id"].as_str().unwrap().to_owned();
+    let root_token = json(
+        s.post(
+            "/api/v1/tokens",
+            Some(&root_session),
+            json!({"name": "nightly"}),
+        )
+        .await,
+    )
+    .await;
+    let root_token_id = root_token["id"].as_str().unwrap().to_owned();
+    let root_cat = root_token["token"].as_str().unwrap().to_owned();
+    // Looking is allowed (no secret is shown); acting is not.
+    let listed = json(
+        s.get_as(&format!("/api/v1/users/{admin}/tokens"), &um)
+            .await,
+    )
+    .await;
+    assert_eq!(listed["items"][0]["id"], root_token_id.as_str());
+    assert!(!listed.to_string().contains(&root_cat));
+    sqlx::query("UPDATE users SET totp_enabled = 1, totp_secret = 'x' WHERE id = $1")
+        .bind(&admin)
+        .execute(s.state.db().writer())
+        .await
+        .unwrap();
     let attempts: Vec<(Method, String, Option<Value>)> = vec![
         (
             Method::PATCH,
@@ -156,6 +180,22 @@ async fn a_user_manager_cannot_grant_what_it_lacks(backend: Backend) {
         ),
         (Method::POST, format!("/api/v1/users/{admin}/unlock"), None),
         (Method::DELETE, format!("/api/v1/sessions/{root_sid}"), None),
+        (
+            Method::DELETE,
+            format!("/api/v1/users/{admin}/tokens/{root_token_id}"),
+            None,
+        ),
+        (Method::POST, format!("/api/v1/users/{admin}/logout"), None),
+        (
+            Method::POST,
+            format!("/api/v1/users/{admin}/totp/reset"),
+            None,
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/users/{admin}/password"),
+            Some(json!({"new_password": "Taken-Over-Now-1!", "must_change_password": true})),
+        ),
     ];
     for (method, path, body) in attempts {
         let (st, b) = status_code(s.send_as(method.clone(), &path, &um, body).await).await;
@@ -168,10 +208,18 @@ async fn a_user_manager_cannot_grant_what_it_lacks(backend: Backend) {
     let root = s.state.identity().user(&admin).await.unwrap();
     assert_eq!(root.email.as_deref(), Some("root@example.org"));
     assert!(root.active);
+    assert!(root.totp_enabled, "its second factor stays");
+    assert!(!root.must_change_password);
     assert_eq!(
         s.get_as("/api/v1/auth/me", &root_session).await.status(),
         200
     );
+    assert_eq!(s.get_as("/api/v1/auth/me", &root_cat).await.status(), 200);
+    sqlx::query("UPDATE users SET totp_enabled = 0, totp_secret = NULL WHERE id = $1")
+        .bind(&admin)
+        .execute(s.state.db().writer())
+        .await
+        .unwrap();
     // And the admin still signs in.
     s.login("root", PW).await;
 }
@@ -267,9 +315,43 @@ async fn the_pages_hold_the_same_line(backend: Backend) {
     s.user("um", "usermgr", PW).await;
     let nurse = s.user("nina", "nurse", PW).await;
     let admin = s.user("root", "admin", PW).await;
+    let root_session = s.login("root", PW).await;
+    let root_cat = json(
+        s.post(
+            "/api/v1/tokens",
+            Some(&root_session),
+            json!({"name": "nightly"}),
+        )
+        .await,
+    )
+    .await;
+    let root_token_id = root_cat["id"].as_str().unwrap().to_owned();
+    let root_sid = json(
+        s.get_as(&format!("/api/v1/sessions?user_id={admin}"), &root_session)
+            .await,
+    )
+    .await["items"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    sqlx::query("UPDATE users SET totp_enabled = 1, totp_secret = 'x' WHERE id = $1")
+        .bind(&admin)
+        .execute(s.state.db().writer())
+        .await
+        .unwrap();
     let mut b = Browser::new(&s);
     b.sign_in("um", PW).await;
     let csrf = b.csrf().await;
+    // The pages show the admin's credentials and account, with no way to act on them.
+    let (status, html) = b.get("/admin/sessions?user=root").await;
+    assert_eq!(status, 200);
+    assert!(html.contains("beyond your role"), "{html}");
+    assert!(!html.contains(&format!("/admin/sessions/{root_sid}/end")));
+    assert!(!html.contains(&format!("/tokens/{root_token_id}/revoke")));
+    let (status, html) = b.get(&format!("/admin/users/{admin}")).await;
+    assert_eq!(status, 200);
+    assert!(html.contains("you can look, not change it"));
+    assert!(!html.contains("Reset two-factor") && !html.contains("Change email"));
 
     let (status, html, _) = b
         .post(
@@ -300,6 +382,27 @@ async fn the_pages_hold_the_same_line(backend: Backend) {
         ),
         (format!("/admin/users/{admin}/unlock"), vec![]),
         (format!("/admin/users/{admin}/sessions/end"), vec![]),
+        (
+            format!("/admin/users/{admin}/email"),
+            vec![("email", "um@attacker.example")],
+        ),
+        (format!("/admin/users/{admin}/totp/reset"), vec![]),
+        (
+            format!("/admin/sessions/{root_sid}/end"),
+            vec![("user_id", admin.as_str())],
+        ),
+        (
+            format!("/admin/users/{admin}/tokens/{root_token_id}/revoke"),
+            vec![],
+        ),
+        (
+            format!("/admin/users/{admin}/tokens/{root_token_id}/revoke"),
+            vec![("back", "sessions")],
+        ),
+        (
+            format!("/admin/sessions/{root_sid}/end"),
+            vec![("back", "sessions")],
+        ),
     ] {
         let mut form = vec![("csrf", csrf.as_str())];
         form.extend(fields);
@@ -327,7 +430,19 @@ async fn the_pages_hold_the_same_line(backend: Backend) {
         .await;
     assert_eq!(status, 422);
     assert_eq!(user_role(&s, &nurse).await, "nurse");
-    assert!(s.state.identity().user(&admin).await.unwrap().active);
+    let root = s.state.identity().user(&admin).await.unwrap();
+    assert!(root.active && root.totp_enabled);
+    assert_eq!(root.email.as_deref(), Some("root@example.org"));
+    assert_eq!(
+        s.get_as("/api/v1/auth/me", &root_session).await.status(),
+        200
+    );
+    assert_eq!(
+        s.get_as("/api/v1/auth/me", root_cat["token"].as_str().unwrap())
+            .await
+            .status(),
+        200
+    );
     let nurse_role = custodian::identity::store::role(s.state.db(), "nurse")
         .await
         .unwrap()

@@ -52,7 +52,8 @@ async fn sign_in_and_out(backend: Backend) {
     assert!(token.starts_with("cst_") && token.len() >= 47);
     assert_eq!(body["token_type"], "Bearer");
     assert_eq!(body["user"]["role"], "doctor");
-    assert_eq!(body["expires_in"], 300);
+    // Dev's idle timeout: an hour, to explore the API (staging and prod: 5 minutes).
+    assert_eq!(body["expires_in"], 3600);
 
     let me = json(s.get_as("/api/v1/auth/me", &token).await).await;
     assert_eq!(me["username"], "dr_who");
@@ -446,10 +447,17 @@ async fn idle_and_absolute_timeouts(backend: Backend) {
         "activity kept it alive"
     );
     s.clock.advance(Duration::from_secs(11));
-    assert_eq!(
-        s.get_as("/api/v1/auth/me", &t).await.status(),
-        401,
-        "idle too long"
+    let res = s.get_as("/api/v1/auth/me", &t).await;
+    assert_eq!(res.status(), 401, "idle too long");
+    assert_eq!(res.headers()["www-authenticate"], "Bearer");
+    let b = json(res).await;
+    assert_eq!(b["code"], "unauthorized", "the contract's code stays");
+    let detail = b["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("session expired")
+            && detail.contains("idle")
+            && detail.contains("Sign in again"),
+        "{detail}"
     );
 
     // Absolute: continuous use still ends at one minute.
@@ -459,11 +467,34 @@ async fn idle_and_absolute_timeouts(backend: Backend) {
         assert_eq!(s.get_as("/api/v1/auth/me", &t).await.status(), 200);
     }
     s.clock.advance(Duration::from_secs(8));
-    assert_eq!(
-        s.get_as("/api/v1/auth/me", &t).await.status(),
-        401,
-        "past the absolute lifetime"
+    let res = s.get_as("/api/v1/auth/me", &t).await;
+    assert_eq!(res.status(), 401, "past the absolute lifetime");
+    assert_eq!(res.headers()["www-authenticate"], "Bearer");
+    let b = json(res).await;
+    assert_eq!(b["code"], "unauthorized");
+    let detail = b["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("session expired") && detail.contains("absolute_timeout"),
+        "{detail}"
     );
+    assert!(!detail.contains("idle"), "{detail}");
+
+    // Revoked, unknown or malformed: the plain answer, nothing about expiry.
+    let t = s.login("hank", PW).await;
+    assert_eq!(
+        s.send_as(Method::POST, "/api/v1/auth/logout", &t, None)
+            .await
+            .status(),
+        204
+    );
+    for token in [t.as_str(), "cst_unknown", "garbage"] {
+        let b = json(s.get_as("/api/v1/auth/me", token).await).await;
+        assert_eq!(b["code"], "unauthorized");
+        assert!(
+            !b["detail"].as_str().unwrap().contains("expired"),
+            "{token}: {b}"
+        );
+    }
 }
 both_backends!(idle_and_absolute_timeouts);
 
@@ -801,3 +832,400 @@ async fn secrets_never_reach_the_audit_trail(backend: Backend) {
     );
 }
 both_backends!(secrets_never_reach_the_audit_trail);
+
+// ---- issue 22: the admin console ---------------------------------------------------------
+
+async fn status_body(res: reqwest::Response) -> (u16, Value) {
+    let st = res.status().as_u16();
+    let text = res.text().await.unwrap();
+    (st, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// A password an administrator typed can be marked "must change at next sign-in": the
+/// sign-in answers like an expired password, saying why, the expired-password change
+/// clears it, and the API's default (false) keeps the contract (create, then sign in).
+async fn an_administrators_password_must_be_changed_when_asked(backend: Backend) {
+    let s = server(backend, vec![]).await;
+    s.user("root", "admin", PW).await;
+    let root = s.login("root", PW).await;
+    // The contract: created with a password, then signs in.
+    let (st, plain) = status_body(
+        s.post(
+            "/api/v1/users",
+            Some(&root),
+            json!({"username": "plain", "password": PW, "role": "nurse"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(st, 201);
+    assert_eq!(plain["must_change_password"], false);
+    assert_eq!(try_login(&s, "plain", PW, None).await.status(), 200);
+
+    let (st, u) = status_body(
+        s.post(
+            "/api/v1/users",
+            Some(&root),
+            json!({"username": "newbie", "password": PW, "role": "nurse", "must_change_password": true}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(st, 201);
+    assert_eq!(u["must_change_password"], true);
+    let id = u["id"].as_str().unwrap().to_owned();
+    let (st, b) = code_of(try_login(&s, "newbie", PW, None).await).await;
+    assert_eq!((st, b["code"].as_str()), (403, Some("password_expired")));
+    assert!(
+        b["detail"].as_str().unwrap().contains("administrator"),
+        "{b}"
+    );
+    assert!(b.get("access_token").is_none());
+    // A wrong password still says only that (the flag reveals nothing to a guesser).
+    let (st, b) = code_of(try_login(&s, "newbie", PW2, None).await).await;
+    assert_eq!((st, b["code"].as_str()), (401, Some("invalid_credentials")));
+    // The expired-password change (no token) clears it.
+    let res = s
+        .post(
+            "/api/v1/auth/password",
+            None,
+            json!({"username": "newbie", "current_password": PW, "new_password": PW2}),
+        )
+        .await;
+    assert_eq!(res.status(), 204);
+    assert_eq!(try_login(&s, "newbie", PW2, None).await.status(), 200);
+    let view = json(s.get_as(&format!("/api/v1/users/{id}"), &root).await).await;
+    assert_eq!(view["must_change_password"], false);
+
+    // An administrator's reset: flagged on request only.
+    let reset_path = format!("/api/v1/users/{id}/password");
+    let reset = |flag: Option<bool>, pw: &'static str| {
+        let mut body = json!({"new_password": pw});
+        if let Some(f) = flag {
+            body["must_change_password"] = json!(f);
+        }
+        s.post(&reset_path, Some(&root), body)
+    };
+    assert_eq!(reset(Some(true), "Quartz-Lantern-5#").await.status(), 204);
+    let (st, b) = code_of(try_login(&s, "newbie", "Quartz-Lantern-5#", None).await).await;
+    assert_eq!((st, b["code"].as_str()), (403, Some("password_expired")));
+    assert_eq!(reset(None, "Velvet-Harbor-3%").await.status(), 204);
+    assert_eq!(
+        try_login(&s, "newbie", "Velvet-Harbor-3%", None)
+            .await
+            .status(),
+        200
+    );
+    // Audited with the flag, never the password.
+    let events = custodian::audit::store::query(
+        s.state.db(),
+        &custodian::audit::store::Filter {
+            action: Some("update".into()),
+            ..Default::default()
+        },
+        100,
+        true,
+    )
+    .await
+    .unwrap();
+    let resets: Vec<_> = events
+        .iter()
+        .filter(|e| e.context.contains("password_reset"))
+        .collect();
+    assert_eq!(resets.len(), 2);
+    assert!(resets[0].context.contains("\"must_change_password\":true"));
+    assert!(resets[1].context.contains("\"must_change_password\":false"));
+    assert!(events.iter().all(|e| !e.context.contains("Quartz")));
+}
+both_backends!(an_administrators_password_must_be_changed_when_asked);
+
+/// An administrator resets a lost authenticator: the secret and recovery codes go, the
+/// user's sessions end, they sign in with the password alone (and with `mfa.required`
+/// can do nothing but enrol); never one's own, and 409 when there is nothing to reset.
+async fn an_administrator_resets_a_lost_second_factor(backend: Backend) {
+    let s = server(backend, vec![("mfa.required", "true".into())]).await;
+    let root_id = s.user("root", "admin", PW).await;
+    let ada = s.user("ada", "doctor", PW).await;
+    // Both enrol (mfa.required), then sign in with a code.
+    let root_first = s.login("root", PW).await;
+    let (root_secret, _) = enrol(&s, &root_first).await;
+    let ada_first = s.login("ada", PW).await;
+    let (ada_secret, ada_codes) = enrol(&s, &ada_first).await;
+    s.clock.advance(Duration::from_secs(30));
+    let code = current_code(&s, &root_secret, 0);
+    let root = json(try_login(&s, "root", PW, Some(&code)).await).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let code = current_code(&s, &ada_secret, 0);
+    let ada_session = json(try_login(&s, "ada", PW, Some(&code)).await).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, b) = code_of(
+        s.post(
+            "/api/v1/tokens",
+            Some(&ada_session),
+            json!({"name": "script"}),
+        )
+        .await,
+    )
+    .await;
+    let ada_token = b["token"].as_str().unwrap().to_owned();
+
+    // Never one's own: that is DELETE /api/v1/auth/totp, with the password and a code.
+    let (st, b) = code_of(
+        s.post(
+            &format!("/api/v1/users/{root_id}/totp/reset"),
+            Some(&root),
+            json!({}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((st, b["code"].as_str()), (403, Some("forbidden")));
+    assert!(
+        s.state
+            .identity()
+            .user(&root_id)
+            .await
+            .unwrap()
+            .totp_enabled
+    );
+
+    let (st, b) = code_of(
+        s.send_as(
+            Method::POST,
+            &format!("/api/v1/users/{ada}/totp/reset"),
+            &root,
+            None,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["notified"], false, "no verified address: no mail");
+    let user = s.state.identity().user(&ada).await.unwrap();
+    assert!(!user.totp_enabled && user.totp_secret.is_none());
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM recovery_codes WHERE user_id = $1")
+        .bind(&ada)
+        .fetch_one(s.state.db().reader())
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "the recovery codes are gone");
+    // Her sessions ended; her API token lives, but is refused until she enrols again.
+    assert_eq!(
+        s.get_as("/api/v1/auth/me", &ada_session).await.status(),
+        401
+    );
+    let (st, b) = code_of(s.get_as("/api/v1/patients", &ada_token).await).await;
+    assert_eq!(
+        (st, b["code"].as_str()),
+        (403, Some("mfa_enrollment_required"))
+    );
+    // The old recovery code opens nothing; the password alone signs in, confined to
+    // enrolment.
+    let (st, _) = code_of(try_login(&s, "ada", PW, Some(&ada_codes[0])).await).await;
+    assert_eq!(st, 200, "a code given with no TOTP on is not asked for");
+    let fresh = s.login("ada", PW).await;
+    let (st, b) = code_of(s.get_as("/api/v1/patients", &fresh).await).await;
+    assert_eq!(
+        (st, b["code"].as_str()),
+        (403, Some("mfa_enrollment_required"))
+    );
+    let (secret, _) = enrol(&s, &fresh).await;
+    assert_eq!(s.get_as("/api/v1/patients", &fresh).await.status(), 200);
+    assert_ne!(secret, ada_secret);
+    assert_eq!(s.get_as("/api/v1/patients", &ada_token).await.status(), 200);
+    // Nothing to reset for a user without a second factor... after a reset, twice:
+    s.post(
+        &format!("/api/v1/users/{ada}/totp/reset"),
+        Some(&root),
+        json!({}),
+    )
+    .await;
+    let (st, b) = code_of(
+        s.post(
+            &format!("/api/v1/users/{ada}/totp/reset"),
+            Some(&root),
+            json!({}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((st, b["code"].as_str()), (409, Some("conflict")));
+    let (st, _) = code_of(
+        s.post(
+            "/api/v1/users/00000000-0000-0000-0000-000000000000/totp/reset",
+            Some(&root),
+            json!({}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(st, 404);
+    // Audited as an update of the user, saying what changed.
+    let events = custodian::audit::store::query(
+        s.state.db(),
+        &custodian::audit::store::Filter {
+            action: Some("update".into()),
+            ..Default::default()
+        },
+        200,
+        true,
+    )
+    .await
+    .unwrap();
+    let resets: Vec<_> = events
+        .iter()
+        .filter(|e| e.context.contains("totp_reset") && e.status == Some(200))
+        .collect();
+    assert_eq!(resets.len(), 2);
+    assert!(
+        resets
+            .iter()
+            .all(|e| e.resource_id.as_deref() == Some(ada.as_str())
+                && e.actor.as_deref() == Some("root"))
+    );
+}
+both_backends!(an_administrator_resets_a_lost_second_factor);
+
+/// Every user's API tokens and sessions, for an administrator: listed without secrets,
+/// revoked one by one or all at once.
+async fn administrators_see_and_end_other_users_credentials(backend: Backend) {
+    let s = server(backend, vec![]).await;
+    s.user("root", "admin", PW).await;
+    let nina = s.user("nina", "nurse", PW).await;
+    let other = s.user("otto", "nurse", PW).await;
+    let root = s.login("root", PW).await;
+    let nina_session = s.login("nina", PW).await;
+    let mut secrets = Vec::new();
+    for name in ["export", "backup"] {
+        let (st, b) = code_of(
+            s.post("/api/v1/tokens", Some(&nina_session), json!({"name": name}))
+                .await,
+        )
+        .await;
+        assert_eq!(st, 201);
+        secrets.push((
+            b["id"].as_str().unwrap().to_owned(),
+            b["token"].as_str().unwrap().to_owned(),
+        ));
+    }
+    let otto_session = s.login("otto", PW).await;
+    let (_, b) = code_of(
+        s.post(
+            "/api/v1/tokens",
+            Some(&otto_session),
+            json!({"name": "otto's"}),
+        )
+        .await,
+    )
+    .await;
+    let otto_token = (
+        b["id"].as_str().unwrap().to_owned(),
+        b["token"].as_str().unwrap().to_owned(),
+    );
+
+    let (st, list) = code_of(
+        s.get_as(&format!("/api/v1/users/{nina}/tokens"), &root)
+            .await,
+    )
+    .await;
+    assert_eq!(st, 200);
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    assert!(items.iter().all(|t| t["user_id"] == nina.as_str()));
+    let text = list.to_string();
+    for (_, secret) in &secrets {
+        assert!(!text.contains(secret.as_str()), "no secret is listed");
+    }
+    assert!(items.iter().all(|t| t.get("token").is_none()));
+    assert_eq!(
+        s.get_as(
+            "/api/v1/users/00000000-0000-0000-0000-000000000000/tokens",
+            &root
+        )
+        .await
+        .status(),
+        404
+    );
+    // Sessions carry the username.
+    let sessions = json(
+        s.get_as(&format!("/api/v1/sessions?user_id={nina}"), &root)
+            .await,
+    )
+    .await;
+    assert_eq!(sessions["items"][0]["username"], "nina");
+
+    // Revoke one: it stops at once, the other goes on.
+    let (export_id, export) = &secrets[0];
+    let (backup_id, backup) = &secrets[1];
+    let path = format!("/api/v1/users/{nina}/tokens/{export_id}");
+    assert_eq!(
+        s.send_as(Method::DELETE, &path, &root, None).await.status(),
+        204
+    );
+    assert_eq!(s.get_as("/api/v1/auth/me", export).await.status(), 401);
+    assert_eq!(s.get_as("/api/v1/auth/me", backup).await.status(), 200);
+    assert_eq!(
+        s.send_as(Method::DELETE, &path, &root, None).await.status(),
+        404
+    );
+    // A token of another user, named under this one: not found, and it lives on.
+    let (st, _) = code_of(
+        s.send_as(
+            Method::DELETE,
+            &format!("/api/v1/users/{nina}/tokens/{}", otto_token.0),
+            &root,
+            None,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(st, 404);
+    assert_eq!(
+        s.get_as("/api/v1/auth/me", &otto_token.1).await.status(),
+        200
+    );
+    let _ = other;
+
+    // All of a user at once: sessions and tokens; the account stays active.
+    assert_eq!(
+        s.post(
+            &format!("/api/v1/users/{nina}/logout"),
+            Some(&root),
+            json!({})
+        )
+        .await
+        .status(),
+        204
+    );
+    for t in [&nina_session, backup] {
+        assert_eq!(s.get_as("/api/v1/auth/me", t).await.status(), 401);
+    }
+    let _ = backup_id;
+    assert_eq!(try_login(&s, "nina", PW, None).await.status(), 200);
+    assert_eq!(
+        s.get_as("/api/v1/auth/me", &otto_session).await.status(),
+        200
+    );
+    let ended = custodian::audit::store::query(
+        s.state.db(),
+        &custodian::audit::store::Filter {
+            action: Some("logout".into()),
+            ..Default::default()
+        },
+        10,
+        true,
+    )
+    .await
+    .unwrap();
+    assert!(
+        ended
+            .iter()
+            .any(|e| e.resource_id.as_deref() == Some(nina.as_str())
+                && e.actor.as_deref() == Some("root"))
+    );
+}
+both_backends!(administrators_see_and_end_other_users_credentials);
