@@ -115,6 +115,35 @@ pub fn name_matches(terms: &[String], given: &str, family: &str, parts: &[Part])
         .all(|t| toks.iter().any(|tok| term_matches(t, tok)))
 }
 
+/// How well a name answers the name words of a query: for each word, 2 when it is a
+/// word of the name (in the parts it may match), 1 when it begins one (3 letters or
+/// more); `None` when a word matches nothing.
+pub fn score(terms: &[NameTerm], given: &str, family: &str) -> Option<i64> {
+    let (g, f) = (tokens(given), tokens(family));
+    let mut total = 0;
+    for t in terms {
+        let mut best = 0;
+        for p in t.parts {
+            let toks = match p {
+                Part::Given => &g,
+                Part::Family => &f,
+            };
+            for tok in toks {
+                if *tok == t.text {
+                    best = 2;
+                } else if best < 1 && term_matches(&t.text, tok) {
+                    best = 1;
+                }
+            }
+        }
+        if best == 0 {
+            return None;
+        }
+        total += best;
+    }
+    Some(total)
+}
+
 /// The tag keyer: one HMAC key for every name tag.
 pub struct Tags<'a> {
     keys: &'a SharedKeyring,
@@ -142,10 +171,23 @@ impl<'a> Tags<'a> {
             .map_err(crypto::CryptoError::from)?)
     }
 
-    /// Every tag of a patient's name, each once.
+    /// The pair tag of two words: their first 3 letters (or the whole word when it is
+    /// shorter), in either order, whatever part of the name each is in.
+    fn pair_tag(&self, key: &crypto::Key, a: &str, b: &str) -> String {
+        let (a, b) = (head(a, MIN_PREFIX), head(b, MIN_PREFIX));
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        let t = crypto::hmac_sha256(key, &[b"pair", lo.as_bytes(), hi.as_bytes()]);
+        let mut h = crypto::hex(&t);
+        h.truncate(TAG_HEX);
+        h
+    }
+
+    /// Every tag of a patient's name, each once: per word a token tag and its prefix
+    /// tags, and per two words of the name a pair tag.
     pub fn of_name(&self, given: &str, family: &str) -> Result<Vec<String>, EnvelopeError> {
         let key = self.key()?;
         let mut out = BTreeSet::new();
+        let mut words: Vec<String> = Vec::new();
         for (part, name) in [(Part::Given, given), (Part::Family, family)] {
             for tok in tokens(name) {
                 out.insert(self.tag(&key, part, "token", &tok));
@@ -153,9 +195,26 @@ impl<'a> Tags<'a> {
                 for k in MIN_PREFIX..=n.min(MAX_PREFIX) {
                     out.insert(self.tag(&key, part, "prefix", head(&tok, k)));
                 }
+                words.push(tok);
+            }
+        }
+        for (i, a) in words.iter().enumerate() {
+            for b in words.iter().skip(i + 1) {
+                out.insert(self.pair_tag(&key, a, b));
             }
         }
         Ok(out.into_iter().collect())
+    }
+
+    /// The pair tag two query words meet in a name that has both (as two of its words);
+    /// `None` when their first letters are the same (one word of the name could then
+    /// match both, and no pair stands for it).
+    pub fn of_pair(&self, a: &str, b: &str) -> Result<Option<String>, EnvelopeError> {
+        if head(a, MIN_PREFIX) == head(b, MIN_PREFIX) {
+            return Ok(None);
+        }
+        let key = self.key()?;
+        Ok(Some(self.pair_tag(&key, a, b)))
     }
 
     /// The tags a query term matches in `parts`: the token's own (an exact match) and,
@@ -397,6 +456,28 @@ mod tests {
         assert!(name_matches(&terms, "Jane", "Do", BOTH));
         assert!(!name_matches(&terms, "Jane", "Doe", BOTH));
         assert!(!name_matches(&terms, "Jane", "Do", &[Part::Given]));
+    }
+
+    #[test]
+    fn names_are_scored_word_by_word() {
+        let q = Query::parse("jane doe", TODAY);
+        assert_eq!(score(&q.names, "Jane", "Doe"), Some(4));
+        assert_eq!(score(&q.names, "Janet", "Doerr"), Some(2));
+        assert_eq!(score(&q.names, "Jane", "Dowling"), None);
+        assert_eq!(score(&q.names, "Doe", "Jane"), Some(4), "either order");
+        let q = Query::parse("Doe, Jane", TODAY);
+        assert_eq!(
+            score(&q.names, "Doe", "Jane"),
+            None,
+            "the comma says which part"
+        );
+        assert_eq!(score(&q.names, "Jane", "Doe"), Some(4));
+        let q = Query::parse("ann anna", TODAY);
+        assert_eq!(
+            score(&q.names, "Anna", "Smith"),
+            Some(3),
+            "one word may answer both"
+        );
     }
 
     #[test]

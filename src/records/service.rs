@@ -7,7 +7,7 @@ use super::model::{
     Checks, NewPatient, NewRecord, PatientFields, PatientPatch, RecordPatch, parse_date,
 };
 use super::search::{self, BOTH, Part, Query, Tags, TermTags};
-use super::store::{self, PatientRow, RecordRow, SearchIndex, TermProbe};
+use super::store::{self, PatientRow, RecordRow, SearchIndex};
 use crate::clock::{SharedClock, timestamp};
 use crate::crypto::{self, SharedKeyring};
 use crate::http::FieldError;
@@ -23,6 +23,9 @@ const DEID_CURSOR: &str = "custodian/phi/deid-cursor/v1";
 /// the population. Beyond it the answer says so, and asks for more of the name or the
 /// birth date.
 pub const MAX_MATCHES: usize = 100;
+/// Most candidates a search of several words reads (from the pair tag of its first two
+/// words, or from a birth date) before checking each against its opened name.
+pub const CANDIDATES: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PhiError {
@@ -487,26 +490,16 @@ impl Patients {
         ))
     }
 
-    /// The blind indexes of the whole value and the identifier words of a query (MRNs,
-    /// and the SSN when `by_ssn`: the caller holds `phi:ssn`).
-    fn identifier_indexes(&self, q: &Query, by_ssn: bool) -> Result<Vec<String>, PhiError> {
-        let mut out = vec![self.bi("mrn", &q.whole.to_ascii_uppercase())?];
-        for w in &q.identifiers {
-            out.push(self.bi("mrn", w)?);
-        }
-        if by_ssn && super::model::valid_ssn(&q.whole) {
-            out.push(self.bi("ssn", &q.whole.replace('-', ""))?);
-        }
-        Ok(out)
-    }
-
     /// A search box's text, answered a page at a time: the best [`MAX_MATCHES`] matches,
     /// by relevance then name. An MRN (or, with `by_ssn`, an SSN) given whole ranks first;
-    /// then patients matching every name word and the birth date, a word matched whole
-    /// above one matched as a prefix. Read from keyed tags and blind indexes only; the
-    /// names of at most [`MAX_MATCHES`] candidates are opened to sort them, and the
-    /// patients of the page alone are opened whole. De-identified (`anonymize`), ties are
-    /// ordered by pseudonym, so the order tells nothing of the names.
+    /// then patients matching every name word and the birth date: 2 points a word that is
+    /// a word of the name, 1 a word that begins one, 2 the birth date. Candidates come from
+    /// keyed tags and blind indexes only — one name word: its tags, a page at a time; two
+    /// or more: the pair tag of the first two (the patients having both), at most
+    /// [`CANDIDATES`]; a birth date with one word: that day's index — and only their names
+    /// are opened, to check every word and sort; the patients of the page alone are
+    /// opened whole. De-identified (`anonymize`), ties are ordered by pseudonym, so the
+    /// order tells nothing of the names.
     pub async fn find(
         &self,
         text: &str,
@@ -523,87 +516,133 @@ impl Patients {
         if q.whole.is_empty() {
             return Ok(found);
         }
-        let cap = MAX_MATCHES + 1;
-        let cap_i = i64::try_from(cap).unwrap_or(101);
-        // (id, score)
-        let mut scored: Vec<(String, i64)> = Vec::new();
-        let indexes = self.identifier_indexes(&q, by_ssn)?;
-        let refs: Vec<&str> = indexes.iter().map(String::as_str).collect();
-        for id in store::ids_by_identifier(&self.db, &refs).await? {
-            scored.push((id, 100));
+        let cap = i64::try_from(MAX_MATCHES + 1).unwrap_or(101);
+        // Identifiers given whole: an MRN (the value, or a word with digits), an SSN.
+        let mut mrns = vec![self.bi("mrn", &q.whole.to_ascii_uppercase())?];
+        for w in &q.identifiers {
+            mrns.push(self.bi("mrn", w)?);
         }
+        let ssn = if by_ssn && super::model::valid_ssn(&q.whole) {
+            Some(self.bi("ssn", &q.whole.replace('-', ""))?)
+        } else {
+            None
+        };
+        let mrn_refs: Vec<&str> = mrns.iter().map(String::as_str).collect();
+        // (id, score), and the names already opened.
+        let mut scored: Vec<(String, i64)> =
+            store::ids_by_identifier(&self.db, &mrn_refs, ssn.as_deref())
+                .await?
+                .into_iter()
+                .map(|id| (id, 100))
+                .collect();
+        let mut opened: std::collections::HashMap<String, (PatientRow, String, String)> =
+            std::collections::HashMap::new();
+        let birth = match q.birth_date {
+            Some(d) => Some(self.bi("birth_date", &super::model::format_date(d))?),
+            None => None,
+        };
         let tags = Tags::new(&self.keys);
-        let terms: Vec<TermTags> = q
-            .names
-            .iter()
-            .map(|n| tags.of_term(&n.text, n.parts))
-            .collect::<Result<_, _>>()?;
-        let loose = terms.iter().any(|t| t.loose);
-        match (terms.as_slice(), q.birth_date) {
+        match (q.names.as_slice(), &birth) {
             ([], None) => {}
+            ([], Some(b)) => {
+                let ids = store::ids_by_birth_date(&self.db, b, cap).await?;
+                scored.extend(ids.into_iter().map(|id| (id, 2)));
+            }
             ([one], None) => {
-                // One word: whole-token matches first, then prefix matches, each read a
-                // page at most from its tags' index.
-                let exact: Vec<&str> = one.exact.iter().map(String::as_str).collect();
-                for id in store::ids_with_any_tag(&self.db, &exact, "", cap_i).await? {
+                // One word: whole-word matches first, then prefix matches, each a page
+                // at most from its tags' index.
+                let t = tags.of_term(&one.text, one.parts)?;
+                let exact: Vec<&str> = t.exact.iter().map(String::as_str).collect();
+                for id in store::ids_with_any_tag(&self.db, &exact, "", cap).await? {
                     scored.push((id, 2));
                 }
-                if scored.len() < cap {
-                    let prefix: Vec<&str> = one.prefix.iter().map(String::as_str).collect();
-                    for id in store::ids_with_any_tag(&self.db, &prefix, "", cap_i).await? {
+                if scored.len() < MAX_MATCHES + 1 {
+                    let prefix: Vec<&str> = t.prefix.iter().map(String::as_str).collect();
+                    for id in store::ids_with_any_tag(&self.db, &prefix, "", cap).await? {
                         scored.push((id, 1));
                     }
                 }
             }
-            (terms, birth) => {
-                let probes: Vec<TermProbe> = terms
-                    .iter()
-                    .map(|t| TermProbe {
-                        exact: t.exact.iter().map(String::as_str).collect(),
-                        all: t.all(),
-                    })
-                    .collect();
-                let birth = match birth {
-                    Some(d) => Some(self.bi("birth_date", &super::model::format_date(d))?),
-                    None => None,
+            (names, birth) => {
+                let limit = i64::try_from(CANDIDATES).unwrap_or(1000);
+                let pair = match names {
+                    [a, b, ..] => tags.of_pair(&a.text, &b.text)?,
+                    _ => None,
                 };
-                scored.extend(
-                    store::ranked_matches(&self.db, &probes, birth.as_deref(), cap_i).await?,
-                );
+                // The most selective driver at hand: a birth date with one word, else
+                // the pair of the first two words, else the date, else the first word.
+                let ids = match (pair, birth.as_deref()) {
+                    (_, Some(b)) if names.len() == 1 => {
+                        store::ids_by_birth_date(&self.db, b, limit).await?
+                    }
+                    (Some(p), _) => store::ids_with_any_tag(&self.db, &[&p], "", limit).await?,
+                    (None, Some(b)) => store::ids_by_birth_date(&self.db, b, limit).await?,
+                    (None, None) => match names.first() {
+                        Some(first) => {
+                            let t = tags.of_term(&first.text, first.parts)?;
+                            store::ids_with_any_tag(&self.db, &t.all(), "", limit).await?
+                        }
+                        None => Vec::new(),
+                    },
+                };
+                if ids.len() >= CANDIDATES {
+                    // More candidates than read: the answer may miss some matches.
+                    found.truncated = true;
+                }
+                for row in store::patients_by_ids(&self.db, &ids).await? {
+                    if birth.is_some() && row.bi_birth_date.as_deref() != birth.as_deref() {
+                        continue;
+                    }
+                    let (given, family) = self.open_names(&row)?;
+                    let Some(s) = search::score(&q.names, &given, &family) else {
+                        continue;
+                    };
+                    scored.push((row.id.clone(), s + if birth.is_some() { 2 } else { 0 }));
+                    opened.insert(row.id.clone(), (row, given, family));
+                }
             }
         }
-        // Each patient once, at its best score; best first, then by id.
+        // Each patient once, at its best score.
         scored.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         let mut seen = std::collections::HashSet::new();
         scored.retain(|(id, _)| seen.insert(id.clone()));
-        found.truncated = scored.len() > MAX_MATCHES;
-        scored.truncate(MAX_MATCHES);
-        let score: std::collections::HashMap<String, i64> = scored.iter().cloned().collect();
-        let ids: Vec<String> = scored.into_iter().map(|(id, _)| id).collect();
-        let rows = store::patients_by_ids(&self.db, &ids).await?;
-        // The sort key of each candidate: its score, then its name (or its pseudonym).
-        let mut keyed: Vec<((i64, String, String, String), PatientRow)> =
-            Vec::with_capacity(rows.len());
-        let words: Vec<String> = q.names.iter().map(|n| n.text.clone()).collect();
-        for row in rows {
-            let s = -score.get(&row.id).copied().unwrap_or(0);
+        // The names of those not opened yet (identifier and tag matches).
+        let missing: Vec<String> = scored
+            .iter()
+            .filter(|(id, _)| !opened.contains_key(id))
+            .take(MAX_MATCHES + 1)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for row in store::patients_by_ids(&self.db, &missing).await? {
             let (given, family) = self.open_names(&row)?;
-            if loose && s > -100 && !search::name_matches(&words, &given, &family, BOTH) {
+            opened.insert(row.id.clone(), (row, given, family));
+        }
+        // A word longer than its prefix tag is checked against the name itself.
+        let words: Vec<String> = q.names.iter().map(|n| n.text.clone()).collect();
+        let loose = q
+            .names
+            .iter()
+            .any(|n| n.text.chars().count() > search::MAX_PREFIX);
+        let mut keyed: Vec<((i64, String, String, String), PatientRow)> = Vec::new();
+        for (id, s) in scored {
+            let Some((row, given, family)) = opened.remove(&id) else {
+                continue;
+            };
+            if loose && s < 100 && !search::name_matches(&words, &given, &family, BOTH) {
                 continue;
             }
             let key = if anonymize {
-                (s, self.pseudonym(&row.id), String::new(), row.id.clone())
+                (-s, self.pseudonym(&id), String::new(), id)
             } else {
-                (
-                    s,
-                    search::fold(&family),
-                    search::fold(&given),
-                    row.id.clone(),
-                )
+                (-s, search::fold(&family), search::fold(&given), id)
             };
             keyed.push((key, row));
         }
         keyed.sort_by(|a, b| a.0.cmp(&b.0));
+        if keyed.len() > MAX_MATCHES {
+            found.truncated = true;
+            keyed.truncate(MAX_MATCHES);
+        }
         let end = offset.saturating_add(limit).min(keyed.len());
         if end < keyed.len() {
             found.next_offset = Some(end);

@@ -379,13 +379,6 @@ fn placeholders(first: usize, n: usize) -> String {
         .join(", ")
 }
 
-/// One name term of a search: the tags of its whole token, and every tag it matches
-/// (the token's and, from 3 letters, its prefix's).
-pub struct TermProbe<'a> {
-    pub exact: Vec<&'a str>,
-    pub all: Vec<&'a str>,
-}
-
 /// The live patients with any of `tags`, at most `limit` of them, lowest ids first: one
 /// page from each tag's (tag, patient) index, never more.
 pub async fn ids_with_any_tag(
@@ -433,39 +426,41 @@ pub async fn count_with_any_tag(db: &Db, tags: &[&str]) -> Result<i64, StoreErro
     Ok(rows.first().map_or(0, |(_, n)| *n))
 }
 
-/// The best matches of a search, ranked: every patient matching each name term (2 points
-/// a term matched whole, 1 a term matched as a prefix) and the birth date (2 points) when
-/// one is given, at most `limit`, highest score first (then by id).
-pub async fn ranked_matches(
+/// The live patients born on the day whose blind index is `bi_birth_date`, at most
+/// `limit`, lowest ids first (through the (value, id) index).
+pub async fn ids_by_birth_date(
     db: &Db,
-    terms: &[TermProbe<'_>],
-    birth_date: Option<&str>,
+    bi_birth_date: &str,
     limit: i64,
-) -> Result<Vec<(String, i64)>, StoreError> {
-    let limit = limit.clamp(1, 10_000);
-    let mut params: Vec<&str> = Vec::new();
-    let mut branches: Vec<String> = Vec::new();
-    for t in terms {
-        if t.all.is_empty() {
-            return Ok(Vec::new());
-        }
-        let e = placeholders(params.len() + 1, t.exact.len());
-        params.extend(t.exact.iter().copied());
-        let a = placeholders(params.len() + 1, t.all.len());
-        params.extend(t.all.iter().copied());
-        let exact = if t.exact.is_empty() {
-            "1".to_owned()
-        } else {
-            format!("CASE WHEN tag IN ({e}) THEN 2 ELSE 1 END")
-        };
+) -> Result<Vec<String>, StoreError> {
+    let sql = format!(
+        "SELECT id, CAST(0 AS BIGINT) AS n FROM patients WHERE bi_birth_date = $1 AND deleted_at IS NULL \
+         ORDER BY id LIMIT {}",
+        limit.clamp(1, 10_000)
+    );
+    Ok(ids_and_numbers(db, sql, &[bi_birth_date])
+        .await?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect())
+}
+
+/// The live patients whose MRN blind index is one of `mrns`, or whose SSN blind index is
+/// `ssn`: one indexed lookup each (a single OR over both columns would scan the table on
+/// SQLite).
+pub async fn ids_by_identifier(
+    db: &Db,
+    mrns: &[&str],
+    ssn: Option<&str>,
+) -> Result<Vec<String>, StoreError> {
+    let mut branches: Vec<String> = (1..=mrns.len())
+        .map(|i| format!("SELECT id FROM patients WHERE bi_mrn = ${i} AND deleted_at IS NULL"))
+        .collect();
+    let mut params: Vec<&str> = mrns.to_vec();
+    if let Some(ssn) = ssn {
+        params.push(ssn);
         branches.push(format!(
-            "SELECT patient_id, MAX({exact}) AS w FROM patient_terms WHERE tag IN ({a}) GROUP BY patient_id"
-        ));
-    }
-    if let Some(b) = birth_date {
-        params.push(b);
-        branches.push(format!(
-            "SELECT id AS patient_id, 2 AS w FROM patients WHERE bi_birth_date = ${} AND deleted_at IS NULL",
+            "SELECT id FROM patients WHERE bi_ssn = ${} AND deleted_at IS NULL",
             params.len()
         ));
     }
@@ -473,24 +468,10 @@ pub async fn ranked_matches(
         return Ok(Vec::new());
     }
     let sql = format!(
-        "SELECT patient_id AS id, SUM(w) AS n FROM ({}) AS hits GROUP BY patient_id \
-         HAVING COUNT(*) = {} ORDER BY n DESC, patient_id LIMIT {limit}",
-        branches.join(" UNION ALL "),
-        branches.len()
+        "SELECT id, CAST(0 AS BIGINT) AS n FROM ({}) AS found ORDER BY id LIMIT 100",
+        branches.join(" UNION ")
     );
-    ids_and_numbers(db, sql, &params).await
-}
-
-/// The live patients whose MRN or SSN blind index is one of `indexes`.
-pub async fn ids_by_identifier(db: &Db, indexes: &[&str]) -> Result<Vec<String>, StoreError> {
-    if indexes.is_empty() {
-        return Ok(Vec::new());
-    }
-    let p = placeholders(1, indexes.len());
-    let sql = format!(
-        "SELECT id, CAST(0 AS BIGINT) AS n FROM patients WHERE (bi_mrn IN ({p}) OR bi_ssn IN ({p})) AND deleted_at IS NULL ORDER BY id LIMIT 100"
-    );
-    Ok(ids_and_numbers(db, sql, indexes)
+    Ok(ids_and_numbers(db, sql, &params)
         .await?
         .into_iter()
         .map(|(id, _)| id)

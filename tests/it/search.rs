@@ -121,6 +121,16 @@ async fn people_are_found_as_they_are_typed(backend: Backend) {
     ] {
         assert_eq!(find(&s, n, q, 20).await, ["Mary-Ann O'Brien"], "{q}");
     }
+    // Three words; two words beginning alike (one word of the name may answer both).
+    assert_eq!(
+        find(&s, n, "mary ann obrien", 20).await,
+        ["Mary-Ann O'Brien"]
+    );
+    assert_eq!(
+        find(&s, n, "jan janet", 20).await,
+        ["Janet Doerr", "Janet Smith"]
+    );
+    assert!(find(&s, n, "jose maria garcia", 20).await.is_empty());
     // Names shorter than 3 letters are found whole.
     assert_eq!(find(&s, n, "Wu", 20).await, ["Li Wu"]);
     assert_eq!(find(&s, n, "li wu", 20).await, ["Li Wu"]);
@@ -355,8 +365,8 @@ async fn the_search_index_holds_no_plaintext(backend: Backend) {
             .fetch_all(s.state.db().reader())
             .await
             .unwrap();
-    // Two tokens: each a token tag and one tag per prefix of 3.. letters.
-    assert_eq!(tags.len(), 2 + (9 - 2) + (9 - 2), "{tags:?}");
+    // Two words: each a token tag and one tag per prefix of 3.. letters; one pair tag.
+    assert_eq!(tags.len(), 2 + (9 - 2) + (9 - 2) + 1, "{tags:?}");
     for (tag,) in &tags {
         assert!(
             tag.len() == 24
