@@ -478,16 +478,29 @@ impl Patients {
         rows.iter().map(|r| self.open_row(r)).collect()
     }
 
-    /// The given and family names of a row, and nothing else opened.
-    fn open_names(&self, row: &PatientRow) -> Result<(String, String), PhiError> {
-        let key = self.data_key(row)?;
+    /// The given and family names of a candidate, and nothing else opened.
+    fn open_names(&self, row: &store::NameRow) -> Result<(String, String), PhiError> {
+        self.open_name_fields(
+            &row.id,
+            row.data_key.as_deref(),
+            &row.given_name,
+            &row.family_name,
+        )
+    }
+
+    fn open_name_fields(
+        &self,
+        id: &str,
+        data_key: Option<&str>,
+        given: &str,
+        family: &str,
+    ) -> Result<(String, String), PhiError> {
+        let wrapped = data_key.ok_or(EnvelopeError::Shredded)?;
+        let key = envelope::unwrap(&self.keys, id, wrapped, self.min_version)?;
         let open = |column: &str, v: &str| {
-            envelope::open_field(&key, PATIENTS, column, &row.id, v).map(|s| s.to_string())
+            envelope::open_field(&key, PATIENTS, column, id, v).map(|s| s.to_string())
         };
-        Ok((
-            open("given_name", &row.given_name)?,
-            open("family_name", &row.family_name)?,
-        ))
+        Ok((open("given_name", given)?, open("family_name", family)?))
     }
 
     /// A search box's text, answered a page at a time: the best [`MAX_MATCHES`] matches,
@@ -535,7 +548,8 @@ impl Patients {
                 .into_iter()
                 .map(|id| (id, 100))
                 .collect();
-        let mut opened: std::collections::HashMap<String, (PatientRow, String, String)> =
+        // The names opened so far, by id.
+        let mut opened: std::collections::HashMap<String, (String, String)> =
             std::collections::HashMap::new();
         let birth = match q.birth_date {
             Some(d) => Some(self.bi("birth_date", &super::model::format_date(d))?),
@@ -589,7 +603,7 @@ impl Patients {
                     // More candidates than read: the answer may miss some matches.
                     found.truncated = true;
                 }
-                for row in store::patients_by_ids(&self.db, &ids).await? {
+                for row in store::name_rows(&self.db, &ids).await? {
                     if birth.is_some() && row.bi_birth_date.as_deref() != birth.as_deref() {
                         continue;
                     }
@@ -598,7 +612,7 @@ impl Patients {
                         continue;
                     };
                     scored.push((row.id.clone(), s + if birth.is_some() { 2 } else { 0 }));
-                    opened.insert(row.id.clone(), (row, given, family));
+                    opened.insert(row.id, (given, family));
                 }
             }
         }
@@ -613,9 +627,9 @@ impl Patients {
             .take(MAX_MATCHES + 1)
             .map(|(id, _)| id.clone())
             .collect();
-        for row in store::patients_by_ids(&self.db, &missing).await? {
-            let (given, family) = self.open_names(&row)?;
-            opened.insert(row.id.clone(), (row, given, family));
+        for row in store::name_rows(&self.db, &missing).await? {
+            let names = self.open_names(&row)?;
+            opened.insert(row.id, names);
         }
         // A word longer than its prefix tag is checked against the name itself.
         let words: Vec<String> = q.names.iter().map(|n| n.text.clone()).collect();
@@ -623,22 +637,21 @@ impl Patients {
             .names
             .iter()
             .any(|n| n.text.chars().count() > search::MAX_PREFIX);
-        let mut keyed: Vec<((i64, String, String, String), PatientRow)> = Vec::new();
+        let mut keyed: Vec<(i64, String, String, String)> = Vec::new();
         for (id, s) in scored {
-            let Some((row, given, family)) = opened.remove(&id) else {
+            let Some((given, family)) = opened.remove(&id) else {
                 continue;
             };
             if loose && s < 100 && !search::name_matches(&words, &given, &family, BOTH) {
                 continue;
             }
-            let key = if anonymize {
+            keyed.push(if anonymize {
                 (-s, self.pseudonym(&id), String::new(), id)
             } else {
                 (-s, search::fold(&family), search::fold(&given), id)
-            };
-            keyed.push((key, row));
+            });
         }
-        keyed.sort_by(|a, b| a.0.cmp(&b.0));
+        keyed.sort();
         if keyed.len() > MAX_MATCHES {
             found.truncated = true;
             keyed.truncate(MAX_MATCHES);
@@ -647,11 +660,17 @@ impl Patients {
         if end < keyed.len() {
             found.next_offset = Some(end);
         }
-        found.patients = keyed
+        // The page alone, opened whole.
+        let page: Vec<String> = keyed
             .get(offset.min(end)..end)
             .unwrap_or(&[])
             .iter()
-            .map(|(_, row)| self.open_row(row))
+            .map(|k| k.3.clone())
+            .collect();
+        found.patients = store::patients_by_ids(&self.db, &page)
+            .await?
+            .iter()
+            .map(|row| self.open_row(row))
             .collect::<Result<_, _>>()?;
         Ok(found)
     }
@@ -802,7 +821,12 @@ impl Patients {
             }
             let mut progressed = false;
             for row in &rows {
-                let (given, family) = self.open_names(row)?;
+                let (given, family) = self.open_name_fields(
+                    &row.id,
+                    row.data_key.as_deref(),
+                    &row.given_name,
+                    &row.family_name,
+                )?;
                 let terms = tags.of_name(&given, &family)?;
                 if store::write_terms(&self.db, &row.id, row.version, &terms).await? {
                     done += 1;

@@ -512,6 +512,50 @@ pub async fn patients_by_ids(db: &Db, ids: &[String]) -> Result<Vec<PatientRow>,
     Ok(out)
 }
 
+/// What a search reads of a candidate: enough to open its name and check its birth date.
+pub struct NameRow {
+    pub id: String,
+    pub data_key: Option<String>,
+    pub given_name: String,
+    pub family_name: String,
+    pub bi_birth_date: Option<String>,
+}
+
+/// The [`NameRow`]s of live patients by id (ids not found are left out; any order).
+pub async fn name_rows(db: &Db, ids: &[String]) -> Result<Vec<NameRow>, StoreError> {
+    fn decode<R: Cols>(r: &R) -> Result<NameRow, StoreError> {
+        Ok(NameRow {
+            id: r.col_at(0, "id")?,
+            data_key: r.col_at(1, "data_key")?,
+            given_name: r.col_at(2, "given_name")?,
+            family_name: r.col_at(3, "family_name")?,
+            bi_birth_date: r.col_at(4, "bi_birth_date")?,
+        })
+    }
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(500) {
+        let sql = format!(
+            "SELECT id, data_key, given_name, family_name, bi_birth_date FROM patients \
+             WHERE id IN ({}) AND deleted_at IS NULL",
+            placeholders(1, chunk.len())
+        );
+        if let Some(local) = db.local() {
+            let p: Vec<&dyn rusqlite::ToSql> =
+                chunk.iter().map(|v| v as &dyn rusqlite::ToSql).collect();
+            out.extend(local.read(|c| local::query(c, &sql, &p, |r| decode(r)))?);
+        } else {
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for v in chunk {
+                q = q.bind(v);
+            }
+            for r in q.fetch_all(db.reader()).await? {
+                out.push(decode(&r)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Live patients whose name search tags are older than [`TERMS_VERSION`] (written before
 /// the tags existed), a batch at a time.
 pub async fn patients_without_terms(db: &Db, limit: i64) -> Result<Vec<PatientRow>, StoreError> {

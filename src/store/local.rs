@@ -205,7 +205,10 @@ impl Local {
             "PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;"
         })?;
         if query_only {
-            conn.execute_batch("PRAGMA query_only = ON;")?;
+            // Readers map the file: a search reads rows scattered over it, and a page
+            // found through the shared mapping needs no copy into each connection's
+            // own small cache.
+            conn.execute_batch("PRAGMA query_only = ON; PRAGMA mmap_size = 1073741824;")?;
         }
         if !sync_in_commit {
             // The audit writer: checkpoints run beside it (`Local::checkpoint`).
