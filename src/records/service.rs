@@ -7,7 +7,7 @@ use super::model::{
     Checks, NewPatient, NewRecord, PatientFields, PatientPatch, RecordPatch, parse_date,
 };
 use super::search::{self, BOTH, Part, Query, Tags, TermTags};
-use super::store::{self, PatientRow, RecordRow, SearchIndex};
+use super::store::{self, PatientRow, RecordRow, SearchIndex, Source};
 use crate::clock::{SharedClock, timestamp};
 use crate::crypto::{self, SharedKeyring};
 use crate::http::FieldError;
@@ -556,24 +556,38 @@ impl Patients {
             None => None,
         };
         let tags = Tags::new(&self.keys);
+        // Candidates whose names are opened here, with their scores.
+        let mut keep = |row: store::NameRow, score: i64| -> Result<(), PhiError> {
+            if opened.contains_key(&row.id) {
+                // Met already with a better score (a whole word is a prefix of itself).
+                return Ok(());
+            }
+            let names = self.open_names(&row)?;
+            scored.push((row.id.clone(), score));
+            opened.insert(row.id, names);
+            Ok(())
+        };
         match (q.names.as_slice(), &birth) {
             ([], None) => {}
             ([], Some(b)) => {
-                let ids = store::ids_by_birth_date(&self.db, b, cap).await?;
-                scored.extend(ids.into_iter().map(|id| (id, 2)));
+                for row in store::candidates(&self.db, Source::BirthDate(b), cap).await? {
+                    keep(row, 2)?;
+                }
             }
             ([one], None) => {
                 // One word: whole-word matches first, then prefix matches, each a page
                 // at most from its tags' index.
                 let t = tags.of_term(&one.text, one.parts)?;
                 let exact: Vec<&str> = t.exact.iter().map(String::as_str).collect();
-                for id in store::ids_with_any_tag(&self.db, &exact, "", cap).await? {
-                    scored.push((id, 2));
+                let mut n = 0;
+                for row in store::candidates(&self.db, Source::Tags(&exact), cap).await? {
+                    keep(row, 2)?;
+                    n += 1;
                 }
-                if scored.len() < MAX_MATCHES + 1 {
+                if n < MAX_MATCHES + 1 {
                     let prefix: Vec<&str> = t.prefix.iter().map(String::as_str).collect();
-                    for id in store::ids_with_any_tag(&self.db, &prefix, "", cap).await? {
-                        scored.push((id, 1));
+                    for row in store::candidates(&self.db, Source::Tags(&prefix), cap).await? {
+                        keep(row, 1)?;
                     }
                 }
             }
@@ -583,27 +597,26 @@ impl Patients {
                     [a, b, ..] => tags.of_pair(&a.text, &b.text)?,
                     _ => None,
                 };
+                let first = match names.first() {
+                    Some(f) => Some(tags.of_term(&f.text, f.parts)?),
+                    None => None,
+                };
+                let first_tags: Vec<&str> = first.as_ref().map(|t| t.all()).unwrap_or_default();
+                let pair_tag: Vec<&str> = pair.iter().map(String::as_str).collect();
                 // The most selective driver at hand: a birth date with one word, else
                 // the pair of the first two words, else the date, else the first word.
-                let ids = match (pair, birth.as_deref()) {
-                    (_, Some(b)) if names.len() == 1 => {
-                        store::ids_by_birth_date(&self.db, b, limit).await?
-                    }
-                    (Some(p), _) => store::ids_with_any_tag(&self.db, &[&p], "", limit).await?,
-                    (None, Some(b)) => store::ids_by_birth_date(&self.db, b, limit).await?,
-                    (None, None) => match names.first() {
-                        Some(first) => {
-                            let t = tags.of_term(&first.text, first.parts)?;
-                            store::ids_with_any_tag(&self.db, &t.all(), "", limit).await?
-                        }
-                        None => Vec::new(),
-                    },
+                let source = match (pair_tag.is_empty(), birth.as_deref()) {
+                    (_, Some(b)) if names.len() == 1 => Source::BirthDate(b),
+                    (false, _) => Source::Tags(&pair_tag),
+                    (true, Some(b)) => Source::BirthDate(b),
+                    (true, None) => Source::Tags(&first_tags),
                 };
-                if ids.len() >= CANDIDATES {
+                let rows = store::candidates(&self.db, source, limit).await?;
+                if rows.len() >= CANDIDATES {
                     // More candidates than read: the answer may miss some matches.
                     found.truncated = true;
                 }
-                for row in store::name_rows(&self.db, &ids).await? {
+                for row in rows {
                     if birth.is_some() && row.bi_birth_date.as_deref() != birth.as_deref() {
                         continue;
                     }

@@ -379,8 +379,24 @@ fn placeholders(first: usize, n: usize) -> String {
         .join(", ")
 }
 
-/// The live patients with any of `tags`, at most `limit` of them, lowest ids first: one
-/// page from each tag's (tag, patient) index, never more.
+/// The first `limit` patient ids (after `after`) having any of the tags `$2, $3, …`:
+/// one page from each tag's (tag, patient) index, never more, then the first page of
+/// their union.
+fn tag_union(n_tags: usize, limit: i64) -> String {
+    let union = (0..n_tags)
+        .map(|i| {
+            format!(
+                "SELECT patient_id FROM (SELECT patient_id FROM patient_terms WHERE tag = ${} \
+                 AND patient_id > $1 ORDER BY patient_id LIMIT {limit}) AS t{i}",
+                i + 2
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ");
+    format!("SELECT patient_id FROM ({union}) AS u ORDER BY patient_id LIMIT {limit}")
+}
+
+/// The live patients with any of `tags`, at most `limit` of them, lowest ids first.
 pub async fn ids_with_any_tag(
     db: &Db,
     tags: &[&str],
@@ -391,18 +407,9 @@ pub async fn ids_with_any_tag(
         return Ok(Vec::new());
     }
     let limit = limit.clamp(1, 10_000);
-    let union = (0..tags.len())
-        .map(|i| {
-            format!(
-                "SELECT patient_id FROM (SELECT patient_id FROM patient_terms WHERE tag = ${} \
-                 AND patient_id > $1 ORDER BY patient_id LIMIT {limit}) AS t{i}",
-                i + 2
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" UNION ");
     let sql = format!(
-        "SELECT patient_id AS id, CAST(0 AS BIGINT) AS n FROM ({union}) AS u ORDER BY patient_id LIMIT {limit}"
+        "SELECT patient_id AS id, CAST(0 AS BIGINT) AS n FROM ({}) AS page",
+        tag_union(tags.len(), limit)
     );
     let mut params: Vec<&str> = vec![after];
     params.extend_from_slice(tags);
@@ -411,6 +418,48 @@ pub async fn ids_with_any_tag(
         .into_iter()
         .map(|(id, _)| id)
         .collect())
+}
+
+/// Where the candidates of a search come from.
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    /// The patients having any of these name tags.
+    Tags(&'a [&'a str]),
+    /// The patients born on the day of this blind index.
+    BirthDate(&'a str),
+}
+
+/// At most `limit` candidates of a search, as [`NameRow`]s, in one query: the ids from
+/// their index and what ranking reads of each.
+pub async fn candidates(
+    db: &Db,
+    source: Source<'_>,
+    limit: i64,
+) -> Result<Vec<NameRow>, StoreError> {
+    let limit = limit.clamp(1, 10_000);
+    const COLUMNS: &str = "id, data_key, given_name, family_name, bi_birth_date";
+    let (sql, params): (String, Vec<&str>) = match source {
+        Source::Tags([]) => return Ok(Vec::new()),
+        Source::Tags(tags) => {
+            let mut p = vec![""];
+            p.extend_from_slice(tags);
+            (
+                format!(
+                    "SELECT {COLUMNS} FROM patients WHERE id IN ({}) AND deleted_at IS NULL",
+                    tag_union(tags.len(), limit)
+                ),
+                p,
+            )
+        }
+        Source::BirthDate(b) => (
+            format!(
+                "SELECT {COLUMNS} FROM patients WHERE bi_birth_date = $1 AND deleted_at IS NULL \
+                 ORDER BY id LIMIT {limit}"
+            ),
+            vec![b],
+        ),
+    };
+    name_rows_of(db, sql, &params).await
 }
 
 /// How many live patients have any of `tags`.
@@ -424,25 +473,6 @@ pub async fn count_with_any_tag(db: &Db, tags: &[&str]) -> Result<i64, StoreErro
     );
     let rows = ids_and_numbers(db, sql, tags).await?;
     Ok(rows.first().map_or(0, |(_, n)| *n))
-}
-
-/// The live patients born on the day whose blind index is `bi_birth_date`, at most
-/// `limit`, lowest ids first (through the (value, id) index).
-pub async fn ids_by_birth_date(
-    db: &Db,
-    bi_birth_date: &str,
-    limit: i64,
-) -> Result<Vec<String>, StoreError> {
-    let sql = format!(
-        "SELECT id, CAST(0 AS BIGINT) AS n FROM patients WHERE bi_birth_date = $1 AND deleted_at IS NULL \
-         ORDER BY id LIMIT {}",
-        limit.clamp(1, 10_000)
-    );
-    Ok(ids_and_numbers(db, sql, &[bi_birth_date])
-        .await?
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect())
 }
 
 /// The live patients whose MRN blind index is one of `mrns`, or whose SSN blind index is
@@ -521,17 +551,35 @@ pub struct NameRow {
     pub bi_birth_date: Option<String>,
 }
 
+fn name_row<R: Cols>(r: &R) -> Result<NameRow, StoreError> {
+    Ok(NameRow {
+        id: r.col_at(0, "id")?,
+        data_key: r.col_at(1, "data_key")?,
+        given_name: r.col_at(2, "given_name")?,
+        family_name: r.col_at(3, "family_name")?,
+        bi_birth_date: r.col_at(4, "bi_birth_date")?,
+    })
+}
+
+async fn name_rows_of(db: &Db, sql: String, params: &[&str]) -> Result<Vec<NameRow>, StoreError> {
+    if let Some(local) = db.local() {
+        let p: Vec<&dyn rusqlite::ToSql> =
+            params.iter().map(|v| v as &dyn rusqlite::ToSql).collect();
+        return local.read(|c| local::query(c, &sql, &p, |r| name_row(r)));
+    }
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for v in params {
+        q = q.bind(*v);
+    }
+    q.fetch_all(db.reader())
+        .await?
+        .iter()
+        .map(name_row)
+        .collect()
+}
+
 /// The [`NameRow`]s of live patients by id (ids not found are left out; any order).
 pub async fn name_rows(db: &Db, ids: &[String]) -> Result<Vec<NameRow>, StoreError> {
-    fn decode<R: Cols>(r: &R) -> Result<NameRow, StoreError> {
-        Ok(NameRow {
-            id: r.col_at(0, "id")?,
-            data_key: r.col_at(1, "data_key")?,
-            given_name: r.col_at(2, "given_name")?,
-            family_name: r.col_at(3, "family_name")?,
-            bi_birth_date: r.col_at(4, "bi_birth_date")?,
-        })
-    }
     let mut out = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(500) {
         let sql = format!(
@@ -539,19 +587,8 @@ pub async fn name_rows(db: &Db, ids: &[String]) -> Result<Vec<NameRow>, StoreErr
              WHERE id IN ({}) AND deleted_at IS NULL",
             placeholders(1, chunk.len())
         );
-        if let Some(local) = db.local() {
-            let p: Vec<&dyn rusqlite::ToSql> =
-                chunk.iter().map(|v| v as &dyn rusqlite::ToSql).collect();
-            out.extend(local.read(|c| local::query(c, &sql, &p, |r| decode(r)))?);
-        } else {
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for v in chunk {
-                q = q.bind(v);
-            }
-            for r in q.fetch_all(db.reader()).await? {
-                out.push(decode(&r)?);
-            }
-        }
+        let params: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        out.extend(name_rows_of(db, sql, &params).await?);
     }
     Ok(out)
 }
