@@ -408,13 +408,15 @@ test('idle warning appears a minute before the timeout; "Stay signed in" keeps t
   }
 });
 
-test('phone (390×844): dashboard and users page do not overflow sideways', { timeout: 60_000 }, async () => {
+test('phone (390×844): dashboard, users and sessions pages do not overflow sideways', { timeout: 60_000 }, async () => {
   const c = await newContext('phone', { viewport: PHONE, storageState: await ctx.storageState() });
   try {
     const p = await c.newPage();
     await checkPhone(p, '/admin');
     await shot(p, 'dashboard-phone.png');
     await checkPhone(p, '/admin/users');
+    await checkPhone(p, '/admin/sessions');
+    await shot(p, 'sessions-phone.png');
   } finally {
     await c.close();
   }
