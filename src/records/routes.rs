@@ -366,8 +366,9 @@ fn next_cursor(
 pub struct PatientPage {
     items: Vec<PatientView>,
     next_cursor: Option<String>,
-    /// With `q` only: more patients matched than a search answers (100); the best were
-    /// ranked. Narrow the search (more of the name, the birth date).
+    /// With `q` only: more than 100 patients matched, so this is the one page of the
+    /// answer (the best ranked) and there is no next. Narrow the search (more of the
+    /// name, the birth date).
     #[serde(skip_serializing_if = "Option::is_none")]
     truncated: Option<bool>,
 }
@@ -380,7 +381,8 @@ pub struct PatientQuery {
     /// SSN-shaped word is a 403 `forbidden`), a birth date (`1961-07-04`, `07/04/1961`,
     /// `4 Jul 1961`, …), or names in either order (`Jane Doe`, `Doe, Jane`), each word
     /// whole or its first 3 letters or more, with a birth date if wished. Every name
-    /// word and date must match. At most 100 patients answer, by relevance then name.
+    /// word and date must match. By relevance then name, through at most 100 matches
+    /// (more: one page, `truncated`).
     #[param(inline)]
     q: Option<Text<200>>,
     #[param(inline)]

@@ -503,16 +503,22 @@ impl Patients {
         Ok((open("given_name", given)?, open("family_name", family)?))
     }
 
-    /// A search box's text, answered a page at a time: the best [`MAX_MATCHES`] matches,
-    /// by relevance then name. An MRN (or, with `by_ssn`, an SSN) given whole ranks first;
-    /// then patients matching every name word and the birth date: 2 points a word that is
-    /// a word of the name, 1 a word that begins one, 2 the birth date. Candidates come from
-    /// keyed tags and blind indexes only — one name word: its tags, a page at a time; two
-    /// or more: the pair tag of the first two (the patients having both), at most
-    /// [`CANDIDATES`]; a birth date with one word: that day's index — and only their names
-    /// are opened, to check every word and sort; the patients of the page alone are
-    /// opened whole. De-identified (`anonymize`), ties are ordered by pseudonym, so the
-    /// order tells nothing of the names.
+    /// A search box's text, answered a page at a time, by relevance then name: an MRN
+    /// (or, with `by_ssn`, an SSN) given whole first; then patients matching every name
+    /// word and the birth date — 2 points a word that is a word of the name, 1 a word
+    /// that begins one, 2 the birth date.
+    ///
+    /// At most [`MAX_MATCHES`] patients are paged through. When more match, the answer is
+    /// one page, `truncated`: a search is for finding a person, and paging through an
+    /// arbitrary hundred of thousands helps nobody — it asks for more of the name.
+    ///
+    /// Read from keyed tags and blind indexes only. One name word: its tags give the
+    /// ids, whole-word matches before prefix matches, a page at most from each index;
+    /// only the names that are ranked are opened. Several words: the pair tag of the
+    /// first two (the patients having both), or a birth date's index with one word, at
+    /// most [`CANDIDATES`], whose names are opened to check every word. The patients of
+    /// the page alone are opened whole. De-identified (`anonymize`), ties are ordered
+    /// by pseudonym, so the order tells nothing of the names.
     pub async fn find(
         &self,
         text: &str,
@@ -541,7 +547,7 @@ impl Patients {
             None
         };
         let mrn_refs: Vec<&str> = mrns.iter().map(String::as_str).collect();
-        // (id, score), and the names already opened.
+        // (id, score) of every match found.
         let mut scored: Vec<(String, i64)> =
             store::ids_by_identifier(&self.db, &mrn_refs, ssn.as_deref())
                 .await?
@@ -556,39 +562,26 @@ impl Patients {
             None => None,
         };
         let tags = Tags::new(&self.keys);
-        // Candidates whose names are opened here, with their scores.
-        let mut keep = |row: store::NameRow, score: i64| -> Result<(), PhiError> {
-            if opened.contains_key(&row.id) {
-                // Met already with a better score (a whole word is a prefix of itself).
-                return Ok(());
-            }
-            let names = self.open_names(&row)?;
-            scored.push((row.id.clone(), score));
-            opened.insert(row.id, names);
-            Ok(())
-        };
-        match (q.names.as_slice(), &birth) {
+        match (q.names.as_slice(), birth.as_deref()) {
             ([], None) => {}
             ([], Some(b)) => {
                 for row in store::candidates(&self.db, Source::BirthDate(b), cap).await? {
-                    keep(row, 2)?;
+                    scored.push((row.id.clone(), 2));
+                    let names = self.open_names(&row)?;
+                    opened.insert(row.id, names);
                 }
             }
             ([one], None) => {
-                // One word: whole-word matches first, then prefix matches, each a page
-                // at most from its tags' index.
+                // One word: whole-word matches first, then prefix matches; ids only.
                 let t = tags.of_term(&one.text, one.parts)?;
                 let exact: Vec<&str> = t.exact.iter().map(String::as_str).collect();
-                let mut n = 0;
-                for row in store::candidates(&self.db, Source::Tags(&exact), cap).await? {
-                    keep(row, 2)?;
-                    n += 1;
-                }
+                let whole = store::ids_under_tags(&self.db, &exact, cap).await?;
+                let n = whole.len();
+                scored.extend(whole.into_iter().map(|id| (id, 2)));
                 if n < MAX_MATCHES + 1 {
                     let prefix: Vec<&str> = t.prefix.iter().map(String::as_str).collect();
-                    for row in store::candidates(&self.db, Source::Tags(&prefix), cap).await? {
-                        keep(row, 1)?;
-                    }
+                    let begun = store::ids_under_tags(&self.db, &prefix, cap).await?;
+                    scored.extend(begun.into_iter().map(|id| (id, 1)));
                 }
             }
             (names, birth) => {
@@ -605,7 +598,7 @@ impl Patients {
                 let pair_tag: Vec<&str> = pair.iter().map(String::as_str).collect();
                 // The most selective driver at hand: a birth date with one word, else
                 // the pair of the first two words, else the date, else the first word.
-                let source = match (pair_tag.is_empty(), birth.as_deref()) {
+                let source = match (pair_tag.is_empty(), birth) {
                     (_, Some(b)) if names.len() == 1 => Source::BirthDate(b),
                     (false, _) => Source::Tags(&pair_tag),
                     (true, Some(b)) => Source::BirthDate(b),
@@ -613,11 +606,11 @@ impl Patients {
                 };
                 let rows = store::candidates(&self.db, source, limit).await?;
                 if rows.len() >= CANDIDATES {
-                    // More candidates than read: the answer may miss some matches.
+                    // More candidates than read: some matches may be missing.
                     found.truncated = true;
                 }
                 for row in rows {
-                    if birth.is_some() && row.bi_birth_date.as_deref() != birth.as_deref() {
+                    if birth.is_some() && row.bi_birth_date.as_deref() != birth {
                         continue;
                     }
                     let (given, family) = self.open_names(&row)?;
@@ -629,20 +622,51 @@ impl Patients {
                 }
             }
         }
-        // Each patient once, at its best score.
+        // Each patient once, at its best score; best first, then by id.
         scored.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         let mut seen = std::collections::HashSet::new();
         scored.retain(|(id, _)| seen.insert(id.clone()));
-        // The names of those not opened yet (identifier and tag matches).
-        let missing: Vec<String> = scored
+        if scored.len() > MAX_MATCHES {
+            found.truncated = true;
+        }
+        // What is ranked by name: every match, or — one page only when there are too
+        // many — those already opened and the best not opened, up to a page.
+        let ranked: Vec<(String, i64)> = if found.truncated {
+            let mut extra = 0;
+            scored
+                .into_iter()
+                .filter(|(id, _)| {
+                    opened.contains_key(id) || {
+                        extra += 1;
+                        extra <= limit
+                    }
+                })
+                .collect()
+        } else {
+            scored
+        };
+        let missing: Vec<String> = ranked
             .iter()
             .filter(|(id, _)| !opened.contains_key(id))
-            .take(MAX_MATCHES + 1)
             .map(|(id, _)| id.clone())
             .collect();
-        for row in store::name_rows(&self.db, &missing).await? {
-            let names = self.open_names(&row)?;
-            opened.insert(row.id, names);
+        // Patients opened whole, by id: when no more are to be ranked than a page holds
+        // (a truncated answer, a few matches), they are read whole at once, ranked by
+        // the names they hold, and answered without a second read.
+        let mut whole: std::collections::HashMap<String, Patient> =
+            std::collections::HashMap::new();
+        if missing.len() <= limit {
+            for row in store::patients_by_ids(&self.db, &missing).await? {
+                let p = self.open_row(&row)?;
+                let names = (p.fields.given_name.clone(), p.fields.family_name.clone());
+                opened.insert(p.id.clone(), names);
+                whole.insert(p.id.clone(), p);
+            }
+        } else {
+            for row in store::name_rows(&self.db, &missing).await? {
+                let names = self.open_names(&row)?;
+                opened.insert(row.id, names);
+            }
         }
         // A word longer than its prefix tag is checked against the name itself.
         let words: Vec<String> = q.names.iter().map(|n| n.text.clone()).collect();
@@ -651,7 +675,7 @@ impl Patients {
             .iter()
             .any(|n| n.text.chars().count() > search::MAX_PREFIX);
         let mut keyed: Vec<(i64, String, String, String)> = Vec::new();
-        for (id, s) in scored {
+        for (id, s) in ranked {
             let Some((given, family)) = opened.remove(&id) else {
                 continue;
             };
@@ -665,26 +689,32 @@ impl Patients {
             });
         }
         keyed.sort();
-        if keyed.len() > MAX_MATCHES {
-            found.truncated = true;
-            keyed.truncate(MAX_MATCHES);
-        }
-        let end = offset.saturating_add(limit).min(keyed.len());
-        if end < keyed.len() {
-            found.next_offset = Some(end);
-        }
-        // The page alone, opened whole.
+        let (start, end) = if found.truncated {
+            (0, limit.min(keyed.len()))
+        } else {
+            let end = offset.saturating_add(limit).min(keyed.len());
+            if end < keyed.len() {
+                found.next_offset = Some(end);
+            }
+            (offset.min(end), end)
+        };
+        // The page alone, opened whole, in its order.
         let page: Vec<String> = keyed
-            .get(offset.min(end)..end)
+            .get(start..end)
             .unwrap_or(&[])
             .iter()
             .map(|k| k.3.clone())
             .collect();
-        found.patients = store::patients_by_ids(&self.db, &page)
-            .await?
+        let unread: Vec<String> = page
             .iter()
-            .map(|row| self.open_row(row))
-            .collect::<Result<_, _>>()?;
+            .filter(|id| !whole.contains_key(*id))
+            .cloned()
+            .collect();
+        for row in store::patients_by_ids(&self.db, &unread).await? {
+            let p = self.open_row(&row)?;
+            whole.insert(p.id.clone(), p);
+        }
+        found.patients = page.iter().filter_map(|id| whole.remove(id)).collect();
         Ok(found)
     }
 

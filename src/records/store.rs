@@ -420,6 +420,34 @@ pub async fn ids_with_any_tag(
         .collect())
 }
 
+/// The patients having any of `tags`: at most `per_tag` from each tag's index, lowest
+/// ids first there, as they come (each id once per tag; callers deduplicate and order).
+pub async fn ids_under_tags(
+    db: &Db,
+    tags: &[&str],
+    per_tag: i64,
+) -> Result<Vec<String>, StoreError> {
+    if tags.is_empty() {
+        return Ok(Vec::new());
+    }
+    let per_tag = per_tag.clamp(1, 10_000);
+    let sql = (0..tags.len())
+        .map(|i| {
+            format!(
+                "SELECT id, CAST(0 AS BIGINT) AS n FROM (SELECT patient_id AS id FROM patient_terms \
+                 WHERE tag = ${} ORDER BY patient_id LIMIT {per_tag}) AS t{i}",
+                i + 1
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    Ok(ids_and_numbers(db, sql, tags)
+        .await?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect())
+}
+
 /// Where the candidates of a search come from.
 #[derive(Clone, Copy)]
 pub enum Source<'a> {

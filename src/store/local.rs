@@ -205,10 +205,7 @@ impl Local {
             "PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;"
         })?;
         if query_only {
-            // Readers map the file: a search reads rows scattered over it, and a page
-            // found through the shared mapping needs no copy into each connection's
-            // own small cache.
-            conn.execute_batch("PRAGMA query_only = ON; PRAGMA mmap_size = 1073741824;")?;
+            conn.execute_batch("PRAGMA query_only = ON;")?;
         }
         if !sync_in_commit {
             // The audit writer: checkpoints run beside it (`Local::checkpoint`).

@@ -240,9 +240,9 @@ async fn people_are_found_as_they_are_typed(backend: Backend) {
 }
 both_backends!(people_are_found_as_they_are_typed);
 
-/// A search answers at most 100 patients: the best, ranked; the answer says there were
-/// more. Its cursors are sealed to the search: another search's, or a forged one, is
-/// refused, and none carries an id.
+/// A search pages through at most 100 patients. When more match, the answer is one
+/// page, the best ranked, and says so. Cursors are sealed to their search: another
+/// search's, or a forged one, is refused, and none carries an id.
 async fn a_search_answers_the_best_hundred(backend: Backend) {
     let s = TestServer::start(backend).await;
     let t = team(&s).await;
@@ -255,57 +255,88 @@ async fn a_search_answers_the_best_hundred(backend: Backend) {
         create(&s, &t.doctor, &given, "Common", "1970-01-01").await;
     }
     create(&s, &t.doctor, "Exact", "Commonwealth", "1970-01-01").await;
-    let res = s
-        .get_as("/api/v1/patients?q=common&limit=100", &t.nurse)
-        .await;
-    let page = json(res).await;
+    // 101 whole-word matches and a prefix match: one page, whole words first.
+    let page = json(
+        s.get_as("/api/v1/patients?q=common&limit=20", &t.nurse)
+            .await,
+    )
+    .await;
     assert_eq!(page["truncated"], true, "{page}");
     let items = page["items"].as_array().unwrap();
-    assert_eq!(items.len(), 100);
-    assert!(page["next_cursor"].is_null());
-    // The whole-word matches rank above the prefix match, which is left out.
+    assert_eq!(items.len(), 20);
+    assert!(
+        page["next_cursor"].is_null(),
+        "no paging through a truncated answer"
+    );
     assert!(items.iter().all(|p| p["family_name"] == "Common"));
-    let res = s
-        .get_as("/api/v1/patients?q=commonw&limit=10", &t.nurse)
-        .await;
-    let page = json(res).await;
+    let given: Vec<&str> = items
+        .iter()
+        .map(|p| p["given_name"].as_str().unwrap())
+        .collect();
+    let mut sorted = given.clone();
+    sorted.sort();
+    assert_eq!(given, sorted, "the page by name");
+    let page = json(
+        s.get_as("/api/v1/patients?q=commonw&limit=10", &t.nurse)
+            .await,
+    )
+    .await;
     assert_eq!(page["truncated"], false);
     assert_eq!(page["items"][0]["given_name"], "Exact");
+    // Two words: every candidate is checked, so the truncated page is the best of all.
+    let page = json(
+        s.get_as("/api/v1/patients?q=common%20many&limit=5", &t.nurse)
+            .await,
+    )
+    .await;
+    assert_eq!(page["truncated"], true, "{page}");
+    let first: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["given_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(first, ["Manyaa", "Manyab", "Manyac", "Manyad", "Manyae"]);
 
-    // Cursors: sealed to their search.
-    let first = json(
-        s.get_as("/api/v1/patients?q=manyab&limit=1", &t.nurse)
-            .await,
-    )
-    .await;
-    assert!(first["next_cursor"].is_null());
-    let p1 = json(
-        s.get_as("/api/v1/patients?q=common&limit=5", &t.nurse)
-            .await,
-    )
-    .await;
-    let c = p1["next_cursor"].as_str().unwrap().to_owned();
-    for id in p1["items"].as_array().unwrap() {
-        assert!(!c.contains(id["id"].as_str().unwrap()));
+    // Up to 100 matches page through, and the cursors are sealed to their search.
+    let mut got = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..10 {
+        let mut url = "/api/v1/patients?q=manya&limit=5".to_owned();
+        if let Some(c) = &cursor {
+            url.push_str(&format!("&cursor={c}"));
+        }
+        let p = json(s.get_as(&url, &t.nurse).await).await;
+        assert_eq!(p["truncated"], false);
+        for item in p["items"].as_array().unwrap() {
+            let id = item["id"].as_str().unwrap();
+            if let Some(c) = &cursor {
+                assert!(!c.contains(id));
+            }
+            got.push(item["given_name"].as_str().unwrap().to_owned());
+        }
+        match p["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
     }
-    let again = s
-        .get_as(
-            &format!("/api/v1/patients?q=common&limit=5&cursor={c}"),
-            &t.nurse,
-        )
-        .await;
-    assert_eq!(again.status(), 200);
+    assert_eq!(got.len(), 26, "Manyaa … Manyaz");
+    let mut sorted = got.clone();
+    sorted.sort();
+    assert_eq!(got, sorted);
+    let p1 = json(s.get_as("/api/v1/patients?q=manya&limit=5", &t.nurse).await).await;
+    let c = p1["next_cursor"].as_str().unwrap().to_owned();
     for bad in [
-        format!("/api/v1/patients?q=commo&limit=5&cursor={c}"),
-        format!("/api/v1/patients?q=common&limit=5&anonymize=true&cursor={c}"),
-        "/api/v1/patients?q=common&limit=5&cursor=5".to_owned(),
+        format!("/api/v1/patients?q=manyb&limit=5&cursor={c}"),
+        format!("/api/v1/patients?q=manya&limit=5&anonymize=true&cursor={c}"),
+        "/api/v1/patients?q=manya&limit=5&cursor=5".to_owned(),
     ] {
         let res = s.get_as(&bad, &t.nurse).await;
         assert_eq!(res.status(), 422, "{bad}");
     }
-    // The de-identified search orders by pseudonym, names nobody, and pages the same.
+    // The de-identified search orders by pseudonym and names nobody.
     let d = json(
-        s.get_as("/api/v1/patients?q=many&limit=50&anonymize=true", &t.nurse)
+        s.get_as("/api/v1/patients?q=manya&limit=50&anonymize=true", &t.nurse)
             .await,
     )
     .await;
@@ -317,6 +348,7 @@ async fn a_search_answers_the_best_hundred(backend: Backend) {
         .iter()
         .map(|p| p["id"].as_str().unwrap())
         .collect();
+    assert_eq!(ids.len(), 26);
     let mut sorted = ids.clone();
     sorted.sort();
     assert_eq!(ids, sorted, "by pseudonym");
