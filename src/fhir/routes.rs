@@ -712,12 +712,17 @@ async fn operation(
     }
     let base = base_url(&state, &headers);
     let entries: Vec<Value> = all.iter().map(|r| entry(fhir, &base, r, v)).collect();
-    // The de-identified export has no self link: it would name the real patient.
-    let links = if anonymize {
-        Vec::new()
+    // The de-identified export's self link names the patient by pseudonym, as its
+    // entries do: the real id would lead back.
+    let subject = if anonymize {
+        fhir.pseudonym(&id)
     } else {
-        vec![json!({"relation": "self", "url": format!("{base}/Patient/{id}/$everything")})]
+        id.clone()
     };
+    let query = if anonymize { "?_anonymize=true" } else { "" };
+    let links = vec![
+        json!({"relation": "self", "url": format!("{base}/Patient/{subject}/$everything{query}")}),
+    ];
     Ok(fhir_json(
         StatusCode::OK,
         &bundle("searchset", Some(all.len()), links, entries, &state),
