@@ -37,6 +37,10 @@ struct Inner {
     smart: crate::smart::Smart,
     accounts: crate::accounts::Accounts,
     fhir: crate::fhir::Fhir,
+    oauth: crate::oauth::OAuth,
+    /// This server's own FHIR base URLs (the `aud` it accepts, the `iss` of its own
+    /// launches).
+    own_fhir_bases: Vec<String>,
 }
 
 impl AppState {
@@ -84,6 +88,12 @@ impl AppState {
     }
     pub fn fhir(&self) -> &crate::fhir::Fhir {
         &self.inner.fhir
+    }
+    pub fn oauth(&self) -> &crate::oauth::OAuth {
+        &self.inner.oauth
+    }
+    pub fn own_fhir_bases(&self) -> &[String] {
+        &self.inner.own_fhir_bases
     }
 }
 
@@ -195,13 +205,52 @@ pub fn scheme_of(url: &str) -> &str {
     url.split(':').next().unwrap_or("?")
 }
 
+/// This server's own FHIR base URLs: `fhir.base_url`, else the address it listens on
+/// (a loopback or wildcard address as 127.0.0.1 and localhost). Empty when the port is
+/// not known yet (port 0 before binding).
+pub fn own_fhir_bases(config: &Config) -> Vec<String> {
+    if let Some(b) = &config.fhir.base_url {
+        return vec![b.trim_end_matches('/').to_owned()];
+    }
+    let addr = config.server.listen;
+    if addr.port() == 0 {
+        return Vec::new();
+    }
+    let scheme = if config.serves_tls() || config.server.behind_tls_proxy {
+        "https"
+    } else {
+        "http"
+    };
+    let port = addr.port();
+    let ip = addr.ip();
+    if ip.is_loopback() || ip.is_unspecified() {
+        vec![
+            format!("{scheme}://127.0.0.1:{port}/fhir"),
+            format!("{scheme}://localhost:{port}/fhir"),
+        ]
+    } else if ip.is_ipv6() {
+        vec![format!("{scheme}://[{ip}]:{port}/fhir")]
+    } else {
+        vec![format!("{scheme}://{ip}:{port}/fhir")]
+    }
+}
+
 pub struct App {
     pub state: AppState,
 }
 
 impl App {
     /// Connects, migrates and assembles the state.
-    pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<Self> {
+    pub async fn build(mut config: Config, clock: SharedClock) -> anyhow::Result<Self> {
+        let own_fhir_bases = own_fhir_bases(&config);
+        if config.oauth.builtin_app {
+            // The built-in app launches against this server itself.
+            for b in &own_fhir_bases {
+                if !config.smart.allowed_issuers.contains(b) {
+                    config.smart.allowed_issuers.push(b.clone());
+                }
+            }
+        }
         let secrets = config.resolve_secrets().map_err(anyhow::Error::msg)?;
         // The keyring before the database: a server that cannot start leaves the database
         // as it was. A missing keyring is a warning outside prod (the start-up rules), so
@@ -261,6 +310,36 @@ impl App {
             Arc::new(crate::records::routes::PhiSubjects(patients.clone())),
             Arc::new(crate::fhir::routes::FhirSubjects(fhir.clone())),
         ])));
+        let oauth = crate::oauth::OAuth::new(
+            db.clone(),
+            clock.clone(),
+            config.oauth.clone(),
+            identity.clone(),
+        );
+        if config.oauth.builtin_app {
+            let redirects: Vec<String> = match &config.smart.redirect_uri {
+                Some(r) => vec![r.clone()],
+                None => own_fhir_bases
+                    .iter()
+                    .map(|b| format!("{}/smart/callback", crate::oauth::routes::origin_of(b)))
+                    .collect(),
+            };
+            if redirects.is_empty() {
+                tracing::warn!(
+                    "oauth.builtin_app: no address of this server is known (set fhir.base_url); the built-in app is not registered"
+                );
+            } else {
+                oauth
+                    .ensure_builtin(
+                        &config.smart.client_id,
+                        redirects,
+                        Some("/smart/launch".into()),
+                        &config.smart.scopes,
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("registering the built-in SMART app: {e}"))?;
+            }
+        }
         let smart = crate::smart::Smart::new(
             &config,
             secrets.smart_client_secret,
@@ -295,6 +374,8 @@ impl App {
                     smart,
                     accounts,
                     fhir,
+                    oauth,
+                    own_fhir_bases,
                 }),
             },
         })

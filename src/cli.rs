@@ -398,18 +398,23 @@ async fn serve(config: Config) -> ExitCode {
     let listen = config.server.listen;
     let grace = config.server.shutdown_grace.std();
     let env = config.env;
+    // Bound first, so that the application knows its own address (port 0 included).
+    let listener = match std::net::TcpListener::bind(listen) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("custodian: cannot listen on {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut config = config;
+    if let Ok(a) = listener.local_addr() {
+        config.server.listen = a;
+    }
     let app = match App::build(config, Arc::new(SystemClock)).await {
         Ok(a) => a,
         Err(e) => {
             eprintln!("custodian: {e:#}");
             tracing::error!(error = %format!("{e:#}"), "start-up failed");
-            return ExitCode::FAILURE;
-        }
-    };
-    let listener = match std::net::TcpListener::bind(listen) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("custodian: cannot listen on {listen}: {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -21,6 +21,7 @@ pub mod access;
 pub mod accounts;
 pub mod audit;
 pub mod identity;
+pub mod oauth;
 pub mod phi;
 pub mod ratelimit;
 pub mod records;

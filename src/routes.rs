@@ -31,6 +31,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .merge(crate::security::routes::router())
         .merge(crate::smart::routes::api_router())
         .merge(crate::accounts::routes::router())
+        .merge(crate::oauth::routes::api_router())
 }
 
 /// The OpenAPI document alone (for `custodian openapi` and the drift check).
@@ -67,6 +68,8 @@ pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
         .merge(crate::smart::routes::web_router())
         .merge(crate::accounts::pages::router())
         .merge(crate::fhir::routes::router())
+        .merge(crate::oauth::routes::router())
+        .merge(crate::oauth::pages::router())
         .route("/metrics", axum::routing::get(crate::metrics::handler))
         .merge(extra)
         .fallback(not_found)

@@ -104,6 +104,20 @@ pub enum Credential {
     Session(String),
     /// A personal API token (`cat_…`), by token id.
     ApiToken(String),
+    /// A SMART app's access token (`sat_…`): accepted under `/fhir` only, and only
+    /// within its grant's scopes.
+    Smart(Box<SmartAccess>),
+}
+
+/// What a SMART access token was granted: its app, its scopes, its launch patient.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SmartAccess {
+    pub token_id: String,
+    pub grant_id: String,
+    pub client_id: String,
+    pub scopes: crate::oauth::scopes::Scopes,
+    /// The launch patient (`patient/` scopes reach only this patient's compartment).
+    pub patient: Option<String>,
 }
 
 /// An authenticated user, with the permissions of their role as of this request.
@@ -142,7 +156,15 @@ impl Principal {
     pub fn session_id(&self) -> Option<&str> {
         match &self.credential {
             Credential::Session(id) => Some(id),
-            Credential::ApiToken(_) => None,
+            Credential::ApiToken(_) | Credential::Smart(_) => None,
+        }
+    }
+
+    /// The SMART grant this request came with, if it came from an app.
+    pub fn smart(&self) -> Option<&SmartAccess> {
+        match &self.credential {
+            Credential::Smart(s) => Some(s),
+            _ => None,
         }
     }
 }

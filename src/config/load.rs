@@ -204,6 +204,29 @@ fn cross_checks(c: &Config) -> Vec<String> {
     {
         p.push("fhir.base_url: must be an http(s) URL".into());
     }
+    if c.oauth.builtin_app
+        && c.env == Environment::Prod
+        && !c
+            .fhir
+            .base_url
+            .as_deref()
+            .is_some_and(|b| b.starts_with("https://"))
+    {
+        p.push("oauth.builtin_app: set fhir.base_url to this server's https:// FHIR base (the built-in app launches against it)".into());
+    }
+    for (key, d, max) in [
+        ("oauth.access_ttl", c.oauth.access_ttl, 24 * 3600),
+        ("oauth.refresh_ttl", c.oauth.refresh_ttl, 366 * 24 * 3600),
+        ("oauth.code_ttl", c.oauth.code_ttl, 600),
+        ("oauth.launch_ttl", c.oauth.launch_ttl, 3600),
+    ] {
+        if d.is_zero() || d.std().as_secs() > max {
+            p.push(format!(
+                "{key}: must be more than 0 and at most {}",
+                crate::config::Duration::from_secs(max)
+            ));
+        }
+    }
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&c.logging.level) {
         p.push(format!(
             "logging.level: `{}` is not a level: {e}",

@@ -84,6 +84,7 @@ pub struct Config {
     pub mail: MailConfig,
     pub accounts: AccountsConfig,
     pub fhir: FhirConfig,
+    pub oauth: OAuthConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -458,6 +459,35 @@ impl Default for FhirConfig {
     }
 }
 
+/// The SMART App Launch authorization server (`docs/smart-server.md`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OAuthConfig {
+    /// How long an access token works.
+    pub access_ttl: Duration,
+    /// How long a refresh token works (each refresh gives a new one).
+    pub refresh_ttl: Duration,
+    /// How long an authorization code works (it is single-use).
+    pub code_ttl: Duration,
+    /// How long an EHR launch from a chart waits for its app (single-use).
+    pub launch_ttl: Duration,
+    /// Register this server's own PRECISE-HBR app (`smart.client_id`) with this FHIR
+    /// server, so that a chart launches it with no outside EHR. On in dev.
+    pub builtin_app: bool,
+}
+
+impl Default for OAuthConfig {
+    fn default() -> Self {
+        Self {
+            access_ttl: Duration::from_mins(60),
+            refresh_ttl: Duration::from_days(90),
+            code_ttl: Duration::from_secs(120),
+            launch_ttl: Duration::from_mins(5),
+            builtin_app: false,
+        }
+    }
+}
+
 /// Account lifecycle by email (`docs/accounts.md`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -647,11 +677,16 @@ impl Config {
             mail: MailConfig::default(),
             accounts: AccountsConfig::default(),
             fhir: FhirConfig::default(),
+            oauth: OAuthConfig::default(),
         };
         match env {
             // Long enough to explore the API in Swagger UI without signing in again
             // every few minutes (staging and prod keep 5 minutes; prod refuses over 60).
-            Environment::Dev => c.session.idle_timeout = Duration::from_mins(60),
+            Environment::Dev => {
+                c.session.idle_timeout = Duration::from_mins(60);
+                // The PRECISE-HBR app launches against this server itself.
+                c.oauth.builtin_app = true;
+            }
             Environment::Staging => {
                 c.logging.format = LogFormat::Json;
                 c.monitoring.metrics_allow = NetList(Vec::new());

@@ -24,6 +24,7 @@ use crate::audit::middleware::{Annotation, Subjects, action_of};
 use crate::audit::model::SafeId;
 use crate::audit::{Action, Audit, ContextValue};
 use crate::http::{ApiError, ErrorCode};
+use crate::oauth::scopes::{Ops, Permit};
 use crate::records::routes::PhiReader;
 
 pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
@@ -216,6 +217,185 @@ fn require(p: &Principal, permission: Permission) -> Result<(), ApiError> {
     }
 }
 
+// ---- SMART apps: what a token's grant confines a request to ---------------------------
+
+/// The confinement of a SMART app's request (none for a person's own credential).
+struct AppLimit {
+    /// `patient/` scopes: only this patient's compartment.
+    patient: Option<String>,
+    /// Granular scopes: only these categories.
+    categories: Option<Vec<super::resources::Token>>,
+}
+
+fn outside_grant(detail: impl Into<std::borrow::Cow<'static, str>>) -> ApiError {
+    ApiError::new(ErrorCode::Forbidden).with_detail(detail)
+}
+
+/// What the app's scopes allow of interaction `op` on `t`; an error when nothing. The
+/// role's permissions are checked as for everyone: the access is the intersection.
+fn app_limit(p: &Principal, t: ResourceType, op: Ops) -> Result<Option<AppLimit>, ApiError> {
+    let Some(app) = p.smart() else {
+        return Ok(None);
+    };
+    match app.scopes.permit(t.as_str(), op) {
+        Permit::Denied => Err(outside_grant(format!(
+            "The app's grant does not allow to {} {}.",
+            match op {
+                o if o == Ops::C => "create",
+                o if o == Ops::U => "update",
+                o if o == Ops::D => "delete",
+                o if o == Ops::S => "search",
+                _ => "read",
+            },
+            t.as_str()
+        ))),
+        Permit::Allowed {
+            patient_only,
+            categories,
+        } => {
+            let patient = if patient_only {
+                Some(app.patient.clone().ok_or_else(|| {
+                    outside_grant("The app's grant has patient/ scopes but no launch patient.")
+                })?)
+            } else {
+                None
+            };
+            Ok(Some(AppLimit {
+                patient,
+                categories: categories.map(|c| {
+                    c.into_iter()
+                        .map(|c| super::resources::Token {
+                            system: c.system,
+                            code: Some(c.code),
+                        })
+                        .collect()
+                }),
+            }))
+        }
+    }
+}
+
+impl AppLimit {
+    /// A resource of patient `of` (for a Patient: its own id) is within the grant.
+    fn patient_ok(&self, of: Option<&str>) -> Result<(), ApiError> {
+        match &self.patient {
+            Some(p) if of != Some(p.as_str()) => Err(outside_grant(
+                "The app's grant reaches only its launch patient's data.",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn resource_ok(&self, r: &Resource) -> Result<(), ApiError> {
+        let of = if r.t == ResourceType::Patient {
+            r.id.as_str()
+        } else {
+            r.patient_id.as_str()
+        };
+        self.patient_ok(Some(of))?;
+        match &self.categories {
+            Some(c) if !super::service::in_categories(r, c) => Err(outside_grant(
+                "The app's grant reaches only some categories of this type.",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// A search confined to the grant: the launch patient (`_id` for Patient), the
+    /// granted categories (AND'ed with any the app asked for).
+    fn confine(
+        &self,
+        t: ResourceType,
+        mut pairs: Vec<(String, String)>,
+    ) -> Result<Vec<(String, String)>, ApiError> {
+        let base = |k: &str| k.split(':').next().unwrap_or_default().to_owned();
+        if let Some(p) = &self.patient {
+            if t == ResourceType::Patient {
+                let ids: Vec<&str> = pairs
+                    .iter()
+                    .filter(|(k, _)| base(k) == "_id")
+                    .flat_map(|(_, v)| v.split(','))
+                    .collect();
+                if ids.iter().any(|i| i != p) {
+                    return Err(outside_grant(
+                        "The app's grant reaches only its launch patient.",
+                    ));
+                }
+                if ids.is_empty() {
+                    pairs.push(("_id".into(), p.clone()));
+                }
+            } else if !pairs.iter().any(|(k, _)| base(k) == "patient") {
+                pairs.push(("patient".into(), p.clone()));
+            }
+        }
+        if let Some(cats) = &self.categories {
+            if !params_of(t).iter().any(|s| s.name == "category") {
+                return Err(outside_grant(format!(
+                    "The app's grant reaches only some categories, and {} has none.",
+                    t.as_str()
+                )));
+            }
+            let list: Vec<String> = cats
+                .iter()
+                .map(|c| match &c.system {
+                    Some(s) => format!("{s}|{}", c.code.as_deref().unwrap_or_default()),
+                    None => c.code.clone().unwrap_or_default(),
+                })
+                .collect();
+            pairs.push(("category".into(), list.join(",")));
+        }
+        Ok(pairs)
+    }
+
+    /// A resource an app writes: its subject must be the launch patient, its category
+    /// one granted.
+    fn body_ok(&self, t: ResourceType, id: Option<&str>, body: &Value) -> Result<(), ApiError> {
+        if let Some(p) = &self.patient {
+            let of = if t == ResourceType::Patient {
+                id.map(str::to_owned)
+            } else {
+                body.pointer("/subject/reference")
+                    .and_then(Value::as_str)
+                    .and_then(|r| r.strip_prefix("Patient/"))
+                    .map(str::to_owned)
+            };
+            if of.as_deref() != Some(p.as_str()) {
+                return Err(outside_grant(
+                    "The app's grant reaches only its launch patient's data.",
+                ));
+            }
+        }
+        if let Some(cats) = &self.categories {
+            let codings: Vec<(Option<&str>, &str)> = body
+                .get("category")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|cc| cc.get("coding").and_then(Value::as_array))
+                .flatten()
+                .filter_map(|c| {
+                    Some((
+                        c.get("system").and_then(Value::as_str),
+                        c.get("code").and_then(Value::as_str)?,
+                    ))
+                })
+                .collect();
+            let ok = codings.iter().any(|(sys, code)| {
+                cats.iter().any(|c| {
+                    c.code.as_deref() == Some(*code)
+                        && c.system.as_deref().is_none_or(|s| Some(s) == *sys)
+                })
+            });
+            if !ok {
+                return Err(outside_grant(
+                    "The app's grant reaches only some categories of this type.",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn annotate(
     audit: &Audit,
     action: Action,
@@ -254,6 +434,7 @@ async fn metadata(
 
 /// What this server implements, from the same tables the parser and the router use.
 pub fn capability_statement(state: &AppState, base: &str) -> Value {
+    let origin = crate::oauth::routes::origin_of(base);
     let resources: Vec<Value> = ResourceType::ALL
         .into_iter()
         .map(|t| {
@@ -305,7 +486,24 @@ pub fn capability_statement(state: &AppState, base: &str) -> Value {
             "documentation": "Every read, search and export is audited before the answer; errors are OperationOutcomes.",
             "security": {
                 "cors": true,
-                "description": "Bearer tokens: a session or a personal API token of a Custodian account (POST /api/v1/auth/login). Permissions as for /api/v1: patients:read/write for Patient, records:read/write for the clinical types, phi:ssn for the SSN, breakglass with X-Break-Glass-Reason for one patient."
+                "service": [{
+                    "coding": [{
+                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                        "code": "SMART-on-FHIR"
+                    }],
+                    "text": "OAuth2 using SMART-on-FHIR profile (see http://docs.smarthealthit.org)"
+                }],
+                "extension": [{
+                    "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                    "extension": [
+                        {"url": "authorize", "valueUri": format!("{origin}/oauth/authorize")},
+                        {"url": "token", "valueUri": format!("{origin}/oauth/token")},
+                        {"url": "introspect", "valueUri": format!("{origin}/oauth/introspect")},
+                        {"url": "revoke", "valueUri": format!("{origin}/oauth/revoke")},
+                        {"url": "manage", "valueUri": format!("{origin}/account/apps")}
+                    ]
+                }],
+                "description": "SMART App Launch 2 (discovery at .well-known/smart-configuration): an app's access token reaches what its grant's scopes and its user's role both allow. Also bearer tokens of a Custodian account (a session or a personal API token). Permissions as for /api/v1: patients:read/write for Patient, records:read/write for the clinical types, phi:ssn for the SSN, breakglass with X-Break-Glass-Reason for one patient (never for an app)."
             },
             "resource": resources,
             "interaction": [{"code": "transaction"}],
@@ -373,10 +571,18 @@ async fn read_version(
 ) -> Result<Response, ApiError> {
     let t = resource_type(ty)?;
     let anonymize = read_options(query)?;
+    let limit = app_limit(&principal, t, Ops::R)?;
     let reader = PhiReader::check(principal, t.read_permission(), headers)?;
     let fhir = state.fhir();
     let patient = fhir.patient_of(t, id).await?;
     annotate(audit, Action::Read, t, Some(id), patient.as_deref());
+    if let Some(l) = &limit {
+        l.patient_ok(if t == ResourceType::Patient {
+            Some(id)
+        } else {
+            patient.as_deref()
+        })?;
+    }
     if let Some(v) = version {
         audit.context("version", ContextValue::Int(v));
     }
@@ -385,6 +591,9 @@ async fn read_version(
         None => fhir.read(t, id).await?,
         Some(v) => fhir.vread(t, id, v).await?,
     };
+    if let Some(l) = &limit {
+        l.resource_ok(&r)?;
+    }
     let body = fhir.render_text(&r, view(state, reader.sees_ssn(), anonymize));
     // The de-identified view keeps no date finer than the year: no Last-Modified.
     let last_updated = if anonymize {
@@ -444,6 +653,7 @@ async fn search(
     pairs: Vec<(String, String)>,
 ) -> Result<Response, ApiError> {
     annotate(audit, Action::Search, t, None, None);
+    let limit = app_limit(&principal, t, Ops::S)?;
     // A de-identified search's links are one sealed `_page` token each.
     let pairs = match pairs.iter().find(|(k, _)| k == "_page") {
         None => pairs,
@@ -458,8 +668,20 @@ async fn search(
             })?
         }
     };
+    let pairs = match &limit {
+        Some(l) => l.confine(t, pairs)?,
+        None => pairs,
+    };
     let q: Query = search::parse(t, &pairs)
         .map_err(|m| ApiError::new(ErrorCode::BadRequest).with_detail(m))?;
+    if let Some(l) = &limit
+        && t != ResourceType::Patient
+    {
+        if let Some(p) = &q.patient {
+            audit.annotate(|a| a.patient_id = Some(p.clone()));
+        }
+        l.patient_ok(q.patient.as_deref())?;
+    }
     // The patient a compartment search is about, named whatever the outcome (a refused
     // search too).
     if let Some(p) = &q.patient {
@@ -479,6 +701,17 @@ async fn search(
     }
     let fhir = state.fhir();
     let (total, page, next) = fhir.search(t, &q, sees_ssn).await?;
+    if let Some(l) = &limit {
+        // The search was confined; this checks the answer too (fail closed).
+        for r in &page {
+            if l.resource_ok(r).is_err() {
+                tracing::error!(
+                    "a confined search answered a resource outside the app's grant; refused"
+                );
+                return Err(outside_grant("The answer left the app's grant; refused."));
+            }
+        }
+    }
     audit.context("count", ContextValue::Int(page.len() as i64));
     if t == ResourceType::Patient {
         audit.name_patients(Action::Read, page.iter().map(|r| r.id.as_str()));
@@ -556,10 +789,14 @@ async fn create(
 ) -> Result<Response, ApiError> {
     let t = resource_type(&ty)?;
     annotate(&audit, Action::Create, t, None, None);
+    let limit = app_limit(&auth, t, Ops::C)?;
     require(&auth, t.write_permission())?;
     let m = body_json(&headers, &body)?;
     // A create assigns the id: one in the body is ignored (FHIR R4, 3.1.0.6).
     let (_, resource) = split_resource(t, m, &format!("{}.", t.as_str()))?;
+    if let Some(l) = &limit {
+        l.body_ok(t, None, &resource)?;
+    }
     write_one(&state, &audit, &auth, &headers, t, None, resource).await
 }
 
@@ -574,6 +811,7 @@ async fn update(
     let t = resource_type(&ty)?;
     let patient = state.fhir().patient_of(t, &id).await.ok().flatten();
     annotate(&audit, Action::Update, t, Some(&id), patient.as_deref());
+    let limit = app_limit(&auth, t, Ops::U)?;
     require(&auth, t.write_permission())?;
     let m = body_json(&headers, &body)?;
     let (body_id, resource) = split_resource(t, m, &format!("{}.", t.as_str()))?;
@@ -582,6 +820,12 @@ async fn update(
             format!("{}.id", t.as_str()),
             "must be the id in the URL",
         ));
+    }
+    if let Some(l) = &limit {
+        if t != ResourceType::Patient && patient.is_some() {
+            l.patient_ok(patient.as_deref())?;
+        }
+        l.body_ok(t, Some(&id), &resource)?;
     }
     write_one(&state, &audit, &auth, &headers, t, Some(id), resource).await
 }
@@ -651,6 +895,18 @@ async fn delete(
     let t = resource_type(&ty)?;
     let patient = state.fhir().patient_of(t, &id).await.ok().flatten();
     annotate(&audit, Action::Delete, t, Some(&id), patient.as_deref());
+    if let Some(l) = app_limit(&auth, t, Ops::D)? {
+        l.patient_ok(if t == ResourceType::Patient {
+            Some(id.as_str())
+        } else {
+            patient.as_deref()
+        })?;
+        if l.categories.is_some() {
+            return Err(outside_grant(
+                "The app's grant reaches only some categories: it deletes nothing.",
+            ));
+        }
+    }
     require(&auth, t.write_permission())?;
     state.fhir().delete(t, &id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -671,6 +927,19 @@ async fn operation(
             .with_detail("The only operation here is GET /fhir/Patient/{id}/$everything."));
     }
     annotate(&audit, Action::Export, t, Some(&id), Some(&id));
+    // An app exports only with read of every type, every category, of this patient.
+    if auth.smart().is_some() {
+        for each in ResourceType::ALL {
+            if let Some(l) = app_limit(&auth, each, Ops::R)? {
+                l.patient_ok(Some(&id))?;
+                if l.categories.is_some() {
+                    return Err(outside_grant(
+                        "$everything needs a grant of every category.",
+                    ));
+                }
+            }
+        }
+    }
     // An export: both read permissions, never break-glass.
     require(&auth, Permission::PatientsRead)?;
     require(&auth, Permission::RecordsRead)?;
@@ -743,6 +1012,18 @@ async fn transaction(
     });
     let m = body_json(&headers, &body)?;
     let entries = bundle_entries(Value::Object(m), true)?;
+    for e in &entries {
+        let op = if e.id.is_some() { Ops::U } else { Ops::C };
+        if let Some(l) = app_limit(&auth, e.t, op)? {
+            if let Some(id) = &e.id
+                && e.t != ResourceType::Patient
+                && let Some(p) = state.fhir().patient_of(e.t, id).await.ok().flatten()
+            {
+                l.patient_ok(Some(&p))?;
+            }
+            l.body_ok(e.t, e.id.as_deref(), &e.body)?;
+        }
+    }
     let needed: BTreeSet<Permission> = entries.iter().map(|e| e.t.write_permission()).collect();
     for p in needed {
         require(&auth, p)?;

@@ -181,6 +181,22 @@ pub fn parse(t: ResourceType, pairs: &[(String, String)]) -> Result<Query, Bad> 
                 q.cursor = Some(v.clone());
                 continue;
             }
+            // Most recent first is the order of every clinical search already; that
+            // order may be asked for by name (SMART apps do), no other.
+            "_sort" => {
+                let recent = t != ResourceType::Patient
+                    && v.strip_prefix('-').is_some_and(|d| {
+                        params_of(t)
+                            .iter()
+                            .any(|p| p.name == d && p.kind == ParamKind::Date)
+                    });
+                if !recent {
+                    return Err(
+                        "_sort supports only -<date parameter> (most recent first, the default order of clinical searches)".into(),
+                    );
+                }
+                continue;
+            }
             _ => {}
         }
         let Some(spec) = params_of(t).iter().find(|p| p.name == name) else {
@@ -324,6 +340,7 @@ mod tests {
             "patient=p1&date=2024-13",
             "patient=p1&_count=1000",
             "patient=p1&_sort=date",
+            "patient=p1&_sort=-code",
             "patient=p1&category=",
         ] {
             assert!(

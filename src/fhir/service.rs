@@ -1061,6 +1061,19 @@ fn record_condition(r: &Record, anonymize: bool) -> Value {
     v
 }
 
+/// Whether a resource has one of these categories (granular SMART scopes): what a
+/// `category` search with these values would match.
+pub fn in_categories(r: &Resource, cats: &[Token]) -> bool {
+    let Ok(mut q) = super::search::parse(
+        ResourceType::Condition,
+        &[("patient".to_owned(), "x".to_owned())],
+    ) else {
+        return false;
+    };
+    q.tokens = vec![("category", cats.to_vec())];
+    !matches!(r.body, Body::Patient(_)) && matches(r, &q)
+}
+
 fn matches(r: &Resource, q: &Query) -> bool {
     match &r.body {
         Body::Clinical(c) => {

@@ -29,16 +29,27 @@ async fn authenticate(
     state: &AppState,
     token: &str,
 ) -> Result<Principal, ApiError> {
-    let principal = state
-        .identity()
-        .authenticate(token)
-        .await
-        .map_err(|e| match e {
-            IdentityError::Unauthorized => ApiError::new(crate::http::ErrorCode::Unauthorized),
-            other => ApiError::from(other),
-        })?;
+    // A SMART app's token opens the FHIR API only (never /api/v1 or the pages).
+    let smart = token.starts_with(super::service::SMART_TOKEN_PREFIX);
+    let path = parts.uri.path();
+    let under_fhir = path == "/fhir" || path.starts_with("/fhir/");
+    let found = if smart && !under_fhir {
+        Err(IdentityError::Unauthorized)
+    } else if smart {
+        state.identity().authenticate_smart(token).await
+    } else {
+        state.identity().authenticate(token).await
+    };
+    let principal = found.map_err(|e| match e {
+        IdentityError::Unauthorized => ApiError::new(crate::http::ErrorCode::Unauthorized),
+        other => ApiError::from(other),
+    })?;
     if let Some(audit) = parts.extensions.get::<Audit>() {
         audit.set_actor(Actor::user(&principal.user_id, &principal.username));
+        if let Some(app) = principal.smart() {
+            // Every access an app makes names the app (and the accounting shows it).
+            audit.context("client_id", crate::audit::ContextValue::id(&app.client_id));
+        }
     }
     if let Some(slot) = parts.extensions.get::<UserSlot>() {
         slot.set(&principal.user_id);

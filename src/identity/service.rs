@@ -21,6 +21,8 @@ use crate::store::{Db, StoreError};
 
 pub const SESSION_PREFIX: &str = "cst_";
 pub const API_TOKEN_PREFIX: &str = "cat_";
+/// A SMART app's access token (`src/oauth`).
+pub const SMART_TOKEN_PREFIX: &str = "sat_";
 const TOTP_PURPOSE: &str = "custodian/identity/totp/v1";
 const RECOVERY_PURPOSE: &str = "custodian/identity/recovery-codes/v1";
 
@@ -746,6 +748,18 @@ impl Identity {
         self.principal_of(found, is_session).await
     }
 
+    /// Authenticates a SMART app's access token (`sat_…`): the same checks as
+    /// [`Self::authenticate`] on the token and its user (active, role as of now), and
+    /// its grant not revoked. Only `/fhir` calls this.
+    pub async fn authenticate_smart(&self, token: &str) -> Result<Principal, IdentityError> {
+        if !token.starts_with(SMART_TOKEN_PREFIX) || token.len() > 128 {
+            return Err(IdentityError::Unauthorized);
+        }
+        let hash = crypto::sha256_hex(token.as_bytes());
+        let found = store::smart_token_by_hash(&self.db, &hash).await?;
+        self.principal_of(found, false).await
+    }
+
     /// The principal of a session known by its id (the SMART app's pages, whose own
     /// cookie names a launch tied to a session): the same checks as [`Self::authenticate`].
     pub async fn authenticate_session_id(
@@ -768,6 +782,7 @@ impl Identity {
             revoked_at,
             permissions,
             user,
+            smart,
         }) = found
         else {
             return Err(IdentityError::Unauthorized);
@@ -805,16 +820,23 @@ impl Identity {
             .and_then(parse_ts)
             .is_none_or(|last| add(last, throttle) <= now);
         if due {
-            if is_session {
+            if let Some(g) = &smart {
+                store::touch_grant(&self.db, &g.grant_id, &now_s).await?;
+            } else if is_session {
                 store::touch_session(&self.db, &credential_id, &now_s).await?;
             } else {
                 store::touch_api_token(&self.db, &credential_id, &now_s).await?;
             }
         }
-        let permissions: BTreeSet<Permission> = permissions
+        let mut permissions: BTreeSet<Permission> = permissions
             .iter()
             .filter_map(|p| Permission::parse(p))
             .collect();
+        if smart.is_some() {
+            // Minimum necessary for apps: never the SSN in full, never break-glass.
+            permissions.remove(&Permission::PhiSsn);
+            permissions.remove(&Permission::BreakGlass);
+        }
         Ok(Principal {
             mfa_enrollment_pending: self.settings.mfa_required && !user.totp_enabled,
             password_expires_at: self
@@ -825,7 +847,15 @@ impl Identity {
             email: user.email,
             role: user.role,
             permissions,
-            credential: if is_session {
+            credential: if let Some(g) = smart {
+                Credential::Smart(Box::new(crate::access::SmartAccess {
+                    token_id: credential_id,
+                    grant_id: g.grant_id,
+                    client_id: g.client_id,
+                    scopes: crate::oauth::scopes::Scopes::parse(&g.scopes).0,
+                    patient: g.patient_id,
+                }))
+            } else if is_session {
                 Credential::Session(credential_id)
             } else {
                 Credential::ApiToken(credential_id)
@@ -846,10 +876,14 @@ impl Identity {
         Ok(())
     }
 
-    /// Revokes every session of a user (and their API tokens when `tokens`).
+    /// Revokes every session and SMART app grant of a user (and their API tokens when
+    /// `tokens`).
     pub async fn revoke_all(&self, user_id: &str, tokens: bool) -> Result<u64, IdentityError> {
-        let n = store::revoke_all(&self.db, user_id, &timestamp(self.now()), tokens).await?;
+        let now = timestamp(self.now());
+        let n = store::revoke_all(&self.db, user_id, &now, tokens).await?;
         crate::smart::store::forget_user(&self.db, user_id).await?;
+        // Apps hold the user's access too: ending every session ends their grants.
+        crate::oauth::store::revoke_user_grants(&self.db, user_id, &now).await?;
         Ok(n)
     }
 

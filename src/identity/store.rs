@@ -480,11 +480,28 @@ pub struct TokenLookup {
     /// The permissions of the user's role as of this query (read in the same query).
     pub permissions: Vec<String>,
     pub user: User,
+    /// A SMART access token's grant (read in the same query).
+    pub smart: Option<SmartGrantRow>,
 }
 
-fn lookup_from_row<R: Cols>(r: &R) -> Result<TokenLookup, StoreError> {
+/// What a SMART access token carries from its grant.
+#[derive(Clone, Debug)]
+pub struct SmartGrantRow {
+    pub grant_id: String,
+    pub client_id: String,
+    pub scopes: String,
+    pub patient_id: Option<String>,
+}
+
+/// How many columns [`USER_COLUMNS`] names.
+fn user_column_count() -> usize {
+    USER_COLUMNS.split(", ").count()
+}
+
+fn lookup_from_row<R: Cols>(r: &R, smart: bool) -> Result<TokenLookup, StoreError> {
     // In the order of `lookup_sql`'s SELECT, the user's columns after these five.
     let permissions: Option<String> = r.col_at(4, "permissions")?;
+    let extra = 5 + user_column_count();
     Ok(TokenLookup {
         credential_id: r.col_at(0, "credential_id")?,
         last_used_at: r.col_at(1, "last_used")?,
@@ -498,23 +515,35 @@ fn lookup_from_row<R: Cols>(r: &R) -> Result<TokenLookup, StoreError> {
             .map(str::to_owned)
             .collect(),
         user: user_at(r, 5)?,
+        smart: if smart {
+            Some(SmartGrantRow {
+                grant_id: r.col_at(extra, "grant_id")?,
+                client_id: r.col_at(extra + 1, "client_id")?,
+                scopes: r.col_at(extra + 2, "token_scopes")?,
+                patient_id: r.col_at(extra + 3, "grant_patient")?,
+            })
+        } else {
+            None
+        },
     })
 }
 
 /// Where a bearer token is looked up.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Lookup {
     SessionByHash,
     SessionById,
     ApiTokenByHash,
+    SmartTokenByHash,
 }
 
 /// The one query that authenticates a token: the credential, its user and the role's
 /// permissions (a sign-in lock is not read: it stops password sign-in only) (space-separated: permission names have no spaces). One
 /// round trip instead of two on every authenticated request; the SQL is built once per
-/// backend and kind.
+/// backend and kind. A SMART access token also reads its grant (a revoked grant finds
+/// nothing), and its last use is the grant's.
 fn lookup_sql(backend: Backend, kind: Lookup) -> &'static str {
-    static SQL: std::sync::OnceLock<[String; 6]> = std::sync::OnceLock::new();
+    static SQL: std::sync::OnceLock<[String; 8]> = std::sync::OnceLock::new();
     let all = SQL.get_or_init(|| {
         let user_columns = USER_COLUMNS
             .split(", ")
@@ -526,46 +555,83 @@ fn lookup_sql(backend: Backend, kind: Lookup) -> &'static str {
                 Lookup::SessionByHash => ("sessions", "absolute_expires_at", "c.token_hash = $1"),
                 Lookup::SessionById => ("sessions", "absolute_expires_at", "c.id = $1"),
                 Lookup::ApiTokenByHash => ("api_tokens", "expires_at", "c.token_hash = $1"),
+                Lookup::SmartTokenByHash => (
+                    "oauth_tokens",
+                    "expires_at",
+                    "c.token_hash = $1 AND c.kind = 'access'",
+                ),
             };
             let aggregate = match backend {
                 Backend::Sqlite => "group_concat(rp.permission, ' ')",
                 Backend::Postgres => "string_agg(rp.permission, ' ')",
             };
+            let (last_used, extra, join) = if kind == Lookup::SmartTokenByHash {
+                (
+                    "g.last_used_at",
+                    ", g.id AS grant_id, g.client_id AS client_id, c.scopes AS token_scopes, \
+                     g.patient_id AS grant_patient",
+                    " JOIN oauth_grants g ON g.id = c.grant_id AND g.revoked_at IS NULL",
+                )
+            } else {
+                ("c.last_used_at", "", "")
+            };
             format!(
-                "SELECT c.id AS credential_id, c.last_used_at AS last_used, c.{expires} AS expires, \
+                "SELECT c.id AS credential_id, {last_used} AS last_used, c.{expires} AS expires, \
                  c.revoked_at AS revoked, \
                  (SELECT {aggregate} FROM role_permissions rp WHERE rp.role = u.role) AS permissions, \
-                 {user_columns} FROM {table} c JOIN users u ON u.id = c.user_id WHERE {condition}"
+                 {user_columns}{extra} FROM {table} c{join} JOIN users u ON u.id = c.user_id WHERE {condition}"
             )
         };
-        [
-            build(Backend::Sqlite, Lookup::SessionByHash),
-            build(Backend::Sqlite, Lookup::SessionById),
-            build(Backend::Sqlite, Lookup::ApiTokenByHash),
-            build(Backend::Postgres, Lookup::SessionByHash),
-            build(Backend::Postgres, Lookup::SessionById),
-            build(Backend::Postgres, Lookup::ApiTokenByHash),
-        ]
+        let kinds = [
+            Lookup::SessionByHash,
+            Lookup::SessionById,
+            Lookup::ApiTokenByHash,
+            Lookup::SmartTokenByHash,
+        ];
+        let mut out: Vec<String> = Vec::new();
+        for b in [Backend::Sqlite, Backend::Postgres] {
+            for k in kinds {
+                out.push(build(b, k));
+            }
+        }
+        std::array::from_fn(|i| out[i].clone())
     });
     let b = match backend {
         Backend::Sqlite => 0,
-        Backend::Postgres => 3,
+        Backend::Postgres => 4,
     };
     &all[b + kind as usize]
+}
+
+/// A SMART access token's lookup (`oauth_tokens`), the same checks as the others.
+pub async fn smart_token_by_hash(db: &Db, hash: &str) -> Result<Option<TokenLookup>, StoreError> {
+    lookup(db, Lookup::SmartTokenByHash, hash).await
+}
+
+/// Marks a SMART grant used now (its "last used" on the connected-apps pages).
+pub async fn touch_grant(db: &Db, id: &str, now: &str) -> Result<(), StoreError> {
+    sqlx::query("UPDATE oauth_grants SET last_used_at = $1 WHERE id = $2")
+        .bind(now)
+        .bind(id)
+        .execute(db.writer())
+        .await?;
+    Ok(())
 }
 
 async fn lookup(db: &Db, kind: Lookup, value: &str) -> Result<Option<TokenLookup>, StoreError> {
     let sql = lookup_sql(db.backend(), kind);
     if let Some(local) = db.local() {
         // In place: the one query every authenticated request makes (store/local.rs).
-        let rows = local.read(|c| local::query(c, sql, &[&value], |r| lookup_from_row(r)))?;
+        let smart = kind == Lookup::SmartTokenByHash;
+        let rows =
+            local.read(|c| local::query(c, sql, &[&value], |r| lookup_from_row(r, smart)))?;
         return Ok(rows.into_iter().next());
     }
     sqlx::query(AssertSqlSafe(sql))
         .bind(value)
         .fetch_optional(db.reader())
         .await?
-        .map(|r| lookup_from_row(&r))
+        .map(|r| lookup_from_row(&r, kind == Lookup::SmartTokenByHash))
         .transpose()
 }
 

@@ -37,6 +37,9 @@ pub const TABLES: &[&str] = &[
     "security_events",
     "account_tokens",
     "email_verifications",
+    "oauth_clients",
+    "oauth_grants",
+    "oauth_tokens",
 ];
 
 /// Tables not copied, and why.
@@ -56,6 +59,14 @@ pub const SKIPPED: &[(&str, &str)] = &[
     (
         "mail_outbox",
         "mails queued or sent: their links are single-use and short-lived",
+    ),
+    (
+        "oauth_codes",
+        "authorization codes: single-use, valid for two minutes",
+    ),
+    (
+        "oauth_launches",
+        "EHR launches: single-use, valid for five minutes",
     ),
     (
         "smart_contexts",

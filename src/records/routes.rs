@@ -83,7 +83,8 @@ impl PhiReader {
             .map(str::trim)
             .filter(|r| !r.is_empty());
         match reason {
-            Some(r) if p.has(Permission::BreakGlass) => {
+            // Break-glass is a person's decision in an emergency, never an app's.
+            Some(r) if p.has(Permission::BreakGlass) && p.smart().is_none() => {
                 if r.chars().count() < MIN_REASON {
                     return Err(ApiError::field(
                         "X-Break-Glass-Reason",
@@ -713,6 +714,8 @@ pub struct Disclosure {
     pub(crate) purpose: String,
     pub(crate) break_glass: bool,
     pub(crate) request_id: Option<String>,
+    /// The SMART app (client id) that received the data, when an app made the request.
+    pub(crate) app: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -781,6 +784,13 @@ pub(crate) async fn accounting(
                 )
         })
         .map(|e| Disclosure {
+            app: serde_json::from_str::<serde_json::Value>(&e.context)
+                .ok()
+                .and_then(|c| {
+                    c.get("client_id")
+                        .and_then(|v| v.as_str())
+                        .map(str::to_owned)
+                }),
             purpose: e.reason.clone().unwrap_or_else(|| e.action.clone()),
             at: e.at,
             actor_id: e.actor_id,

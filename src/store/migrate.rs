@@ -45,6 +45,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(12, "0012_fhir"),
     migration!(13, "0013_name_terms"),
     migration!(14, "0014_must_change_password"),
+    migration!(15, "0015_oauth"),
 ];
 
 impl Migration {

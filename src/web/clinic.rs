@@ -335,6 +335,8 @@ struct ChartPage {
     record_error: Vec<String>,
     disclosures: Option<Vec<Disclosed>>,
     disclosures_missing: bool,
+    /// Registered apps this person may launch for this patient: (client id, name).
+    apps: Vec<(String, String)>,
 }
 
 #[derive(Default)]
@@ -507,6 +509,7 @@ async fn chart_response(
         record_error: opts.record_error,
         disclosures: None,
         disclosures_missing: false,
+        apps: Vec::new(),
     };
     if page.locked {
         if !u.can(Permission::BreakGlass) {
@@ -549,6 +552,9 @@ async fn chart_data(
     let anonymize = page.deidentified;
     let sees_ssn = u.can(Permission::PhiSsn);
     let patient: Patient = state.patients().get(id).await?;
+    if !anonymize && u.can(Permission::PatientsRead) && page.break_glass.is_none() {
+        page.apps = crate::oauth::pages::launchable(state).await;
+    }
     let mut view = patient_view(state, &patient, sees_ssn && reveal_ssn, anonymize);
     if !anonymize && sees_ssn && !reveal_ssn {
         // Masked until the audited click.
@@ -629,7 +635,12 @@ async fn chart_data(
                 .into_iter()
                 .map(|d| Disclosed {
                     at: super::pages::display_time(&d.at),
-                    who: d.actor.unwrap_or_default(),
+                    who: match d.app {
+                        Some(app) => {
+                            format!("{} through the app {app}", d.actor.unwrap_or_default())
+                        }
+                        None => d.actor.unwrap_or_default(),
+                    },
                     action: d.action,
                     purpose: d.purpose,
                     break_glass: d.break_glass,

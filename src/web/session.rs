@@ -81,10 +81,10 @@ pub fn set_embedded_cookie(name: &str, value: Option<&str>) -> HeaderValue {
 /// Where the sign-in form may send the user afterwards: only the SMART app's own paths
 /// (no open redirect).
 pub fn safe_next(next: &str) -> Option<&str> {
-    let ok = next.starts_with("/smart/")
+    let ok = (next.starts_with("/smart/") || next.starts_with("/oauth/authorize?"))
         && !next.contains("//")
         && !next.contains('\\')
-        && next.len() <= 2048
+        && next.len() <= 4096
         && next.chars().all(|c| c.is_ascii_graphic());
     ok.then_some(next)
 }

@@ -194,7 +194,7 @@ both_backends!(an_ipv6_network_counts_as_one_address);
 
 /// The operations a personal API token may not call: identity administration and the
 /// caller's own credentials. Everything else accepts one.
-pub(crate) const SESSION_ONLY: [&str; 28] = [
+pub(crate) const SESSION_ONLY: [&str; 37] = [
     "POST /api/v1/auth/logout-all",
     "POST /api/v1/auth/password",
     "POST /api/v1/auth/totp/enroll",
@@ -223,6 +223,15 @@ pub(crate) const SESSION_ONLY: [&str; 28] = [
     "POST /api/v1/invitations",
     "DELETE /api/v1/invitations/{id}",
     "POST /api/v1/invitations/{id}/resend",
+    "GET /api/v1/apps",
+    "POST /api/v1/apps",
+    "GET /api/v1/apps/{id}",
+    "PUT /api/v1/apps/{id}",
+    "DELETE /api/v1/apps/{id}",
+    "GET /api/v1/apps/{id}/grants",
+    "DELETE /api/v1/apps/{id}/grants",
+    "GET /api/v1/grants",
+    "DELETE /api/v1/grants/{id}",
 ];
 
 async fn api_tokens_cannot_touch_credentials_or_identity_administration(backend: Backend) {

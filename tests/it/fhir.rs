@@ -29,7 +29,7 @@ async fn team(s: &TestServer) -> Team {
 }
 
 /// A FHIR request; the answer's JSON is captured for the outside validator.
-async fn fhir(
+pub(crate) async fn fhir(
     s: &TestServer,
     method: Method,
     path: &str,

@@ -20,6 +20,7 @@ mod fhir_capture;
 mod health;
 mod identity;
 mod monitoring;
+mod oauth;
 mod ops;
 mod phi;
 mod ratelimit;

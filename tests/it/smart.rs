@@ -670,7 +670,15 @@ async fn fhir_failures_give_clear_answers(backend: Backend) {
 
 both_backends!(calculator_page_from_the_admin_gui);
 async fn calculator_page_from_the_admin_gui(backend: Backend) {
-    let s = TestServer::start(backend).await;
+    // The built-in app off: no issuer at all is allowed.
+    let s = TestServer::start_with(
+        backend,
+        crate::support::Options {
+            sets: vec![("oauth.builtin_app", "false".into())],
+            ..Default::default()
+        },
+    )
+    .await;
     let mut jar = doctor(&s).await;
     let admin = jar.get(&s, "/admin").await.text().await.unwrap();
     assert!(admin.contains("href=\"/smart/calculator\""));

@@ -219,12 +219,14 @@ impl TestServer {
         }
         .load()
         .unwrap_or_else(|e| panic!("test configuration: {e}"));
-        let listen = config.server.listen;
+        let mut config = config;
+        // Bound first, as `serve` does, so that the server knows its own address.
+        let listener = std::net::TcpListener::bind(config.server.listen).unwrap();
+        config.server.listen = listener.local_addr().unwrap();
         let clock = ManualClock::new(custodian::clock::Clock::now(&custodian::clock::SystemClock));
         let app = App::build(config, Arc::new(clock.clone())).await.unwrap();
         let router =
             custodian::routes::router_with(app.state.clone(), opts.extra.unwrap_or_default());
-        let listener = std::net::TcpListener::bind(listen).unwrap();
         let server = RunningServer::spawn(router, listener, None, Duration::from_secs(5)).unwrap();
         let base = format!("http://{}", server.addr);
         let client = reqwest::Client::builder()

@@ -14,6 +14,8 @@ const XSS: &str = "<script>alert(1)</script>";
 pub(crate) struct Browser<'a> {
     s: &'a TestServer,
     cookies: HashMap<String, String>,
+    /// Check every cookie against the pages' rules (off for the SMART app's own cookies).
+    strict: bool,
 }
 
 impl<'a> Browser<'a> {
@@ -21,6 +23,15 @@ impl<'a> Browser<'a> {
         Self {
             s,
             cookies: HashMap::new(),
+            strict: true,
+        }
+    }
+
+    /// A browser that also keeps cookies made for embedding (the SMART app's).
+    pub(crate) fn lenient(s: &'a TestServer) -> Self {
+        Self {
+            strict: false,
+            ..Self::new(s)
         }
     }
 
@@ -35,14 +46,22 @@ impl<'a> Browser<'a> {
     fn keep(&mut self, res: &reqwest::Response) {
         for v in res.headers().get_all(SET_COOKIE) {
             let text = v.to_str().unwrap();
+            let (pair, _) = text.split_once(';').unwrap();
+            let (k, val) = pair.split_once('=').unwrap();
+            if !self.strict {
+                if val.is_empty() {
+                    self.cookies.remove(k);
+                } else {
+                    self.cookies.insert(k.to_owned(), val.to_owned());
+                }
+                continue;
+            }
             assert!(
                 text.contains("HttpOnly")
                     && text.contains("SameSite=Strict")
                     && text.contains("Path=/"),
                 "{text}"
             );
-            let (pair, _) = text.split_once(';').unwrap();
-            let (k, val) = pair.split_once('=').unwrap();
             // `__Host-` cookies always carry `Secure`; the test servers are dev over
             // plain HTTP, whose unprefixed cookies go without it (sign-in from another
             // machine works).
@@ -75,6 +94,30 @@ impl<'a> Browser<'a> {
         self.keep(&res);
         let status = res.status().as_u16();
         (status, res.text().await.unwrap())
+    }
+
+    /// A GET that also answers the redirect's `Location`.
+    pub(crate) async fn get_full(&mut self, path: &str) -> (u16, String, Option<String>) {
+        let url = if path.starts_with("http") {
+            path.to_owned()
+        } else {
+            self.s.url(path)
+        };
+        let res = self
+            .s
+            .client
+            .get(url)
+            .header(COOKIE, self.cookie_header())
+            .send()
+            .await
+            .unwrap();
+        self.keep(&res);
+        let status = res.status().as_u16();
+        let location = res
+            .headers()
+            .get("location")
+            .map(|l| l.to_str().unwrap().to_owned());
+        (status, res.text().await.unwrap(), location)
     }
 
     pub(crate) async fn post(
