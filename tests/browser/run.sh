@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Browser tests of the admin web pages: installs the pinned npm packages (npm ci),
-# builds the server if needed, and runs tests/browser/admin.test.mjs against the system
-# Chromium (Playwright downloads no browser). Exits non-zero on any failure.
+# Browser tests of the web pages: installs the pinned npm packages (npm ci), builds the
+# server if needed, and runs the admin, SMART app, clinician workspace and SMART launch
+# tests (tests/browser/*.test.mjs, listed below) against the system Chromium (Playwright
+# downloads no browser). Exits non-zero on any failure.
 #
 #   bash tests/browser/run.sh
 #
@@ -38,7 +39,7 @@ cd "$here"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e
-node --test --test-concurrency=1 --test-reporter=spec admin.test.mjs smart.test.mjs clinic.test.mjs 2>&1 | tee "$log"
+node --test --test-concurrency=1 --test-reporter=spec admin.test.mjs smart.test.mjs clinic.test.mjs smart-server.test.mjs 2>&1 | tee "$log"
 status="${PIPESTATUS[0]}"
 set -e
 passed="$(sed -n 's/^ℹ pass \([0-9][0-9]*\)$/\1/p' "$log" | tail -n1)"
