@@ -115,7 +115,7 @@ pub struct SmartAccess {
     pub token_id: String,
     pub grant_id: String,
     pub client_id: String,
-    pub scopes: crate::oauth::scopes::Scopes,
+    pub scopes: std::sync::Arc<crate::oauth::scopes::Scopes>,
     /// The launch patient (`patient/` scopes reach only this patient's compartment).
     pub patient: Option<String>,
 }

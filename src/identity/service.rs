@@ -852,7 +852,7 @@ impl Identity {
                     token_id: credential_id,
                     grant_id: g.grant_id,
                     client_id: g.client_id,
-                    scopes: crate::oauth::scopes::Scopes::parse(&g.scopes).0,
+                    scopes: crate::oauth::scopes::Scopes::parse_cached(&g.scopes),
                     patient: g.patient_id,
                 }))
             } else if is_session {

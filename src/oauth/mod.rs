@@ -556,8 +556,11 @@ impl OAuth {
         Ok((grant, code))
     }
 
+    /// The tokens of a grant, written on `conn` (the caller's transaction, which also
+    /// spent the code or refresh token: one commit).
     async fn issue(
         &self,
+        conn: &mut sqlx::AnyConnection,
         grant: GrantRow,
         scopes: &Scopes,
         with_refresh: bool,
@@ -568,7 +571,7 @@ impl OAuth {
         let ttl = self.inner.config.access_ttl.std();
         let created = timestamp(now);
         store::insert_token(
-            self.db(),
+            &mut *conn,
             &store::NewToken {
                 id: &new_id("tok_")?,
                 hash: &hash(access.expose()),
@@ -584,7 +587,7 @@ impl OAuth {
         let refresh = if with_refresh {
             let r = random(REFRESH_PREFIX)?;
             store::insert_token(
-                self.db(),
+                &mut *conn,
                 &store::NewToken {
                     id: &new_id("tok_")?,
                     hash: &hash(r.expose()),
@@ -642,7 +645,8 @@ impl OAuth {
         Ok(g)
     }
 
-    /// `grant_type=authorization_code`.
+    /// `grant_type=authorization_code`. The code is spent and the tokens written in one
+    /// transaction (one commit); everything that reads other rows is checked before it.
     pub async fn exchange_code(
         &self,
         client: &ClientRow,
@@ -654,43 +658,65 @@ impl OAuth {
             return Err(OAuthError::InvalidGrant("the code is not valid"));
         }
         let now = timestamp(self.now());
-        let row = store::spend_code(self.db(), &hash(code), &now)
+        let code_hash = hash(code);
+        let row = store::code(self.db(), &code_hash)
             .await?
             .ok_or(OAuthError::InvalidGrant("the code is not valid"))?;
-        if !row.first_use {
+        let replayed = || async {
             // A replayed code: someone else may hold it. Everything of the grant ends.
             store::revoke_grant(self.db(), &row.grant_id, &now).await?;
-            return Err(OAuthError::InvalidGrant(
+            Err(OAuthError::InvalidGrant(
                 "the code was used before; every token of its grant is revoked",
-            ));
-        }
-        let grant = self.live_grant(&row.grant_id).await?;
-        if grant.client_id != client.id {
-            return Err(OAuthError::InvalidGrant(
-                "the code was issued to another client",
-            ));
-        }
-        if row.expires_at.as_str() <= now.as_str() {
-            return Err(OAuthError::InvalidGrant("the code expired"));
-        }
-        if redirect_uri != Some(row.redirect_uri.as_str()) {
-            return Err(OAuthError::InvalidGrant(
-                "redirect_uri is not the one of the authorization request",
-            ));
-        }
-        let Some(v) = verifier.filter(|v| verifier_ok(v)) else {
-            return Err(OAuthError::InvalidGrant(
-                "code_verifier is missing or not a PKCE verifier",
-            ));
+            ))
         };
-        if !crypto::constant_time_eq(s256(v).as_bytes(), row.challenge.as_bytes()) {
-            return Err(OAuthError::InvalidGrant(
-                "code_verifier does not match the code_challenge",
-            ));
+        if row.used_at.is_some() {
+            return replayed().await;
         }
-        let (scopes, _) = Scopes::parse(&grant.scopes);
+        let grant = self.live_grant(&row.grant_id).await;
+        let checked = grant.and_then(|grant| {
+            if grant.client_id != client.id {
+                return Err(OAuthError::InvalidGrant(
+                    "the code was issued to another client",
+                ));
+            }
+            if row.expires_at.as_str() <= now.as_str() {
+                return Err(OAuthError::InvalidGrant("the code expired"));
+            }
+            if redirect_uri != Some(row.redirect_uri.as_str()) {
+                return Err(OAuthError::InvalidGrant(
+                    "redirect_uri is not the one of the authorization request",
+                ));
+            }
+            let Some(v) = verifier.filter(|v| verifier_ok(v)) else {
+                return Err(OAuthError::InvalidGrant(
+                    "code_verifier is missing or not a PKCE verifier",
+                ));
+            };
+            if !crypto::constant_time_eq(s256(v).as_bytes(), row.challenge.as_bytes()) {
+                return Err(OAuthError::InvalidGrant(
+                    "code_verifier does not match the code_challenge",
+                ));
+            }
+            Ok(grant)
+        });
+        let mut tx = self.db().writer().begin().await.map_err(StoreError::from)?;
+        if !store::spend_code(&mut tx, &code_hash, &now).await? {
+            tx.commit().await.map_err(StoreError::from)?;
+            return replayed().await;
+        }
+        let grant = match checked {
+            Ok(g) => g,
+            Err(e) => {
+                // A failed exchange spends the code too.
+                tx.commit().await.map_err(StoreError::from)?;
+                return Err(e);
+            }
+        };
+        let scopes = Scopes::parse(&grant.scopes).0;
         let refresh = scopes.offline_access || scopes.online_access;
-        self.issue(grant, &scopes, refresh).await
+        let issued = self.issue(&mut tx, grant, &scopes, refresh).await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(issued)
     }
 
     /// `grant_type=refresh_token`: rotated on every use; a replay revokes the grant; a
@@ -732,17 +758,39 @@ impl OAuth {
                 asked
             }
         };
-        if row.used_at.is_some() || !store::spend_refresh(self.db(), &row.id, &now).await? {
+        let replayed = || async {
             store::revoke_grant(self.db(), &grant.id, &now).await?;
-            return Err(OAuthError::InvalidGrant(
+            Err(OAuthError::InvalidGrant(
                 "the refresh token was used before; every token of its grant is revoked",
-            ));
+            ))
+        };
+        if row.used_at.is_some() {
+            return replayed().await;
         }
-        if row.expires_at.as_str() <= now.as_str() {
-            return Err(OAuthError::InvalidGrant("the refresh token expired"));
+        let live = self.live_grant(&grant.id).await;
+        // Spent and replaced in one transaction (one commit).
+        let mut tx = self.db().writer().begin().await.map_err(StoreError::from)?;
+        if !store::spend_refresh(&mut tx, &row.id, &now).await? {
+            tx.commit().await.map_err(StoreError::from)?;
+            return replayed().await;
         }
-        let grant = self.live_grant(&grant.id).await?;
-        self.issue(grant, &scopes, true).await
+        let checked = live.and_then(|g| {
+            if row.expires_at.as_str() <= now.as_str() {
+                Err(OAuthError::InvalidGrant("the refresh token expired"))
+            } else {
+                Ok(g)
+            }
+        });
+        let live = match checked {
+            Ok(g) => g,
+            Err(e) => {
+                tx.commit().await.map_err(StoreError::from)?;
+                return Err(e);
+            }
+        };
+        let issued = self.issue(&mut tx, live, &scopes, true).await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(issued)
     }
 
     /// RFC 7662: what a token is, to the client it was issued to.

@@ -394,6 +394,28 @@ impl Scopes {
         (out, unknown)
     }
 
+    /// [`Self::parse`] of a token's stored scopes, kept: every request of an app's token
+    /// reads the same few strings (at most 1,024 kept; the cache starts over when full).
+    pub fn parse_cached(s: &str) -> std::sync::Arc<Scopes> {
+        use std::collections::HashMap;
+        use std::sync::{Arc, Mutex, OnceLock};
+        static CACHE: OnceLock<Mutex<HashMap<String, Arc<Scopes>>>> = OnceLock::new();
+        let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+        if let Ok(map) = cache.lock()
+            && let Some(found) = map.get(s)
+        {
+            return found.clone();
+        }
+        let parsed = Arc::new(Scopes::parse(s).0);
+        if let Ok(mut map) = cache.lock() {
+            if map.len() >= 1024 {
+                map.clear();
+            }
+            map.insert(s.to_owned(), parsed.clone());
+        }
+        parsed
+    }
+
     /// What of `self` (asked for) `allowed` (an app's registration) lets through.
     pub fn within(&self, allowed: &Scopes) -> Scopes {
         let mut resources: Vec<ResourceScope> = Vec::new();
@@ -428,30 +450,32 @@ impl Scopes {
         self.resources.iter().any(|r| r.level == Level::Patient)
     }
 
-    /// What a request of interaction `op` on type `t` may do under these scopes.
+    /// What a request of interaction `op` on type `t` may do under these scopes. Runs on
+    /// every request of an app: no allocation unless granular categories apply.
     pub fn permit(&self, t: &str, op: Ops) -> Permit {
-        let matching: Vec<&ResourceScope> = self
-            .resources
-            .iter()
-            .filter(|r| r.reaches(t) && r.ops.contains(op))
-            .collect();
-        if matching.is_empty() {
+        let matches = |r: &ResourceScope| r.reaches(t) && r.ops.contains(op);
+        if !self.resources.iter().any(matches) {
             return Permit::Denied;
         }
         // A user-level scope reaches beyond the launch patient; when both kinds match,
-        // the narrower reading wins unless a user-level scope alone covers it.
-        let users: Vec<&&ResourceScope> =
-            matching.iter().filter(|r| r.level == Level::User).collect();
-        let (patient_only, chosen): (bool, Vec<&ResourceScope>) = if users.is_empty() {
-            (true, matching)
-        } else {
-            (false, users.into_iter().copied().collect())
-        };
-        let categories = if chosen.iter().any(|r| r.categories.is_none()) {
+        // only the user-level ones are read (never a mix wider than either).
+        let users = self
+            .resources
+            .iter()
+            .any(|r| matches(r) && r.level == Level::User);
+        let chosen = |r: &&ResourceScope| matches(r) && (!users || r.level == Level::User);
+        let categories = if self
+            .resources
+            .iter()
+            .filter(chosen)
+            .any(|r| r.categories.is_none())
+        {
             None
         } else {
-            let mut all: Vec<Category> = chosen
+            let mut all: Vec<Category> = self
+                .resources
                 .iter()
+                .filter(chosen)
                 .flat_map(|r| r.categories.iter().flatten().cloned())
                 .collect();
             all.sort();
@@ -459,7 +483,7 @@ impl Scopes {
             Some(all)
         };
         Permit::Allowed {
-            patient_only,
+            patient_only: !users,
             categories,
         }
     }

@@ -270,40 +270,44 @@ pub struct CodeRow {
     pub redirect_uri: String,
     pub challenge: String,
     pub expires_at: String,
-    /// This use spent it (false: it had been used before).
-    pub first_use: bool,
+    pub used_at: Option<String>,
 }
 
-/// Spends a code: marks it used and answers it, saying whether it had been used before.
-pub async fn spend_code(
-    db: &Db,
-    code_hash: &str,
-    now: &str,
-) -> Result<Option<CodeRow>, StoreError> {
-    let first =
-        sqlx::query("UPDATE oauth_codes SET used_at = $1 WHERE code_hash = $2 AND used_at IS NULL")
-            .bind(now)
-            .bind(code_hash)
-            .execute(db.writer())
-            .await?
-            .rows_affected()
-            == 1;
-    let row = sqlx::query(
-        "SELECT grant_id, redirect_uri, challenge, expires_at FROM oauth_codes WHERE code_hash = $1",
+pub async fn code(db: &Db, code_hash: &str) -> Result<Option<CodeRow>, StoreError> {
+    sqlx::query(
+        "SELECT grant_id, redirect_uri, challenge, expires_at, used_at FROM oauth_codes \
+         WHERE code_hash = $1",
     )
     .bind(code_hash)
     .fetch_optional(db.writer())
-    .await?;
-    row.map(|r| {
+    .await?
+    .map(|r| {
         Ok(CodeRow {
             grant_id: r.try_get("grant_id")?,
             redirect_uri: r.try_get("redirect_uri")?,
             challenge: r.try_get("challenge")?,
             expires_at: r.try_get("expires_at")?,
-            first_use: first,
+            used_at: r.try_get("used_at")?,
         })
     })
     .transpose()
+}
+
+/// Spends a code; false when it was spent before (a replay).
+pub async fn spend_code(
+    conn: &mut sqlx::AnyConnection,
+    code_hash: &str,
+    now: &str,
+) -> Result<bool, StoreError> {
+    Ok(
+        sqlx::query("UPDATE oauth_codes SET used_at = $1 WHERE code_hash = $2 AND used_at IS NULL")
+            .bind(now)
+            .bind(code_hash)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected()
+            == 1,
+    )
 }
 
 pub struct NewToken<'a> {
@@ -317,7 +321,10 @@ pub struct NewToken<'a> {
     pub expires_at: &'a str,
 }
 
-pub async fn insert_token(db: &Db, t: &NewToken<'_>) -> Result<(), StoreError> {
+pub async fn insert_token(
+    conn: &mut sqlx::AnyConnection,
+    t: &NewToken<'_>,
+) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO oauth_tokens (id, token_hash, grant_id, user_id, kind, scopes, created_at, \
          expires_at, last_used_at, used_at, revoked_at) \
@@ -331,7 +338,7 @@ pub async fn insert_token(db: &Db, t: &NewToken<'_>) -> Result<(), StoreError> {
     .bind(t.scopes)
     .bind(t.created_at)
     .bind(t.expires_at)
-    .execute(db.writer())
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }
@@ -370,13 +377,17 @@ pub async fn token_by_hash(db: &Db, hash: &str) -> Result<Option<TokenRow>, Stor
 }
 
 /// Spends a refresh token; false when it was spent before (a replay).
-pub async fn spend_refresh(db: &Db, id: &str, now: &str) -> Result<bool, StoreError> {
+pub async fn spend_refresh(
+    conn: &mut sqlx::AnyConnection,
+    id: &str,
+    now: &str,
+) -> Result<bool, StoreError> {
     Ok(sqlx::query(
         "UPDATE oauth_tokens SET used_at = $1 WHERE id = $2 AND used_at IS NULL AND revoked_at IS NULL",
     )
     .bind(now)
     .bind(id)
-    .execute(db.writer())
+    .execute(&mut *conn)
     .await?
     .rows_affected()
         == 1)
