@@ -347,6 +347,17 @@ impl AppLimit {
         Ok(pairs)
     }
 
+    /// A resource an app replaces must itself be within the grant (its patient, its
+    /// category): an update is not a way around a category limit.
+    async fn existing_ok(&self, fhir: &Fhir, t: ResourceType, id: &str) -> Result<(), ApiError> {
+        match fhir.read(t, id).await {
+            Ok(r) => self.resource_ok(&r),
+            // Not there (an update-as-create) or deleted: the body's checks decide.
+            Err(FhirError::NotFound | FhirError::Gone) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// A resource an app writes: its subject must be the launch patient, its category
     /// one granted.
     fn body_ok(&self, t: ResourceType, id: Option<&str>, body: &Value) -> Result<(), ApiError> {
@@ -826,6 +837,7 @@ async fn update(
             l.patient_ok(patient.as_deref())?;
         }
         l.body_ok(t, Some(&id), &resource)?;
+        l.existing_ok(state.fhir(), t, &id).await?;
     }
     write_one(&state, &audit, &auth, &headers, t, Some(id), resource).await
 }
@@ -1013,8 +1025,23 @@ async fn transaction(
     let m = body_json(&headers, &body)?;
     let entries = bundle_entries(Value::Object(m), true)?;
     for e in &entries {
+        // An app names its transaction's entries by urn:uuid / urn:oid only: another
+        // `fullUrl` (such as `Patient/<id>`) would let a reference that reads as the
+        // launch patient resolve to someone else.
+        if auth.smart().is_some()
+            && e.full_url
+                .as_deref()
+                .is_some_and(|u| !(u.starts_with("urn:uuid:") || u.starts_with("urn:oid:")))
+        {
+            return Err(outside_grant(
+                "An app's transaction names its entries by urn:uuid only.",
+            ));
+        }
         let op = if e.id.is_some() { Ops::U } else { Ops::C };
         if let Some(l) = app_limit(&auth, e.t, op)? {
+            if let Some(id) = &e.id {
+                l.existing_ok(state.fhir(), e.t, id).await?;
+            }
             if let Some(id) = &e.id
                 && e.t != ResourceType::Patient
                 && let Some(p) = state.fhir().patient_of(e.t, id).await.ok().flatten()

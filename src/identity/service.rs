@@ -745,7 +745,7 @@ impl Identity {
         } else {
             store::api_token_by_hash(&self.db, &hash).await?
         };
-        self.principal_of(found, is_session).await
+        self.principal_of(found, is_session, true).await
     }
 
     /// Authenticates a SMART app's access token (`sat_…`): the same checks as
@@ -757,7 +757,7 @@ impl Identity {
         }
         let hash = crypto::sha256_hex(token.as_bytes());
         let found = store::smart_token_by_hash(&self.db, &hash).await?;
-        self.principal_of(found, false).await
+        self.principal_of(found, false, true).await
     }
 
     /// The principal of a session known by its id (the SMART app's pages, whose own
@@ -767,13 +767,26 @@ impl Identity {
         session_id: &str,
     ) -> Result<Principal, IdentityError> {
         let found = store::session_by_id(&self.db, session_id).await?;
-        self.principal_of(found, true).await
+        self.principal_of(found, true, true).await
+    }
+
+    /// Whether a session is still live (not revoked, expired or idle, its user active),
+    /// without counting this question as a use: an app's online access must not keep
+    /// its person's session from idling out.
+    pub async fn session_is_live(&self, session_id: &str) -> Result<bool, IdentityError> {
+        let found = store::session_by_id(&self.db, session_id).await?;
+        match self.principal_of(found, true, false).await {
+            Ok(_) => Ok(true),
+            Err(IdentityError::Unauthorized | IdentityError::SessionExpired(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     async fn principal_of(
         &self,
         found: Option<TokenLookup>,
         is_session: bool,
+        touch: bool,
     ) -> Result<Principal, IdentityError> {
         let Some(TokenLookup {
             credential_id,
@@ -815,10 +828,11 @@ impl Identity {
         // Last-use writes are throttled: at most one per tenth of the idle timeout
         // (30 s at most), so a busy client does not turn every read into a write.
         let throttle = (self.settings.idle_timeout / 10).min(Duration::from_secs(30));
-        let due = last_used_at
-            .as_deref()
-            .and_then(parse_ts)
-            .is_none_or(|last| add(last, throttle) <= now);
+        let due = touch
+            && last_used_at
+                .as_deref()
+                .and_then(parse_ts)
+                .is_none_or(|last| add(last, throttle) <= now);
         if due {
             if let Some(g) = &smart {
                 store::touch_grant(&self.db, &g.grant_id, &now_s).await?;
@@ -871,7 +885,10 @@ impl Identity {
     }
 
     pub async fn logout(&self, session_id: &str) -> Result<(), IdentityError> {
-        store::revoke_session(&self.db, session_id, &timestamp(self.now())).await?;
+        let now = timestamp(self.now());
+        store::revoke_session(&self.db, session_id, &now).await?;
+        // Online access (`online_access` without `offline_access`) ends with its session.
+        crate::oauth::store::revoke_session_grants(&self.db, session_id, &now).await?;
         crate::smart::store::forget_session(&self.db, session_id).await?;
         Ok(())
     }

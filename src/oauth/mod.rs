@@ -48,6 +48,12 @@ pub enum OAuthError {
     InvalidClient,
     #[error("invalid_grant: {0}")]
     InvalidGrant(&'static str),
+    /// A spent code or refresh token presented again: its grant was revoked.
+    #[error("invalid_grant: replayed")]
+    Replayed {
+        grant_id: String,
+        what: &'static str,
+    },
     #[error("invalid_scope")]
     InvalidScope,
     #[error("unsupported_grant_type")]
@@ -68,7 +74,7 @@ impl OAuthError {
         match self {
             OAuthError::InvalidRequest(_) | OAuthError::Invalid(_) => "invalid_request",
             OAuthError::InvalidClient => "invalid_client",
-            OAuthError::InvalidGrant(_) => "invalid_grant",
+            OAuthError::InvalidGrant(_) | OAuthError::Replayed { .. } => "invalid_grant",
             OAuthError::InvalidScope => "invalid_scope",
             OAuthError::UnsupportedGrantType => "unsupported_grant_type",
             OAuthError::NotFound => "invalid_request",
@@ -79,6 +85,7 @@ impl OAuthError {
     pub fn description(&self) -> &'static str {
         match self {
             OAuthError::InvalidRequest(m) | OAuthError::InvalidGrant(m) => m,
+            OAuthError::Replayed { what, .. } => what,
             OAuthError::InvalidClient => "the client is unknown or its authentication failed",
             OAuthError::InvalidScope => "none of the scopes asked for can be granted",
             OAuthError::UnsupportedGrantType => {
@@ -124,6 +131,9 @@ fn verifier_ok(v: &str) -> bool {
 pub fn check_app_url(raw: &str) -> Result<Url, &'static str> {
     if raw.contains('*') {
         return Err("may not hold a wildcard: register each URL exactly");
+    }
+    if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("may not hold spaces or control characters");
     }
     if raw.len() > 512 {
         return Err("must be at most 512 characters");
@@ -254,6 +264,10 @@ impl Introspection {
 pub struct Approved {
     pub client_id: String,
     pub redirect_uri: String,
+    /// The authorization request named `redirect_uri` (then the token request must
+    /// name the same; RFC 6749 §4.1.3).
+    #[serde(default)]
+    pub redirect_given: bool,
     pub state: Option<String>,
     pub challenge: String,
     /// The scopes offered (what was asked, within the app's registration).
@@ -548,7 +562,11 @@ impl OAuth {
             self.db(),
             &hash(code.expose()),
             &grant.id,
-            &a.redirect_uri,
+            if a.redirect_given {
+                &a.redirect_uri
+            } else {
+                ""
+            },
             &a.challenge,
             &timestamp(now + self.inner.config.code_ttl.std()),
         )
@@ -631,12 +649,12 @@ impl OAuth {
             return Err(OAuthError::InvalidGrant("the account is deactivated"));
         }
         if let Some(s) = &g.session_id
-            && self
+            && !self
                 .inner
                 .identity
-                .authenticate_session_id(s)
+                .session_is_live(s)
                 .await
-                .is_err()
+                .map_err(|_| OAuthError::InvalidGrant("the session could not be checked"))?
         {
             return Err(OAuthError::InvalidGrant(
                 "online access ended with the session that granted it",
@@ -665,9 +683,10 @@ impl OAuth {
         let replayed = || async {
             // A replayed code: someone else may hold it. Everything of the grant ends.
             store::revoke_grant(self.db(), &row.grant_id, &now).await?;
-            Err(OAuthError::InvalidGrant(
-                "the code was used before; every token of its grant is revoked",
-            ))
+            Err(OAuthError::Replayed {
+                grant_id: row.grant_id.clone(),
+                what: "the code was used before; every token of its grant is revoked",
+            })
         };
         if row.used_at.is_some() {
             return replayed().await;
@@ -682,7 +701,14 @@ impl OAuth {
             if row.expires_at.as_str() <= now.as_str() {
                 return Err(OAuthError::InvalidGrant("the code expired"));
             }
-            if redirect_uri != Some(row.redirect_uri.as_str()) {
+            let redirect_ok = match (row.redirect_uri.as_str(), redirect_uri) {
+                // Left out of the authorization request: may be left out here too, or
+                // be the registered one.
+                ("", None) => true,
+                ("", Some(u)) => client.redirect_uris.iter().any(|r| r == u),
+                (named, given) => given == Some(named),
+            };
+            if !redirect_ok {
                 return Err(OAuthError::InvalidGrant(
                     "redirect_uri is not the one of the authorization request",
                 ));
@@ -712,7 +738,11 @@ impl OAuth {
                 return Err(e);
             }
         };
-        let scopes = Scopes::parse(&grant.scopes).0;
+        // Within the app's registration as it is now (an administrator may have
+        // narrowed it since the consent).
+        let scopes = Scopes::parse(&grant.scopes)
+            .0
+            .within(&Scopes::parse(&client.scopes).0);
         let refresh = scopes.offline_access || scopes.online_access;
         let issued = self.issue(&mut tx, grant, &scopes, refresh).await?;
         tx.commit().await.map_err(StoreError::from)?;
@@ -747,7 +777,10 @@ impl OAuth {
         if row.revoked_at.is_some() {
             return Err(bad);
         }
-        let (held, _) = Scopes::parse(&row.scopes);
+        // What the token held, within the app's registration as it is now.
+        let held = Scopes::parse(&row.scopes)
+            .0
+            .within(&Scopes::parse(&client.scopes).0);
         let scopes = match scope.map(str::trim).filter(|s| !s.is_empty()) {
             None => held,
             Some(s) => {
@@ -760,9 +793,10 @@ impl OAuth {
         };
         let replayed = || async {
             store::revoke_grant(self.db(), &grant.id, &now).await?;
-            Err(OAuthError::InvalidGrant(
-                "the refresh token was used before; every token of its grant is revoked",
-            ))
+            Err(OAuthError::Replayed {
+                grant_id: grant.id.clone(),
+                what: "the refresh token was used before; every token of its grant is revoked",
+            })
         };
         if row.used_at.is_some() {
             return replayed().await;
@@ -788,7 +822,8 @@ impl OAuth {
                 return Err(e);
             }
         };
-        let issued = self.issue(&mut tx, live, &scopes, true).await?;
+        let refresh = scopes.offline_access || scopes.online_access;
+        let issued = self.issue(&mut tx, live, &scopes, refresh).await?;
         tx.commit().await.map_err(StoreError::from)?;
         Ok(issued)
     }
@@ -942,6 +977,7 @@ mod tests {
             "javascript:alert(1)",
             "https://user:pw@app.example/cb",
             "http://localhost.evil.example/cb",
+            "https://app.example/cb http://evil.example/cb",
         ] {
             assert!(check_app_url(bad).is_err(), "{bad}");
         }

@@ -40,6 +40,14 @@ pub fn router() -> Router<AppState> {
         .route("/admin/grants/{id}/revoke", post(revoke_any))
 }
 
+/// A page that moves on by itself.
+#[derive(Template)]
+#[template(path = "oauth_continue.html")]
+struct Continue {
+    layout: Layout,
+    next: String,
+}
+
 #[derive(Template)]
 #[template(path = "oauth_message.html")]
 struct MessagePage {
@@ -203,7 +211,7 @@ async fn authorize(
     audit_authorization(audit, None);
     let kept: Vec<(String, String)> = pairs
         .iter()
-        .filter(|(k, _)| k != "picker_q")
+        .filter(|(k, _)| k != "picker_q" && k != "_same_site")
         .cloned()
         .collect();
     let raw_query = form_urlencoded::Serializer::new(String::new())
@@ -222,6 +230,8 @@ async fn authorize(
     };
     let get = |k: &str| p.get(k).map(String::as_str);
     let client_id = get("client_id").unwrap_or_default();
+    // The client it claims to be, recorded whatever the outcome.
+    audit_authorization(audit, Some(client_id));
     // An unknown app or redirect URI gets a page, never a redirect (no open redirect).
     let (app, redirect_uri) = match state
         .oauth()
@@ -284,6 +294,16 @@ async fn authorize(
     // Sign in with the Custodian account (password, second factor, the same lockout
     // and audit as every sign-in), then come back here.
     let Some(user) = signed_in_user(state, headers, Some(audit)).await else {
+        // An app sends the browser here from its own site, and the session cookie is
+        // SameSite=Strict: not sent on that navigation. One page of our own that moves
+        // on by itself makes the next request same-site, so a person already signed
+        // in is not asked to sign in again. Only once (`_same_site`).
+        if !p.contains_key("_same_site") {
+            return render(&Continue {
+                layout: Layout::anonymous(None),
+                next: format!("/oauth/authorize?{raw_query}&_same_site=1"),
+            });
+        }
         let next = format!("/oauth/authorize?{raw_query}");
         let mut to = form_urlencoded::Serializer::new(String::new());
         to.append_pair("next", &next);
@@ -312,6 +332,7 @@ async fn authorize(
     let approved = Approved {
         client_id: app.id.clone(),
         redirect_uri: redirect_uri.clone(),
+        redirect_given: get("redirect_uri").is_some(),
         state: st.map(str::to_owned),
         challenge: challenge.to_owned(),
         scope: offered.to_string(),
@@ -383,7 +404,24 @@ async fn authorize(
         }
         page.picker_q = q;
     }
-    render(&page)
+    let mut r = render(&page);
+    // The consent form posts here, and the answer is a redirect to the app: browsers
+    // hold a redirect that follows a form post to `form-action`, so the app's origin
+    // is added to it on this page (and only it).
+    if let Ok(u) = Url::parse(&redirect_uri) {
+        let origin = u.origin().ascii_serialization();
+        let csp = crate::http::headers::CSP.replace(
+            "form-action 'self'",
+            &format!("form-action 'self' {origin}"),
+        );
+        if origin != "null"
+            && let Ok(v) = axum::http::HeaderValue::from_str(&csp)
+        {
+            r.extensions_mut()
+                .insert(crate::http::headers::CspOverride(v));
+        }
+    }
+    r
 }
 
 /// `POST /oauth/consent`: the person's decision.
@@ -492,6 +530,7 @@ async fn consent(State(state): State<AppState>, audit: Audit, form: WebForm) -> 
     {
         Ok(x) => x,
         Err(e) => {
+            audit.annotate(|e| e.outcome = Some(Outcome::Error));
             tracing::error!(error = %e, "a grant could not be stored");
             return to_app_error(
                 &a.redirect_uri,

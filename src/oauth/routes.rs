@@ -304,8 +304,14 @@ fn read_form(headers: &HeaderMap, body: &[u8]) -> Result<ClientForm, OAuthError>
     Ok(form)
 }
 
-async fn client_of(state: &AppState, form: &ClientForm) -> Result<ClientRow, OAuthError> {
+async fn client_of(
+    state: &AppState,
+    form: &ClientForm,
+    audit: &Audit,
+) -> Result<ClientRow, OAuthError> {
     let id = form.client_id.as_deref().ok_or(OAuthError::InvalidClient)?;
+    // The client it claims to be, recorded whatever the outcome.
+    audit.context("client_id", ContextValue::id(id));
     oauth(state)
         .authenticate_client(id, form.secret.as_deref())
         .await
@@ -360,7 +366,7 @@ async fn token(
         Ok(f) => f,
         Err(e) => return refused(&audit, &e, false),
     };
-    let client = match client_of(&state, &form).await {
+    let client = match client_of(&state, &form, &audit).await {
         Ok(c) => c,
         Err(e) => return refused(&audit, &e, form.basic),
     };
@@ -400,6 +406,15 @@ async fn token(
 }
 
 fn refused(audit: &Audit, e: &OAuthError, basic: bool) -> Response {
+    if let OAuthError::Replayed { grant_id, .. } = e {
+        // The replay revoked the grant: the event says which.
+        audit.annotate(|a| {
+            a.action = Some(Action::Delete);
+            a.resource_type = Some("oauth_grant");
+            a.resource_id = Some(grant_id.clone());
+            a.context.insert("reason", ContextValue::Code("replay"));
+        });
+    }
     audit.annotate(|a| {
         a.outcome = Some(match e {
             OAuthError::Store(_) | OAuthError::Crypto => Outcome::Error,
@@ -419,7 +434,7 @@ async fn about_token(
     body: &[u8],
 ) -> Result<(ClientRow, String), Response> {
     let form = read_form(headers, body).map_err(|e| refused(audit, &e, false))?;
-    let client = client_of(state, &form)
+    let client = client_of(state, &form, audit)
         .await
         .map_err(|e| refused(audit, &e, form.basic))?;
     audit.context("client_id", ContextValue::id(&client.id));

@@ -105,7 +105,7 @@ impl Category {
             !t.is_empty()
                 && t.len() <= 200
                 && t.chars()
-                    .all(|c| c.is_ascii_graphic() && !matches!(c, '|' | ',' | '&' | '?'))
+                    .all(|c| c.is_ascii_graphic() && !matches!(c, '|' | ',' | '&' | '?' | '%'))
         };
         if !ok(code) || system.as_deref().is_some_and(|s| !ok(s)) {
             return None;
@@ -439,11 +439,15 @@ impl Scopes {
 
     /// Whether `self` asks for nothing beyond `of`.
     pub fn subset_of(&self, of: &Scopes) -> bool {
-        self.within(of) == self.normalised()
-    }
-
-    fn normalised(&self) -> Scopes {
-        self.within(self)
+        let mut a = self.within(of).resources;
+        let mut b = self.within(self).resources;
+        a.sort();
+        b.sort();
+        a == b
+            && (!self.launch || of.launch)
+            && (!self.launch_patient || of.launch_patient)
+            && (!self.offline_access || of.offline_access)
+            && (!self.online_access || of.online_access)
     }
 
     pub fn has_patient_level(&self) -> bool {
@@ -583,6 +587,25 @@ mod tests {
         ));
         assert!(!cats[0].matches(Some("http://other"), "laboratory"));
         assert!(!cats[0].matches(None, "vital-signs"));
+        // A value that would read differently once printed and parsed again (a `%` left
+        // after decoding) is refused: what is stored is what was checked.
+        assert!(
+            ResourceScope::parse("patient/Observation.rs?category=vital-signs%252Cx%7Claboratory")
+                .is_none()
+        );
+        for text in [
+            "patient/Observation.rs?category=laboratory,vital-signs",
+            "user/*.cruds",
+            "patient/Condition.read",
+            "patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory",
+        ] {
+            let once = ResourceScope::parse(text).unwrap();
+            assert_eq!(
+                ResourceScope::parse(&once.to_string()),
+                Some(once),
+                "{text}"
+            );
+        }
         // Percent-encoded values read the same.
         let e = one(
             "patient/Observation.rs?category=http%3A%2F%2Fterminology.hl7.org%2FCodeSystem%2Fobservation-category%7Claboratory",
@@ -605,6 +628,10 @@ mod tests {
         );
         assert!(got.subset_of(&asked));
         assert!(!asked.subset_of(&got));
+        // The same scopes in another order are the same set.
+        let (a, _) = Scopes::parse("patient/Patient.rs patient/Observation.rs offline_access");
+        let (b, _) = Scopes::parse("offline_access patient/Observation.rs patient/Patient.rs");
+        assert!(a.subset_of(&b) && b.subset_of(&a));
     }
 
     #[test]

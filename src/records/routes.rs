@@ -782,6 +782,12 @@ pub(crate) async fn accounting(
                     e.action.as_str(),
                     "read" | "export" | "search" | "break_glass" | "update" | "create"
                 )
+                // A grant or a token names its patient, but discloses nothing: the
+                // app's reads do, and are listed with the app.
+                && !e
+                    .resource_type
+                    .as_deref()
+                    .is_some_and(|t| t.starts_with("oauth_"))
         })
         .map(|e| Disclosure {
             app: serde_json::from_str::<serde_json::Value>(&e.context)

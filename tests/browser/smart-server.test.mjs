@@ -9,6 +9,7 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -249,6 +250,59 @@ test('the grant is listed on the connected apps page', { timeout: 60_000 }, asyn
   assert.equal(await row.count(), 1, await p.locator('main').innerText());
   assert.equal(await row.locator(`a[href="/patients/${target.id}"]`).count(), 1, 'for that patient');
   assert.equal(await row.getByRole('button', { name: 'Disconnect' }).count(), 1);
+  await p.close();
+});
+
+// An app on another site (another origin: localhost instead of 127.0.0.1) sends the
+// signed-in doctor to /oauth/authorize: the SameSite=Strict session is picked up by one
+// page of the server's own that moves on by itself (no second sign-in), and after
+// "Allow" the browser reaches the app's origin (the consent page's form-action names
+// it: browsers hold a redirect that follows a form post to an origin the policy omits).
+test('an app on another site: no second sign-in, and the consent reaches the app', { timeout: 60_000 }, async () => {
+  assert.ok(doctorContext, 'the launch ran');
+  const appOrigin = server.baseURL.replace('127.0.0.1', 'localhost');
+  const redirect = `${appOrigin}/health`;
+  const admin = await token(ADMIN);
+  const reg = await api('POST', '/api/v1/apps', admin, {
+    name: 'Another site', redirect_uris: [redirect], scopes: 'launch/patient patient/Patient.rs',
+  });
+  assert.equal(reg.status, 201, JSON.stringify(reg.body));
+  const verifier = randomBytes(32).toString('hex');
+  const challenge = createHash('sha256').update(verifier).digest('base64url');
+  const q = new URLSearchParams({
+    response_type: 'code', client_id: reg.body.client_id, redirect_uri: redirect,
+    scope: 'launch/patient patient/Patient.rs', state: 'xyz', aud: `${server.baseURL}/fhir`,
+    code_challenge: challenge, code_challenge_method: 'S256',
+  });
+  const p = await doctorContext.newPage();
+  await p.goto(redirect);
+  // The app's own page sends the browser over (a cross-site navigation).
+  await Promise.all([
+    p.waitForURL(/\/oauth\/authorize\?.*_same_site=1/),
+    p.evaluate((u) => { window.location.href = u; }, `${server.baseURL}/oauth/authorize?${q}`),
+  ]);
+  await p.getByRole('heading', { name: /Allow Another site/ }).waitFor();
+  await p.getByRole('searchbox').or(p.locator('input[name="picker_q"]')).first().fill(target.family_name);
+  await Promise.all([p.waitForLoadState('load'), p.locator('#picker button[type="submit"]').click()]);
+  await p.locator(`input[name="patient"][value="${target.id}"]`).check();
+  await Promise.all([
+    p.waitForURL((u) => u.href.startsWith(`${redirect}?`)),
+    p.getByRole('button', { name: 'Allow' }).click(),
+  ]);
+  const back = new URL(p.url());
+  assert.equal(back.searchParams.get('state'), 'xyz');
+  const code = back.searchParams.get('code');
+  assert.ok(code, p.url());
+  const res = await fetch(`${server.baseURL}/oauth/token`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/x-www-form-urlencoded' },
+    body: new URLSearchParams({
+      grant_type: 'authorization_code', code, redirect_uri: redirect,
+      code_verifier: verifier, client_id: reg.body.client_id,
+    }),
+  });
+  assert.equal(res.status, 200);
+  assert.equal((await res.json()).patient, target.id);
   await p.close();
 });
 

@@ -405,6 +405,10 @@ async fn registration_rules(backend: Backend) {
             json!({"name": "", "redirect_uris": [CB], "scopes": "patient/*.rs"}),
             "name",
         ),
+        (
+            json!({"name": "x", "redirect_uris": ["https://a.example/cb http://evil.example/cb"], "scopes": "patient/*.rs"}),
+            "redirect_uris[0]",
+        ),
     ] {
         let res = s
             .send_as(Method::POST, "/api/v1/apps", &w.admin, Some(bad.clone()))
@@ -473,9 +477,14 @@ async fn standalone_launch(backend: Backend) {
         &ch,
     );
     let path = authorize_path(&params);
-    // Not signed in: to the sign-in page, coming back here after.
+    // Not signed in: first one page of our own that moves on by itself (the session
+    // cookie is SameSite=Strict, not sent on the app's cross-site navigation), then the
+    // sign-in page, coming back here after.
     let mut b = Browser::new(&s);
-    let (st, _, loc) = b.get_full(&path).await;
+    let (st, html, _) = b.get_full(&path).await;
+    assert_eq!(st, 200);
+    assert!(html.contains("http-equiv=\"refresh\""), "{html}");
+    let (st, _, loc) = b.get_full(&format!("{path}&_same_site=1")).await;
     assert_eq!(st, 303);
     let loc = loc.unwrap();
     assert!(
@@ -745,6 +754,42 @@ async fn codes_pkce_aud_redirects(backend: Backend) {
     // The sign-in page never sends anyone off-site.
     let (_, html) = b.get("/login?next=https://evil.example/").await;
     assert!(!html.contains("evil.example"));
+    // The consent page lets its form's redirect reach the app's origin, and only it.
+    let res = s
+        .client
+        .get(s.url(&authorize_path(&good)))
+        .header("cookie", b.cookie_header())
+        .send()
+        .await
+        .unwrap();
+    let csp = res.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("form-action 'self' http://127.0.0.1:9;")
+            || csp.ends_with("form-action 'self' http://127.0.0.1:9"),
+        "{csp}"
+    );
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    // redirect_uri left out of both requests (one registered): allowed (RFC 6749 §4.1.3).
+    let no_redirect: Vec<(&'static str, String)> = good
+        .iter()
+        .filter(|(k, _)| *k != "redirect_uri")
+        .cloned()
+        .collect();
+    let code = consent(&mut b, &authorize_path(&no_redirect), Some(&w.p1), None).await;
+    let (st, _, t) = token(
+        &s,
+        &app,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("code_verifier", &v),
+        ],
+    )
+    .await;
+    assert_eq!(st, 200, "{t}");
     // POST /oauth/authorize works as GET (authorize-post).
     let pairs: Vec<(&str, &str)> = good.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let (st, html, _) = b.post("/oauth/authorize", &pairs).await;
@@ -897,12 +942,12 @@ async fn refresh_rotation(backend: Backend) {
         &[
             ("grant_type", "refresh_token"),
             ("refresh_token", &r2),
-            ("scope", "patient/Patient.rs"),
+            ("scope", "offline_access patient/Patient.rs"),
         ],
     )
     .await;
     assert_eq!(st, 200, "{t3}");
-    assert_eq!(t3["scope"], "patient/Patient.rs");
+    assert_eq!(t3["scope"], "offline_access patient/Patient.rs");
     let narrowed = t3["access_token"].as_str().unwrap();
     let (st, _, _) = fhir(
         &s,
@@ -920,7 +965,10 @@ async fn refresh_rotation(backend: Backend) {
         &[
             ("grant_type", "refresh_token"),
             ("refresh_token", &r3),
-            ("scope", "patient/Patient.rs patient/Condition.rs"),
+            (
+                "scope",
+                "offline_access patient/Patient.rs patient/Condition.rs",
+            ),
         ],
     )
     .await;
@@ -980,8 +1028,22 @@ async fn refresh_rotation(backend: Backend) {
     let code = consent(&mut b, &path, Some(&w.p1), None).await;
     let (_, t) = exchange(&s, &app, &code, &v).await;
     let r = t["refresh_token"].as_str().unwrap().to_owned();
-    let csrf = b.csrf().await;
-    b.post("/logout", &[("csrf", &csrf)]).await;
+    let online_access = t["access_token"].as_str().unwrap().to_owned();
+    // The app's refreshes and introspections do not keep the person's session alive:
+    // after the idle timeout (dev: 60 minutes) with only the app active, it has ended.
+    let intro = || {
+        s.client
+            .post(s.url("/oauth/introspect"))
+            .form(&[("token", r.as_str()), ("client_id", app.id.as_str())])
+            .send()
+    };
+    s.clock.advance(Duration::from_secs(50 * 60));
+    assert_eq!(json(intro().await.unwrap()).await["active"], true);
+    s.clock.advance(Duration::from_secs(15 * 60));
+    let (st, _, loc) = b.get_full("/admin").await;
+    assert_eq!(st, 303);
+    assert!(loc.unwrap().starts_with("/login"));
+    assert_eq!(json(intro().await.unwrap()).await["active"], false);
     let (st, _, e) = token(
         &s,
         &app,
@@ -989,6 +1051,125 @@ async fn refresh_rotation(backend: Backend) {
     )
     .await;
     assert_eq!((st, e["error"].as_str()), (400, Some("invalid_grant")));
+    // Signing out ends online access at once, access token included.
+    let mut b = Browser::new(&s);
+    b.sign_in("doc", PW).await;
+    let code = consent(&mut b, &path, Some(&w.p1), None).await;
+    let (_, t) = exchange(&s, &app, &code, &v).await;
+    let online_access2 = t["access_token"].as_str().unwrap().to_owned();
+    let (st, _, _) = fhir(
+        &s,
+        Method::GET,
+        &format!("/fhir/Patient/{}", w.p1),
+        Some(&online_access2),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+    let csrf = b.csrf().await;
+    b.post("/logout", &[("csrf", &csrf)]).await;
+    let (st, _, _) = fhir(
+        &s,
+        Method::GET,
+        &format!("/fhir/Patient/{}", w.p1),
+        Some(&online_access2),
+        None,
+    )
+    .await;
+    assert_eq!(st, 401);
+    drop(online_access);
+    let mut b = Browser::new(&s);
+    b.sign_in("doc", PW).await;
+
+    // A category smuggled through percent-encoding at refresh is refused, never widened.
+    let path = authorize_path(&request(
+        &s,
+        &app.id,
+        "launch/patient offline_access patient/Observation.rs?category=laboratory",
+        &ch,
+    ));
+    let code = consent(&mut b, &path, Some(&w.p1), None).await;
+    let (_, t) = exchange(&s, &app, &code, &v).await;
+    let r = t["refresh_token"].as_str().unwrap().to_owned();
+    let (st, _, e) = token(
+        &s,
+        &app,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", &r),
+            ("scope", "patient/Observation.rs?category=vital-signs%252Csocial-history%252Claboratory%252Cx%7Claboratory"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (st, e["error"].as_str()),
+        (400, Some("invalid_scope")),
+        "{e}"
+    );
+    // An administrator narrows the app: its grants narrow at their next refresh. (The
+    // sessions of `world` idled out above.)
+    let admin = s.login("adm", PW).await;
+    let res = s
+        .send_as(
+            Method::PUT,
+            &format!("/api/v1/apps/{}", app.id),
+            &admin,
+            Some(json!({"name": "Test app", "redirect_uris": [CB], "scopes": "launch/patient offline_access patient/Patient.rs"})),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let (st, _, t2) = token(
+        &s,
+        &app,
+        &[("grant_type", "refresh_token"), ("refresh_token", &r)],
+    )
+    .await;
+    assert_eq!(st, 200, "{t2}");
+    assert!(
+        !t2["scope"].as_str().unwrap().contains("Observation"),
+        "{t2}"
+    );
+    // Replays are in the audit trail as the grant's revocation.
+    let (st, _, _) = token(
+        &s,
+        &app,
+        &[("grant_type", "refresh_token"), ("refresh_token", &r)],
+    )
+    .await;
+    assert_eq!(st, 400);
+    let events = custodian::audit::store::query(
+        s.state.db(),
+        &custodian::audit::store::Filter::default(),
+        1000,
+        true,
+    )
+    .await
+    .unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.resource_type.as_deref() == Some("oauth_grant")
+                && e.action == "delete"
+                && e.context.contains("replay")
+                && e.resource_id.is_some()),
+        "the replay names the grant it revoked"
+    );
+    // The accounting of disclosures lists the app's reads, not its grants and tokens.
+    let res = s
+        .get_as(&format!("/api/v1/patients/{}/disclosures", w.p1), &admin)
+        .await;
+    let d = json(res).await;
+    assert!(
+        d["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| !i["resource_type"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("oauth_")),
+        "{d}"
+    );
 }
 both_backends!(refresh_rotation);
 
@@ -1375,6 +1556,80 @@ async fn role_and_scope_intersection(backend: Backend) {
     )
     .await;
     assert!(!p.to_string().contains("123-45-6789"), "{p}");
+    // A category-limited app cannot overwrite a resource of another category.
+    let vital = observation(&s, &w.doctor, &w.p1, "vital-signs").await;
+    let lab_only = authorize_path(&request(
+        &s,
+        &app.id,
+        &format!("launch/patient patient/Observation.cru?category={LAB}|laboratory"),
+        &ch,
+    ));
+    let code = consent(&mut d, &lab_only, Some(&w.p1), None).await;
+    let (_, t) = exchange(&s, &app, &code, &v).await;
+    let lab_token = t["access_token"].as_str().unwrap().to_owned();
+    let mut overwrite = obs(&w.p1);
+    overwrite["id"] = json!(vital);
+    overwrite["category"] = json!([{"coding": [{"system": LAB, "code": "laboratory"}]}]);
+    let (st, _, _) = fhir(
+        &s,
+        Method::PUT,
+        &format!("/fhir/Observation/{vital}"),
+        Some(&lab_token),
+        Some(overwrite.clone()),
+    )
+    .await;
+    assert_eq!(st, 403);
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": overwrite, "request": {"method": "PUT", "url": format!("Observation/{vital}")}}
+    ]});
+    let (st, _, _) = fhir(&s, Method::POST, "/fhir", Some(&lab_token), Some(tx)).await;
+    assert_eq!(st, 403);
+    let (_, _, still) = fhir(
+        &s,
+        Method::GET,
+        &format!("/fhir/Observation/{vital}"),
+        Some(&w.doctor),
+        None,
+    )
+    .await;
+    assert_eq!(still["category"][0]["coding"][0]["code"], "vital-signs");
+    // A transaction may not name an entry `Patient/<launch patient>` to make another
+    // patient's record look like the launch patient's.
+    let aliasing = authorize_path(&request(
+        &s,
+        &app.id,
+        "launch/patient user/Patient.ru patient/Observation.c",
+        &ch,
+    ));
+    let code = consent(&mut d, &aliasing, Some(&w.p1), None).await;
+    let (_, t) = exchange(&s, &app, &code, &v).await;
+    let alias_token = t["access_token"].as_str().unwrap().to_owned();
+    let (_, _, other) = fhir(
+        &s,
+        Method::GET,
+        &format!("/fhir/Patient/{}", w.p2),
+        Some(&w.doctor),
+        None,
+    )
+    .await;
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": format!("Patient/{}", w.p1), "resource": other, "request": {"method": "PUT", "url": format!("Patient/{}", w.p2)}},
+        {"resource": obs(&w.p1), "request": {"method": "POST", "url": "Observation"}}
+    ]});
+    let (st, _, _) = fhir(&s, Method::POST, "/fhir", Some(&alias_token), Some(tx)).await;
+    assert_eq!(st, 403);
+    let (_, _, b2) = fhir(
+        &s,
+        Method::GET,
+        &format!("/fhir/Observation?patient={}", w.p2),
+        Some(&w.doctor),
+        None,
+    )
+    .await;
+    assert_eq!(
+        b2["total"], 0,
+        "nothing was written into the other patient's record"
+    );
     // A deactivated user's app stops on the next request.
     sqlx::query("UPDATE users SET active = 0 WHERE username = 'doc'")
         .execute(s.state.db().writer())

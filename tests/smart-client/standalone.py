@@ -110,7 +110,10 @@ check(q.get("code_challenge_method") == "S256" and q.get("aud") == FHIR, "fhircl
 # --- a person's browser: sign in, pick the patient, consent -----------------------------
 browser = requests.Session()
 r = browser.get(url, allow_redirects=False, timeout=30)
-check(r.status_code == 303 and r.headers["location"].startswith("/login?next="), "not signed in: to the sign-in page")
+m = re.search(r'http-equiv="refresh" content="0;url=([^"]+)"', r.text)
+check(r.status_code == 200 and m is not None, "not signed in: a page of the server's own moves on (a same-site navigation)")
+r = browser.get(BASE + html.unescape(m.group(1)), allow_redirects=False, timeout=30)
+check(r.status_code == 303 and r.headers["location"].startswith("/login?next="), "then to the sign-in page")
 r = browser.get(BASE + r.headers["location"], timeout=30)
 csrf = hidden(r.text, "csrf")
 nxt = hidden(r.text, "next")
