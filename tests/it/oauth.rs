@@ -256,6 +256,21 @@ async fn ehr_token(
     t["access_token"].as_str().unwrap().to_owned()
 }
 
+/// The audit events, newest first: all, or those naming a patient.
+async fn events(s: &TestServer, patient: Option<&str>) -> Vec<custodian::audit::AuditEvent> {
+    custodian::audit::store::query(
+        s.state.db(),
+        &custodian::audit::store::Filter {
+            patient_id: patient.map(str::to_owned),
+            ..Default::default()
+        },
+        1000,
+        true,
+    )
+    .await
+    .unwrap()
+}
+
 struct World {
     admin: String,
     doctor: String,
@@ -444,14 +459,7 @@ async fn registration_rules(backend: Backend) {
         .await;
     assert_eq!(res.status(), 403);
     // The audit trail names the registration.
-    let events = custodian::audit::store::query(
-        s.state.db(),
-        &custodian::audit::store::Filter::default(),
-        1000,
-        true,
-    )
-    .await
-    .unwrap();
+    let events = events(&s, None).await;
     assert!(
         events
             .iter()
@@ -634,17 +642,7 @@ async fn standalone_launch(backend: Backend) {
 
     // The audit trail: the consent, the token, and each FHIR access naming the app; the
     // accounting of disclosures shows the app.
-    let events = custodian::audit::store::query(
-        s.state.db(),
-        &custodian::audit::store::Filter {
-            patient_id: Some(w.p1.clone()),
-            ..Default::default()
-        },
-        1000,
-        true,
-    )
-    .await
-    .unwrap();
+    let events = events(&s, Some(&w.p1)).await;
     assert!(
         events
             .iter()
@@ -1137,14 +1135,7 @@ async fn refresh_rotation(backend: Backend) {
     )
     .await;
     assert_eq!(st, 400);
-    let events = custodian::audit::store::query(
-        s.state.db(),
-        &custodian::audit::store::Filter::default(),
-        1000,
-        true,
-    )
-    .await
-    .unwrap();
+    let events = events(&s, None).await;
     assert!(
         events
             .iter()
@@ -1721,17 +1712,7 @@ async fn builtin_app_launches_against_this_server(backend: Backend) {
         "the hemoglobin from this server's Observation: {html}"
     );
     // Every FHIR read the app made names it in the audit trail.
-    let events = custodian::audit::store::query(
-        s.state.db(),
-        &custodian::audit::store::Filter {
-            patient_id: Some(w.p1.clone()),
-            ..Default::default()
-        },
-        1000,
-        true,
-    )
-    .await
-    .unwrap();
+    let events = events(&s, Some(&w.p1)).await;
     assert!(
         events
             .iter()
