@@ -649,6 +649,8 @@ struct GrantRowView {
     app: String,
     username: String,
     patient: String,
+    /// The patient's name, when the page may show it.
+    patient_name: String,
     allows: Vec<String>,
     offline: bool,
     created_at: String,
@@ -666,6 +668,7 @@ fn grant_rows(list: Vec<super::store::GrantRow>) -> Vec<GrantRowView> {
                 app: g.client_name,
                 username: g.username,
                 patient: g.patient_id.unwrap_or_default(),
+                patient_name: String::new(),
                 created_at: g.created_at,
                 last_used_at: g.last_used_at.unwrap_or_else(|| "never".into()),
             }
@@ -690,10 +693,21 @@ async fn my_apps(State(state): State<AppState>, audit: Audit, u: WebUser) -> Res
         .grants(Some(&u.principal.user_id), None)
         .await
         .unwrap_or_default();
-    let notice = None;
+    let mut rows = grant_rows(grants);
+    // The patients by name for whoever may read them (named in the audit trail).
+    if u.can(Permission::PatientsRead) {
+        let mut shown = Vec::new();
+        for r in rows.iter_mut().filter(|r| !r.patient.is_empty()) {
+            if let Ok(p) = state.patients().get(&r.patient).await {
+                r.patient_name = format!("{}, {}", p.fields.family_name, p.fields.given_name);
+                shown.push(r.patient.clone());
+            }
+        }
+        audit.name_patients(Action::Read, shown.iter().map(String::as_str));
+    }
     render(&MyAppsPage {
-        layout: Layout::of(&state, &u, notice),
-        grants: grant_rows(grants),
+        layout: Layout::of(&state, &u, None),
+        grants: rows,
     })
 }
 

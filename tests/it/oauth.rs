@@ -548,6 +548,43 @@ async fn standalone_launch(backend: Backend) {
         .unwrap();
     assert_eq!(n.0, 0);
 
+    // Limited access (Inferno's second standalone test): the person unticks
+    // Observations; the token says so and Observations are refused.
+    let limited = consent(&mut b, &path, Some(&w.p1), Some(&["patient/Patient.read"])).await;
+    let (st, lt) = exchange(&s, &app, &limited, &v).await;
+    assert_eq!(st, 200, "{lt}");
+    assert!(
+        !lt["scope"].as_str().unwrap().contains("Observation"),
+        "{lt}"
+    );
+    let lt = lt["access_token"].as_str().unwrap().to_owned();
+    let (st, _, _) = fhir(
+        &s,
+        Method::GET,
+        &format!("/fhir/Observation?patient={}", w.p1),
+        Some(&lt),
+        None,
+    )
+    .await;
+    assert_eq!(st, 403);
+    let (st, _, _) = fhir(
+        &s,
+        Method::GET,
+        &format!("/fhir/Patient/{}", w.p1),
+        Some(&lt),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+    let consents = events(&s, Some(&w.p1)).await;
+    assert!(
+        consents
+            .iter()
+            .any(|e| e.resource_type.as_deref() == Some("oauth_grant")
+                && e.context.contains("\"unticked\":1")),
+        "the consent records how many scopes were unticked"
+    );
+
     // The launch patient: readable.
     let (st, _, pv) = fhir(
         &s,
@@ -1371,6 +1408,10 @@ async fn ehr_launch_and_revocation(backend: Backend) {
     assert!(grant["allows"].as_array().unwrap().len() == 2, "{grant}");
     let (_, html) = b.get("/account/apps").await;
     assert!(html.contains("Test app"));
+    assert!(
+        html.contains("Brennan, Ottilie"),
+        "the launch patient by name"
+    );
     let gid = grant["id"].as_str().unwrap();
     // Another user cannot revoke it.
     let other = s.login("doc2", PW).await;
