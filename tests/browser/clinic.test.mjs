@@ -14,6 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 import { ADMIN, repoRoot, startServer } from './server.mjs';
+import { watch } from './watch.mjs';
 
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const CHROMIUM_ARGS = [
@@ -36,37 +37,11 @@ const people = {}; // role → { username, password }
 let target; // a seeded patient: { id, given_name, family_name, mrn, birth_date, ssn }
 let other; // another seeded patient
 
-async function watch(context, label) {
-  await context.exposeBinding('__cspReport', ({ page: p }, v) => {
-    problems.push(`[${label}] CSP violation on ${p.url()}: ${v.effectiveDirective} blocked ${v.blockedURI || '(inline)'} `
-      + `at ${v.sourceFile || '?'}:${v.lineNumber || '?'} (${v.sample || 'no sample'})`);
-  });
-  await context.addInitScript(() => {
-    document.addEventListener('securitypolicyviolation', (e) => {
-      if (typeof window.__cspReport === 'function') {
-        window.__cspReport({
-          effectiveDirective: e.effectiveDirective, blockedURI: e.blockedURI,
-          sourceFile: e.sourceFile, lineNumber: e.lineNumber, sample: e.sample,
-        });
-      }
-    });
-  });
-  const onPage = (p) => {
-    p.on('console', (m) => {
-      const line = `[${label}] console.${m.type()} on ${p.url()}: ${m.text()}`;
-      // A 4xx page (403, 409, 422 by design) is logged by Chromium as a failed load.
-      if (m.type() === 'error' && !/status of 4\d\d/.test(m.text())) problems.push(line);
-      else if (m.type() === 'warning') warnings.push(line);
-    });
-    p.on('pageerror', (err) => problems.push(`[${label}] uncaught error on ${p.url()}: ${err.stack || err}`));
-  };
-  context.on('page', onPage);
-}
 
 async function newContext(label, options = {}) {
   const c = await browser.newContext({ baseURL: server.baseURL, viewport: DESKTOP, ...options });
   c.setDefaultTimeout(15_000);
-  await watch(c, label);
+  await watch(c, label, problems, warnings);
   return c;
 }
 
