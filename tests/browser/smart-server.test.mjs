@@ -15,7 +15,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 import { ADMIN, repoRoot, startServer } from './server.mjs';
-import { watch } from './watch.mjs';
+import { signIn, watch } from './watch.mjs';
 
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const CHROMIUM_ARGS = [
@@ -52,19 +52,6 @@ async function newContext(label, options = {}) {
 
 async function shot(p, name) {
   await p.screenshot({ path: join(SHOTS, name), fullPage: true });
-}
-
-/** Signs in through the form; returns the page it lands on. */
-async function signIn(c, who) {
-  const p = await c.newPage();
-  await p.goto('/login');
-  await p.locator('input[name=username]').fill(who.username);
-  await p.locator('input[name=password]').fill(who.password);
-  await Promise.all([
-    p.waitForURL((u) => u.pathname !== '/login'),
-    p.getByRole('button', { name: 'Sign in' }).click(),
-  ]);
-  return p;
 }
 
 function cli(args, input) {

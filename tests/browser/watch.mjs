@@ -1,6 +1,7 @@
-// What the browser tests hold against every page: a CSP violation, a console error
-// (other than Chromium's note of a 4xx page, which the pages answer by design) or an
-// uncaught error is a problem; console warnings are reported, not failed.
+// Shared by the browser tests. watch(): what they hold against every page — a CSP
+// violation, a console error (other than Chromium's note of a 4xx page, which the pages
+// answer by design) or an uncaught error is a problem; console warnings are reported,
+// not failed. signIn(): the sign-in form.
 //
 //   const problems = [], warnings = [];
 //   await watch(context, 'doctor', problems, warnings);   // before the first page
@@ -31,4 +32,17 @@ export async function watch(context, label, problems, warnings) {
     p.on('pageerror', (err) => problems.push(`[${label}] uncaught error on ${p.url()}: ${err.stack || err}`));
   };
   context.on('page', onPage);
+}
+
+/** Signs in through the form in context `c`; returns the page it lands on. */
+export async function signIn(c, who) {
+  const p = await c.newPage();
+  await p.goto('/login');
+  await p.locator('input[name=username]').fill(who.username);
+  await p.locator('input[name=password]').fill(who.password);
+  await Promise.all([
+    p.waitForURL((u) => u.pathname !== '/login'),
+    p.getByRole('button', { name: 'Sign in' }).click(),
+  ]);
+  return p;
 }
