@@ -106,6 +106,15 @@ before(async () => {
   }
   [target, other] = withLabs;
   assert.ok(target && other, 'two seeded patients with labs');
+  // A namesake, so that the first three letters of the family name find more than one
+  // patient whatever names the seed drew.
+  const namesake = await api('POST', '/api/v1/patients', doctor, {
+    given_name: 'Namesake',
+    family_name: `${target.family_name.slice(0, 3)}zyx`,
+    birth_date: '1950-01-02',
+    sex: 'female',
+  });
+  assert.equal(namesake.status, 201, JSON.stringify(namesake.body));
 }, { timeout: 600_000 });
 
 after(async () => {
