@@ -121,6 +121,7 @@ pub fn identity_service(
         clock,
         keys,
         crate::identity::service::Settings::from_config(config),
+        crate::identity::passkeys::relying_party(config)?,
     ))
 }
 

@@ -25,6 +25,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(crate::ops::health::health))
         .routes(routes!(crate::ops::health::ready))
         .merge(crate::identity::routes::router())
+        .merge(crate::identity::passkey_routes::router())
         .merge(crate::identity::admin::router())
         .merge(crate::audit::routes::router())
         .merge(crate::records::routes::router())

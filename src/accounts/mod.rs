@@ -798,9 +798,9 @@ pub async fn totp_reset_notice(
         return Ok(false);
     }
     let body = format!(
-        "The second factor of the Custodian account \"{}\" (its authenticator app and recovery codes) was reset by an administrator at {now} UTC, \
+        "The second factor of the Custodian account \"{}\" (its authenticator app, its passkeys and its recovery codes) was reset by an administrator at {now} UTC, \
          and every session of the account was ended.\n\n\
-         At your next sign-in you set up an authenticator app again.\n\n\
+         At your next sign-in you set up an authenticator app or a passkey again.\n\n\
          If you did not ask for this, tell your administrator now.\n",
         user.username
     );

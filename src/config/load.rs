@@ -157,6 +157,55 @@ impl Loader {
     }
 }
 
+/// The passkey settings, in every environment: a parsable http(s) origin and a
+/// relying-party id that is its host or a parent domain of it (what browsers require).
+fn passkey_checks(c: &Config) -> Vec<String> {
+    let mut p = Vec::new();
+    let ttl = c.passkeys.challenge_ttl.std().as_secs();
+    if !(1..=600).contains(&ttl) {
+        p.push("passkeys.challenge_ttl: must be more than 0 and at most 10m".into());
+    }
+    if let Some(o) = &c.passkeys.origin {
+        match url::Url::parse(o) {
+            Ok(u) if matches!(u.scheme(), "https" | "http") && u.host_str().is_some() => {
+                if u.path() != "/" || u.query().is_some() {
+                    p.push(format!(
+                        "passkeys.origin: `{o}` must be an origin only (scheme, host, port), without a path"
+                    ));
+                }
+            }
+            _ => p.push(format!(
+                "passkeys.origin: `{o}` is not an http(s) URL with a host"
+            )),
+        }
+    }
+    if let Some((origin, _)) = c.passkeys.effective_origin(c)
+        && let (Some(host), Some(rp)) = (origin.host_str(), c.passkeys.effective_rp_id(c))
+    {
+        let rp_ok = !rp.is_empty()
+            && !rp.starts_with('.')
+            && (host == rp || host.ends_with(&format!(".{rp}")));
+        if !rp_ok {
+            p.push(format!(
+                "passkeys.rp_id: `{rp}` must be the origin's host `{host}` or a parent domain of it"
+            ));
+        }
+        if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') {
+            p.push(format!(
+                "passkeys.origin: browsers refuse passkeys on an IP address (`{host}`); use a host name (in dev: localhost)"
+            ));
+        }
+    }
+    if c.mfa
+        .phishing_resistant_roles
+        .iter()
+        .any(|r| r.trim().is_empty())
+    {
+        p.push("mfa.phishing_resistant_roles: a role name is empty".into());
+    }
+    p
+}
+
 /// Rules that relate two keys; they hold in every environment.
 fn cross_checks(c: &Config) -> Vec<String> {
     let mut p = Vec::new();
@@ -227,6 +276,7 @@ fn cross_checks(c: &Config) -> Vec<String> {
             ));
         }
     }
+    p.extend(passkey_checks(c));
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&c.logging.level) {
         p.push(format!(
             "logging.level: `{}` is not a level: {e}",
@@ -366,6 +416,8 @@ mod tests {
         .load()
         .unwrap();
         assert!(prod.mfa.required);
+        assert_eq!(prod.mfa.phishing_resistant_roles, ["admin"]);
+        assert!(dev.mfa.phishing_resistant_roles.is_empty());
         assert_eq!(prod.logging.format, super::super::LogFormat::Json);
         assert_eq!(prod.session.idle_timeout.to_string(), "5m");
         assert!(!prod.dev_over_plain_http());
@@ -514,6 +566,52 @@ mod tests {
         assert!(msg.contains("absolute_timeout"), "{msg}");
         assert!(msg.contains("server.tls"), "{msg}");
         assert!(msg.contains("FETCH /x"), "{msg}");
+    }
+
+    #[test]
+    fn passkey_origin_and_rp_id_must_fit_together() {
+        let load = |sets: &[(&str, &str)]| {
+            Loader {
+                sets: sets
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+                ..loader()
+            }
+            .load()
+        };
+        let ok = load(&[
+            ("passkeys.origin", "https://records.clinic.example"),
+            ("passkeys.rp_id", "clinic.example"),
+        ])
+        .unwrap();
+        assert_eq!(
+            ok.passkeys.effective_rp_id(&ok).as_deref(),
+            Some("clinic.example")
+        );
+        for (sets, needle) in [
+            (
+                vec![
+                    ("passkeys.origin", "https://records.clinic.example"),
+                    ("passkeys.rp_id", "other.example"),
+                ],
+                "passkeys.rp_id",
+            ),
+            (
+                vec![("passkeys.origin", "https://clinic.example/app")],
+                "without a path",
+            ),
+            (vec![("passkeys.origin", "ftp://clinic.example")], "http(s)"),
+            (vec![("passkeys.origin", "https://10.0.0.5")], "IP address"),
+            (vec![("passkeys.challenge_ttl", "1h")], "challenge_ttl"),
+        ] {
+            let msg = load(&sets).unwrap_err().to_string();
+            assert!(msg.contains(needle), "{sets:?}: {msg}");
+        }
+        // Dev without any address: localhost, any port.
+        let dev = load(&[]).unwrap();
+        let (origin, any_port) = dev.passkeys.effective_origin(&dev).unwrap();
+        assert_eq!((origin.host_str(), any_port), (Some("localhost"), true));
     }
 
     #[test]

@@ -74,6 +74,7 @@ pub struct Config {
     pub lockout: LockoutConfig,
     pub password: PasswordConfig,
     pub mfa: MfaConfig,
+    pub passkeys: PasskeysConfig,
     pub api_tokens: ApiTokensConfig,
     pub rate_limit: RateLimitConfig,
     pub audit: AuditConfig,
@@ -212,8 +213,66 @@ pub struct PasswordConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct MfaConfig {
-    /// TOTP required for every user (prod default: true).
+    /// A second factor (TOTP or a passkey) required for every user (prod default: true).
     pub required: bool,
+    /// Roles whose users must sign in with a passkey (phishing-resistant): without one,
+    /// or in a session not signed in with one, they may only enrol one (prod default:
+    /// `[admin]`).
+    #[serde(deserialize_with = "types::string_list")]
+    pub phishing_resistant_roles: Vec<String>,
+}
+
+/// Passkeys (WebAuthn): who the relying party is.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PasskeysConfig {
+    /// The address browsers reach the pages at, `https://host[:port]` (default:
+    /// `mail.base_url`'s origin; in dev without one, `http://localhost` on any port).
+    pub origin: Option<String>,
+    /// The relying-party id: the origin's host or a parent domain of it (default: the
+    /// origin's host). Passkeys are bound to it: changing it later orphans them.
+    pub rp_id: Option<String>,
+    /// The name authenticators show.
+    pub rp_name: String,
+    /// How long a ceremony's challenge may be answered (single use in any case).
+    pub challenge_ttl: Duration,
+}
+
+impl Default for PasskeysConfig {
+    fn default() -> Self {
+        Self {
+            origin: None,
+            rp_id: None,
+            rp_name: "Custodian".into(),
+            challenge_ttl: Duration::from_mins(5),
+        }
+    }
+}
+
+impl PasskeysConfig {
+    /// The origin passkeys are bound to, and whether any port of it is accepted (dev on
+    /// `localhost` only).
+    pub fn effective_origin(&self, c: &Config) -> Option<(url::Url, bool)> {
+        let explicit = self.origin.as_deref().or(c.mail.base_url.as_deref());
+        match explicit {
+            Some(s) => url::Url::parse(s).ok().map(|u| {
+                let any_port = c.env == Environment::Dev && u.host_str() == Some("localhost");
+                (u, any_port)
+            }),
+            None if c.env == Environment::Dev => {
+                url::Url::parse("http://localhost").ok().map(|u| (u, true))
+            }
+            None => None,
+        }
+    }
+
+    /// The relying-party id: `rp_id`, or the origin's host.
+    pub fn effective_rp_id(&self, c: &Config) -> Option<String> {
+        self.rp_id.clone().or_else(|| {
+            self.effective_origin(c)
+                .and_then(|(u, _)| u.host_str().map(str::to_owned))
+        })
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -667,6 +726,7 @@ impl Config {
             lockout: LockoutConfig::default(),
             password: PasswordConfig::default(),
             mfa: MfaConfig::default(),
+            passkeys: PasskeysConfig::default(),
             api_tokens: ApiTokensConfig::default(),
             rate_limit: RateLimitConfig::default(),
             audit: AuditConfig::default(),
@@ -695,6 +755,7 @@ impl Config {
                 c.data_dir = PathBuf::from("/var/lib/custodian");
                 c.logging.format = LogFormat::Json;
                 c.mfa.required = true;
+                c.mfa.phishing_resistant_roles = vec!["admin".into()];
                 c.monitoring.metrics_allow = NetList(Vec::new());
             }
         }

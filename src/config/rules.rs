@@ -18,6 +18,59 @@ impl std::fmt::Display for Finding {
     }
 }
 
+/// The passkey origin outside dev: set (or `mail.base_url`), HTTPS, the same origin as
+/// `mail.base_url`, and a name of this server's TLS certificate when it serves TLS.
+fn passkey_findings(c: &Config, add: &mut impl FnMut(&'static str, String)) {
+    let Some((origin, _)) = c.passkeys.effective_origin(c) else {
+        add(
+            "passkeys.origin",
+            "set the https:// address people reach this server at (or mail.base_url): passkeys are bound to it".into(),
+        );
+        return;
+    };
+    if origin.scheme() != "https" {
+        add(
+            "passkeys.origin",
+            format!("`{}` is not HTTPS", origin.origin().ascii_serialization()),
+        );
+    }
+    if let Some(mail) = c.mail.base_url.as_deref()
+        && let Ok(m) = url::Url::parse(mail)
+        && m.origin() != origin.origin()
+    {
+        add(
+            "passkeys.origin",
+            format!(
+                "`{}` differs from mail.base_url `{}`: the links in mails would open a site where the passkeys do not work",
+                origin.origin().ascii_serialization(),
+                m.origin().ascii_serialization()
+            ),
+        );
+    }
+    if let (Some(cert), Some(host)) = (&c.server.tls.cert, origin.host_str())
+        && let Some(problem) = certificate_name_problem(cert, host)
+    {
+        add("passkeys.origin", problem);
+    }
+}
+
+/// Whether the first certificate of a PEM chain is valid for `host` (None: it is, or
+/// the file cannot be read, which the TLS rules report).
+fn certificate_name_problem(cert: &Path, host: &str) -> Option<String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let first = CertificateDer::pem_file_iter(cert).ok()?.next()?.ok()?;
+    let name = ServerName::try_from(host.to_owned()).ok()?;
+    let parsed = webpki::EndEntityCert::try_from(&first).ok()?;
+    match parsed.verify_is_valid_for_subject_name(&name) {
+        Ok(()) => None,
+        Err(_) => Some(format!(
+            "the TLS certificate ({}) is not valid for `{host}`, the passkey origin's host",
+            cert.display()
+        )),
+    }
+}
+
 /// Largest idle timeout prod accepts.
 pub const MAX_IDLE_MINUTES: u64 = 60;
 /// Largest absolute session lifetime prod accepts.
@@ -250,6 +303,12 @@ pub fn insecure_settings(c: &Config) -> Vec<Finding> {
         }
     }
 
+    // Passkeys: bound to the address people use, over HTTPS, and to the name the TLS
+    // certificate proves.
+    if c.env != Environment::Dev {
+        passkey_findings(c, &mut add);
+    }
+
     // Metrics: outside dev always behind a credential, and a credential worth the name.
     if c.env != Environment::Dev && !c.monitoring.metrics_allow.0.is_empty() {
         add(
@@ -446,7 +505,45 @@ mod tests {
         c.data_dir = dir.path().into();
         c.server.tls.cert = Some(dir.path().join("tls.crt"));
         c.server.tls.key = Some(key);
+        c.passkeys.origin = Some("https://custodian.example.org".into());
         (dir, c)
+    }
+
+    #[test]
+    fn rule_passkeys_need_the_https_address_people_use() {
+        let (d, mut c) = secure();
+        c.passkeys.origin = None;
+        assert_eq!(keys(&c), ["passkeys.origin"], "no address at all");
+        // mail.base_url stands in for it.
+        c.mail.base_url = Some("https://custodian.example.org".into());
+        assert!(keys(&c).is_empty());
+        c.passkeys.origin = Some("http://custodian.example.org".into());
+        c.mail.base_url = None;
+        assert_eq!(keys(&c), ["passkeys.origin"], "not HTTPS");
+        c.passkeys.origin = Some("https://custodian.example.org".into());
+        c.mail.base_url = Some("https://records.example.org".into());
+        assert_eq!(keys(&c), ["passkeys.origin"], "differs from mail.base_url");
+        c.mail.base_url = None;
+        // The certificate this server serves must name the passkey origin's host.
+        let cert = rcgen::generate_simple_self_signed(vec!["other.example.org".to_owned()])
+            .unwrap()
+            .cert
+            .pem();
+        let path = d.path().join("tls.crt");
+        std::fs::write(&path, cert).unwrap();
+        let f = insecure_settings(&c);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(
+            f[0].problem
+                .contains("not valid for `custodian.example.org`"),
+            "{f:?}"
+        );
+        let cert = rcgen::generate_simple_self_signed(vec!["custodian.example.org".to_owned()])
+            .unwrap()
+            .cert
+            .pem();
+        std::fs::write(&path, cert).unwrap();
+        assert!(keys(&c).is_empty());
     }
 
     fn keys(c: &Config) -> Vec<&'static str> {
@@ -718,9 +815,15 @@ mod tests {
         c.mail.smtp_tls = crate::config::SmtpTls::None;
         c.mail.smtp_password = Some(Secret::new("p".into()));
         c.mail.base_url = Some("http://custodian.example.org".into());
+        // The passkey origin is the https:// one, the mail links' address is not.
         assert_eq!(
             keys(&c),
-            vec!["mail.smtp_tls", "mail.smtp_password", "mail.base_url"]
+            vec![
+                "mail.smtp_tls",
+                "mail.smtp_password",
+                "mail.base_url",
+                "passkeys.origin"
+            ]
         );
     }
 }

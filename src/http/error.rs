@@ -43,6 +43,7 @@ pub enum ErrorCode {
     MfaEnrollmentRequired,
     SessionRequired,
     ReauthenticationRequired,
+    InvalidPasskey,
 }
 
 impl ErrorCode {
@@ -64,9 +65,10 @@ impl ErrorCode {
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout | Self::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::InvalidCredentials | Self::MfaRequired | Self::InvalidTotp => {
-                StatusCode::UNAUTHORIZED
-            }
+            Self::InvalidCredentials
+            | Self::MfaRequired
+            | Self::InvalidTotp
+            | Self::InvalidPasskey => StatusCode::UNAUTHORIZED,
             Self::AccountLocked => StatusCode::LOCKED,
             Self::PasswordExpired
             | Self::MfaEnrollmentRequired
@@ -104,6 +106,7 @@ impl ErrorCode {
             Self::MfaEnrollmentRequired => "mfa_enrollment_required",
             Self::SessionRequired => "session_required",
             Self::ReauthenticationRequired => "reauthentication_required",
+            Self::InvalidPasskey => "invalid_passkey",
         }
     }
 
@@ -129,7 +132,12 @@ impl ErrorCode {
                 "Something went wrong on our side. Quote the request_id when you report it."
             }
             Self::InvalidCredentials => "The username or password is wrong.",
-            Self::MfaRequired => "Enter the code from your authenticator app (totp_code).",
+            Self::MfaRequired => {
+                "A second factor is needed: the code from your authenticator app or a recovery code (totp_code), or your passkey (answer the `passkey` challenge)."
+            }
+            Self::InvalidPasskey => {
+                "The passkey was not accepted: the challenge is unknown, used or expired, or the answer does not verify. Start again."
+            }
             Self::InvalidTotp => "The authentication code is wrong or was already used.",
             Self::AccountLocked => {
                 "Too many failed sign-ins: the account is locked; retry after the time in Retry-After or ask an administrator to unlock it."
@@ -139,7 +147,7 @@ impl ErrorCode {
             }
             Self::PasswordPolicy => "The new password does not meet the policy; see `violations`.",
             Self::MfaEnrollmentRequired => {
-                "Two-factor authentication is required: enrol TOTP (POST /api/v1/auth/totp/enroll, then confirm) before anything else."
+                "A second factor is required before anything else: enrol TOTP (POST /api/v1/auth/totp/enroll, then confirm) or a passkey (POST /api/v1/auth/passkeys/register, then POST /api/v1/auth/passkeys). A role that must use a passkey (mfa.phishing_resistant_roles) needs one, and a session signed in with it."
             }
             Self::SessionRequired => {
                 "This needs a signed-in session (a token from POST /api/v1/auth/login); a personal API token cannot do it."
@@ -184,6 +192,15 @@ pub struct Problem {
     /// For `password_policy`: the stable names of the rules the password breaks.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub violations: Vec<&'static str>,
+    /// For `mfa_required`: the second factors this account can use (`totp`,
+    /// `recovery_code`, `passkey`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<&'static str>,
+    /// For `mfa_required` when the account has a passkey: a WebAuthn challenge
+    /// (`{"ceremony", "publicKey"}`) to answer as `passkey` in the same sign-in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub passkey: Option<serde_json::Value>,
 }
 
 /// The error every handler, extractor and middleware returns.
@@ -194,6 +211,9 @@ pub struct ApiError {
     errors: Vec<FieldError>,
     violations: Vec<&'static str>,
     retry_after: Option<u64>,
+    /// For `mfa_required`: the methods, and a passkey challenge (boxed: rare, and an
+    /// error travels through every `Result` of the server).
+    second_factors: Option<Box<(Vec<&'static str>, Option<serde_json::Value>)>>,
     cause: Option<anyhow::Error>,
 }
 
@@ -205,8 +225,20 @@ impl ApiError {
             errors: Vec::new(),
             violations: Vec::new(),
             retry_after: None,
+            second_factors: None,
             cause: None,
         }
+    }
+
+    /// For `mfa_required`: which second factors the account has, and a passkey
+    /// challenge when it has a passkey.
+    pub fn with_second_factors(
+        mut self,
+        methods: Vec<&'static str>,
+        passkey: Option<serde_json::Value>,
+    ) -> Self {
+        self.second_factors = Some(Box::new((methods, passkey)));
+        self
     }
 
     /// A detail for the client. It must never hold PHI or secrets.
@@ -288,6 +320,7 @@ pub const PROBLEM_JSON: &str = "application/problem+json";
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.code.status();
+        let (methods, passkey) = self.second_factors.map(|b| *b).unwrap_or_default();
         let problem = Problem {
             type_: "about:blank",
             title: status.canonical_reason().unwrap_or("Error"),
@@ -299,6 +332,8 @@ impl IntoResponse for ApiError {
             request_id: current_request_id(),
             errors: self.errors,
             violations: self.violations,
+            methods,
+            passkey,
         };
         let body = serde_json::to_vec(&problem).unwrap_or_else(|_| b"{}".to_vec());
         let mut res = (status, body).into_response();

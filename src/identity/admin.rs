@@ -617,9 +617,9 @@ pub struct TotpResetView {
     notified: bool,
 }
 
-/// Reset a user's second factor, for a lost authenticator (needs `users:manage`, and
-/// every permission of the user's role; never one's own): the TOTP secret and recovery
-/// codes are removed, the user's sessions and app grants end, and the user is told by
+/// Reset a user's second factors, for a lost authenticator (needs `users:manage`, and
+/// every permission of the user's role; never one's own): the TOTP secret, every
+/// passkey and the recovery codes are removed, the user's sessions and app grants end, and the user is told by
 /// mail. They sign in with the password and set up an authenticator again (with
 /// `mfa.required`, before anything else).
 #[utoipa::path(post, path = "/api/v1/users/{id}/totp/reset", tag = "users", security(("bearer" = ["users:manage"])),

@@ -3,6 +3,7 @@
 //! - `model`: usernames, emails, attempt reasons, the stored user;
 //! - `password`: the two policies, the blocklist, argon2id on a bounded pool;
 //! - `totp`: RFC 6238 codes, enrolment URI and QR code, recovery codes;
+//! - `passkeys`: WebAuthn registration, second factor and sign-in with a passkey alone;
 //! - `store`: the identity tables' queries;
 //! - `delegation`: nobody hands out more than they hold (`Grantor`);
 //! - `service`: the rules (sign-in with lockout, sessions, tokens, TOTP);
@@ -13,6 +14,8 @@ pub mod admin;
 pub mod delegation;
 pub mod extract;
 pub mod model;
+pub mod passkey_routes;
+pub mod passkeys;
 pub mod password;
 pub mod roles;
 pub mod routes;

@@ -83,6 +83,8 @@ pub enum AttemptReason {
     Expired,
     Inactive,
     RateLimited,
+    /// A passkey answer that did not verify (or a challenge unknown, used or expired).
+    BadPasskey,
 }
 
 impl AttemptReason {
@@ -97,6 +99,7 @@ impl AttemptReason {
             AttemptReason::Expired => "expired",
             AttemptReason::Inactive => "inactive",
             AttemptReason::RateLimited => "rate_limited",
+            AttemptReason::BadPasskey => "bad_passkey",
         }
     }
 }

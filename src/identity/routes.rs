@@ -40,6 +40,7 @@ impl From<IdentityError> for ApiError {
             IdentityError::InvalidCredentials => ApiError::new(ErrorCode::InvalidCredentials),
             IdentityError::MfaRequired => ApiError::new(ErrorCode::MfaRequired),
             IdentityError::InvalidTotp => ApiError::new(ErrorCode::InvalidTotp),
+            IdentityError::InvalidPasskey => ApiError::new(ErrorCode::InvalidPasskey),
             IdentityError::Locked { retry_after } => {
                 ApiError::new(ErrorCode::AccountLocked).with_retry_after(retry_after)
             }
@@ -174,6 +175,21 @@ pub struct LoginRequest {
     /// The current TOTP code, or a recovery code, when TOTP is on.
     #[serde(default)]
     totp_code: Option<String>,
+    /// Instead of a code: the answer to the passkey challenge of an `mfa_required`
+    /// answer (`{"ceremony", "credential"}`).
+    #[serde(default)]
+    passkey: Option<PasskeyAnswer>,
+}
+
+/// A passkey answer sent as the second factor.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PasskeyAnswer {
+    /// The `ceremony` of the challenge.
+    pub ceremony: String,
+    /// The `PublicKeyCredential` from `navigator.credentials.get()` (base64url fields).
+    #[schema(value_type = Object)]
+    pub credential: serde_json::Value,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -197,11 +213,56 @@ pub struct LoginResponse {
     password_expires_at: Option<String>,
 }
 
-/// Sign in with a username and password (and a TOTP or recovery code when TOTP is on).
+impl LoginResponse {
+    pub fn of(ok: super::service::NewLogin) -> Self {
+        LoginResponse {
+            access_token: ok.token.expose().to_owned(),
+            token_type: "Bearer",
+            expires_in: ok.expires_in,
+            user: UserSummary {
+                id: ok.user.id,
+                username: ok.user.username,
+                email: ok.user.email,
+                role: ok.user.role,
+                permissions: ok.permissions,
+                mfa_enabled: ok.user.totp_enabled,
+            },
+            password_expires_at: ok.password_expires_at,
+        }
+    }
+}
+
+/// The `mfa_required` answer for `user_id`: which second factors the account has, and a
+/// passkey challenge when it has a passkey (the password was right).
+pub async fn second_factor_offer(state: &AppState, user_id: Option<&str>) -> ApiError {
+    let e = ApiError::new(ErrorCode::MfaRequired);
+    let Some(id) = user_id else { return e };
+    let identity = state.identity();
+    let user = match identity.user(id).await {
+        Ok(u) => u,
+        Err(err) => return err.into(),
+    };
+    let challenge = match identity.passkey_second_factor_start(id).await {
+        Ok(c) => c,
+        Err(err) => return err.into(),
+    };
+    let mut methods = Vec::new();
+    if user.totp_enabled {
+        methods.push("totp");
+    }
+    methods.push("recovery_code");
+    if challenge.is_some() {
+        methods.push("passkey");
+    }
+    e.with_second_factors(methods, challenge.map(|c| c.to_json()))
+}
+/// Sign in with a username and password, and a second factor when the account has one:
+/// a TOTP or recovery code (`totp_code`), or the answer to the passkey challenge that
+/// the `mfa_required` answer carries (`passkey`).
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginRequest,
     responses(
         (status = 200, description = "Signed in", body = LoginResponse),
-        (status = 401, description = "invalid_credentials, mfa_required or invalid_totp", body = crate::http::error::Problem),
+        (status = 401, description = "invalid_credentials, mfa_required (with `methods` and, for an account with a passkey, a `passkey` challenge), invalid_totp or invalid_passkey", body = crate::http::error::Problem),
         (status = 403, description = "password_expired", body = crate::http::error::Problem),
         (status = 422, description = "validation_error", body = crate::http::error::Problem),
         (status = 423, description = "account_locked (Retry-After)", body = crate::http::error::Problem),
@@ -214,32 +275,51 @@ pub async fn login(
     JsonBody(req): JsonBody<LoginRequest>,
 ) -> Result<Json<LoginResponse>, ApiError> {
     check_lengths(Some(&req.username), &[("password", &req.password)])?;
+    if let Some(pk) = &req.passkey {
+        super::passkey_routes::check_answer(&pk.credential)?;
+    }
     let origin = origin(ip, &headers);
     let password = Secret::new(req.password);
     let identity = state.identity();
     let (result, facts) = identity
-        .login(&req.username, &password, req.totp_code.as_deref(), &origin)
+        .login_with(
+            &req.username,
+            &password,
+            super::service::SecondFactorAnswer {
+                code: req.totp_code.as_deref(),
+                passkey: req
+                    .passkey
+                    .as_ref()
+                    .map(|p| (p.ceremony.as_str(), &p.credential)),
+            },
+            &origin,
+        )
         .await;
     identity.record_attempt(&facts, &origin).await?;
     audit_attempt(&audit, result.is_ok(), &facts);
-    let ok = result?;
+    let ok = match result {
+        Ok(ok) => ok,
+        Err(IdentityError::MfaRequired) => {
+            return Err(second_factor_offer(&state, facts.user_id.as_deref()).await);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    audit.context("method", ContextValue::Code(method_code(&ok.method)));
     if ok.used_recovery_code {
         audit.context("recovery_code", ContextValue::Bool(true));
     }
-    Ok(Json(LoginResponse {
-        access_token: ok.token.expose().to_owned(),
-        token_type: "Bearer",
-        expires_in: ok.expires_in,
-        user: UserSummary {
-            id: ok.user.id,
-            username: ok.user.username,
-            email: ok.user.email,
-            role: ok.user.role,
-            permissions: ok.permissions,
-            mfa_enabled: ok.user.totp_enabled,
-        },
-        password_expires_at: ok.password_expires_at,
-    }))
+    Ok(Json(LoginResponse::of(ok)))
+}
+
+/// A sign-in method as an audit code.
+pub fn method_code(method: &str) -> &'static str {
+    match method {
+        "password+totp" => "password+totp",
+        "password+recovery_code" => "password+recovery_code",
+        "password+passkey" => "password+passkey",
+        "passkey" => "passkey",
+        _ => "password",
+    }
 }
 
 /// End this session.
@@ -505,6 +585,20 @@ pub async fn confirm_presence(
             }
         }
     }
+}
+
+/// [`confirm_presence`] of the caller: reads their account, checks the password when
+/// sent (else a fresh sign-in), and returns the account.
+pub async fn caller_present(
+    state: &AppState,
+    audit: &Audit,
+    p: &crate::access::Principal,
+    password: Option<Secret>,
+    origin: &Origin,
+) -> Result<super::model::User, ApiError> {
+    let user = state.identity().user(&p.user_id).await?;
+    confirm_presence(state, audit, p, &user, password, origin).await?;
+    Ok(user)
 }
 
 /// Start TOTP enrolment (RFC 6238: SHA-1, 6 digits, 30 s). Shown only to the caller.

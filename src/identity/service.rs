@@ -41,6 +41,9 @@ pub enum IdentityError {
     MfaRequired,
     #[error("invalid TOTP code")]
     InvalidTotp,
+    /// A passkey answer that did not verify, or a ceremony unknown, used or expired.
+    #[error("passkey not accepted")]
+    InvalidPasskey,
     #[error("account locked")]
     Locked { retry_after: u64 },
     #[error("too many failures from this address")]
@@ -105,6 +108,9 @@ pub struct Settings {
     pub address_window: Duration,
     pub reauth_window: Duration,
     pub mfa_required: bool,
+    /// Roles that must sign in with a passkey.
+    pub phishing_resistant_roles: Vec<String>,
+    pub challenge_ttl: Duration,
     pub token_max_lifetime: Duration,
 }
 
@@ -121,6 +127,8 @@ impl Settings {
             address_window: c.lockout.address_window.std(),
             reauth_window: c.session.reauth_window.std(),
             mfa_required: c.mfa.required,
+            phishing_resistant_roles: c.mfa.phishing_resistant_roles.clone(),
+            challenge_ttl: c.passkeys.challenge_ttl.std(),
             token_max_lifetime: c.api_tokens.max_lifetime.std(),
         }
     }
@@ -141,6 +149,7 @@ pub struct Identity {
     clock: SharedClock,
     keys: Arc<SharedKeyring>,
     settings: Arc<Settings>,
+    pub(super) webauthn: Arc<webauthn_rs::Webauthn>,
 }
 
 /// A change of one's own password: what the person sends, and what else ends.
@@ -163,6 +172,16 @@ pub struct NewLogin {
     pub permissions: Vec<String>,
     pub password_expires_at: Option<String>,
     pub used_recovery_code: bool,
+    /// How it signed in (`password+totp`, `passkey`, …).
+    pub method: String,
+}
+
+/// The second factor sent with a password: a TOTP or recovery code, or the answer to a
+/// passkey challenge (`ceremony`, the credential).
+#[derive(Clone, Copy, Default)]
+pub struct SecondFactorAnswer<'a> {
+    pub code: Option<&'a str>,
+    pub passkey: Option<(&'a str, &'a serde_json::Value)>,
 }
 
 /// What the audit trail and the login history learn about an attempt.
@@ -176,21 +195,21 @@ pub struct AttemptFacts {
 }
 
 #[derive(Clone, Copy)]
-enum AddressCheck {
+pub(super) enum AddressCheck {
     AcrossUsernames,
     ThisUsername,
 }
 
 /// The failure counters an attempt touches: the username's (its lock), the address's
 /// across usernames, and the address's on this username.
-struct FailureKeys {
+pub(super) struct FailureKeys {
     user: String,
     ip: Option<String>,
-    pair: Option<String>,
+    pub(super) pair: Option<String>,
 }
 
 impl FailureKeys {
-    fn new(username: &str, origin: &Origin) -> Self {
+    pub(super) fn new(username: &str, origin: &Origin) -> Self {
         Self {
             user: user_key(username),
             // Counted per network (an IPv6 /64 as one), so that the addresses of one
@@ -237,6 +256,7 @@ impl Identity {
         clock: SharedClock,
         keys: Arc<SharedKeyring>,
         settings: Settings,
+        webauthn: webauthn_rs::Webauthn,
     ) -> Self {
         Self {
             db,
@@ -244,6 +264,7 @@ impl Identity {
             clock,
             keys,
             settings: Arc::new(settings),
+            webauthn: Arc::new(webauthn),
         }
     }
 
@@ -257,6 +278,10 @@ impl Identity {
 
     fn now(&self) -> OffsetDateTime {
         self.clock.now()
+    }
+
+    pub(super) fn clock(&self) -> &SharedClock {
+        &self.clock
     }
 
     /// When a password set at `changed_at` expires, if the policy expires passwords.
@@ -361,6 +386,26 @@ impl Identity {
         totp_code: Option<&str>,
         origin: &Origin,
     ) -> (Result<NewLogin, IdentityError>, AttemptFacts) {
+        self.login_with(
+            username_raw,
+            password,
+            SecondFactorAnswer {
+                code: totp_code,
+                passkey: None,
+            },
+            origin,
+        )
+        .await
+    }
+
+    /// [`Self::login`] with the second factor as a code or a passkey answer.
+    pub async fn login_with(
+        &self,
+        username_raw: &str,
+        password: &Secret,
+        second: SecondFactorAnswer<'_>,
+        origin: &Origin,
+    ) -> (Result<NewLogin, IdentityError>, AttemptFacts) {
         let username = Username::normalise(username_raw);
         let mut facts = AttemptFacts {
             username: username.clone(),
@@ -369,7 +414,7 @@ impl Identity {
             locked_now: false,
         };
         let result = self
-            .login_inner(&username, password, totp_code, origin, &mut facts)
+            .login_inner(&username, password, second, origin, &mut facts)
             .await;
         (result, facts)
     }
@@ -378,12 +423,11 @@ impl Identity {
         &self,
         username: &str,
         password: &Secret,
-        totp_code: Option<&str>,
+        second: SecondFactorAnswer<'_>,
         origin: &Origin,
         facts: &mut AttemptFacts,
     ) -> Result<NewLogin, IdentityError> {
         let now = self.now();
-        let now_s = timestamp(now);
         let keys = FailureKeys::new(username, origin);
 
         let user = store::user_by_username(&self.db, username).await?;
@@ -412,19 +456,36 @@ impl Identity {
         }
 
         let mut used_recovery_code = false;
-        if user.totp_enabled {
-            let Some(code) = totp_code.map(str::trim).filter(|c| !c.is_empty()) else {
+        let mut method = "password";
+        let has_passkey = super::passkeys::passkey_count(&self.db, &user.id).await? > 0;
+        if user.totp_enabled || has_passkey {
+            let code = second.code.map(str::trim).filter(|c| !c.is_empty());
+            if let Some((ceremony, answer)) = second.passkey.filter(|_| has_passkey) {
+                if !self
+                    .passkey_second_factor_ok(&user, ceremony, answer)
+                    .await?
+                {
+                    facts.reason = AttemptReason::BadPasskey;
+                    self.count_failure(&keys, now, facts).await?;
+                    return Err(IdentityError::InvalidPasskey);
+                }
+                method = "password+passkey";
+            } else if let Some(code) = code {
+                match self.check_second_factor(&user, code, now).await? {
+                    SecondFactor::Totp => method = "password+totp",
+                    SecondFactor::RecoveryCode => {
+                        used_recovery_code = true;
+                        method = "password+recovery_code";
+                    }
+                    SecondFactor::Wrong => {
+                        facts.reason = AttemptReason::BadTotp;
+                        self.count_failure(&keys, now, facts).await?;
+                        return Err(IdentityError::InvalidTotp);
+                    }
+                }
+            } else {
                 facts.reason = AttemptReason::MfaRequired;
                 return Err(IdentityError::MfaRequired);
-            };
-            match self.check_second_factor(&user, code, now).await? {
-                SecondFactor::Totp => {}
-                SecondFactor::RecoveryCode => used_recovery_code = true,
-                SecondFactor::Wrong => {
-                    facts.reason = AttemptReason::BadTotp;
-                    self.count_failure(&keys, now, facts).await?;
-                    return Err(IdentityError::InvalidTotp);
-                }
             }
         }
 
@@ -443,6 +504,21 @@ impl Identity {
             });
         }
 
+        facts.reason = AttemptReason::Success;
+        self.open_session(user, origin, method, used_recovery_code)
+            .await
+    }
+
+    /// A new session for `user`, signed in by `method`.
+    pub(super) async fn open_session(
+        &self,
+        user: User,
+        origin: &Origin,
+        method: &str,
+        used_recovery_code: bool,
+    ) -> Result<NewLogin, IdentityError> {
+        let now = self.now();
+        let now_s = timestamp(now);
         let (token, hash) = crypto::new_token(SESSION_PREFIX)?;
         let absolute = add(now, self.settings.absolute_timeout);
         store::insert_session(
@@ -455,18 +531,21 @@ impl Identity {
                 absolute_expires_at: &timestamp(absolute),
                 ip: origin.ip.as_deref(),
                 user_agent: origin.user_agent.as_deref(),
+                method,
             },
         )
         .await?;
-        facts.reason = AttemptReason::Success;
         let permissions = store::role_permissions(&self.db, &user.role).await?;
         Ok(NewLogin {
             token: Secret::new(token),
             expires_in: self.settings.idle_timeout.as_secs(),
             permissions,
-            password_expires_at: expires_at.map(crate::clock::rfc3339),
+            password_expires_at: self
+                .password_expires_at(&user.password_changed_at)
+                .map(crate::clock::rfc3339),
             user,
             used_recovery_code,
+            method: method.to_owned(),
         })
     }
 
@@ -497,7 +576,7 @@ impl Identity {
 
     /// The address's throttles: across usernames (password spraying), or on this
     /// username.
-    async fn gate_address(
+    pub(super) async fn gate_address(
         &self,
         keys: &FailureKeys,
         now: OffsetDateTime,
@@ -520,7 +599,7 @@ impl Identity {
         Ok(())
     }
 
-    async fn count_failure(
+    pub(super) async fn count_failure(
         &self,
         keys: &FailureKeys,
         now: OffsetDateTime,
@@ -851,8 +930,11 @@ impl Identity {
             permissions.remove(&Permission::PhiSsn);
             permissions.remove(&Permission::BreakGlass);
         }
+        let mfa_enrollment_pending = self
+            .enrolment_pending(&user, is_session.then_some(credential_id.as_str()))
+            .await?;
         Ok(Principal {
-            mfa_enrollment_pending: self.settings.mfa_required && !user.totp_enabled,
+            mfa_enrollment_pending,
             password_expires_at: self
                 .password_expires_at(&user.password_changed_at)
                 .map(crate::clock::rfc3339),
@@ -876,6 +958,43 @@ impl Identity {
             },
             mfa_enabled: user.totp_enabled,
         })
+    }
+
+    /// Whether a user may only enrol a second factor: `mfa.required` and neither TOTP
+    /// nor a passkey; or a role under `mfa.phishing_resistant_roles` without a passkey,
+    /// or (for a session) a session not signed in with one. Read only for those users,
+    /// so that everyone else's requests make no extra query.
+    async fn enrolment_pending(
+        &self,
+        user: &User,
+        session_id: Option<&str>,
+    ) -> Result<bool, IdentityError> {
+        let phishing_resistant = self.requires_passkey(&user.role);
+        let totp_missing = self.settings.mfa_required && !user.totp_enabled;
+        if !phishing_resistant && !totp_missing {
+            return Ok(false);
+        }
+        let has_passkey = super::passkeys::passkey_count(&self.db, &user.id).await? > 0;
+        if phishing_resistant {
+            if !has_passkey {
+                return Ok(true);
+            }
+            if let Some(id) = session_id
+                && !self.session_used_passkey(id).await?
+            {
+                return Ok(true);
+            }
+            return Ok(false);
+        }
+        Ok(!has_passkey)
+    }
+
+    /// Whether users of `role` must sign in with a passkey.
+    pub fn requires_passkey(&self, role: &str) -> bool {
+        self.settings
+            .phishing_resistant_roles
+            .iter()
+            .any(|r| r == role)
     }
 
     /// Marks a session used now (the pages' "stay signed in").
@@ -1119,12 +1238,15 @@ impl Identity {
             ));
         }
         by.may_manage(&self.db, &user.role).await?;
-        if !user.totp_enabled && user.totp_secret.is_none() {
+        let passkeys = super::passkeys::passkey_count(&self.db, &user.id).await?;
+        if !user.totp_enabled && user.totp_secret.is_none() && passkeys == 0 {
             return Err(IdentityError::Conflict(
                 "This user has no second factor to reset.",
             ));
         }
         store::disable_totp(&self.db, &user.id, &timestamp(self.now())).await?;
+        self.passkeys_remove_all(&user.id).await?;
+        store::delete_recovery_codes(&self.db, &user.id).await?;
         self.revoke_all(&user.id, false).await?;
         Ok(user)
     }
@@ -1214,6 +1336,14 @@ impl Identity {
         totp::TotpSecret::from_bytes(&raw)
             .map(Some)
             .map_err(|_| IdentityError::Internal("stored TOTP secret is malformed".into()))
+    }
+
+    pub(super) fn recovery_code_hash(
+        &self,
+        user_id: &str,
+        normalised: &str,
+    ) -> Result<String, IdentityError> {
+        self.recovery_hash(user_id, normalised)
     }
 
     fn recovery_hash(&self, user_id: &str, normalised: &str) -> Result<String, IdentityError> {

@@ -234,9 +234,20 @@ pub async fn enable_totp(
         .bind(user_id)
         .execute(&mut *tx)
         .await?;
+    write_recovery_codes(&mut tx, user_id, code_hashes).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Replaces a user's recovery codes (their hashes) inside a transaction.
+async fn write_recovery_codes(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    user_id: &str,
+    code_hashes: &[String],
+) -> Result<(), StoreError> {
     sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
         .bind(user_id)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
     for h in code_hashes {
         sqlx::query(
@@ -244,10 +255,9 @@ pub async fn enable_totp(
         )
         .bind(user_id)
         .bind(h)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
     }
-    tx.commit().await?;
     Ok(())
 }
 
@@ -260,10 +270,35 @@ pub async fn disable_totp(db: &Db, user_id: &str, now: &str) -> Result<(), Store
     .bind(user_id)
     .execute(&mut *tx)
     .await?;
+    // The recovery codes stay while a passkey needs them.
+    sqlx::query(
+        "DELETE FROM recovery_codes WHERE user_id = $1 \
+         AND NOT EXISTS (SELECT 1 FROM passkeys WHERE user_id = $1)",
+    )
+    .bind(user_id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Removes every recovery code of a user.
+pub async fn delete_recovery_codes(db: &Db, user_id: &str) -> Result<(), StoreError> {
     sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
         .bind(user_id)
-        .execute(&mut *tx)
+        .execute(db.writer())
         .await?;
+    Ok(())
+}
+
+/// Replaces a user's recovery codes (their hashes) with new ones.
+pub async fn replace_recovery_codes(
+    db: &Db,
+    user_id: &str,
+    code_hashes: &[String],
+) -> Result<(), StoreError> {
+    let mut tx = db.writer().begin().await?;
+    write_recovery_codes(&mut tx, user_id, code_hashes).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -452,12 +487,14 @@ pub struct NewSession<'a> {
     pub absolute_expires_at: &'a str,
     pub ip: Option<&'a str>,
     pub user_agent: Option<&'a str>,
+    /// How it was signed in (`password+totp`, `passkey`, …).
+    pub method: &'a str,
 }
 
 pub async fn insert_session(db: &Db, s: &NewSession<'_>) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO sessions (id, user_id, token_hash, created_at, last_used_at, absolute_expires_at, revoked_at, ip, user_agent) \
-         VALUES ($1, $2, $3, $4, $4, $5, NULL, $6, $7)",
+        "INSERT INTO sessions (id, user_id, token_hash, created_at, last_used_at, absolute_expires_at, revoked_at, ip, user_agent, method) \
+         VALUES ($1, $2, $3, $4, $4, $5, NULL, $6, $7, $8)",
     )
     .bind(s.id)
     .bind(s.user_id)
@@ -466,6 +503,7 @@ pub async fn insert_session(db: &Db, s: &NewSession<'_>) -> Result<(), StoreErro
     .bind(s.absolute_expires_at)
     .bind(s.ip)
     .bind(s.user_agent)
+    .bind(s.method)
     .execute(db.writer())
     .await?;
     Ok(())

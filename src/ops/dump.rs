@@ -24,6 +24,7 @@ pub const TABLES: &[&str] = &[
     "users",
     "password_history",
     "recovery_codes",
+    "passkeys",
     "sessions",
     "api_tokens",
     "login_attempts",
@@ -67,6 +68,10 @@ pub const SKIPPED: &[(&str, &str)] = &[
     (
         "oauth_launches",
         "EHR launches: single-use, valid for five minutes",
+    ),
+    (
+        "passkey_ceremonies",
+        "passkey challenges in progress: single-use, valid for minutes",
     ),
     (
         "smart_contexts",

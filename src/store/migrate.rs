@@ -46,6 +46,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(13, "0013_name_terms"),
     migration!(14, "0014_must_change_password"),
     migration!(15, "0015_oauth"),
+    migration!(16, "0016_passkeys"),
 ];
 
 impl Migration {

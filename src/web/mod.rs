@@ -4,6 +4,7 @@
 
 pub mod clinic;
 pub mod pages;
+pub mod passkeys;
 pub mod session;
 pub mod sessions;
 
@@ -41,6 +42,10 @@ pub fn router() -> Router<AppState> {
         )
         .route("/login", get(pages::login_form).post(pages::login_submit))
         .route("/login/password", post(pages::login_password))
+        .route("/login/passkey", post(passkeys::sign_in))
+        .route("/admin/passkeys", post(passkeys::add))
+        .route("/admin/passkeys/challenge", post(passkeys::challenge))
+        .route("/admin/passkeys/{id}/remove", post(passkeys::remove))
         .route("/logout", post(pages::logout))
         .route("/admin", get(pages::home))
         .route("/admin/keepalive", post(pages::keepalive))

@@ -202,20 +202,22 @@ pub struct NoticeQuery {
 
 #[derive(Template)]
 #[template(path = "login.html")]
-struct LoginPage {
+pub(super) struct LoginPage {
     layout: Layout,
     login_csrf: String,
     username: String,
     next: String,
     error: Option<String>,
     need_totp: bool,
+    /// The second-factor step of an account with a passkey: its challenge (JSON).
+    passkey_challenge: Option<String>,
     expired: bool,
     /// The password to change is one an administrator set (not one past its age).
     set_by_admin: bool,
     violations: Vec<&'static str>,
 }
 
-fn login_page(state: &AppState, mut page: LoginPage) -> Response {
+pub(super) fn login_page(state: &AppState, mut page: LoginPage) -> Response {
     let csrf = new_login_csrf();
     page.login_csrf.clone_from(&csrf);
     let embedded = embedded_flow(state, &page.next);
@@ -241,7 +243,7 @@ fn embedded_flow(state: &AppState, next: &str) -> bool {
     !next.is_empty() && !state.config().smart.frame_ancestors.is_empty()
 }
 
-fn blank_login(notice: Option<String>) -> LoginPage {
+pub(super) fn blank_login(notice: Option<String>) -> LoginPage {
     LoginPage {
         layout: Layout::anonymous(notice),
         login_csrf: String::new(),
@@ -249,9 +251,24 @@ fn blank_login(notice: Option<String>) -> LoginPage {
         next: String::new(),
         error: None,
         need_totp: false,
+        passkey_challenge: None,
         expired: false,
         set_by_admin: false,
         violations: Vec::new(),
+    }
+}
+
+impl LoginPage {
+    pub(super) fn set_next(&mut self, next: &str) {
+        self.next = safe_next(next).unwrap_or("").to_owned();
+    }
+
+    pub(super) fn next(&self) -> &str {
+        &self.next
+    }
+
+    pub(super) fn fail(&mut self, message: &str) {
+        self.error = Some(message.to_owned());
     }
 }
 
@@ -286,7 +303,7 @@ struct Continue {
     next: String,
 }
 
-fn signed_in(state: &AppState, token: &Secret, next: &str) -> Response {
+pub(super) fn signed_in(state: &AppState, token: &Secret, next: &str) -> Response {
     let embedded = embedded_flow(state, next);
     let mut r = if next.is_empty() {
         Redirect::to("/").into_response()
@@ -338,11 +355,18 @@ pub async fn login_submit(
     }
     let origin = origin(ip, &headers);
     let identity = state.identity();
+    let ceremony = fields.text("passkey_ceremony");
+    let answer = Some(fields.text("passkey_credential"))
+        .filter(|a| !a.is_empty() && a.len() <= crate::identity::passkeys::MAX_ANSWER_BYTES)
+        .and_then(|a| serde_json::from_str::<serde_json::Value>(&a).ok());
     let (result, facts) = identity
-        .login(
+        .login_with(
             &username,
             &password,
-            Some(code.as_str()).filter(|c| !c.is_empty()),
+            crate::identity::service::SecondFactorAnswer {
+                code: Some(code.as_str()).filter(|c| !c.is_empty()),
+                passkey: answer.as_ref().map(|a| (ceremony.as_str(), a)),
+            },
             &origin,
         )
         .await;
@@ -350,6 +374,25 @@ pub async fn login_submit(
         return ApiError::from(e).into_response();
     }
     crate::identity::routes::audit_attempt(&audit, result.is_ok(), &facts);
+    if let Ok(ok) = &result {
+        audit.context(
+            "method",
+            ContextValue::Code(crate::identity::routes::method_code(&ok.method)),
+        );
+    }
+    if matches!(
+        result,
+        Err(IdentityError::MfaRequired
+            | IdentityError::InvalidTotp
+            | IdentityError::InvalidPasskey)
+    ) && let Some(id) = facts.user_id.as_deref()
+    {
+        // The password was right: a new passkey challenge for the second step.
+        match identity.passkey_second_factor_start(id).await {
+            Ok(c) => page.passkey_challenge = c.map(|c| c.to_json().to_string()),
+            Err(e) => return ApiError::from(e).into_response(),
+        }
+    }
     match result {
         Ok(ok) => signed_in(&state, &ok.token, &page.next),
         Err(IdentityError::MfaRequired) => {
@@ -359,6 +402,11 @@ pub async fn login_submit(
         Err(IdentityError::InvalidTotp) => {
             page.need_totp = true;
             page.error = Some("The authentication code is wrong or was already used.".into());
+            login_page(&state, page)
+        }
+        Err(IdentityError::InvalidPasskey) => {
+            page.need_totp = true;
+            page.error = Some("The passkey was not accepted. Try again.".into());
             login_page(&state, page)
         }
         Err(IdentityError::PasswordExpired { set_by_admin }) => {
@@ -543,7 +591,7 @@ struct Enrol {
 
 #[derive(Template)]
 #[template(path = "dashboard.html")]
-struct Dashboard {
+pub(super) struct Dashboard {
     layout: Layout,
     email: String,
     permissions: Vec<String>,
@@ -558,6 +606,11 @@ struct Dashboard {
     enrol: Option<Enrol>,
     recovery_codes: Vec<String>,
     totp_error: Option<String>,
+    pub(super) passkeys: Vec<super::passkeys::PasskeyRow>,
+    pub(super) passkey_error: Option<String>,
+    pub(super) passkey_recovery_codes: Vec<String>,
+    /// The user's role must sign in with a passkey (`mfa.phishing_resistant_roles`).
+    passkey_required: bool,
     password_error: Option<String>,
     password_violations: Vec<&'static str>,
     /// Just changed: the API tokens that still work are listed with the offer to
@@ -565,7 +618,7 @@ struct Dashboard {
     password_changed: bool,
 }
 
-async fn dashboard(
+pub(super) async fn dashboard(
     state: &AppState,
     u: &WebUser,
     notice: Option<String>,
@@ -624,13 +677,17 @@ async fn dashboard(
         enrol: None,
         recovery_codes: Vec::new(),
         totp_error: None,
+        passkeys: super::passkeys::rows(state, &p.user_id).await?,
+        passkey_error: None,
+        passkey_recovery_codes: Vec::new(),
+        passkey_required: identity.requires_passkey(&p.role),
         password_error: None,
         password_violations: Vec::new(),
         password_changed: false,
     })
 }
 
-fn or_error(r: Result<Dashboard, ApiError>) -> Response {
+pub(super) fn or_error(r: Result<Dashboard, ApiError>) -> Response {
     match r {
         Ok(d) => render(&d),
         Err(e) => e.into_response(),
@@ -673,17 +730,12 @@ pub async fn totp_enroll(
             .await
             .map_err(|_| IdentityError::Internal("page".into()))?;
         // The current password, unless the session signed in with it moments ago.
-        let password = form
-            .fields
-            .get("password")
-            .filter(|p| !p.is_empty())
-            .map(|p| Secret::new(p.to_owned()));
         let present = crate::identity::routes::confirm_presence(
             &state,
             &audit,
             &u.principal,
             &user,
-            password,
+            form_password(&form.fields),
             &origin(ip, &headers),
         )
         .await;
@@ -744,8 +796,16 @@ pub async fn totp_confirm(State(state): State<AppState>, audit: Audit, form: Web
     or_error(result.map_err(ApiError::from))
 }
 
+/// The current password of a credential-change form, when typed.
+pub(super) fn form_password(fields: &super::session::Fields) -> Option<Secret> {
+    fields
+        .get("password")
+        .filter(|p| !p.is_empty())
+        .map(|p| Secret::new(p.to_owned()))
+}
+
 /// What the pages say when a credential change could not confirm it is the user.
-fn presence_error(e: &ApiError) -> String {
+pub(super) fn presence_error(e: &ApiError) -> String {
     match e.code() {
         ErrorCode::ReauthenticationRequired => "Enter your current password to do this.".into(),
         ErrorCode::AccountLocked => {
@@ -1269,6 +1329,8 @@ struct UserPage {
     roles: Vec<String>,
     sessions: Vec<super::sessions::CredentialRow>,
     tokens: Vec<super::sessions::CredentialRow>,
+    /// The user's authenticators: TOTP is `user.mfa_enabled`; these are the passkeys.
+    passkeys: Vec<super::passkeys::PasskeyRow>,
     logins: Vec<LoginRow>,
     errors: Vec<String>,
 }
@@ -1310,6 +1372,7 @@ async fn user_page(
             .collect(),
         sessions,
         tokens,
+        passkeys: super::passkeys::rows(state, id).await?,
         logins,
         errors: Vec::new(),
     })

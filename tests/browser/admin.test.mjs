@@ -232,7 +232,7 @@ test('sign in as admin through the form', async () => {
   await page.locator('input[name=password]').fill(ADMIN.password);
   await Promise.all([
     page.waitForURL((u) => u.pathname === '/admin'),
-    page.getByRole('button', { name: 'Sign in' }).click(),
+    page.getByRole('button', { name: 'Sign in', exact: true }).click(),
   ]);
   await expectBanner(page);
   assert.equal(await fact(page, 'Username'), ADMIN.username);

@@ -69,7 +69,7 @@ test('an EHR frames the app: sign in, launch and the score, all inside the frame
   // Not signed in to Custodian yet: the sign-in form, inside the frame.
   await frame.getByLabel('Username').fill(ADMIN.username);
   await frame.getByLabel('Password').fill(ADMIN.password);
-  await frame.getByRole('button', { name: 'Sign in' }).click();
+  await frame.getByRole('button', { name: 'Sign in', exact: true }).click();
   // The launch runs through the authorization server and back to the app.
   await frame.locator('#score').waitFor({ timeout: 30_000 });
   assert.equal(await frame.locator('#score').innerText(), '43');
@@ -106,7 +106,7 @@ test('the calculator page from the admin GUI', { timeout: 60_000 }, async () => 
   await page.goto('/login');
   await page.getByLabel('Username').fill(ADMIN.username);
   await page.getByLabel('Password').fill(ADMIN.password);
-  await page.getByRole('button', { name: 'Sign in' }).click();
+  await page.getByRole('button', { name: 'Sign in', exact: true }).click();
   await page.waitForURL((u) => u.pathname === '/admin');
   await page.getByRole('link', { name: 'PRECISE-HBR' }).click();
   await page.waitForURL((u) => u.pathname === '/smart/calculator');

@@ -42,7 +42,7 @@ export async function signIn(c, who) {
   await p.locator('input[name=password]').fill(who.password);
   await Promise.all([
     p.waitForURL((u) => u.pathname !== '/login'),
-    p.getByRole('button', { name: 'Sign in' }).click(),
+    p.getByRole('button', { name: 'Sign in', exact: true }).click(),
   ]);
   return p;
 }

@@ -10,8 +10,10 @@ use crate::support::{Backend, TestServer, json};
 
 const PW: &str = "Correct-Horse-9!";
 /// Routes the contract makes public (credentials in the body).
-const PUBLIC: [&str; 7] = [
+const PUBLIC: [&str; 9] = [
     "/api/v1/auth/login",
+    "/api/v1/auth/passkey/challenge",
+    "/api/v1/auth/passkey/login",
     "/api/v1/auth/password",
     "/api/v1/auth/password-reset",
     "/api/v1/auth/password-reset/confirm",

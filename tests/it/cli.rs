@@ -379,6 +379,7 @@ async fn prod_starts_with_a_secure_configuration() {
         &[
             ("CUSTODIAN_ENV", "prod"),
             ("CUSTODIAN_DATA_DIR", &data),
+            ("CUSTODIAN_PASSKEYS__ORIGIN", "https://localhost"),
             ("CUSTODIAN_SERVER__TLS__CERT", &c),
             ("CUSTODIAN_SERVER__TLS__KEY", &k),
         ],

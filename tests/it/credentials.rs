@@ -194,12 +194,15 @@ both_backends!(an_ipv6_network_counts_as_one_address);
 
 /// The operations a personal API token may not call: identity administration and the
 /// caller's own credentials. Everything else accepts one.
-pub(crate) const SESSION_ONLY: [&str; 37] = [
+pub(crate) const SESSION_ONLY: [&str; 41] = [
     "POST /api/v1/auth/logout-all",
     "POST /api/v1/auth/password",
     "POST /api/v1/auth/totp/enroll",
     "POST /api/v1/auth/totp/confirm",
     "DELETE /api/v1/auth/totp",
+    "POST /api/v1/auth/passkeys/register",
+    "POST /api/v1/auth/passkeys",
+    "DELETE /api/v1/auth/passkeys/{id}",
     "POST /api/v1/tokens",
     "GET /api/v1/users",
     "POST /api/v1/users",
@@ -212,6 +215,7 @@ pub(crate) const SESSION_ONLY: [&str; 37] = [
     "DELETE /api/v1/users/{id}/tokens/{token_id}",
     "POST /api/v1/users/{id}/logout",
     "POST /api/v1/users/{id}/totp/reset",
+    "GET /api/v1/users/{id}/passkeys",
     "GET /api/v1/sessions",
     "DELETE /api/v1/sessions/{id}",
     "GET /api/v1/permissions",

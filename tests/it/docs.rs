@@ -72,6 +72,8 @@ fn api_v1_routes_declare_bearer_auth() {
         "/api/v1/auth/email/verify",
         "/api/v1/auth/register",
         "/api/v1/invitations/accept",
+        "/api/v1/auth/passkey/challenge",
+        "/api/v1/auth/passkey/login",
     ]
     .into();
     for (path, ops) in doc["paths"].as_object().unwrap() {

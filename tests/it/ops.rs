@@ -41,6 +41,11 @@ fn secure_prod(dir: &Path) -> Vec<(String, String)> {
             "CUSTODIAN_SERVER__TLS__KEY".into(),
             key_path.display().to_string(),
         ),
+        // Passkeys are bound to the address people use: a name of the certificate.
+        (
+            "CUSTODIAN_PASSKEYS__ORIGIN".into(),
+            "https://localhost".into(),
+        ),
     ]
 }
 
