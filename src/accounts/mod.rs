@@ -423,6 +423,40 @@ impl Accounts {
         totp_reset_notice(&self.inner.db, &self.inner.outbox, user, &self.now()).await
     }
 
+    /// Tells a user by mail (at a verified address, when mail can be sent) that a passkey
+    /// was added to or removed from their account: a new way in that they did not make
+    /// themselves is something to act on. Answers whether a mail was queued.
+    pub async fn notify_passkey_change(
+        &self,
+        user: &User,
+        added: bool,
+        name: &str,
+    ) -> Result<bool, AccountsError> {
+        let Some(email) = &user.email else {
+            return Ok(false);
+        };
+        if !self.inner.outbox.can_send() || !email_verified(&self.inner.db, user).await? {
+            return Ok(false);
+        }
+        let (what, subject) = if added {
+            ("added to", "A passkey was added to your Custodian account")
+        } else {
+            (
+                "removed from",
+                "A passkey was removed from your Custodian account",
+            )
+        };
+        let body = format!(
+            "A passkey named \"{name}\" was {what} the Custodian account \"{}\" at {} UTC.\n\n\
+             If you did not do this, tell your administrator now: they can remove every passkey \
+             of the account and end its sessions.\n",
+            user.username,
+            self.now()
+        );
+        self.inner.outbox.enqueue(email, subject, &body).await?;
+        Ok(true)
+    }
+
     async fn send_verification_marked(
         &self,
         user: &User,

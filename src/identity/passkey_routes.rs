@@ -70,6 +70,31 @@ pub fn check_answer(answer: &serde_json::Value) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Mails the owner that a passkey was added or removed (at a verified address), and
+/// says in the audit event whether it did. The change is made already: a mail that
+/// cannot be queued is logged, not a failure (the answer carries recovery codes that
+/// are shown only once).
+pub async fn notify(
+    state: &AppState,
+    audit: &Audit,
+    user: &super::model::User,
+    added: bool,
+    name: &str,
+) {
+    let notified = match state
+        .accounts()
+        .notify_passkey_change(user, added, name)
+        .await
+    {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(user = %user.id, error = %e, "the passkey notice could not be queued");
+            false
+        }
+    };
+    audit.context("notified", ContextValue::Bool(notified));
+}
+
 /// The caller's passkeys (never a key: names and dates).
 #[utoipa::path(get, path = "/api/v1/auth/passkeys", tag = "auth", security(("bearer" = [])),
     responses((status = 200, description = "The caller's passkeys", body = PasskeyList),
@@ -204,6 +229,7 @@ pub async fn add_passkey(
             ContextValue::Bool(added.recovery_codes.is_some()),
         );
     });
+    notify(&state, &audit, &user, true, &added.passkey.name).await;
     Ok((
         StatusCode::CREATED,
         Json(AddedPasskey {
@@ -247,7 +273,11 @@ pub async fn remove_passkey(
         &origin(ip, &headers),
     )
     .await?;
-    state.identity().passkey_remove(&user.id, &id).await?;
+    let Some(session) = p.session_id() else {
+        return Err(ApiError::new(ErrorCode::SessionRequired));
+    };
+    let name = state.identity().passkey_remove(&user, session, &id).await?;
+    notify(&state, &audit, &user, false, &name).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

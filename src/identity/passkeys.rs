@@ -32,6 +32,8 @@ use crate::store::{Db, StoreError};
 pub const MAX_PASSKEYS: i64 = 10;
 /// Longest passkey name.
 pub const MAX_NAME: usize = 64;
+/// Sign-in challenges open at once (across every address) before new ones wait.
+pub const MAX_OPEN_SIGN_INS: i64 = 10_000;
 /// Longest answer accepted from a client (a credential with its attestation).
 pub const MAX_ANSWER_BYTES: usize = 16 * 1024;
 const CEREMONY_PREFIX: &str = "pkc_";
@@ -300,18 +302,8 @@ impl Identity {
         session_id: &str,
     ) -> Result<Challenge, IdentityError> {
         let rows = self.passkey_rows(&user.id).await?;
-        // A role that must use a passkey, with one already: a session signed in with the
-        // password and a TOTP code may not add another (a phisher holding both would
-        // otherwise turn them into a passkey of their own). The passkey, or a recovery
-        // code (the way back from a lost passkey), may.
-        if self.requires_passkey(&user.role)
-            && !rows.is_empty()
-            && !self.session_may_add_passkey(session_id).await?
-        {
-            return Err(IdentityError::Forbidden(
-                "Your role signs in with a passkey: sign in with one (or with a recovery code, if you lost it) to add another.".into(),
-            ));
-        }
+        self.may_change_passkeys(user, session_id, !rows.is_empty())
+            .await?;
         if i64::try_from(rows.len()).unwrap_or(i64::MAX) >= MAX_PASSKEYS {
             return Err(IdentityError::Conflict(
                 "This account has the most passkeys allowed (10): remove one first.",
@@ -389,11 +381,14 @@ impl Identity {
                 tracing::info!(error = %e, "passkey registration refused");
                 IdentityError::InvalidPasskey
             })?;
-        if passkey_count(self.db(), &user.id).await? >= MAX_PASSKEYS {
+        let count = passkey_count(self.db(), &user.id).await?;
+        if count >= MAX_PASSKEYS {
             return Err(IdentityError::Conflict(
                 "This account has the most passkeys allowed (10): remove one first.",
             ));
         }
+        self.may_change_passkeys(user, session_id, count > 0)
+            .await?;
         let credential = serde_json::to_string(&passkey)
             .map_err(|e| IdentityError::Internal(format!("passkey: {e}")))?;
         let id = uuid::Uuid::now_v7().to_string();
@@ -451,20 +446,32 @@ impl Identity {
         Ok(codes)
     }
 
-    /// Removes one of a user's passkeys (the caller checked a fresh sign-in). With the
-    /// last passkey gone and TOTP off, the recovery codes go too.
-    pub async fn passkey_remove(&self, user_id: &str, id: &str) -> Result<(), IdentityError> {
-        let n = sqlx::query("DELETE FROM passkeys WHERE id = $1 AND user_id = $2")
-            .bind(id)
-            .bind(user_id)
-            .execute(self.db().writer())
-            .await
-            .map_err(StoreError::from)?
-            .rows_affected();
-        if n == 0 {
+    /// Removes one of a user's passkeys, in session `session_id` (the caller checked a
+    /// fresh sign-in); returns its name. With the last passkey gone and TOTP off, the
+    /// recovery codes go too.
+    pub async fn passkey_remove(
+        &self,
+        user: &User,
+        session_id: &str,
+        id: &str,
+    ) -> Result<String, IdentityError> {
+        self.may_change_passkeys(user, session_id, true).await?;
+        let user_id = user.id.as_str();
+        let name: Option<String> =
+            sqlx::query("DELETE FROM passkeys WHERE id = $1 AND user_id = $2 RETURNING name")
+                .bind(id)
+                .bind(user_id)
+                .fetch_optional(self.db().writer())
+                .await
+                .map_err(StoreError::from)?
+                .map(|r| r.try_get("name"))
+                .transpose()
+                .map_err(StoreError::from)?;
+        let Some(name) = name else {
             return Err(IdentityError::NotFound);
-        }
-        self.forget_orphan_recovery_codes(user_id).await
+        };
+        self.forget_orphan_recovery_codes(user_id).await?;
+        Ok(name)
     }
 
     /// Removes every passkey of a user (an administrator's reset); returns how many.
@@ -554,8 +561,11 @@ impl Identity {
             }
         };
         let cred_id = b64(result.cred_id().as_ref());
-        self.passkey_used(&user.id, &cred_id, &result).await?;
-        Ok(true)
+        match self.passkey_used(&user.id, &cred_id, &result).await {
+            Ok(()) => Ok(true),
+            Err(IdentityError::InvalidPasskey) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Keeps what an authentication taught about a passkey: its counter and backup
@@ -581,6 +591,18 @@ impl Identity {
         .ok_or(IdentityError::InvalidPasskey)?;
         let mut passkey: Passkey = serde_json::from_str(&row.credential)
             .map_err(|_| IdentityError::Internal("stored passkey is malformed".into()))?;
+        // The counter as stored now, not as the challenge's state saw it: a clone that
+        // replays a count already used (while a challenge was open, or in a race) is
+        // refused. An authenticator without a counter sends 0 every time.
+        let stored = serde_json::from_str::<serde_json::Value>(&row.credential)
+            .ok()
+            .and_then(|v| v["cred"]["counter"].as_u64())
+            .unwrap_or(0);
+        let got = u64::from(result.counter());
+        if (got > 0 || stored > 0) && got <= stored {
+            tracing::info!("passkey refused: its signature counter did not grow");
+            return Err(IdentityError::InvalidPasskey);
+        }
         let now = timestamp(self.now_at());
         let credential = if passkey.update_credential(result) == Some(true) {
             Some(
@@ -590,15 +612,23 @@ impl Identity {
         } else {
             None
         };
-        sqlx::query(
-            "UPDATE passkeys SET last_used_at = $1, credential = COALESCE($2, credential) WHERE id = $3",
+        // Only over the row as read: of two answers racing with counts above it, one
+        // passes.
+        let n = sqlx::query(
+            "UPDATE passkeys SET last_used_at = $1, credential = COALESCE($2, credential) \
+             WHERE id = $3 AND credential = $4",
         )
         .bind(now)
         .bind(credential)
         .bind(&row.id)
+        .bind(&row.credential)
         .execute(self.db().writer())
         .await
-        .map_err(StoreError::from)?;
+        .map_err(StoreError::from)?
+        .rows_affected();
+        if n != 1 {
+            return Err(IdentityError::InvalidPasskey);
+        }
         Ok(())
     }
 
@@ -607,6 +637,21 @@ impl Identity {
     /// A challenge for signing in with a passkey alone (any account: the passkey names
     /// its user).
     pub async fn passkey_sign_in_start(&self) -> Result<Challenge, IdentityError> {
+        // Anyone may ask: the open challenges are capped, so that many addresses cannot
+        // fill the table (each address is also rate-limited).
+        let open: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM passkey_ceremonies WHERE purpose = $1 AND expires_at > $2",
+        )
+        .bind(Purpose::SignIn.as_str())
+        .bind(timestamp(self.now_at()))
+        .fetch_one(self.db().writer())
+        .await
+        .map_err(StoreError::from)?
+        .try_get("n")
+        .map_err(StoreError::from)?;
+        if open >= MAX_OPEN_SIGN_INS {
+            return Err(IdentityError::TooBusy);
+        }
         let (rcr, state) = self
             .webauthn
             .start_discoverable_authentication()
@@ -714,8 +759,18 @@ impl Identity {
             self.count_failure(&keys, now, facts).await?;
             return Err(IdentityError::InvalidCredentials);
         }
-        self.passkey_used(&user.id, &b64(result.cred_id().as_ref()), &result)
-            .await?;
+        match self
+            .passkey_used(&user.id, &b64(result.cred_id().as_ref()), &result)
+            .await
+        {
+            Ok(()) => {}
+            Err(IdentityError::InvalidPasskey) => {
+                facts.reason = AttemptReason::BadPasskey;
+                self.count_failure(&keys, now, facts).await?;
+                return Err(IdentityError::InvalidPasskey);
+            }
+            Err(e) => return Err(e),
+        }
         // Not the username's count: that is the password's, and a passkey proves
         // nothing about who tried the password. This address's count on it starts again.
         if let Some(k) = &keys.pair {
@@ -752,8 +807,29 @@ impl Identity {
         }))
     }
 
-    /// Whether a session of a role that must use a passkey may add another: signed in
-    /// with a passkey, or with a recovery code.
+    /// A role that must use a passkey, with one already: only a session signed in with a
+    /// passkey, or with a recovery code (the way back from a lost passkey), may add or
+    /// remove passkeys. A phisher holding the password and a TOTP code would otherwise
+    /// remove the owner's passkeys, or add one of their own, and leave confinement.
+    async fn may_change_passkeys(
+        &self,
+        user: &User,
+        session_id: &str,
+        has_passkeys: bool,
+    ) -> Result<(), IdentityError> {
+        if self.requires_passkey(&user.role)
+            && has_passkeys
+            && !self.session_may_add_passkey(session_id).await?
+        {
+            return Err(IdentityError::Forbidden(
+                "Your role signs in with a passkey: sign in with one (or with a recovery code, if you lost it) to add or remove passkeys.".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether a session of a role that must use a passkey may change its passkeys:
+    /// signed in with a passkey, or with a recovery code.
     async fn session_may_add_passkey(&self, session_id: &str) -> Result<bool, IdentityError> {
         Ok(self.session_method(session_id).await?.is_some_and(|m| {
             matches!(

@@ -63,6 +63,9 @@ impl From<IdentityError> for ApiError {
             IdentityError::ReauthenticationRequired => {
                 ApiError::new(ErrorCode::ReauthenticationRequired)
             }
+            IdentityError::TooBusy => ApiError::new(ErrorCode::RateLimited)
+                .with_detail("Too many passkey sign-ins are in progress; retry in a minute.")
+                .with_retry_after(60),
             IdentityError::Busy => ApiError::new(ErrorCode::RateLimited)
                 .with_detail("The server is busy checking passwords; retry in a moment.")
                 .with_retry_after(1),

@@ -69,6 +69,9 @@ pub enum IdentityError {
     ReauthenticationRequired,
     #[error("busy")]
     Busy,
+    /// Too many passkey sign-ins open at once (`passkeys::MAX_OPEN_SIGN_INS`).
+    #[error("too many sign-ins in progress")]
+    TooBusy,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]

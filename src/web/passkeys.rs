@@ -182,6 +182,8 @@ pub async fn add(State(state): State<AppState>, audit: Audit, form: WebForm) -> 
         match outcome {
             Ok(r) => {
                 audit.annotate(|a| a.resource_id = Some(r.passkey.id.clone()));
+                crate::identity::passkey_routes::notify(&state, &audit, &user, true, &r.passkey.name)
+                    .await;
                 d.passkey_recovery_codes = r.recovery_codes.unwrap_or_default();
             }
             Err(IdentityError::InvalidPasskey) => {
@@ -191,6 +193,7 @@ pub async fn add(State(state): State<AppState>, audit: Audit, form: WebForm) -> 
                 d.passkey_error = Some(format!("The name {m}."));
             }
             Err(IdentityError::Conflict(m)) => d.passkey_error = Some(m.into()),
+            Err(IdentityError::Forbidden(m)) => d.passkey_error = Some(m),
             Err(e) => return Err(e),
         }
         Ok::<_, IdentityError>(d)
@@ -233,10 +236,17 @@ pub async fn remove(
                 return Ok(d);
             }
         };
-        match state.identity().passkey_remove(&user.id, &id).await {
-            Ok(()) => {}
+        let session = u.principal.session_id().unwrap_or_default();
+        match state.identity().passkey_remove(&user, session, &id).await {
+            Ok(name) => {
+                crate::identity::passkey_routes::notify(&state, &audit, &user, false, &name).await;
+            }
             Err(IdentityError::NotFound) => {
                 d.passkey_error = Some("No such passkey.".into());
+                return Ok(d);
+            }
+            Err(IdentityError::Forbidden(m)) => {
+                d.passkey_error = Some(m);
                 return Ok(d);
             }
             Err(e) => return Err(ApiError::from(e)),

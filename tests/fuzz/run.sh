@@ -78,8 +78,9 @@ token=$(printf '%s' "$login" | python3 -c 'import json,sys; print(json.load(sys.
 # - ending sessions by id, with ids the fuzzer reads from GET /sessions, would end its
 #   own, and so would ending every credential of a user (POST /users/{id}/logout) with
 #   its own id (a second-factor reset of itself is refused: it has no TOTP to reset);
-# - TOTP enrolment and removal re-authenticate with the account's password: each wrong
-#   one counts towards the lockout, as it must, and would lock the account.
+# - TOTP enrolment and removal, and adding or removing a passkey, re-authenticate with
+#   the account's password: each wrong one counts towards the lockout, as it must, and
+#   would lock the account. (Their other steps are fuzzed: the passkey list and answers.)
 excluded=(
   --exclude-path /api/v1/auth/logout
   --exclude-path /api/v1/auth/logout-all
@@ -89,6 +90,8 @@ excluded=(
   --exclude-path /api/v1/users/{id}/logout
   --exclude-path /api/v1/auth/totp
   --exclude-path /api/v1/auth/totp/enroll
+  --exclude-path /api/v1/auth/passkeys/register
+  --exclude-path /api/v1/auth/passkeys/{id}
 )
 
 status=0

@@ -1185,3 +1185,56 @@ async fn a_second_factor_reset_and_an_email_change_are_told_by_mail(backend: Bac
     );
 }
 both_backends!(a_second_factor_reset_and_an_email_change_are_told_by_mail);
+
+/// A passkey added to or removed from an account is told by mail to its verified
+/// address; the passkey origin follows `mail.base_url` (here http://custodian.test).
+async fn a_passkey_added_or_removed_is_told_by_mail(backend: Backend) {
+    let (s, sink) = server(backend, vec![]).await;
+    let root = admin(&s).await;
+    invited(&s, &sink, &root, "pia@example.org", "pia").await;
+    let t = s.login("pia", PW).await;
+    let mut key = crate::softkey::SoftKey::new("http://custodian.test");
+    let n = sink.count();
+    let added = crate::passkeys::register(&s, &t, &mut key, "Work laptop").await;
+    let mail = sink.wait_for(n).await;
+    assert_eq!(mail.to, "pia@example.org");
+    assert_eq!(
+        mail.subject(),
+        "A passkey was added to your Custodian account"
+    );
+    assert!(mail.data.contains("Work laptop") && mail.data.contains("\"pia\""));
+    let id = added["passkey"]["id"].as_str().unwrap();
+    let n = sink.count();
+    let res = s
+        .send_as(
+            Method::DELETE,
+            &format!("/api/v1/auth/passkeys/{id}"),
+            &t,
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), 204);
+    let mail = sink.wait_for(n).await;
+    assert_eq!(
+        mail.subject(),
+        "A passkey was removed from your Custodian account"
+    );
+    // A passkey made for another site does not register here.
+    let mut elsewhere = crate::softkey::SoftKey::new("http://localhost:5005");
+    let c = json(
+        s.send_as(Method::POST, "/api/v1/auth/passkeys/register", &t, None)
+            .await,
+    )
+    .await;
+    let answer = elsewhere.register(&c);
+    let res = s
+        .send_as(
+            Method::POST,
+            "/api/v1/auth/passkeys",
+            &t,
+            Some(json!({"ceremony": c["ceremony"], "name": "x", "credential": answer})),
+        )
+        .await;
+    assert_eq!(res.status(), 401);
+}
+both_backends!(a_passkey_added_or_removed_is_told_by_mail);

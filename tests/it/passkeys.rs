@@ -33,7 +33,7 @@ async fn start(backend: Backend, extra: Vec<(&'static str, String)>) -> TestServ
 }
 
 /// Registers a passkey for the session `token`; returns the 201 body.
-async fn register(s: &TestServer, token: &str, key: &mut SoftKey, name: &str) -> Value {
+pub(crate) async fn register(s: &TestServer, token: &str, key: &mut SoftKey, name: &str) -> Value {
     let res = s
         .send_as(Method::POST, "/api/v1/auth/passkeys/register", token, None)
         .await;
@@ -304,6 +304,18 @@ async fn forged_and_replayed_answers_are_refused(backend: Backend) {
         "counter went back"
     );
 
+    // A clone answering a second-factor challenge that was issued before the original
+    // moved on: the counter is checked against the stored one, not the challenge's.
+    let mut clone = key.clone();
+    let p = password_step(&s, "bo").await;
+    let c = challenge(&s).await;
+    assert_eq!(passwordless(&s, &c, key.sign(&c)).await.status(), 200);
+    assert_eq!(
+        code(second_factor(&s, "bo", &p["passkey"], clone.sign(&p["passkey"])).await).await,
+        "401 invalid_passkey",
+        "stale counter on an open challenge"
+    );
+
     // A challenge answered after it expired.
     let c = challenge(&s).await;
     let answer = key.sign(&c);
@@ -537,6 +549,29 @@ async fn phishing_resistant_roles_need_a_passkey(backend: Backend) {
         )
         .await,
         "403 forbidden"
+    );
+    // Nor remove the owner's passkeys (to enrol its own afterwards).
+    let list = json(s.get_as("/api/v1/auth/passkeys", &phished).await).await;
+    let id = list["items"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        code(
+            s.send_as(
+                Method::DELETE,
+                &format!("/api/v1/auth/passkeys/{id}"),
+                &phished,
+                None
+            )
+            .await
+        )
+        .await,
+        "403 forbidden"
+    );
+    assert_eq!(
+        json(s.get_as("/api/v1/auth/passkeys", &token).await).await["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
     );
 
     // A recovery code signs in, confined too, but may enrol a new passkey (a lost one).

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Sign-in with a passkey alone against sign-in with a password, on the release binary,
+# on SQLite and (when it answers) PostgreSQL, with GET /health as the in-run baseline.
+#
+# For each backend, on a fresh data directory (and database):
+#  1. two users: one signs in with its password (argon2id, the default parameters), the
+#     other gets a passkey of a software authenticator (bench/passkey_answers.py, ES256,
+#     python3 `cryptography`), and ANSWERS sign-in challenges are made and answered
+#     ahead of time (each challenge is single use).
+#  2. wrk (THREADS, CONNECTIONS), each row one run:
+#       GET /health                              the in-run baseline
+#       POST /api/v1/auth/login                  username + password
+#       POST /api/v1/auth/passkey/login          each request a fresh answer
+#                                                (PASSKEY_DURATION; ANSWERS must outlast it)
+#     Each row: req/s, p50, p99 (wrk), the server's CPU time per request, and how many
+#     answers were not 200.
+#
+# Usage: bench/passkeys.sh   ANSWERS=8000 DURATION=10s PASSKEY_DURATION=4s CONNECTIONS=16
+#   SKIP_BUILD=1 BACKENDS="sqlite postgres"
+# Results (wrk output, table.md) go to bench/results/passkeys-<timestamp>/; the answers
+# and tokens stay in its temporary directory, deleted at the end.
+set -euo pipefail
+ANSWERS="${ANSWERS:-8000}"
+DURATION="${DURATION:-10s}"
+PASSKEY_DURATION="${PASSKEY_DURATION:-4s}"
+THREADS="${THREADS:-2}"
+CONNECTIONS="${CONNECTIONS:-16}"
+BACKENDS="${BACKENDS:-sqlite postgres}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+die() { echo "bench/passkeys: $*" >&2; exit 1; }
+for tool in wrk curl python3; do command -v "$tool" >/dev/null || die "$tool is not installed"; done
+python3 -c 'import cryptography' 2>/dev/null || die "python3's cryptography package is missing (apt-get install python3-cryptography)"
+if [[ -z "${SKIP_BUILD:-}" ]]; then cargo build --release --bin custodian; fi
+BIN="${BIN:-$ROOT/target/release/custodian}"
+OUT="$ROOT/bench/results/passkeys-$(date -u +%Y%m%dT%H%M%SZ)"
+mkdir -p "$OUT"
+PIDS=()
+DIRS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    for d in "${DIRS[@]}"; do rm -rf "$d"; done
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICK="$(getconf CLK_TCK)"
+PASSWORD='Correct-Horse-Staple-9!'
+
+{
+    echo "| backend | endpoint | req/s | p50 | p99 | server CPU µs/req | not 200 |"
+    echo "|---|---|---:|---:|---:|---:|---:|"
+} >"$OUT/table.md"
+
+for backend in $BACKENDS; do
+    DATA="$(mktemp -d "${TMPDIR:-/tmp}/custodian-passkeys.XXXXXX")"
+    DIRS+=("$DATA")
+    url=""
+    if [[ "$backend" == postgres ]]; then
+        pg_isready -q -h 127.0.0.1 || { echo "postgres not answering: skipped" >&2; continue; }
+        db="bench_passkeys_$$"
+        psql -h 127.0.0.1 -U postgres -d test -qc "DROP DATABASE IF EXISTS $db" >/dev/null
+        psql -h 127.0.0.1 -U postgres -d test -qc "CREATE DATABASE $db" >/dev/null
+        url="postgres://postgres@127.0.0.1:5432/$db"
+    fi
+    port="$(free_port)"
+    (
+        while IFS= read -r var; do unset "$var"; done < <(compgen -e | grep '^CUSTODIAN_' || true)
+        cd "$DATA"
+        # Dev's relying party: http://localhost on any port.
+        export CUSTODIAN_DATA_DIR="$DATA" CUSTODIAN_RATE_LIMIT__ENABLED=false CUSTODIAN_LOGGING__LEVEL=warn
+        export CUSTODIAN_PASSKEYS__CHALLENGE_TTL=10m
+        [[ -n "$url" ]] && export CUSTODIAN_DATABASE__URL="$url"
+        printf '%s\n' "$PASSWORD" | "$BIN" --env dev user create --username bench-password --role nurse --password-stdin >/dev/null
+        printf '%s\n' "$PASSWORD" | "$BIN" --env dev user create --username bench-passkey --role nurse --password-stdin >/dev/null
+        exec "$BIN" --env dev serve --listen "127.0.0.1:$port"
+    ) >"$OUT/$backend-server.log" 2>&1 &
+    pid="$!"
+    PIDS+=("$pid")
+    for _ in $(seq 1 150); do
+        kill -0 "$pid" 2>/dev/null || die "the server exited (see $OUT/$backend-server.log)"
+        curl -fsS -o /dev/null "http://127.0.0.1:$port/health" 2>/dev/null && break
+        sleep 0.2
+    done
+    base="http://127.0.0.1:$port"
+    session="$(curl -fsS -X POST "$base/api/v1/auth/login" -H 'content-type: application/json' \
+        -d "{\"username\":\"bench-passkey\",\"password\":\"$PASSWORD\"}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')"
+    start=$(date +%s.%N)
+    BASE="http://localhost:$port" SESSION="$session" COUNT="$ANSWERS" ANSWERS_FILE="$DATA/answers" \
+        python3 "$ROOT/bench/passkey_answers.py"
+    end=$(date +%s.%N)
+    echo "$backend: $ANSWERS challenges made and answered in $(python3 -c "print(round($end-$start,1))") s" | tee -a "$OUT/seed.txt"
+
+    # Each answer once, split between the threads.
+    cat >"$DATA/passkey.lua" <<LUA
+local lines, n = {}, 0
+for l in io.lines("$DATA/answers") do lines[#lines + 1] = l end
+setup = function(thread) n = n + 1; thread:set("id", n); thread:set("count", $THREADS) end
+local mine, i
+init = function()
+  mine = {}
+  for k = id, #lines, count do mine[#mine + 1] = lines[k] end
+  i = 0
+end
+request = function()
+  i = i + 1
+  local v = mine[i]
+  if v == nil then wrk.thread:stop(); v = "{}" end
+  return wrk.format("POST", "/api/v1/auth/passkey/login", {["content-type"] = "application/json"}, v)
+end
+LUA
+    cat >"$DATA/password.lua" <<LUA
+local body = '{"username":"bench-password","password":"$PASSWORD"}'
+request = function()
+  return wrk.format("POST", "/api/v1/auth/login", {["content-type"] = "application/json"}, body)
+end
+LUA
+    echo 'request = function() return wrk.format("GET", "/health") end' >"$DATA/health.lua"
+
+    run() {
+        local name="$1" lua="$2" duration="${3:-$DURATION}" before after reqs file rps p50 p99 cpu non2xx
+        file="$OUT/$backend-$(printf '%s' "$name" | tr -c 'A-Za-z0-9' '_').txt"
+        before="$(cpu_ticks "$pid")"
+        wrk -t"$THREADS" -c"$CONNECTIONS" -d"$duration" --latency -s "$lua" "$base" >"$file" 2>&1
+        after="$(cpu_ticks "$pid")"
+        reqs="$(awk '/requests in/ {print $1}' "$file")"
+        rps="$(awk '/Requests\/sec/ {print $2}' "$file")"
+        p50="$(awk '$1=="50%" {print $2}' "$file")"
+        p99="$(awk '$1=="99%" {print $2}' "$file")"
+        cpu="$(python3 -c "print(round(($after-$before)/$TICK*1e6/max($reqs,1)))")"
+        non2xx="$(awk '/Non-2xx/ {print $NF}' "$file")"
+        if [[ -n "${4:-}" && "$reqs" -ge "$(wc -l <"$4")" ]]; then
+            echo "warning: $backend $name: its $(wc -l <"$4") answers ran out before the run ended (req/s is a floor); raise ANSWERS" | tee -a "$OUT/seed.txt"
+        fi
+        echo "| $backend | $name | $rps | $p50 | $p99 | $cpu | ${non2xx:-0} |" | tee -a "$OUT/table.md"
+    }
+    run "GET /health" "$DATA/health.lua"
+    run "POST /api/v1/auth/passkey/login" "$DATA/passkey.lua" "$PASSKEY_DURATION" "$DATA/answers"
+    run "POST /api/v1/auth/login (password)" "$DATA/password.lua"
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    if [[ -n "$url" ]]; then psql -h 127.0.0.1 -U postgres -d test -qc "DROP DATABASE IF EXISTS $db" >/dev/null || true; fi
+done
+echo
+cat "$OUT/table.md"
+echo "results: $OUT"
