@@ -12,6 +12,10 @@
 #       POST /api/v1/auth/login                  username + password
 #       POST /api/v1/auth/passkey/login          each request a fresh answer
 #                                                (PASSKEY_DURATION; ANSWERS must outlast it)
+#       GET /api/v1/auth/me  a session signed in with a password (role nurse)
+#       GET /api/v1/auth/me  a session signed in with the passkey (role admin, under
+#                            mfa.phishing_resistant_roles: two more reads per request,
+#                            whether the user has a passkey and how the session signed in)
 #     Each row: req/s, p50, p99 (wrk), the server's CPU time per request, and how many
 #     answers were not 200.
 #
@@ -70,10 +74,10 @@ for backend in $BACKENDS; do
         cd "$DATA"
         # Dev's relying party: http://localhost on any port.
         export CUSTODIAN_DATA_DIR="$DATA" CUSTODIAN_RATE_LIMIT__ENABLED=false CUSTODIAN_LOGGING__LEVEL=warn
-        export CUSTODIAN_PASSKEYS__CHALLENGE_TTL=10m
+        export CUSTODIAN_PASSKEYS__CHALLENGE_TTL=10m CUSTODIAN_MFA__PHISHING_RESISTANT_ROLES=admin
         [[ -n "$url" ]] && export CUSTODIAN_DATABASE__URL="$url"
         printf '%s\n' "$PASSWORD" | "$BIN" --env dev user create --username bench-password --role nurse --password-stdin >/dev/null
-        printf '%s\n' "$PASSWORD" | "$BIN" --env dev user create --username bench-passkey --role nurse --password-stdin >/dev/null
+        printf '%s\n' "$PASSWORD" | "$BIN" --env dev user create --username bench-passkey --role admin --password-stdin >/dev/null
         exec "$BIN" --env dev serve --listen "127.0.0.1:$port"
     ) >"$OUT/$backend-server.log" 2>&1 &
     pid="$!"
@@ -91,6 +95,16 @@ for backend in $BACKENDS; do
         python3 "$ROOT/bench/passkey_answers.py"
     end=$(date +%s.%N)
     echo "$backend: $ANSWERS challenges made and answered in $(python3 -c "print(round($end-$start,1))") s" | tee -a "$OUT/seed.txt"
+
+    # One answer spent on a session for the GET /api/v1/auth/me pair, and one password
+    # session.
+    passkey_session="$(head -n1 "$DATA/answers" | curl -fsS -X POST "$base/api/v1/auth/passkey/login" \
+        -H 'content-type: application/json' --data-binary @- | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')"
+    sed -i 1d "$DATA/answers"
+    password_session="$(curl -fsS -X POST "$base/api/v1/auth/login" -H 'content-type: application/json' \
+        -d "{\"username\":\"bench-password\",\"password\":\"$PASSWORD\"}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')"
+    curl -fsS -o /dev/null -H "authorization: Bearer $passkey_session" "$base/api/v1/users" \
+        || die "the passkey session of a role under mfa.phishing_resistant_roles was refused"
 
     # Each answer once, split between the threads.
     cat >"$DATA/passkey.lua" <<LUA
@@ -118,11 +132,13 @@ end
 LUA
     echo 'request = function() return wrk.format("GET", "/health") end' >"$DATA/health.lua"
 
+    echo 'request = function() return wrk.format("GET", "/api/v1/auth/me") end' >"$DATA/me.lua"
+
     run() {
         local name="$1" lua="$2" duration="${3:-$DURATION}" before after reqs file rps p50 p99 cpu non2xx
         file="$OUT/$backend-$(printf '%s' "$name" | tr -c 'A-Za-z0-9' '_').txt"
         before="$(cpu_ticks "$pid")"
-        wrk -t"$THREADS" -c"$CONNECTIONS" -d"$duration" --latency -s "$lua" "$base" >"$file" 2>&1
+        wrk -t"$THREADS" -c"$CONNECTIONS" -d"$duration" --latency ${5:+-H "$5"} -s "$lua" "$base" >"$file" 2>&1
         after="$(cpu_ticks "$pid")"
         reqs="$(awk '/requests in/ {print $1}' "$file")"
         rps="$(awk '/Requests\/sec/ {print $2}' "$file")"
@@ -138,6 +154,10 @@ LUA
     run "GET /health" "$DATA/health.lua"
     run "POST /api/v1/auth/passkey/login" "$DATA/passkey.lua" "$PASSKEY_DURATION" "$DATA/answers"
     run "POST /api/v1/auth/login (password)" "$DATA/password.lua"
+    for round in 1 2; do
+        run "GET /api/v1/auth/me, password session, nurse" "$DATA/me.lua" "" "" "authorization: Bearer $password_session"
+        run "GET /api/v1/auth/me, passkey session, admin under the policy" "$DATA/me.lua" "" "" "authorization: Bearer $passkey_session"
+    done
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
     if [[ -n "$url" ]]; then psql -h 127.0.0.1 -U postgres -d test -qc "DROP DATABASE IF EXISTS $db" >/dev/null || true; fi

@@ -142,8 +142,8 @@ pub enum UserCommand {
         password_stdin: bool,
     },
     /// Reset a user's second factor (a lost authenticator, e.g. of the only
-    /// administrator): removes the TOTP secret and recovery codes and ends the user's
-    /// sessions; the user is told by mail (at a verified address, sent by the server's
+    /// administrator): removes the TOTP secret, every passkey and the recovery codes and
+    /// ends the user's sessions; the user is told by mail (at a verified address, sent by the server's
     /// outbox). Audited.
     ResetTotp {
         #[arg(long)]

@@ -796,17 +796,6 @@ impl Identity {
         .map_err(StoreError::from)?)
     }
 
-    /// Whether a session was signed in with a passkey (or registered one): what a
-    /// role under `mfa.phishing_resistant_roles` needs for more than enrolment.
-    pub async fn session_used_passkey(&self, session_id: &str) -> Result<bool, IdentityError> {
-        Ok(self.session_method(session_id).await?.is_some_and(|m| {
-            matches!(
-                m.as_str(),
-                "passkey" | "password+passkey" | "passkey_registered"
-            )
-        }))
-    }
-
     /// A role that must use a passkey, with one already: only a session signed in with a
     /// passkey, or with a recovery code (the way back from a lost passkey), may add or
     /// remove passkeys. A phisher holding the password and a TOTP code would otherwise
@@ -851,6 +840,15 @@ impl Identity {
                 .map_err(StoreError::from)?;
         Ok(method.flatten())
     }
+}
+
+/// Whether a session's sign-in method proved a passkey (signed in with one, or
+/// registered one).
+pub fn signed_in_with_passkey(method: Option<&str>) -> bool {
+    matches!(
+        method,
+        Some("passkey" | "password+passkey" | "passkey_registered")
+    )
 }
 
 fn row_of(r: &sqlx::any::AnyRow) -> Result<PasskeyRow, sqlx::Error> {

@@ -877,6 +877,8 @@ impl Identity {
             revoked_at,
             permissions,
             user,
+            passkeys,
+            method,
             smart,
         }) = found
         else {
@@ -933,9 +935,8 @@ impl Identity {
             permissions.remove(&Permission::PhiSsn);
             permissions.remove(&Permission::BreakGlass);
         }
-        let mfa_enrollment_pending = self
-            .enrolment_pending(&user, is_session.then_some(credential_id.as_str()))
-            .await?;
+        let mfa_enrollment_pending =
+            self.enrolment_pending(&user, passkeys > 0, is_session.then_some(method.as_deref()));
         Ok(Principal {
             mfa_enrollment_pending,
             password_expires_at: self
@@ -965,31 +966,21 @@ impl Identity {
 
     /// Whether a user may only enrol a second factor: `mfa.required` and neither TOTP
     /// nor a passkey; or a role under `mfa.phishing_resistant_roles` without a passkey,
-    /// or (for a session) a session not signed in with one. Read only for those users,
-    /// so that everyone else's requests make no extra query.
-    async fn enrolment_pending(
+    /// or (for a session, `session` being its sign-in method) a session not signed in
+    /// with one. What it reads comes with the token's one lookup query.
+    fn enrolment_pending(
         &self,
         user: &User,
-        session_id: Option<&str>,
-    ) -> Result<bool, IdentityError> {
-        let phishing_resistant = self.requires_passkey(&user.role);
-        let totp_missing = self.settings.mfa_required && !user.totp_enabled;
-        if !phishing_resistant && !totp_missing {
-            return Ok(false);
-        }
-        let has_passkey = super::passkeys::passkey_count(&self.db, &user.id).await? > 0;
-        if phishing_resistant {
+        has_passkey: bool,
+        session: Option<Option<&str>>,
+    ) -> bool {
+        if self.requires_passkey(&user.role) {
             if !has_passkey {
-                return Ok(true);
+                return true;
             }
-            if let Some(id) = session_id
-                && !self.session_used_passkey(id).await?
-            {
-                return Ok(true);
-            }
-            return Ok(false);
+            return session.is_some_and(|m| !super::passkeys::signed_in_with_passkey(m));
         }
-        Ok(!has_passkey)
+        self.settings.mfa_required && !user.totp_enabled && !has_passkey
     }
 
     /// Whether users of `role` must sign in with a passkey.

@@ -518,6 +518,11 @@ pub struct TokenLookup {
     /// The permissions of the user's role as of this query (read in the same query).
     pub permissions: Vec<String>,
     pub user: User,
+    /// How many passkeys the user has (read in the same query: the confinement of
+    /// `mfa.phishing_resistant_roles` and `mfa.required` needs it).
+    pub passkeys: i64,
+    /// A session's sign-in method (`passkey`, `password+totp`, …); None for tokens.
+    pub method: Option<String>,
     /// A SMART access token's grant (read in the same query).
     pub smart: Option<SmartGrantRow>,
 }
@@ -537,9 +542,11 @@ fn user_column_count() -> usize {
 }
 
 fn lookup_from_row<R: Cols>(r: &R, smart: bool) -> Result<TokenLookup, StoreError> {
-    // In the order of `lookup_sql`'s SELECT, the user's columns after these five.
+    // In the order of `lookup_sql`'s SELECT, the user's columns after these five, then
+    // the passkey count and the session's method.
     let permissions: Option<String> = r.col_at(4, "permissions")?;
-    let extra = 5 + user_column_count();
+    let after_user = 5 + user_column_count();
+    let extra = after_user + 2;
     Ok(TokenLookup {
         credential_id: r.col_at(0, "credential_id")?,
         last_used_at: r.col_at(1, "last_used")?,
@@ -553,6 +560,8 @@ fn lookup_from_row<R: Cols>(r: &R, smart: bool) -> Result<TokenLookup, StoreErro
             .map(str::to_owned)
             .collect(),
         user: user_at(r, 5)?,
+        passkeys: r.col_at(after_user, "passkeys")?,
+        method: r.col_at(after_user + 1, "method")?,
         smart: if smart {
             Some(SmartGrantRow {
                 grant_id: r.col_at(extra, "grant_id")?,
@@ -603,6 +612,10 @@ fn lookup_sql(backend: Backend, kind: Lookup) -> &'static str {
                 Backend::Sqlite => "group_concat(rp.permission, ' ')",
                 Backend::Postgres => "string_agg(rp.permission, ' ')",
             };
+            let method = match kind {
+                Lookup::SessionByHash | Lookup::SessionById => "c.method",
+                Lookup::ApiTokenByHash | Lookup::SmartTokenByHash => "CAST(NULL AS TEXT)",
+            };
             let (last_used, extra, join) = if kind == Lookup::SmartTokenByHash {
                 (
                     "g.last_used_at",
@@ -617,7 +630,9 @@ fn lookup_sql(backend: Backend, kind: Lookup) -> &'static str {
                 "SELECT c.id AS credential_id, {last_used} AS last_used, c.{expires} AS expires, \
                  c.revoked_at AS revoked, \
                  (SELECT {aggregate} FROM role_permissions rp WHERE rp.role = u.role) AS permissions, \
-                 {user_columns}{extra} FROM {table} c{join} JOIN users u ON u.id = c.user_id WHERE {condition}"
+                 {user_columns}, \
+                 (SELECT COUNT(*) FROM passkeys pk WHERE pk.user_id = u.id) AS passkeys, \
+                 {method} AS method{extra} FROM {table} c{join} JOIN users u ON u.id = c.user_id WHERE {condition}"
             )
         };
         let kinds = [
