@@ -381,18 +381,36 @@ impl Identity {
                 tracing::info!(error = %e, "passkey registration refused");
                 IdentityError::InvalidPasskey
             })?;
-        let count = passkey_count(self.db(), &user.id).await?;
+        self.may_change_passkeys(
+            user,
+            session_id,
+            passkey_count(self.db(), &user.id).await? > 0,
+        )
+        .await?;
+        let credential = serde_json::to_string(&passkey)
+            .map_err(|e| IdentityError::Internal(format!("passkey: {e}")))?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let now = timestamp(self.now_at());
+        // Counted and inserted under the user's row lock (PostgreSQL) or the one writer
+        // (SQLite): two registrations finishing at once cannot pass the limit together.
+        let mut tx = self.db().writer().begin().await.map_err(StoreError::from)?;
+        sqlx::query("UPDATE users SET updated_at = updated_at WHERE id = $1")
+            .bind(&user.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        let count: i64 = sqlx::query("SELECT COUNT(*) AS n FROM passkeys WHERE user_id = $1")
+            .bind(&user.id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StoreError::from)?
+            .try_get("n")
+            .map_err(StoreError::from)?;
         if count >= MAX_PASSKEYS {
             return Err(IdentityError::Conflict(
                 "This account has the most passkeys allowed (10): remove one first.",
             ));
         }
-        self.may_change_passkeys(user, session_id, count > 0)
-            .await?;
-        let credential = serde_json::to_string(&passkey)
-            .map_err(|e| IdentityError::Internal(format!("passkey: {e}")))?;
-        let id = uuid::Uuid::now_v7().to_string();
-        let now = timestamp(self.now_at());
         let inserted = sqlx::query(
             "INSERT INTO passkeys (id, user_id, credential_id, user_handle, name, credential, created_at, last_used_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, NULL) ON CONFLICT (credential_id) DO NOTHING",
@@ -404,7 +422,7 @@ impl Identity {
         .bind(name)
         .bind(credential)
         .bind(&now)
-        .execute(self.db().writer())
+        .execute(&mut *tx)
         .await
         .map_err(StoreError::from)?
         .rows_affected();
@@ -413,6 +431,7 @@ impl Identity {
                 "This passkey is already registered.",
             ));
         }
+        tx.commit().await.map_err(StoreError::from)?;
         // The session proved the new authenticator (with user verification).
         set_session_method(self.db(), session_id, "passkey_registered").await?;
         let recovery_codes = if user.totp_enabled || has_recovery_codes(self.db(), &user.id).await?
