@@ -84,9 +84,15 @@
     if (el) { el.textContent = text; el.hidden = false; }
   }
 
-  var supported = !!(window.PublicKeyCredential && navigator.credentials);
+  // Browsers refuse passkeys on an IP address (the relying party is a host name).
+  var host = window.location.hostname;
+  var onAddress = /^[0-9.]+$/.test(host) || host.indexOf(":") >= 0 || host.charAt(0) === "[";
+  var supported = !!(window.PublicKeyCredential && navigator.credentials) && !onAddress;
   document.querySelectorAll("[data-passkey]").forEach(function (el) {
     el.hidden = !supported;
+  });
+  document.querySelectorAll("[data-passkey-unsupported]").forEach(function (el) {
+    el.hidden = supported;
   });
   if (!supported) return;
 

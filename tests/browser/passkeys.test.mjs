@@ -169,6 +169,20 @@ test('an administrator sees the passkey on the user page', { timeout: 60_000 }, 
   }
 });
 
+test('on an IP address the pages offer no passkey (browsers refuse them there)', { timeout: 60_000 }, async () => {
+  const c = await browser.newContext({ baseURL: server.baseURL, viewport: DESKTOP });
+  try {
+    await watch(c, 'by address', problems, warnings);
+    const p = await c.newPage();
+    await p.goto('/login');
+    assert.match(new URL(p.url()).hostname, /^127\./);
+    assert.equal(await p.getByRole('button', { name: 'Sign in with a passkey' }).count(), 0);
+    assert.equal(await p.getByRole('button', { name: 'Sign in', exact: true }).count(), 1);
+  } finally {
+    await c.close();
+  }
+});
+
 test('no page had a console error, an uncaught error or a CSP violation', () => {
   assert.deepEqual(problems, []);
 });
