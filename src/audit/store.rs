@@ -477,6 +477,11 @@ pub struct Filter {
     pub before_seq: Option<i64>,
     /// Only events with `seq` above this (for exports, oldest first).
     pub after_seq: Option<i64>,
+    /// Only the events that disclosed data (the accounting of disclosures): successful
+    /// reads, exports, searches, break-glass accesses, creates and updates, not the
+    /// grants and tokens of apps (their reads are the disclosures). In the query, so
+    /// that a page is full however many other events lie between.
+    pub disclosed_only: bool,
 }
 
 /// Events matching `f`, newest first (or oldest first when `ascending`).
@@ -523,6 +528,14 @@ pub async fn query(
     }
     if let Some(c) = f.after_seq {
         add(" AND seq > ?", Bind::Int(c));
+    }
+    if f.disclosed_only {
+        add(
+            " AND outcome = ? \
+             AND action IN ('read', 'export', 'search', 'break_glass', 'update', 'create') \
+             AND (resource_type IS NULL OR substr(resource_type, 1, 6) <> 'oauth_')",
+            Bind::Text("success".into()),
+        );
     }
     add(
         if ascending {

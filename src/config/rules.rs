@@ -303,6 +303,18 @@ pub fn insecure_settings(c: &Config) -> Vec<Finding> {
         }
     }
 
+    // HIPAA keeps documentation six years (§164.316(b)(2)); the accounting of
+    // disclosures (§164.528) looks back six years.
+    if c.audit.retention.std() < std::time::Duration::from_secs(6 * 365 * 86_400) {
+        add(
+            "audit.retention",
+            format!(
+                "{} is under six years: HIPAA keeps audit records, and patients' accounting of disclosures looks back, six years",
+                c.audit.retention
+            ),
+        );
+    }
+
     // Passkeys: bound to the address people use, over HTTPS, and to the name the TLS
     // certificate proves.
     if c.env != Environment::Dev {
@@ -507,6 +519,15 @@ mod tests {
         c.server.tls.key = Some(key);
         c.passkeys.origin = Some("https://custodian.example.org".into());
         (dir, c)
+    }
+
+    #[test]
+    fn rule_audit_retention_under_six_years() {
+        let (_d, mut c) = secure();
+        c.audit.retention = Duration::from_days(6 * 365 - 1);
+        assert_eq!(keys(&c), ["audit.retention"]);
+        c.audit.retention = Duration::from_days(6 * 365);
+        assert!(keys(&c).is_empty());
     }
 
     #[test]

@@ -769,26 +769,16 @@ pub(crate) async fn accounting(
         patient_id: Some(id.to_owned()),
         since: Some(crate::clock::timestamp(state.clock().now() - six_years)),
         before_seq: cursor.and_then(crate::audit::service::decode_cursor),
+        // What was disclosed: a refused, failed or erroring request disclosed nothing,
+        // and a grant or a token names its patient but discloses nothing (the app's
+        // reads do, and are listed with the app). Filtered in the query: a page is full.
+        disclosed_only: true,
         ..Default::default()
     };
     let page = state.audit().page(&filter, limit).await?;
     let items = page
         .items
         .into_iter()
-        // What was disclosed: a refused, failed or erroring request disclosed nothing.
-        .filter(|e| {
-            e.outcome == "success"
-                && matches!(
-                    e.action.as_str(),
-                    "read" | "export" | "search" | "break_glass" | "update" | "create"
-                )
-                // A grant or a token names its patient, but discloses nothing: the
-                // app's reads do, and are listed with the app.
-                && !e
-                    .resource_type
-                    .as_deref()
-                    .is_some_and(|t| t.starts_with("oauth_"))
-        })
         .map(|e| Disclosure {
             app: serde_json::from_str::<serde_json::Value>(&e.context)
                 .ok()

@@ -1143,3 +1143,56 @@ async fn audit_records_what_each_request_was_about(backend: Backend) {
     assert_eq!(crate::support::json(res).await["ok"], true);
 }
 both_backends!(audit_records_what_each_request_was_about);
+
+/// The accounting of disclosures filters in the query: a page holds `limit`
+/// disclosures however many refused requests lie between them (it used to filter a
+/// fetched page, and came back short, with a cursor, or empty).
+async fn the_accounting_of_disclosures_fills_its_pages(backend: Backend) {
+    let s = TestServer::start_with(backend, Options::unlimited()).await;
+    const PW: &str = "Correct-Horse-9!";
+    s.user("doc", "doctor", PW).await;
+    s.user("aud", "auditor", PW).await;
+    let (doc, aud) = (s.login("doc", PW).await, s.login("aud", PW).await);
+    let body = serde_json::json!({"given_name": "Ada", "family_name": "Lovelace", "birth_date": "1961-07-04"});
+    let res = s.post("/api/v1/patients", Some(&doc), body).await;
+    let pid = crate::support::json(res).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Three reads (and the create), each followed by refusals that name the patient.
+    for _ in 0..3 {
+        let res = s.get_as(&format!("/api/v1/patients/{pid}"), &doc).await;
+        assert_eq!(res.status(), 200);
+        for _ in 0..5 {
+            let res = s.get_as(&format!("/fhir/Patient/{pid}"), &aud).await;
+            assert_eq!(res.status(), 403);
+        }
+    }
+    let page = |cursor: Option<String>| {
+        let (s, aud, pid) = (&s, aud.clone(), pid.clone());
+        async move {
+            let url = match cursor {
+                Some(c) => format!("/api/v1/patients/{pid}/disclosures?limit=2&cursor={c}"),
+                None => format!("/api/v1/patients/{pid}/disclosures?limit=2"),
+            };
+            crate::support::json(s.get_as(&url, &aud).await).await
+        }
+    };
+    let first = page(None).await;
+    let second = page(first["next_cursor"].as_str().map(str::to_owned)).await;
+    let actions = |v: &serde_json::Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["action"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(actions(&first), ["read", "read"], "{first}");
+    assert_eq!(actions(&second), ["read", "create"], "{second}");
+    if let Some(c) = second["next_cursor"].as_str() {
+        let third = page(Some(c.to_owned())).await;
+        assert!(actions(&third).is_empty(), "{third}");
+    }
+}
+both_backends!(the_accounting_of_disclosures_fills_its_pages);
