@@ -29,61 +29,23 @@ CONNECTIONS="${CONNECTIONS:-32}"
 SAMPLE="${SAMPLE:-1000}"
 PER_BUNDLE="${PER_BUNDLE:-20}"
 BACKENDS="${BACKENDS:-sqlite postgres}"
-HOST=127.0.0.1
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-die() { echo "bench/fhir: $*" >&2; exit 1; }
-for tool in wrk curl python3; do command -v "$tool" >/dev/null || die "$tool is not installed"; done
-if [[ -z "${SKIP_BUILD:-}" ]]; then cargo build --release --bin custodian; fi
-BIN="$ROOT/target/release/custodian"
-OUT="$ROOT/bench/results/fhir-$(date -u +%Y%m%dT%H%M%SZ)"
-mkdir -p "$OUT"
-PIDS=()
-DIRS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    for d in "${DIRS[@]}"; do rm -rf "$d"; done
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-TICK="$(getconf CLK_TCK)"
+NAME=fhir
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 {
     echo "| backend | endpoint | req/s | p50 | p99 | server CPU µs/req |"
     echo "|---|---|---:|---:|---:|---:|"
 } >"$OUT/table.md"
 
+setup() {
+    export CUSTODIAN_SERVER__MAX_BODY=16MiB
+    printf '%s\n' 'Correct-Horse-Staple-9!' | "$BIN" --env dev user create --username bench --role doctor --password-stdin >/dev/null
+}
+
 for backend in $BACKENDS; do
-    DATA="$(mktemp -d "${TMPDIR:-/tmp}/custodian-fhir.XXXXXX")"
-    DIRS+=("$DATA")
-    url=""
-    if [[ "$backend" == postgres ]]; then
-        pg_isready -q -h 127.0.0.1 || { echo "postgres not answering: skipped" >&2; continue; }
-        db="bench_fhir_$$"
-        psql -h 127.0.0.1 -U postgres -d test -qc "DROP DATABASE IF EXISTS $db" >/dev/null
-        psql -h 127.0.0.1 -U postgres -d test -qc "CREATE DATABASE $db" >/dev/null
-        url="postgres://postgres@127.0.0.1:5432/$db"
-    fi
-    port="$(free_port)"
-    (
-        while IFS= read -r var; do unset "$var"; done < <(compgen -e | grep '^CUSTODIAN_' || true)
-        cd "$DATA"
-        export CUSTODIAN_DATA_DIR="$DATA" CUSTODIAN_RATE_LIMIT__ENABLED=false CUSTODIAN_LOGGING__LEVEL=warn
-        export CUSTODIAN_SERVER__MAX_BODY=16MiB
-        [[ -n "$url" ]] && export CUSTODIAN_DATABASE__URL="$url"
-        printf '%s\n' 'Correct-Horse-Staple-9!' | "$BIN" --env dev user create --username bench --role doctor --password-stdin >/dev/null
-        exec "$BIN" --env dev serve --listen "$HOST:$port"
-    ) >"$OUT/$backend-server.log" 2>&1 &
-    pid="$!"
-    PIDS+=("$pid")
-    for _ in $(seq 1 150); do
-        kill -0 "$pid" 2>/dev/null || die "the server exited (see $OUT/$backend-server.log)"
-        curl -fsS -o /dev/null "http://$HOST:$port/health" 2>/dev/null && break
-        sleep 0.2
-    done
-    base="http://$HOST:$port"
+    bench_database "$backend" || continue
+    bench_serve "$backend" setup
     token="$(curl -fsS -X POST "$base/api/v1/auth/login" -H 'content-type: application/json' \
         -d '{"username":"bench","password":"Correct-Horse-Staple-9!"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')"
     start=$(date +%s.%N)
@@ -113,9 +75,7 @@ for backend in $BACKENDS; do
     run "GET /fhir/Patient/{id}" "$OUT/$backend/fhir_read.lua"
     run "GET /fhir/Observation?patient&category=laboratory" "$OUT/$backend/obs_page.lua"
     run "GET /fhir/Patient?name=" "$OUT/$backend/name.lua"
-    kill "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    if [[ -n "$url" ]]; then psql -h 127.0.0.1 -U postgres -d test -qc "DROP DATABASE IF EXISTS $db" >/dev/null || true; fi
+    bench_stop
 done
 echo
 cat "$OUT/table.md"

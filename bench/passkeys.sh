@@ -30,26 +30,10 @@ PASSKEY_DURATION="${PASSKEY_DURATION:-4s}"
 THREADS="${THREADS:-2}"
 CONNECTIONS="${CONNECTIONS:-16}"
 BACKENDS="${BACKENDS:-sqlite postgres}"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-die() { echo "bench/passkeys: $*" >&2; exit 1; }
-for tool in wrk curl python3; do command -v "$tool" >/dev/null || die "$tool is not installed"; done
+NAME=passkeys
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 python3 -c 'import cryptography' 2>/dev/null || die "python3's cryptography package is missing (apt-get install python3-cryptography)"
-if [[ -z "${SKIP_BUILD:-}" ]]; then cargo build --release --bin custodian; fi
-BIN="${BIN:-$ROOT/target/release/custodian}"
-OUT="$ROOT/bench/results/passkeys-$(date -u +%Y%m%dT%H%M%SZ)"
-mkdir -p "$OUT"
-PIDS=()
-DIRS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    for d in "${DIRS[@]}"; do rm -rf "$d"; done
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-TICK="$(getconf CLK_TCK)"
 PASSWORD='Correct-Horse-Staple-9!'
 
 {
@@ -57,37 +41,16 @@ PASSWORD='Correct-Horse-Staple-9!'
     echo "|---|---|---:|---:|---:|---:|---:|"
 } >"$OUT/table.md"
 
+setup() {
+    # Dev's relying party: http://localhost on any port.
+    export CUSTODIAN_PASSKEYS__CHALLENGE_TTL=10m CUSTODIAN_MFA__PHISHING_RESISTANT_ROLES=admin
+    printf '%s\n' "$PASSWORD" | "$BIN" --env dev user create --username bench-password --role nurse --password-stdin >/dev/null
+    printf '%s\n' "$PASSWORD" | "$BIN" --env dev user create --username bench-passkey --role admin --password-stdin >/dev/null
+}
+
 for backend in $BACKENDS; do
-    DATA="$(mktemp -d "${TMPDIR:-/tmp}/custodian-passkeys.XXXXXX")"
-    DIRS+=("$DATA")
-    url=""
-    if [[ "$backend" == postgres ]]; then
-        pg_isready -q -h 127.0.0.1 || { echo "postgres not answering: skipped" >&2; continue; }
-        db="bench_passkeys_$$"
-        psql -h 127.0.0.1 -U postgres -d test -qc "DROP DATABASE IF EXISTS $db" >/dev/null
-        psql -h 127.0.0.1 -U postgres -d test -qc "CREATE DATABASE $db" >/dev/null
-        url="postgres://postgres@127.0.0.1:5432/$db"
-    fi
-    port="$(free_port)"
-    (
-        while IFS= read -r var; do unset "$var"; done < <(compgen -e | grep '^CUSTODIAN_' || true)
-        cd "$DATA"
-        # Dev's relying party: http://localhost on any port.
-        export CUSTODIAN_DATA_DIR="$DATA" CUSTODIAN_RATE_LIMIT__ENABLED=false CUSTODIAN_LOGGING__LEVEL=warn
-        export CUSTODIAN_PASSKEYS__CHALLENGE_TTL=10m CUSTODIAN_MFA__PHISHING_RESISTANT_ROLES=admin
-        [[ -n "$url" ]] && export CUSTODIAN_DATABASE__URL="$url"
-        printf '%s\n' "$PASSWORD" | "$BIN" --env dev user create --username bench-password --role nurse --password-stdin >/dev/null
-        printf '%s\n' "$PASSWORD" | "$BIN" --env dev user create --username bench-passkey --role admin --password-stdin >/dev/null
-        exec "$BIN" --env dev serve --listen "127.0.0.1:$port"
-    ) >"$OUT/$backend-server.log" 2>&1 &
-    pid="$!"
-    PIDS+=("$pid")
-    for _ in $(seq 1 150); do
-        kill -0 "$pid" 2>/dev/null || die "the server exited (see $OUT/$backend-server.log)"
-        curl -fsS -o /dev/null "http://127.0.0.1:$port/health" 2>/dev/null && break
-        sleep 0.2
-    done
-    base="http://127.0.0.1:$port"
+    bench_database "$backend" || continue
+    bench_serve "$backend" setup
     session="$(curl -fsS -X POST "$base/api/v1/auth/login" -H 'content-type: application/json' \
         -d "{\"username\":\"bench-passkey\",\"password\":\"$PASSWORD\"}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')"
     start=$(date +%s.%N)
@@ -158,9 +121,7 @@ LUA
         run "GET /api/v1/auth/me, password session, nurse" "$DATA/me.lua" "" "" "authorization: Bearer $password_session"
         run "GET /api/v1/auth/me, passkey session, admin under the policy" "$DATA/me.lua" "" "" "authorization: Bearer $passkey_session"
     done
-    kill "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    if [[ -n "$url" ]]; then psql -h 127.0.0.1 -U postgres -d test -qc "DROP DATABASE IF EXISTS $db" >/dev/null || true; fi
+    bench_stop
 done
 echo
 cat "$OUT/table.md"
