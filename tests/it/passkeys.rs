@@ -730,3 +730,154 @@ async fn an_administrator_resets_authenticators(backend: Backend) {
     );
 }
 both_backends!(an_administrator_resets_authenticators);
+
+/// Undoes the HTML escaping of an attribute value.
+fn unescape(s: &str) -> String {
+    s.replace("&quot;", "\"")
+        .replace("&#34;", "\"")
+        .replace("&#x27;", "'")
+        .replace("&#39;", "'")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&#60;", "<")
+        .replace("&#62;", ">")
+        .replace("&amp;", "&")
+        .replace("&#38;", "&")
+}
+
+/// The pages carry every ceremony, with their CSRF tokens: adding a passkey on the
+/// dashboard, signing in with it alone, the second step after the password, a forged
+/// answer refused, and removing it.
+async fn the_pages_carry_every_ceremony(backend: Backend) {
+    use crate::web::{Browser, field};
+    let s = start(backend, vec![]).await;
+    s.user("eve", "nurse", PW).await;
+    let mut b = Browser::new(&s);
+    b.sign_in("eve", PW).await;
+    let csrf = b.csrf().await;
+    // Without the session's CSRF token, no challenge.
+    let (status, _, _) = b
+        .post("/admin/passkeys/challenge", &[("csrf", &"0".repeat(64))])
+        .await;
+    assert_eq!(status, 403);
+    let (status, body, _) = b
+        .post("/admin/passkeys/challenge", &[("csrf", &csrf)])
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let c: Value = serde_json::from_str(&body).unwrap();
+    let mut key = SoftKey::new(ORIGIN);
+    let answer = key.register(&c).to_string();
+    let ceremony = c["ceremony"].as_str().unwrap();
+    let (status, html, _) = b
+        .post(
+            "/admin/passkeys",
+            &[
+                ("csrf", &csrf),
+                ("ceremony", ceremony),
+                ("name", "Desk key"),
+                ("credential", &answer),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        html.contains("Passkey added") && html.contains("Desk key"),
+        "{html}"
+    );
+
+    // The sign-in page: the passkey alone.
+    let mut alone = Browser::new(&s);
+    let (_, html) = alone.get("/login").await;
+    assert!(html.contains("id=\"passkey-sign-in\""));
+    let login_csrf = field(&html, "csrf");
+    let c = challenge(&s).await;
+    let answer = key.sign(&c).to_string();
+    let ceremony = c["ceremony"].as_str().unwrap();
+    let (status, _, location) = alone
+        .post(
+            "/login/passkey",
+            &[
+                ("csrf", &login_csrf),
+                ("ceremony", ceremony),
+                ("credential", &answer),
+            ],
+        )
+        .await;
+    assert_eq!((status, location.as_deref()), (303, Some("/")));
+    assert!(alone.cookie("custodian").is_some());
+
+    // A forged answer: the page says so, and nobody is signed in.
+    let mut forged = Browser::new(&s);
+    let (_, html) = forged.get("/login").await;
+    let login_csrf = field(&html, "csrf");
+    let c = challenge(&s).await;
+    key.wrong_origin("http://evil.example:8443");
+    let answer = key.sign(&c).to_string();
+    let (status, html, _) = forged
+        .post(
+            "/login/passkey",
+            &[
+                ("csrf", &login_csrf),
+                ("ceremony", c["ceremony"].as_str().unwrap()),
+                ("credential", &answer),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(html.contains("not accepted"), "{html}");
+    assert!(forged.cookie("custodian").is_none());
+
+    // The password, then the passkey: the second step carries its challenge.
+    let mut second = Browser::new(&s);
+    let (_, html) = second.get("/login").await;
+    let login_csrf = field(&html, "csrf");
+    let (status, html, _) = second
+        .post(
+            "/login",
+            &[("csrf", &login_csrf), ("username", "eve"), ("password", PW)],
+        )
+        .await;
+    assert_eq!(status, 200);
+    let raw = html
+        .split("data-challenge=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("a passkey challenge on the second step");
+    let c: Value = serde_json::from_str(&unescape(raw)).unwrap();
+    let login_csrf = field(&html, "csrf");
+    let answer = key.sign(&c).to_string();
+    let (status, _, location) = second
+        .post(
+            "/login",
+            &[
+                ("csrf", &login_csrf),
+                ("username", "eve"),
+                ("password", PW),
+                ("passkey_ceremony", c["ceremony"].as_str().unwrap()),
+                ("passkey_credential", &answer),
+            ],
+        )
+        .await;
+    assert_eq!((status, location.as_deref()), (303, Some("/")));
+
+    // Removing it: the dashboard's button, within the re-authentication window.
+    let c = challenge(&s).await;
+    let token = json(passwordless(&s, &c, key.sign(&c)).await).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let id = json(s.get_as("/api/v1/auth/passkeys", &token).await).await["items"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let csrf = second.csrf().await;
+    let (status, html, _) = second
+        .post(&format!("/admin/passkeys/{id}/remove"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        html.contains("Passkey removed") && !html.contains("Desk key"),
+        "{html}"
+    );
+}
+both_backends!(the_pages_carry_every_ceremony);
