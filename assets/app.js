@@ -4,6 +4,7 @@
 //   session). The server is the authority: this script only informs, and on expiry goes
 //   to the sign-in page.
 // - Copy buttons for secrets shown once.
+// - The patient's printable record: a button that opens the browser's print dialog.
 // - Passkeys (WebAuthn): sign in with a passkey alone, a passkey as the second factor,
 //   and adding one. The server sends the options with binary fields in base64url; the
 //   browser's API wants ArrayBuffers, and the answer goes back in base64url. Every
@@ -97,6 +98,11 @@
   if (!supported) return;
 
   // Sign in with a passkey alone: a challenge, the browser's prompt, then the form.
+  var printButton = document.getElementById("print-page");
+  if (printButton) {
+    printButton.addEventListener("click", function () { window.print(); });
+  }
+
   var signIn = document.getElementById("passkey-sign-in");
   if (signIn) {
     signIn.addEventListener("click", function () {

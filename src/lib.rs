@@ -23,6 +23,7 @@ pub mod audit;
 pub mod identity;
 pub mod oauth;
 pub mod phi;
+pub mod portal;
 pub mod ratelimit;
 pub mod records;
 pub mod reporting;

@@ -134,6 +134,9 @@ pub struct Principal {
     pub mfa_enrollment_pending: bool,
     /// When the password expires under the policy, RFC 3339.
     pub password_expires_at: Option<String>,
+    /// A patient account's own patient record: the only one it may reach (its
+    /// permissions are empty).
+    pub patient: Option<String>,
 }
 
 impl Principal {
@@ -287,6 +290,7 @@ mod tests {
             mfa_enabled: false,
             mfa_enrollment_pending: pending,
             password_expires_at: None,
+            patient: None,
         }
     }
 

@@ -20,6 +20,7 @@ use crate::clock::{SharedClock, timestamp};
 use crate::config::{AccountsConfig, Config, Secret};
 use crate::crypto;
 use crate::identity::model::User;
+use crate::identity::roles::PATIENT_ROLE;
 use crate::identity::service::Origin;
 use crate::identity::{Grantor, Identity, IdentityError};
 use crate::store::{Db, StoreError};
@@ -62,9 +63,13 @@ pub struct Invitation {
     pub created_by: Option<String>,
     pub created_at: String,
     pub expires_at: String,
+    /// A patient invitation's patient record (the account is linked to it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patient_id: Option<String>,
 }
 
-const TOKEN_COLUMNS: &str = "id, user_id, email, role, created_by, created_at, expires_at";
+const TOKEN_COLUMNS: &str =
+    "id, user_id, email, role, created_by, created_at, expires_at, patient_id";
 
 struct TokenRow {
     id: String,
@@ -74,6 +79,7 @@ struct TokenRow {
     created_by: Option<String>,
     created_at: String,
     expires_at: String,
+    patient_id: Option<String>,
 }
 
 #[derive(Clone)]
@@ -100,6 +106,7 @@ impl TokenRow {
             created_by: r.try_get("created_by")?,
             created_at: r.try_get("created_at")?,
             expires_at: r.try_get("expires_at")?,
+            patient_id: r.try_get("patient_id")?,
         })
     }
 }
@@ -184,13 +191,28 @@ impl Accounts {
         created_by: Option<&str>,
         ttl: std::time::Duration,
     ) -> Result<(String, Secret, String), AccountsError> {
+        self.issue_for(purpose, user_id, email, role, created_by, ttl, None)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn issue_for(
+        &self,
+        purpose: &str,
+        user_id: Option<&str>,
+        email: Option<&str>,
+        role: Option<&str>,
+        created_by: Option<&str>,
+        ttl: std::time::Duration,
+        patient_id: Option<&str>,
+    ) -> Result<(String, Secret, String), AccountsError> {
         let token = new_token()?;
         let id = uuid::Uuid::new_v4().to_string();
         let now = self.inner.clock.now();
         let expires = timestamp(now + ttl);
         sqlx::query(
-            "INSERT INTO account_tokens (id, token_hash, purpose, user_id, email, role, created_by, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO account_tokens (id, token_hash, purpose, user_id, email, role, created_by, created_at, expires_at, patient_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&id)
         .bind(hash(token.expose()))
@@ -201,6 +223,7 @@ impl Accounts {
         .bind(created_by)
         .bind(timestamp(now))
         .bind(&expires)
+        .bind(patient_id)
         .execute(self.inner.db.writer())
         .await?;
         Ok((id, token, expires))
@@ -257,6 +280,7 @@ impl Accounts {
             created_by: t.created_by,
             created_at: t.created_at,
             expires_at: t.expires_at,
+            patient_id: t.patient_id,
         }
     }
 
@@ -267,6 +291,21 @@ impl Accounts {
         token: &Secret,
         expires: &str,
     ) -> Result<(), AccountsError> {
+        if role == PATIENT_ROLE {
+            // No name, no record detail: a mail is not a safe place for PHI.
+            let body = format!(
+                "You are invited to open your patient account: you will see your health record, \
+                 download it, see who accessed it, and ask for corrections.\n\n\
+                 Choose your username and password here (the link works once, until {expires} UTC):\n\n{}\n\n\
+                 If you did not expect this invitation, ignore this mail.\n",
+                self.link("invite", token)
+            );
+            self.inner
+                .outbox
+                .enqueue(email, "Your patient account", &body)
+                .await?;
+            return Ok(());
+        }
         let body = format!(
             "You are invited to a Custodian account with the role \"{role}\".\n\n\
              Choose your username and password here (the link works once, until {expires} UTC):\n\n{}\n\n\
@@ -288,6 +327,13 @@ impl Accounts {
         by: &Principal,
     ) -> Result<Invitation, AccountsError> {
         let email = parse_email(email).map_err(|m| IdentityError::Invalid("email", m))?;
+        if role == PATIENT_ROLE {
+            return Err(IdentityError::Invalid(
+                "role",
+                "is given only by a patient invitation, made from the patient's record",
+            )
+            .into());
+        }
         if !crate::identity::store::role_exists(&self.inner.db, role).await? {
             return Err(IdentityError::Invalid("role", "is not a role").into());
         }
@@ -312,6 +358,55 @@ impl Accounts {
             created_by: Some(by.username.clone()),
             created_at: self.now(),
             expires_at: expires,
+            patient_id: None,
+        })
+    }
+
+    /// Invites `email` to the patient account of `patient_id` (which must exist, and
+    /// have no account yet). Pending patient invitations of the same record are revoked:
+    /// one link at a time per record.
+    pub async fn invite_patient(
+        &self,
+        patient_id: &str,
+        email: &str,
+        by: &Principal,
+    ) -> Result<Invitation, AccountsError> {
+        let email = parse_email(email).map_err(|m| IdentityError::Invalid("email", m))?;
+        if crate::identity::store::user_by_patient(&self.inner.db, patient_id)
+            .await?
+            .is_some()
+        {
+            return Err(
+                IdentityError::Conflict("this patient record has an account already").into(),
+            );
+        }
+        self.require_mail()?;
+        self.revoke_where(
+            "UPDATE account_tokens SET revoked_at = $1 WHERE patient_id = $2 AND purpose = 'invite' AND used_at IS NULL AND revoked_at IS NULL",
+            patient_id,
+        )
+        .await?;
+        let (id, token, expires) = self
+            .issue_for(
+                INVITE,
+                None,
+                Some(&email),
+                Some(PATIENT_ROLE),
+                Some(&by.username),
+                self.inner.cfg.invite_ttl.std(),
+                Some(patient_id),
+            )
+            .await?;
+        self.send_invitation(&email, PATIENT_ROLE, &token, &expires)
+            .await?;
+        Ok(Invitation {
+            id,
+            email,
+            role: PATIENT_ROLE.to_owned(),
+            created_by: Some(by.username.clone()),
+            created_at: self.now(),
+            expires_at: expires,
+            patient_id: Some(patient_id.to_owned()),
         })
     }
 
@@ -361,6 +456,10 @@ impl Accounts {
         Grantor::user(by)
             .covers_role(&self.inner.db, &old.role)
             .await?;
+        if let Some(patient) = &old.patient_id {
+            // A patient invitation stays one: the same record, the same role.
+            return self.invite_patient(patient, &old.email, by).await;
+        }
         self.revoke_invitation(id).await?;
         self.invite(&old.email, &old.role, by).await
     }
@@ -380,11 +479,28 @@ impl Accounts {
         let t = self.find(INVITE, token).await?;
         let email = t.email.clone().unwrap_or_default();
         let role = t.role.clone().unwrap_or_default();
-        let user = self
-            .inner
-            .identity
-            .create_user(Grantor::Operator, username, Some(&email), &role, password)
-            .await?;
+        let user = match &t.patient_id {
+            Some(patient) => {
+                let live = crate::records::store::patient_exists(&self.inner.db, patient).await?
+                    == Some(false);
+                if !live {
+                    // The record was erased since: the link leads nowhere.
+                    return Err(AccountsError::InvalidLink);
+                }
+                self.inner
+                    .identity
+                    .create_patient_user(username, Some(&email), password, patient)
+                    .await?
+            }
+            // A patient role without a record cannot come from a link we issued.
+            None if role == PATIENT_ROLE => return Err(AccountsError::InvalidLink),
+            None => {
+                self.inner
+                    .identity
+                    .create_user(Grantor::Operator, username, Some(&email), &role, password)
+                    .await?
+            }
+        };
         if !self.consume(&t.id).await? {
             // Spent by a concurrent request: undo this account.
             self.inner

@@ -482,6 +482,9 @@ pub struct Filter {
     /// grants and tokens of apps (their reads are the disclosures). In the query, so
     /// that a page is full however many other events lie between.
     pub disclosed_only: bool,
+    /// Leaves out what this user did themselves without an app (a patient's accounting
+    /// does not list the patient's own reads; what their apps read stays in it).
+    pub exclude_own: Option<String>,
 }
 
 /// Events matching `f`, newest first (or oldest first when `ascending`).
@@ -535,6 +538,12 @@ pub async fn query(
              AND action IN ('read', 'export', 'search', 'break_glass', 'update', 'create') \
              AND (resource_type IS NULL OR substr(resource_type, 1, 6) <> 'oauth_')",
             Bind::Text("success".into()),
+        );
+    }
+    if let Some(u) = &f.exclude_own {
+        add(
+            " AND NOT (COALESCE(actor_id, '') = ? AND context NOT LIKE '%\"client_id\":%')",
+            Bind::Text(u.clone()),
         );
     }
     add(

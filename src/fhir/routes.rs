@@ -231,6 +231,50 @@ fn outside_grant(detail: impl Into<std::borrow::Cow<'static, str>>) -> ApiError 
     ApiError::new(ErrorCode::Forbidden).with_detail(detail)
 }
 
+/// The confinement of this request: a SMART app's grant (see [`app_limit`]) and, for a
+/// patient account, its own compartment, read only, whatever the credential. A patient
+/// account has no permission: [`PhiReader::own`] lets it read only under this limit.
+fn limit(p: &Principal, t: ResourceType, op: Ops) -> Result<Option<AppLimit>, ApiError> {
+    let app = app_limit(p, t, op)?;
+    let Some(me) = &p.patient else {
+        return Ok(app);
+    };
+    if op != Ops::R && op != Ops::S {
+        return Err(ApiError::new(ErrorCode::Forbidden).with_detail(
+            "A patient account reads its own record; a correction is asked for as an amendment.",
+        ));
+    }
+    let mut l = app.unwrap_or(AppLimit {
+        patient: None,
+        categories: None,
+    });
+    match &l.patient {
+        Some(other) if other != me => {
+            return Err(outside_grant(
+                "A patient account reaches only its own record.",
+            ));
+        }
+        _ => l.patient = Some(me.clone()),
+    }
+    Ok(Some(l))
+}
+
+/// Who reads PHI on this request: a patient account under its [`limit`] (the caller has
+/// confined the request to the patient's own compartment), anyone else by permission or
+/// break-glass.
+fn reader(
+    p: Principal,
+    permission: Permission,
+    headers: &HeaderMap,
+    limit: &Option<AppLimit>,
+) -> Result<PhiReader, ApiError> {
+    match (&p.patient, limit) {
+        (Some(me), Some(l)) if l.patient.as_deref() == Some(me.as_str()) => Ok(PhiReader::own(p)),
+        (Some(_), _) => Err(ApiError::new(ErrorCode::Forbidden)),
+        (None, _) => PhiReader::check(p, permission, headers),
+    }
+}
+
 /// What the app's scopes allow of interaction `op` on `t`; an error when nothing. The
 /// role's permissions are checked as for everyone: the access is the intersection.
 fn app_limit(p: &Principal, t: ResourceType, op: Ops) -> Result<Option<AppLimit>, ApiError> {
@@ -582,8 +626,8 @@ async fn read_version(
 ) -> Result<Response, ApiError> {
     let t = resource_type(ty)?;
     let anonymize = read_options(query)?;
-    let limit = app_limit(&principal, t, Ops::R)?;
-    let reader = PhiReader::check(principal, t.read_permission(), headers)?;
+    let limit = limit(&principal, t, Ops::R)?;
+    let reader = reader(principal, t.read_permission(), headers, &limit)?;
     let fhir = state.fhir();
     let patient = fhir.patient_of(t, id).await?;
     annotate(audit, Action::Read, t, Some(id), patient.as_deref());
@@ -664,7 +708,7 @@ async fn search(
     pairs: Vec<(String, String)>,
 ) -> Result<Response, ApiError> {
     annotate(audit, Action::Search, t, None, None);
-    let limit = app_limit(&principal, t, Ops::S)?;
+    let limit = limit(&principal, t, Ops::S)?;
     // A de-identified search's links are one sealed `_page` token each.
     let pairs = match pairs.iter().find(|(k, _)| k == "_page") {
         None => pairs,
@@ -701,10 +745,17 @@ async fn search(
     // A list of patients needs `patients:read` itself; a search inside one named
     // patient's compartment may also be a break-glass access to that patient.
     let (sees_ssn, reader) = if t == ResourceType::Patient {
-        require(&principal, Permission::PatientsRead)?;
+        // A patient account's search was confined to its own id above.
+        let own = principal.patient.is_some()
+            && limit
+                .as_ref()
+                .is_some_and(|l| l.patient.is_some() && l.patient == principal.patient);
+        if !own {
+            require(&principal, Permission::PatientsRead)?;
+        }
         (principal.has(Permission::PhiSsn), None)
     } else {
-        let r = PhiReader::check(principal, t.read_permission(), headers)?;
+        let r = reader(principal, t.read_permission(), headers, &limit)?;
         (r.sees_ssn(), Some(r))
     };
     if let (Some(r), Some(p)) = (&reader, &q.patient) {
@@ -800,7 +851,7 @@ async fn create(
 ) -> Result<Response, ApiError> {
     let t = resource_type(&ty)?;
     annotate(&audit, Action::Create, t, None, None);
-    let limit = app_limit(&auth, t, Ops::C)?;
+    let limit = limit(&auth, t, Ops::C)?;
     require(&auth, t.write_permission())?;
     let m = body_json(&headers, &body)?;
     // A create assigns the id: one in the body is ignored (FHIR R4, 3.1.0.6).
@@ -822,7 +873,7 @@ async fn update(
     let t = resource_type(&ty)?;
     let patient = state.fhir().patient_of(t, &id).await.ok().flatten();
     annotate(&audit, Action::Update, t, Some(&id), patient.as_deref());
-    let limit = app_limit(&auth, t, Ops::U)?;
+    let limit = limit(&auth, t, Ops::U)?;
     require(&auth, t.write_permission())?;
     let m = body_json(&headers, &body)?;
     let (body_id, resource) = split_resource(t, m, &format!("{}.", t.as_str()))?;
@@ -907,7 +958,7 @@ async fn delete(
     let t = resource_type(&ty)?;
     let patient = state.fhir().patient_of(t, &id).await.ok().flatten();
     annotate(&audit, Action::Delete, t, Some(&id), patient.as_deref());
-    if let Some(l) = app_limit(&auth, t, Ops::D)? {
+    if let Some(l) = limit(&auth, t, Ops::D)? {
         l.patient_ok(if t == ResourceType::Patient {
             Some(id.as_str())
         } else {
@@ -939,10 +990,11 @@ async fn operation(
             .with_detail("The only operation here is GET /fhir/Patient/{id}/$everything."));
     }
     annotate(&audit, Action::Export, t, Some(&id), Some(&id));
-    // An app exports only with read of every type, every category, of this patient.
-    if auth.smart().is_some() {
+    // An app (and a patient account) exports only with read of every type, every
+    // category, of this patient.
+    if auth.smart().is_some() || auth.patient.is_some() {
         for each in ResourceType::ALL {
-            if let Some(l) = app_limit(&auth, each, Ops::R)? {
+            if let Some(l) = limit(&auth, each, Ops::R)? {
                 l.patient_ok(Some(&id))?;
                 if l.categories.is_some() {
                     return Err(outside_grant(
@@ -952,9 +1004,12 @@ async fn operation(
             }
         }
     }
-    // An export: both read permissions, never break-glass.
-    require(&auth, Permission::PatientsRead)?;
-    require(&auth, Permission::RecordsRead)?;
+    // An export: both read permissions, never break-glass; or a patient's own record
+    // (confined to it just above).
+    if auth.patient.as_deref() != Some(id.as_str()) {
+        require(&auth, Permission::PatientsRead)?;
+        require(&auth, Permission::RecordsRead)?;
+    }
     let mut ndjson = false;
     let mut anonymize = false;
     for (k, v) in pairs(q.as_deref()) {
@@ -1038,7 +1093,7 @@ async fn transaction(
             ));
         }
         let op = if e.id.is_some() { Ops::U } else { Ops::C };
-        if let Some(l) = app_limit(&auth, e.t, op)? {
+        if let Some(l) = limit(&auth, e.t, op)? {
             if let Some(id) = &e.id {
                 l.existing_ok(state.fhir(), e.t, id).await?;
             }

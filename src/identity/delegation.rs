@@ -109,6 +109,7 @@ mod tests {
             mfa_enabled: true,
             mfa_enrollment_pending: false,
             password_expires_at: None,
+            patient: None,
         }
     }
 

@@ -122,6 +122,9 @@ pub struct User {
     /// An administrator typed the password: sign-in answers `password_expired` until
     /// the user changes it.
     pub must_change_password: bool,
+    /// A patient account's patient record (set once, at the acceptance of a patient
+    /// invitation; the role is then `patient`).
+    pub patient_id: Option<String>,
 }
 
 #[cfg(test)]

@@ -9,6 +9,9 @@ use crate::store::Db;
 
 /// The role that must keep `users:manage` and `roles:manage`.
 pub const ADMIN_ROLE: &str = "admin";
+/// The role of patient accounts: built in, never given a permission, never given to
+/// an account without a patient record.
+pub const PATIENT_ROLE: &str = "patient";
 
 /// Role names: 1–32 of `a-z 0-9 _ -`.
 pub fn check_name(name: &str) -> Result<(), IdentityError> {
@@ -82,6 +85,11 @@ pub async fn update(
     by.not_own_role(name)?;
     by.covers(&current.permissions, &format!("the role {name}"))?;
     by.covers(&names(permissions), "the new permission list")?;
+    if name == PATIENT_ROLE && !permissions.is_empty() {
+        return Err(IdentityError::Conflict(
+            "the patient role holds no permission: patients reach only their own record",
+        ));
+    }
     let has = |p: Permission| permissions.contains(&p);
     if name == ADMIN_ROLE && !(has(Permission::UsersManage) && has(Permission::RolesManage)) {
         return Err(IdentityError::Conflict(

@@ -391,6 +391,9 @@ pub struct Me {
     /// True while `mfa.required` holds and TOTP is not confirmed yet.
     mfa_enrollment_required: bool,
     password_expires_at: Option<String>,
+    /// A patient account's own patient record (absent for staff accounts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patient_id: Option<String>,
 }
 
 /// Who am I.
@@ -419,6 +422,7 @@ pub async fn me(audit: Audit, p: Authorized<need::SignedIn>) -> Result<Json<Me>,
         role: p.role,
         mfa_enabled: p.mfa_enabled,
         password_expires_at: p.password_expires_at,
+        patient_id: p.patient,
     }))
 }
 

@@ -337,6 +337,65 @@ impl Identity {
         password: &Secret,
         must_change_password: bool,
     ) -> Result<User, IdentityError> {
+        if role == super::roles::PATIENT_ROLE {
+            return Err(IdentityError::Invalid(
+                "role",
+                "is given only by a patient invitation, made from the patient's record",
+            ));
+        }
+        self.insert_user(
+            by,
+            username,
+            email,
+            role,
+            password,
+            must_change_password,
+            None,
+        )
+        .await
+    }
+
+    /// Creates a patient account linked to `patient_id` (the acceptance of a patient
+    /// invitation): the `patient` role, never anything else. One account per patient
+    /// record (409).
+    pub async fn create_patient_user(
+        &self,
+        username: &str,
+        email: Option<&str>,
+        password: &Secret,
+        patient_id: &str,
+    ) -> Result<User, IdentityError> {
+        if store::user_by_patient(&self.db, patient_id)
+            .await?
+            .is_some()
+        {
+            return Err(IdentityError::Conflict(
+                "this patient record has an account already",
+            ));
+        }
+        self.insert_user(
+            Grantor::Operator,
+            username,
+            email,
+            super::roles::PATIENT_ROLE,
+            password,
+            false,
+            Some(patient_id),
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn insert_user(
+        &self,
+        by: Grantor<'_>,
+        username: &str,
+        email: Option<&str>,
+        role: &str,
+        password: &Secret,
+        must_change_password: bool,
+        patient_id: Option<&str>,
+    ) -> Result<User, IdentityError> {
         let username =
             Username::parse(username).map_err(|m| IdentityError::Invalid("username", m))?;
         let email = email
@@ -367,8 +426,16 @@ impl Identity {
             created_at: now.clone(),
             updated_at: now,
             must_change_password,
+            patient_id: patient_id.map(str::to_owned),
         };
         if !store::insert_user(&self.db, &user, &new_id()).await? {
+            if let Some(p) = patient_id
+                && store::user_by_patient(&self.db, p).await?.is_some()
+            {
+                return Err(IdentityError::Conflict(
+                    "this patient record has an account already",
+                ));
+            }
             return Err(IdentityError::Conflict("the username is taken"));
         }
         Ok(user)
@@ -930,6 +997,12 @@ impl Identity {
             .iter()
             .filter_map(|p| Permission::parse(p))
             .collect();
+        // A patient account holds no permission whatever its role says: it reaches its
+        // own record through the self-scope of each door, and nothing else.
+        let patient = user.patient_id.clone();
+        if patient.is_some() {
+            permissions.clear();
+        }
         if smart.is_some() {
             // Minimum necessary for apps: never the SSN in full, never break-glass.
             permissions.remove(&Permission::PhiSsn);
@@ -961,6 +1034,7 @@ impl Identity {
                 Credential::ApiToken(credential_id)
             },
             mfa_enabled: user.totp_enabled,
+            patient,
         })
     }
 
@@ -1120,6 +1194,20 @@ impl Identity {
         let user = self.user(id).await?;
         by.may_manage(&self.db, &user.role).await?;
         if let Some(r) = role {
+            // A patient account keeps the patient role, and nobody else gets it: the link
+            // to a record is what it is for, and staff permissions never reach it.
+            let patient = super::roles::PATIENT_ROLE;
+            if user.patient_id.is_some() && r != patient {
+                return Err(IdentityError::Conflict(
+                    "a patient account keeps the patient role",
+                ));
+            }
+            if user.patient_id.is_none() && r == patient {
+                return Err(IdentityError::Invalid(
+                    "role",
+                    "is given only by a patient invitation, made from the patient's record",
+                ));
+            }
             if !store::role_exists(&self.db, r).await? {
                 return Err(IdentityError::Invalid("role", "is not a role"));
             }

@@ -7,7 +7,7 @@ use crate::store::local::{self, Cols};
 use crate::store::{Backend, Db, StoreError};
 
 const USER_COLUMNS: &str = "id, username, email, role, active, password_hash, password_changed_at, \
-totp_secret, totp_enabled, totp_last_step, created_at, updated_at, must_change_password";
+totp_secret, totp_enabled, totp_last_step, created_at, updated_at, must_change_password, patient_id";
 
 fn user_from_row<R: Cols>(r: &R) -> Result<User, StoreError> {
     user_at(r, 0)
@@ -29,6 +29,7 @@ fn user_at<R: Cols>(r: &R, base: usize) -> Result<User, StoreError> {
         created_at: r.col_at(base + 10, "created_at")?,
         updated_at: r.col_at(base + 11, "updated_at")?,
         must_change_password: r.col_at::<i64>(base + 12, "must_change_password")? != 0,
+        patient_id: r.col_at(base + 13, "patient_id")?,
     })
 }
 
@@ -52,6 +53,17 @@ pub async fn user_by_id(db: &Db, id: &str) -> Result<Option<User>, StoreError> {
         .transpose()
 }
 
+/// The account linked to a patient record, if any.
+pub async fn user_by_patient(db: &Db, patient_id: &str) -> Result<Option<User>, StoreError> {
+    let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE patient_id = $1");
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(patient_id)
+        .fetch_optional(db.reader())
+        .await?
+        .map(|r| user_from_row(&r))
+        .transpose()
+}
+
 pub async fn count_users(db: &Db) -> Result<i64, StoreError> {
     Ok(sqlx::query("SELECT COUNT(*) AS n FROM users")
         .fetch_one(db.reader())
@@ -65,8 +77,8 @@ pub async fn insert_user(db: &Db, u: &User, history_id: &str) -> Result<bool, St
     let mut tx = db.writer().begin().await?;
     let inserted = sqlx::query(
         "INSERT INTO users (id, username, email, role, active, password_hash, password_changed_at, \
-         totp_secret, totp_enabled, totp_last_step, created_at, updated_at, must_change_password) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, 0, NULL, $8, $9, $10) ON CONFLICT (username) DO NOTHING",
+         totp_secret, totp_enabled, totp_last_step, created_at, updated_at, must_change_password, patient_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, 0, NULL, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
     )
     .bind(&u.id)
     .bind(&u.username)
@@ -78,6 +90,7 @@ pub async fn insert_user(db: &Db, u: &User, history_id: &str) -> Result<bool, St
     .bind(&u.created_at)
     .bind(&u.updated_at)
     .bind(i64::from(u.must_change_password))
+    .bind(&u.patient_id)
     .execute(&mut *tx)
     .await?
     .rows_affected();

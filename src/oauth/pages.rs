@@ -187,6 +187,13 @@ struct ConsentPage {
 /// Whether a resource scope is usable at all under the person's role (the effective
 /// access is the intersection of both, decided on every request).
 fn role_allows(u: &WebUser, r: &super::scopes::ResourceScope) -> bool {
+    if u.principal.patient.is_some() {
+        // A patient account reads its own record, and writes nothing through apps.
+        return r.level == super::scopes::Level::Patient
+            && !r.ops.contains(super::scopes::Ops::C)
+            && !r.ops.contains(super::scopes::Ops::U)
+            && !r.ops.contains(super::scopes::Ops::D);
+    }
     let types: Vec<crate::fhir::resources::ResourceType> = match &r.resource {
         None => crate::fhir::resources::ResourceType::ALL.to_vec(),
         Some(t) => crate::fhir::resources::ResourceType::parse(t)
@@ -318,7 +325,22 @@ async fn authorize(
     let Some(session_id) = user.principal.session_id().map(str::to_owned) else {
         return fail("access_denied", "sign in again");
     };
+    // A patient account grants apps its own record only: `patient/` scopes, its own
+    // patient as the launch patient, no picker.
+    let mut offered = offered;
+    if user.principal.patient.is_some() {
+        offered
+            .resources
+            .retain(|r| r.level == super::scopes::Level::Patient);
+        if offered.resources.is_empty() {
+            return fail(
+                "invalid_scope",
+                "a patient account allows apps patient/ scopes (its own record) only",
+            );
+        }
+    }
     let (launch_patient, ehr_launch) = match get("launch") {
+        None if user.principal.patient.is_some() => (user.principal.patient.clone(), false),
         None => (None, false),
         Some(l) => match state
             .oauth()
@@ -502,6 +524,24 @@ async fn consent(State(state): State<AppState>, audit: Audit, form: WebForm) -> 
         granted.online_access = true;
     }
     let mut patient = a.launch_patient.clone();
+    if let Some(me) = &user.principal.patient {
+        // Checked again at the decision: the request was sealed for this session, but a
+        // patient's grant is only ever for their own record, at patient level.
+        let only_own = patient.as_deref() == Some(me.as_str())
+            && granted
+                .resources
+                .iter()
+                .all(|r| r.level == super::scopes::Level::Patient);
+        if !only_own {
+            denied(&audit, "access_denied");
+            return to_app_error(
+                &a.redirect_uri,
+                "access_denied",
+                "a patient account allows apps its own record only",
+                st,
+            );
+        }
+    }
     if granted.has_patient_level() && patient.is_none() {
         let chosen = form.fields.text("patient");
         let readable = user.can(Permission::PatientsRead)

@@ -100,6 +100,16 @@ impl PhiReader {
         }
     }
 
+    /// A patient account reading its own record: the callers confine the request to
+    /// that record first (the FHIR limit, the `/api/v1/me` routes). No break-glass, no
+    /// full SSN.
+    pub fn own(p: Principal) -> Self {
+        Self {
+            principal: p,
+            break_glass: None,
+        }
+    }
+
     pub fn sees_ssn(&self) -> bool {
         self.principal.has(Permission::PhiSsn)
     }
@@ -764,6 +774,18 @@ pub(crate) async fn accounting(
     cursor: Option<&str>,
     limit: u32,
 ) -> Result<DisclosurePage, ApiError> {
+    accounting_for(state, id, cursor, limit, None).await
+}
+
+/// [`accounting`], leaving out what user `exclude_own` did without an app (the
+/// patient's own view of it: their own reads are not disclosures).
+pub(crate) async fn accounting_for(
+    state: &AppState,
+    id: &str,
+    cursor: Option<&str>,
+    limit: u32,
+    exclude_own: Option<&str>,
+) -> Result<DisclosurePage, ApiError> {
     let six_years = time::Duration::days(6 * 365 + 2);
     let filter = crate::audit::store::Filter {
         patient_id: Some(id.to_owned()),
@@ -773,6 +795,7 @@ pub(crate) async fn accounting(
         // and a grant or a token names its patient but discloses nothing (the app's
         // reads do, and are listed with the app). Filtered in the query: a page is full.
         disclosed_only: true,
+        exclude_own: exclude_own.map(str::to_owned),
         ..Default::default()
     };
     let page = state.audit().page(&filter, limit).await?;

@@ -47,6 +47,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(14, "0014_must_change_password"),
     migration!(15, "0015_oauth"),
     migration!(16, "0016_passkeys"),
+    migration!(17, "0017_patient_accounts"),
 ];
 
 impl Migration {

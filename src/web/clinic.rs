@@ -287,27 +287,27 @@ pub struct ChartQuery {
     view: Option<String>,
 }
 
-struct Coded {
-    name: String,
-    code: String,
-    detail: String,
-    status: String,
-    date: String,
+pub(crate) struct Coded {
+    pub(crate) name: String,
+    pub(crate) code: String,
+    pub(crate) detail: String,
+    pub(crate) status: String,
+    pub(crate) date: String,
 }
 
-struct Disclosed {
-    at: String,
-    who: String,
-    action: String,
-    purpose: String,
-    break_glass: bool,
+pub(crate) struct Disclosed {
+    pub(crate) at: String,
+    pub(crate) who: String,
+    pub(crate) action: String,
+    pub(crate) purpose: String,
+    pub(crate) break_glass: bool,
 }
 
-struct RecordRow {
-    view: RecordView,
+pub(crate) struct RecordRow {
+    pub(crate) view: RecordView,
     /// When it was recorded, as people read it (the year alone when de-identified).
-    recorded: String,
-    version: i64,
+    pub(crate) recorded: String,
+    pub(crate) version: i64,
 }
 
 #[derive(Template)]
@@ -464,6 +464,75 @@ fn coded(t: ResourceType, v: &Value) -> Coded {
     }
 }
 
+/// A patient's clinical data as the pages list it, each list newest first.
+pub(crate) struct ClinicalLists {
+    pub(crate) conditions: Vec<Coded>,
+    pub(crate) labs: Vec<Coded>,
+    pub(crate) medications: Vec<Coded>,
+    pub(crate) procedures: Vec<Coded>,
+    pub(crate) records: Vec<RecordRow>,
+}
+
+/// The clinical lists of patient `id` in view `v` (the chart and the patient portal),
+/// with at most `max_records` visit records.
+pub(crate) async fn clinical_lists(
+    state: &AppState,
+    id: &str,
+    v: View<'_>,
+    max_records: i64,
+) -> Result<ClinicalLists, PhiError> {
+    let fhir = v.fhir;
+    let mut out = ClinicalLists {
+        conditions: Vec::new(),
+        labs: Vec::new(),
+        medications: Vec::new(),
+        procedures: Vec::new(),
+        records: Vec::new(),
+    };
+    for t in [
+        ResourceType::Condition,
+        ResourceType::Observation,
+        ResourceType::MedicationRequest,
+        ResourceType::Procedure,
+    ] {
+        let list = match fhir.compartment(t, id).await {
+            Ok(l) => l,
+            Err(crate::fhir::service::FhirError::Phi(e)) => return Err(e),
+            Err(_) => Vec::new(),
+        };
+        let mut items: Vec<Coded> = list
+            .iter()
+            // The /api/v1 records appear as Conditions in FHIR: listed apart here.
+            .filter(|r| !r.id.starts_with(crate::fhir::service::RECORD_PREFIX))
+            .map(|r| coded(t, &fhir.render(r, v)))
+            .collect();
+        items.sort_by(|a, b| b.date.cmp(&a.date).then_with(|| a.name.cmp(&b.name)));
+        match t {
+            ResourceType::Condition => out.conditions = items,
+            ResourceType::Observation => out.labs = items,
+            ResourceType::MedicationRequest => out.medications = items,
+            _ => out.procedures = items,
+        }
+    }
+    out.records = state
+        .patients()
+        .records(id, "", max_records)
+        .await?
+        .iter()
+        .map(|r: &Record| {
+            let view = record_view(state, r, v.anonymize);
+            RecordRow {
+                recorded: super::pages::display_time(&view.recorded_at),
+                view,
+                version: r.version,
+            }
+        })
+        .collect();
+    out.records
+        .sort_by(|a, b| b.view.recorded_at.cmp(&a.view.recorded_at));
+    Ok(out)
+}
+
 /// Most labs a chart lists (most recent first).
 const RECENT_LABS: usize = 30;
 
@@ -568,57 +637,19 @@ async fn chart_data(
     page.can_reveal = sees_ssn && !anonymize && !reveal_ssn && patient.fields.ssn.is_some();
     page.p = Some(view);
     if page.clinical {
-        let fhir = state.fhir();
         let v = View {
             sees_ssn,
             anonymize,
             today: state.clock().now().date(),
-            fhir,
+            fhir: state.fhir(),
         };
-        for t in [
-            ResourceType::Condition,
-            ResourceType::Observation,
-            ResourceType::MedicationRequest,
-            ResourceType::Procedure,
-        ] {
-            let list = match fhir.compartment(t, id).await {
-                Ok(l) => l,
-                Err(crate::fhir::service::FhirError::Phi(e)) => return Err(e),
-                Err(_) => Vec::new(),
-            };
-            let mut items: Vec<Coded> = list
-                .iter()
-                // The /api/v1 records appear as Conditions in FHIR: listed apart here.
-                .filter(|r| !r.id.starts_with(crate::fhir::service::RECORD_PREFIX))
-                .map(|r| coded(t, &fhir.render(r, v)))
-                .collect();
-            items.sort_by(|a, b| b.date.cmp(&a.date).then_with(|| a.name.cmp(&b.name)));
-            match t {
-                ResourceType::Condition => page.conditions = items,
-                ResourceType::Observation => {
-                    items.truncate(RECENT_LABS);
-                    page.labs = items;
-                }
-                ResourceType::MedicationRequest => page.medications = items,
-                _ => page.procedures = items,
-            }
-        }
-        page.records = state
-            .patients()
-            .records(id, "", 200)
-            .await?
-            .iter()
-            .map(|r: &Record| {
-                let view = record_view(state, r, anonymize);
-                RecordRow {
-                    recorded: super::pages::display_time(&view.recorded_at),
-                    view,
-                    version: r.version,
-                }
-            })
-            .collect();
-        page.records
-            .sort_by(|a, b| b.view.recorded_at.cmp(&a.view.recorded_at));
+        let mut lists = clinical_lists(state, id, v, 200).await?;
+        lists.labs.truncate(RECENT_LABS);
+        page.conditions = lists.conditions;
+        page.labs = lists.labs;
+        page.medications = lists.medications;
+        page.procedures = lists.procedures;
+        page.records = lists.records;
     }
     if u.can(Permission::AuditRead) && !anonymize {
         let list = match accounting(state, id, None, 50).await {

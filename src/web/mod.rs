@@ -5,6 +5,7 @@
 pub mod clinic;
 pub mod pages;
 pub mod passkeys;
+pub mod portal;
 pub mod session;
 pub mod sessions;
 
@@ -26,6 +27,10 @@ const APP_JS: &str = include_str!("../../assets/app.js");
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/", get(pages::start))
+        .route("/my", get(portal::home))
+        .route("/my/record.json", get(portal::download))
+        .route("/my/record/print", get(portal::print))
+        .route("/my/disclosures", get(portal::disclosures))
         .route("/patients", get(clinic::list))
         .route("/patients/{id}", get(clinic::chart))
         .route("/patients/{id}/ssn", post(clinic::reveal_ssn))

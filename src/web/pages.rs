@@ -37,6 +37,8 @@ pub struct Layout {
     pub(crate) can_audit: bool,
     pub(crate) can_calc: bool,
     pub(crate) can_patients: bool,
+    /// A patient account: its own record is at /my.
+    pub(crate) is_patient: bool,
     pub(crate) notice: Option<String>,
 }
 
@@ -53,6 +55,7 @@ impl Layout {
             can_audit: false,
             can_calc: false,
             can_patients: false,
+            is_patient: false,
             notice,
         }
     }
@@ -69,6 +72,7 @@ impl Layout {
             can_audit: u.can(Permission::AuditRead),
             can_calc: u.can(Permission::RecordsRead),
             can_patients: u.can(Permission::PatientsRead),
+            is_patient: u.principal.patient.is_some(),
             notice,
         }
     }
@@ -109,6 +113,7 @@ fn error_layout(u: &WebUser) -> Layout {
         can_audit: u.can(Permission::AuditRead),
         can_calc: u.can(Permission::RecordsRead),
         can_patients: u.can(Permission::PatientsRead),
+        is_patient: u.principal.patient.is_some(),
         notice: None,
     }
 }
@@ -550,6 +555,7 @@ pub async fn logout(State(state): State<AppState>, audit: Audit, form: WebForm) 
 pub async fn start(State(state): State<AppState>, headers: HeaderMap) -> Response {
     match super::session::signed_in_user(&state, &headers, None).await {
         None => Redirect::to("/login").into_response(),
+        Some(u) if u.principal.patient.is_some() => Redirect::to("/my").into_response(),
         Some(u)
             if u.can(Permission::PatientsRead)
                 && !u.can(Permission::UsersManage)

@@ -316,6 +316,7 @@ async fn roles_are_managed_with_guards(backend: Backend) {
             "doctor",
             "night",
             "nurse",
+            "patient",
             "registered",
             "super"
         ]

@@ -24,6 +24,7 @@ mod oauth;
 mod ops;
 mod passkeys;
 mod phi;
+mod portal;
 mod ratelimit;
 mod search;
 mod smart;

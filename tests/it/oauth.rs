@@ -14,20 +14,20 @@ use crate::support::{Backend, Options, TestServer, json};
 use crate::web::{Browser, field};
 
 const PW: &str = "Correct-Horse-9!";
-const CB: &str = "http://127.0.0.1:9/callback";
+pub(crate) const CB: &str = "http://127.0.0.1:9/callback";
 const LAB: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
 
-fn verifier() -> String {
+pub(crate) fn verifier() -> String {
     let b: [u8; 32] = custodian::crypto::random_bytes().unwrap();
     custodian::crypto::hex(&b)
 }
 
-struct App {
-    id: String,
-    secret: Option<String>,
+pub(crate) struct App {
+    pub(crate) id: String,
+    pub(crate) secret: Option<String>,
 }
 
-async fn register(s: &TestServer, admin: &str, body: Value) -> App {
+pub(crate) async fn register(s: &TestServer, admin: &str, body: Value) -> App {
     let res = s
         .send_as(Method::POST, "/api/v1/apps", admin, Some(body))
         .await;
@@ -40,7 +40,7 @@ async fn register(s: &TestServer, admin: &str, body: Value) -> App {
     }
 }
 
-async fn patient(s: &TestServer, token: &str, given: &str, family: &str) -> String {
+pub(crate) async fn patient(s: &TestServer, token: &str, given: &str, family: &str) -> String {
     let res = s
         .send_as(
             Method::POST,
@@ -53,7 +53,12 @@ async fn patient(s: &TestServer, token: &str, given: &str, family: &str) -> Stri
     json(res).await["id"].as_str().unwrap().to_owned()
 }
 
-async fn observation(s: &TestServer, token: &str, patient: &str, category: &str) -> String {
+pub(crate) async fn observation(
+    s: &TestServer,
+    token: &str,
+    patient: &str,
+    category: &str,
+) -> String {
     let body = json!({
         "resourceType": "Observation",
         "status": "final",
@@ -82,7 +87,7 @@ fn query(pairs: &[(&str, &str)]) -> String {
 }
 
 /// The parameters of a good authorization request.
-fn request<'a>(
+pub(crate) fn request<'a>(
     s: &'a TestServer,
     app: &'a str,
     scope: &'a str,
@@ -100,7 +105,7 @@ fn request<'a>(
     ]
 }
 
-fn authorize_path(params: &[(&'static str, String)]) -> String {
+pub(crate) fn authorize_path(params: &[(&'static str, String)]) -> String {
     let p: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
     format!("/oauth/authorize?{}", query(&p))
 }
@@ -147,7 +152,7 @@ fn param(location: &str, name: &str) -> Option<String> {
 
 /// Signs in, authorizes and consents (ticking what `keep` says, all when None, and
 /// choosing `patient` in the picker when asked): the code.
-async fn consent(
+pub(crate) async fn consent(
     b: &mut Browser<'_>,
     path: &str,
     patient: Option<&str>,
@@ -157,7 +162,7 @@ async fn consent(
 }
 
 /// [`consent`], answering the consent page too.
-async fn consent_page(
+pub(crate) async fn consent_page(
     b: &mut Browser<'_>,
     path: &str,
     patient: Option<&str>,
@@ -214,7 +219,12 @@ async fn token(
     (st, h, json(res).await)
 }
 
-async fn exchange(s: &TestServer, app: &App, code: &str, verifier: &str) -> (u16, Value) {
+pub(crate) async fn exchange(
+    s: &TestServer,
+    app: &App,
+    code: &str,
+    verifier: &str,
+) -> (u16, Value) {
     let (st, h, v) = token(
         s,
         app,
@@ -257,7 +267,10 @@ async fn ehr_token(
 }
 
 /// The audit events, newest first: all, or those naming a patient.
-async fn events(s: &TestServer, patient: Option<&str>) -> Vec<custodian::audit::AuditEvent> {
+pub(crate) async fn events(
+    s: &TestServer,
+    patient: Option<&str>,
+) -> Vec<custodian::audit::AuditEvent> {
     custodian::audit::store::query(
         s.state.db(),
         &custodian::audit::store::Filter {
@@ -293,7 +306,7 @@ async fn world(s: &TestServer) -> World {
     }
 }
 
-fn app_body(confidential: bool, scopes: &str) -> Value {
+pub(crate) fn app_body(confidential: bool, scopes: &str) -> Value {
     json!({
         "name": "Test app",
         "client_type": if confidential { "confidential" } else { "public" },
@@ -303,7 +316,7 @@ fn app_body(confidential: bool, scopes: &str) -> Value {
     })
 }
 
-const FULL: &str =
+pub(crate) const FULL: &str =
     "launch launch/patient offline_access online_access patient/*.cruds user/*.cruds";
 
 async fn discovery(backend: Backend) {
