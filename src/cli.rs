@@ -430,6 +430,11 @@ async fn serve(config: Config) -> ExitCode {
     {
         eprintln!("custodian: could not create the first user: {e:#}");
     }
+    // Amendment requests past their deadline are raised as security events.
+    crate::portal::amendments::spawn_sweeper(
+        app.state.clone(),
+        std::time::Duration::from_secs(15 * 60),
+    );
     let scheme = if server.tls { "https" } else { "http" };
     tracing::info!(%env, addr = %server.addr, backend = app.state.db().backend().as_str(), "listening on {scheme}://{}", server.addr);
     let trigger = server.shutdown_trigger();

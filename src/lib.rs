@@ -24,6 +24,7 @@ pub mod identity;
 pub mod oauth;
 pub mod phi;
 pub mod portal;
+pub mod privacy;
 pub mod ratelimit;
 pub mod records;
 pub mod reporting;

@@ -30,6 +30,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .merge(crate::audit::routes::router())
         .merge(crate::records::routes::router())
         .merge(crate::portal::routes::router())
+        .merge(crate::privacy::routes::router())
         .merge(crate::security::routes::router())
         .merge(crate::smart::routes::api_router())
         .merge(crate::accounts::routes::router())

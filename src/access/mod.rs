@@ -34,10 +34,12 @@ pub enum Permission {
     RolesManage,
     #[serde(rename = "breakglass")]
     BreakGlass,
+    #[serde(rename = "amendments:review")]
+    AmendmentsReview,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 9] = [
+    pub const ALL: [Permission; 10] = [
         Permission::PatientsRead,
         Permission::PatientsWrite,
         Permission::RecordsRead,
@@ -47,6 +49,7 @@ impl Permission {
         Permission::UsersManage,
         Permission::RolesManage,
         Permission::BreakGlass,
+        Permission::AmendmentsReview,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -60,6 +63,7 @@ impl Permission {
             Permission::UsersManage => "users:manage",
             Permission::RolesManage => "roles:manage",
             Permission::BreakGlass => "breakglass",
+            Permission::AmendmentsReview => "amendments:review",
         }
     }
 
@@ -91,7 +95,10 @@ impl Permission {
                 "Create, change and delete roles (only with permissions one holds oneself, and never one's own role)."
             }
             Permission::BreakGlass => {
-                "In an emergency, open one named patient without the read permission, giving a reason; every use is flagged as a security event."
+                "In an emergency, open one named patient without the read permission (or what the patient restricted), giving a reason; every use is flagged as a security event."
+            }
+            Permission::AmendmentsReview => {
+                "Review patients' amendment requests: accept (the change is applied) or deny with a written reason."
             }
         }
     }
@@ -211,6 +218,7 @@ pub mod need {
     permission!(RecordsRead, RecordsRead);
     permission!(RecordsWrite, RecordsWrite);
     permission!(AuditRead, AuditRead);
+    permission!(AmendmentsReview, AmendmentsReview);
     // Who may sign in and what anyone may do are changed by a person in a session,
     // never by an API token (which could be a script's, or stolen).
     permission!(UsersManage, UsersManage, true);

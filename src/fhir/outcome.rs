@@ -61,6 +61,7 @@ fn issue_code(code: &str) -> &'static str {
         "timeout" => "timeout",
         "service_unavailable" => "transient",
         "account_locked" => "lock-error",
+        "withheld" => "suppressed",
         _ => "exception",
     }
 }

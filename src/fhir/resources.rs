@@ -644,6 +644,15 @@ impl Clinical {
         }
     }
 
+    pub fn meta(&self) -> Option<&Meta> {
+        match self {
+            Self::Condition(r) => r.meta.as_ref(),
+            Self::Observation(r) => r.meta.as_ref(),
+            Self::MedicationRequest(r) => r.meta.as_ref(),
+            Self::Procedure(r) => r.meta.as_ref(),
+        }
+    }
+
     pub fn meta_mut(&mut self) -> &mut Option<Meta> {
         match self {
             Self::Condition(r) => &mut r.meta,

@@ -25,6 +25,7 @@ use crate::audit::model::SafeId;
 use crate::audit::{Action, Audit, ContextValue};
 use crate::http::{ApiError, ErrorCode};
 use crate::oauth::scopes::{Ops, Permit};
+use crate::privacy::Screen;
 use crate::records::routes::PhiReader;
 
 pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
@@ -273,6 +274,66 @@ fn reader(
         (Some(_), _) => Err(ApiError::new(ErrorCode::Forbidden)),
         (None, _) => PhiReader::check(p, permission, headers),
     }
+}
+
+/// The patient's restrictions as they apply to this request (see `privacy`).
+async fn screen(
+    state: &AppState,
+    p: &Principal,
+    patient: &str,
+    break_glass: bool,
+) -> Result<Screen, ApiError> {
+    Ok(crate::privacy::screen_for(state, p, patient, break_glass).await?)
+}
+
+/// A resource someone writes or deletes must not be one withheld from them (the answer
+/// would echo it, and a change would be blind).
+async fn not_withheld(
+    state: &AppState,
+    p: &Principal,
+    t: ResourceType,
+    id: &str,
+) -> Result<(), ApiError> {
+    if t == ResourceType::Patient {
+        return Ok(());
+    }
+    let r = match state.fhir().read(t, id).await {
+        Ok(r) => r,
+        Err(FhirError::NotFound | FhirError::Gone) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if screen(state, p, &r.patient_id, false)
+        .await?
+        .hides(&r.labels())
+    {
+        return Err(ApiError::new(ErrorCode::Withheld));
+    }
+    Ok(())
+}
+
+/// The entry a searchset or export carries when the screen withheld `n` resources:
+/// an OperationOutcome (`suppressed`) with the count, never the category.
+fn withheld_entry(n: usize) -> Value {
+    json!({
+        "resource": {
+            "resourceType": "OperationOutcome",
+            "issue": [{
+                "severity": "information",
+                "code": "suppressed",
+                "diagnostics": crate::privacy::withheld_text(n),
+            }],
+        },
+        "search": {"mode": "outcome"},
+    })
+}
+
+/// Marks a bundle something was withheld from (`meta.security` REDACTED).
+fn mark_redacted(b: &mut Value) {
+    b["meta"]["security"] = json!([{
+        "system": crate::privacy::OBSERVATION_VALUE,
+        "code": "REDACTED",
+        "display": "redacted",
+    }]);
 }
 
 /// What the app's scopes allow of interaction `op` on `t`; an error when nothing. The
@@ -649,6 +710,30 @@ async fn read_version(
     if let Some(l) = &limit {
         l.resource_ok(&r)?;
     }
+    if t != ResourceType::Patient {
+        // A patient's restriction: the labels of this version and of the current one
+        // (an older version from before the label is as sensitive).
+        let mut labels = r.labels();
+        if version.is_some()
+            && let Ok(now) = fhir.read(t, id).await
+        {
+            labels.extend(now.labels());
+        }
+        let screen = screen(
+            state,
+            reader.principal(),
+            &r.patient_id,
+            reader.break_glass(),
+        )
+        .await?;
+        if screen.hides(&labels) {
+            audit.context("withheld", ContextValue::Int(1));
+            return Err(ApiError::new(ErrorCode::Withheld));
+        }
+        if screen.overridden(&labels) {
+            audit.context("restriction_overridden", ContextValue::Bool(true));
+        }
+    }
     let body = fhir.render_text(&r, view(state, reader.sees_ssn(), anonymize));
     // The de-identified view keeps no date finer than the year: no Last-Modified.
     let last_updated = if anonymize {
@@ -762,7 +847,20 @@ async fn search(
         r.flag(audit, t.as_str(), None, Some(p));
     }
     let fhir = state.fhir();
-    let (total, page, next) = fhir.search(t, &q, sees_ssn).await?;
+    let screen = match (&reader, &q.patient) {
+        (Some(r), Some(p)) if t != ResourceType::Patient => {
+            screen(state, r.principal(), p, r.break_glass()).await?
+        }
+        _ => Screen::open(),
+    };
+    let found = fhir.search(t, &q, sees_ssn, &screen).await?;
+    let (total, page, next) = (found.total, found.page, found.next);
+    if found.withheld > 0 {
+        audit.context("withheld", ContextValue::Int(found.withheld as i64));
+    }
+    if page.iter().any(|r| screen.overridden(&r.labels())) {
+        audit.context("restriction_overridden", ContextValue::Bool(true));
+    }
     if let Some(l) = &limit {
         // The search was confined; this checks the answer too (fail closed).
         for r in &page {
@@ -799,11 +897,15 @@ async fn search(
     if let Some(c) = next {
         links.push(json!({"relation": "next", "url": link(Some(&c))?}));
     }
-    let entries: Vec<Value> = page.iter().map(|r| entry(fhir, &base, r, v)).collect();
-    Ok(fhir_json(
-        StatusCode::OK,
-        &bundle("searchset", Some(total), links, entries, state),
-    ))
+    let mut entries: Vec<Value> = page.iter().map(|r| entry(fhir, &base, r, v)).collect();
+    if found.withheld > 0 {
+        entries.push(withheld_entry(found.withheld));
+    }
+    let mut b = bundle("searchset", Some(total), links, entries, state);
+    if found.withheld > 0 {
+        mark_redacted(&mut b);
+    }
+    Ok(fhir_json(StatusCode::OK, &b))
 }
 
 fn entry(fhir: &Fhir, base: &str, r: &Resource, v: View<'_>) -> Value {
@@ -890,6 +992,7 @@ async fn update(
         l.body_ok(t, Some(&id), &resource)?;
         l.existing_ok(state.fhir(), t, &id).await?;
     }
+    not_withheld(&state, &auth, t, &id).await?;
     write_one(&state, &audit, &auth, &headers, t, Some(id), resource).await
 }
 
@@ -971,6 +1074,7 @@ async fn delete(
         }
     }
     require(&auth, t.write_permission())?;
+    not_withheld(&state, &auth, t, &id).await?;
     state.fhir().delete(t, &id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -1032,13 +1136,25 @@ async fn operation(
         }
     }
     let fhir = state.fhir();
-    let all = fhir.everything(&id).await?;
+    let mut all = fhir.everything(&id).await?;
+    // An export never breaks the glass: what the patient restricted stays withheld.
+    let screen = screen(&state, &auth, &id, false).await?;
+    let before = all.len();
+    all.retain(|r| !screen.hides(&r.labels()));
+    let withheld = before - all.len();
     audit.context("count", ContextValue::Int(all.len() as i64));
+    if withheld > 0 {
+        audit.context("withheld", ContextValue::Int(withheld as i64));
+    }
     let v = view(&state, auth.has(Permission::PhiSsn), anonymize);
     if ndjson {
         let mut text = String::new();
         for r in &all {
             text.push_str(&fhir.render(r, v).to_string());
+            text.push('\n');
+        }
+        if withheld > 0 {
+            text.push_str(&withheld_entry(withheld)["resource"].to_string());
             text.push('\n');
         }
         let mut res = (StatusCode::OK, text).into_response();
@@ -1047,7 +1163,10 @@ async fn operation(
         return Ok(res);
     }
     let base = base_url(&state, &headers);
-    let entries: Vec<Value> = all.iter().map(|r| entry(fhir, &base, r, v)).collect();
+    let mut entries: Vec<Value> = all.iter().map(|r| entry(fhir, &base, r, v)).collect();
+    if withheld > 0 {
+        entries.push(withheld_entry(withheld));
+    }
     // The de-identified export's self link names the patient by pseudonym, as its
     // entries do: the real id would lead back.
     let subject = if anonymize {
@@ -1059,10 +1178,11 @@ async fn operation(
     let links = vec![
         json!({"relation": "self", "url": format!("{base}/Patient/{subject}/$everything{query}")}),
     ];
-    Ok(fhir_json(
-        StatusCode::OK,
-        &bundle("searchset", Some(all.len()), links, entries, &state),
-    ))
+    let mut b = bundle("searchset", Some(all.len()), links, entries, &state);
+    if withheld > 0 {
+        mark_redacted(&mut b);
+    }
+    Ok(fhir_json(StatusCode::OK, &b))
 }
 
 /// `POST /fhir` with a `transaction` Bundle: every entry or none.
@@ -1109,6 +1229,11 @@ async fn transaction(
     let needed: BTreeSet<Permission> = entries.iter().map(|e| e.t.write_permission()).collect();
     for p in needed {
         require(&auth, p)?;
+    }
+    for e in &entries {
+        if let Some(id) = &e.id {
+            not_withheld(&state, &auth, e.t, id).await?;
+        }
     }
     let fhir = state.fhir();
     let out = fhir.write(entries, auth.has(Permission::PhiSsn)).await?;

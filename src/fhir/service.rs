@@ -116,6 +116,39 @@ pub struct Resource {
     pub body: Body,
 }
 
+/// A search's answer.
+pub struct Found {
+    /// How many match (what the caller may see).
+    pub total: usize,
+    pub page: Vec<Resource>,
+    /// The cursor of the next page.
+    pub next: Option<String>,
+    /// How many resources of the compartment a restriction withheld.
+    pub withheld: usize,
+}
+
+impl Resource {
+    /// Its sensitivity labels (`privacy::SENSITIVE` codes): a clinical resource's in
+    /// `meta.security`, a record's own. A Patient has none.
+    pub fn labels(&self) -> Vec<String> {
+        match &self.body {
+            Body::Patient(_) => Vec::new(),
+            Body::Record(r) => r.labels.clone(),
+            Body::Clinical(c) => c
+                .meta()
+                .map(|m| {
+                    m.security
+                        .iter()
+                        .filter(|c| c.system.as_deref() == Some(crate::privacy::ACT_CODE))
+                        .filter_map(|c| c.code.clone())
+                        .filter(|c| crate::privacy::is_label(c))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)]
 pub enum Body {
@@ -470,6 +503,28 @@ impl Fhir {
             } else {
                 m.insert("lastUpdated".into(), json!(fhir_instant(&r.last_updated)));
             }
+            // A labelled resource says so: its sensitivity codes (a record's are not in
+            // its body) and the confidentiality code R (restricted).
+            let labels = r.labels();
+            if !labels.is_empty() {
+                let sec = m.entry("security").or_insert_with(|| json!([]));
+                if let Value::Array(list) = sec {
+                    for l in &labels {
+                        let has = list.iter().any(|c| {
+                            c["system"] == crate::privacy::ACT_CODE && c["code"] == l.as_str()
+                        });
+                        if !has {
+                            list.push(json!({"system": crate::privacy::ACT_CODE, "code": l}));
+                        }
+                    }
+                    if !list
+                        .iter()
+                        .any(|c| c["system"] == crate::privacy::CONFIDENTIALITY)
+                    {
+                        list.push(json!({"system": crate::privacy::CONFIDENTIALITY, "code": "R", "display": "restricted"}));
+                    }
+                }
+            }
         }
         out
     }
@@ -813,24 +868,41 @@ impl Fhir {
         Ok(out)
     }
 
-    /// A search: every match (for `total`) and the page after the cursor.
+    /// A search: every match (for `total`) and the page after the cursor. What `screen`
+    /// withholds is taken out before anything is counted or paged: `total` and the
+    /// pages are of what the caller may see, and `withheld` counts what the screen took
+    /// out of the whole compartment of this type (whatever the criteria: a count by
+    /// criteria would tell what a withheld resource is).
     pub async fn search(
         &self,
         t: ResourceType,
         q: &Query,
         sees_ssn: bool,
-    ) -> Result<(usize, Vec<Resource>, Option<String>), FhirError> {
+        screen: &crate::privacy::Screen,
+    ) -> Result<Found, FhirError> {
         let from_tags = q
             .name_only()
             .is_some_and(|(probe, value)| self.patients.pages_from_tags(probe, value));
         if t == ResourceType::Patient && (q.unfiltered() || from_tags) {
-            return self.list_patients(q).await;
+            let (total, page, next) = self.list_patients(q).await?;
+            return Ok(Found {
+                total,
+                page,
+                next,
+                withheld: 0,
+            });
         }
+        let mut withheld = 0;
         let mut found = if t == ResourceType::Patient {
             self.search_patients(q, sees_ssn).await?
         } else {
             let pid = q.patient.as_deref().unwrap_or_default();
             let mut all = self.compartment(t, pid).await?;
+            if screen.withholds() {
+                let before = all.len();
+                all.retain(|r| !screen.hides(&r.labels()));
+                withheld = before - all.len();
+            }
             all.retain(|r| matches(r, q));
             all
         };
@@ -872,7 +944,12 @@ impl Fhir {
             }
             _ => None,
         };
-        Ok((total, page, next))
+        Ok(Found {
+            total,
+            page,
+            next,
+            withheld,
+        })
     }
 
     /// A whole search (its criteria and where the page starts) sealed into one opaque

@@ -44,6 +44,8 @@ pub enum ErrorCode {
     SessionRequired,
     ReauthenticationRequired,
     InvalidPasskey,
+    /// What was asked for is withheld at the patient's request (a restriction).
+    Withheld,
 }
 
 impl ErrorCode {
@@ -69,6 +71,7 @@ impl ErrorCode {
             | Self::MfaRequired
             | Self::InvalidTotp
             | Self::InvalidPasskey => StatusCode::UNAUTHORIZED,
+            Self::Withheld => StatusCode::FORBIDDEN,
             Self::AccountLocked => StatusCode::LOCKED,
             Self::PasswordExpired
             | Self::MfaEnrollmentRequired
@@ -107,6 +110,7 @@ impl ErrorCode {
             Self::SessionRequired => "session_required",
             Self::ReauthenticationRequired => "reauthentication_required",
             Self::InvalidPasskey => "invalid_passkey",
+            Self::Withheld => "withheld",
         }
     }
 
@@ -154,6 +158,9 @@ impl ErrorCode {
             }
             Self::ReauthenticationRequired => {
                 "Confirm it is you: send your current password (and your authentication code when TOTP is on)."
+            }
+            Self::Withheld => {
+                "This is withheld at the patient's request. In an emergency, break-glass opens it (audited)."
             }
         }
     }
@@ -218,6 +225,24 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// What a page tells a person about this error: each field error with its field,
+    /// else the detail, else the code's own sentence. Never the cause (a 500's
+    /// internals stay in the log).
+    pub fn detail_text(&self) -> String {
+        if !self.errors.is_empty() {
+            return self
+                .errors
+                .iter()
+                .map(|e| format!("{}: {}", e.field, e.message))
+                .collect::<Vec<_>>()
+                .join("; ");
+        }
+        match &self.detail {
+            Some(d) if self.code != ErrorCode::InternalError => d.to_string(),
+            _ => self.code.detail().to_owned(),
+        }
+    }
+
     pub fn new(code: ErrorCode) -> Self {
         Self {
             code,

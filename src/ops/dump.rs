@@ -41,6 +41,8 @@ pub const TABLES: &[&str] = &[
     "oauth_clients",
     "oauth_grants",
     "oauth_tokens",
+    "consents",
+    "amendments",
 ];
 
 /// Tables not copied, and why.

@@ -7,6 +7,7 @@
 //! `patient/` scopes for its own record only. Every access names the patient in the
 //! audit trail before anything is disclosed, as every other read does.
 
+pub mod amendments;
 pub mod routes;
 
 use serde_json::{Value, json};

@@ -111,6 +111,7 @@ pub async fn seed(patients: &Patients, count: u32) -> Result<(Vec<String>, u32),
                         treatment: Some("Follow-up in three months".into()),
                         notes: None,
                         recorded_at: None,
+                        labels: None,
                     },
                 )
                 .await?;

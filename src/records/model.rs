@@ -290,6 +290,10 @@ pub struct NewRecord {
     /// RFC 3339; now when absent.
     #[serde(default)]
     pub recorded_at: Option<String>,
+    /// Sensitivity labels: `ETH`, `PSY`, `HIV`, `SEX`, `SDV` (a patient may restrict who
+    /// sees each).
+    #[serde(default)]
+    pub labels: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -305,6 +309,9 @@ pub struct RecordPatch {
     pub notes: Option<Option<String>>,
     #[serde(default)]
     pub recorded_at: Option<String>,
+    /// Replaces the sensitivity labels (`[]` removes them).
+    #[serde(default)]
+    pub labels: Option<Vec<String>>,
 }
 
 #[derive(Serialize, ToSchema, Debug)]
@@ -317,6 +324,9 @@ pub struct RecordView {
     pub recorded_at: String,
     pub created_at: Option<String>,
     pub updated_at: Option<String>,
+    /// Sensitivity labels (absent when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
 }
 
 #[cfg(test)]

@@ -71,17 +71,31 @@ impl PhiReader {
         permission: Permission,
         headers: &HeaderMap,
     ) -> Result<Self, ApiError> {
-        if p.has(permission) {
-            return Ok(Self {
-                principal: p,
-                break_glass: None,
-            });
-        }
         let reason = headers
             .get("x-break-glass-reason")
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
             .filter(|r| !r.is_empty());
+        if p.has(permission) {
+            // With the permission, break-glass still opens what the patient restricted
+            // (for a holder of `breakglass`, never an app): flagged like any other.
+            let glass = match reason {
+                Some(r) if p.has(Permission::BreakGlass) && p.smart().is_none() => {
+                    if r.chars().count() < MIN_REASON {
+                        return Err(ApiError::field(
+                            "X-Break-Glass-Reason",
+                            "must state the reason in at least 10 characters",
+                        ));
+                    }
+                    Some(r.chars().take(500).collect())
+                }
+                _ => None,
+            };
+            return Ok(Self {
+                principal: p,
+                break_glass: glass,
+            });
+        }
         match reason {
             // Break-glass is a person's decision in an emergency, never an app's.
             Some(r) if p.has(Permission::BreakGlass) && p.smart().is_none() => {
@@ -110,6 +124,15 @@ impl PhiReader {
         }
     }
 
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+
+    /// Whether this is a break-glass access (restrictions give way, flagged).
+    pub fn break_glass(&self) -> bool {
+        self.break_glass.is_some()
+    }
+
     pub fn sees_ssn(&self) -> bool {
         self.principal.has(Permission::PhiSsn)
     }
@@ -136,7 +159,7 @@ impl PhiReader {
 }
 
 /// Reading patients: `patients:read`, or break-glass.
-pub struct PatientReader(PhiReader);
+pub struct PatientReader(pub PhiReader);
 /// Reading records: `records:read`, or break-glass.
 pub struct RecordReader(PhiReader);
 
@@ -236,6 +259,7 @@ pub(crate) fn record_view(state: &AppState, r: &Record, anonymize: bool) -> Reco
             recorded_at: r.recorded_at.get(..4).unwrap_or("").to_owned(),
             created_at: None,
             updated_at: None,
+            labels: r.labels.clone(),
         };
     }
     RecordView {
@@ -247,6 +271,7 @@ pub(crate) fn record_view(state: &AppState, r: &Record, anonymize: bool) -> Reco
         recorded_at: r.recorded_at.clone(),
         created_at: Some(r.created_at.clone()),
         updated_at: Some(r.updated_at.clone()),
+        labels: r.labels.clone(),
     }
 }
 
@@ -576,6 +601,10 @@ pub async fn delete_patient(
 pub struct RecordPage {
     items: Vec<RecordView>,
     next_cursor: Option<String>,
+    /// How many of the patient's records are withheld at the patient's request (absent
+    /// when none): they are in no page, and no count says what they are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    withheld: Option<usize>,
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -607,15 +636,43 @@ pub async fn list_records(
     // A de-identified cursor pages one patient's records only.
     let scope = format!("records/{id}");
     let after = page_after(&state, q.cursor.as_deref(), anonymize, &scope)?;
-    let mut rows = state
-        .patients()
-        .records(&id, &after, i64::from(limit) + 1)
-        .await?;
+    let screen =
+        crate::privacy::screen_for(&state, reader.principal(), &id, reader.break_glass()).await?;
+    let (mut rows, withheld) = if screen.withholds() {
+        // Withheld records are taken out before paging: full pages, and a count over
+        // the patient's records whatever the page.
+        let all = state.patients().records(&id, "", 100_000).await?;
+        let before = all.len();
+        let visible: Vec<Record> = all
+            .into_iter()
+            .filter(|r| !screen.hides(&r.labels))
+            .collect();
+        let withheld = before - visible.len();
+        let rows: Vec<Record> = visible
+            .into_iter()
+            .filter(|r| r.id.as_str() > after.as_str())
+            .take(limit as usize + 1)
+            .collect();
+        (rows, Some(withheld).filter(|n| *n > 0))
+    } else {
+        let rows = state
+            .patients()
+            .records(&id, &after, i64::from(limit) + 1)
+            .await?;
+        (rows, None)
+    };
     let more = rows.len() > limit as usize;
     rows.truncate(limit as usize);
     audit.context("count", ContextValue::Int(rows.len() as i64));
+    if let Some(n) = withheld {
+        audit.context("withheld", ContextValue::Int(n as i64));
+    }
+    if rows.iter().any(|r| screen.overridden(&r.labels)) {
+        audit.context("restriction_overridden", ContextValue::Bool(true));
+    }
     let last = rows.last().filter(|_| more).map(|r| r.id.as_str());
     Ok(Json(RecordPage {
+        withheld,
         next_cursor: next_cursor(&state, last, anonymize, &scope)?,
         items: rows
             .iter()
@@ -661,6 +718,16 @@ pub async fn get_record(
     let patient = patient?;
     touch(&audit, Action::Read, "record", Some(&id), &patient);
     let r = state.patients().record(&id).await?;
+    let screen =
+        crate::privacy::screen_for(&state, reader.principal(), &patient, reader.break_glass())
+            .await?;
+    if screen.hides(&r.labels) {
+        audit.context("withheld", ContextValue::Int(1));
+        return Err(ApiError::new(ErrorCode::Withheld));
+    }
+    if screen.overridden(&r.labels) {
+        audit.context("restriction_overridden", ContextValue::Bool(true));
+    }
     Ok(with_etag(
         StatusCode::OK,
         r.version,
@@ -675,13 +742,14 @@ pub async fn get_record(
 pub async fn patch_record(
     State(state): State<AppState>,
     audit: Audit,
-    _auth: Authorized<need::RecordsWrite>,
+    auth: Authorized<need::RecordsWrite>,
     Path(id): Path<String>,
     headers: HeaderMap,
     JsonBody(patch): JsonBody<RecordPatch>,
 ) -> Result<Response, ApiError> {
     let patient = state.patients().record_patient(&id).await?;
     touch(&audit, Action::Update, "record", Some(&id), &patient);
+    record_not_withheld(&state, &auth, &id, &patient).await?;
     let r = state
         .patients()
         .update_record(
@@ -703,13 +771,31 @@ pub async fn patch_record(
 pub async fn delete_record(
     State(state): State<AppState>,
     audit: Audit,
-    _auth: Authorized<need::RecordsWrite>,
+    auth: Authorized<need::RecordsWrite>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let patient = state.patients().record_patient(&id).await?;
     touch(&audit, Action::Delete, "record", Some(&id), &patient);
+    record_not_withheld(&state, &auth, &id, &patient).await?;
     state.patients().delete_record(&id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A record someone changes or deletes must not be one withheld from them.
+async fn record_not_withheld(
+    state: &AppState,
+    p: &Principal,
+    id: &str,
+    patient: &str,
+) -> Result<(), ApiError> {
+    let r = state.patients().record(id).await?;
+    if crate::privacy::screen_for(state, p, patient, false)
+        .await?
+        .hides(&r.labels)
+    {
+        return Err(ApiError::new(ErrorCode::Withheld));
+    }
+    Ok(())
 }
 
 #[derive(Serialize, ToSchema)]

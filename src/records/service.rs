@@ -78,6 +78,8 @@ pub struct Record {
     pub version: i64,
     pub created_at: String,
     pub updated_at: String,
+    /// Sensitivity labels (codes of `privacy::SENSITIVE`).
+    pub labels: Vec<String>,
 }
 
 /// Which blind index a FHIR patient search reads.
@@ -925,6 +927,11 @@ impl Patients {
             version: r.version,
             created_at: r.created_at.clone(),
             updated_at: r.updated_at.clone(),
+            labels: if r.labels.is_empty() {
+                None
+            } else {
+                Some(seal("labels", &r.labels.join(","))?)
+            },
         })
     }
 
@@ -946,6 +953,14 @@ impl Patients {
             version: r.version,
             created_at: r.created_at.clone(),
             updated_at: r.updated_at.clone(),
+            labels: match r.labels.as_deref() {
+                None => Vec::new(),
+                Some(l) => open("labels", l)?
+                    .split(',')
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            },
         })
     }
 
@@ -966,9 +981,11 @@ impl Patients {
             input.notes.as_deref(),
         );
         let recorded_at = self.recorded_at(&mut c, input.recorded_at.as_deref());
+        let labels = labels(&mut c, input.labels.as_deref());
         c.done().map_err(PhiError::Invalid)?;
         let now = self.now();
         let r = Record {
+            labels,
             id: new_id(),
             patient_id: patient_id.to_owned(),
             diagnosis,
@@ -1037,6 +1054,9 @@ impl Patients {
         if let Some(at) = &patch.recorded_at {
             r.recorded_at = self.recorded_at(&mut c, Some(at));
         }
+        if patch.labels.is_some() {
+            r.labels = labels(&mut c, patch.labels.as_deref());
+        }
         c.done().map_err(PhiError::Invalid)?;
         r.version = row.version + 1;
         r.updated_at = self.now();
@@ -1097,5 +1117,17 @@ impl Patients {
 
     pub async fn key_versions(&self) -> Result<Vec<(i64, i64)>, PhiError> {
         Ok(store::count_by_version(&self.db).await?)
+    }
+}
+
+/// Sensitivity labels as given (none when absent); unknown codes are a field error.
+fn labels(c: &mut Checks, raw: Option<&[String]>) -> Vec<String> {
+    match raw.map(crate::privacy::parse_labels) {
+        None => Vec::new(),
+        Some(Ok(l)) => l,
+        Some(Err(m)) => {
+            c.0.push(FieldError::new("labels", m));
+            Vec::new()
+        }
     }
 }

@@ -765,10 +765,11 @@ pub struct RecordRow {
     pub version: i64,
     pub created_at: String,
     pub updated_at: String,
+    /// The sealed sensitivity labels (comma-separated codes), if any.
+    pub labels: Option<String>,
 }
 
-const RECORD_COLUMNS: &str =
-    "id, patient_id, diagnosis, treatment, notes, recorded_at, version, created_at, updated_at";
+const RECORD_COLUMNS: &str = "id, patient_id, diagnosis, treatment, notes, recorded_at, version, created_at, updated_at, labels";
 
 fn record(r: &AnyRow) -> Result<RecordRow, sqlx::Error> {
     Ok(RecordRow {
@@ -781,13 +782,14 @@ fn record(r: &AnyRow) -> Result<RecordRow, sqlx::Error> {
         version: r.try_get("version")?,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
+        labels: r.try_get("labels")?,
     })
 }
 
 pub async fn insert_record(db: &Db, r: &RecordRow) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO records (id, patient_id, diagnosis, treatment, notes, recorded_at, version, created_at, updated_at) \
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
+        "INSERT INTO records (id, patient_id, diagnosis, treatment, notes, recorded_at, version, created_at, updated_at, labels) \
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
     )
     .bind(&r.id)
     .bind(&r.patient_id)
@@ -798,6 +800,7 @@ pub async fn insert_record(db: &Db, r: &RecordRow) -> Result<(), StoreError> {
     .bind(r.version)
     .bind(&r.created_at)
     .bind(&r.updated_at)
+    .bind(&r.labels)
     .execute(db.writer())
     .await?;
     Ok(())
@@ -833,8 +836,8 @@ pub async fn records_of(
 
 pub async fn update_record(db: &Db, r: &RecordRow, expected: i64) -> Result<bool, StoreError> {
     Ok(sqlx::query(
-        "UPDATE records SET diagnosis=$1, treatment=$2, notes=$3, recorded_at=$4, version=$5, updated_at=$6 \
-         WHERE id=$7 AND version=$8 AND deleted_at IS NULL",
+        "UPDATE records SET diagnosis=$1, treatment=$2, notes=$3, recorded_at=$4, version=$5, updated_at=$6, labels=$7 \
+         WHERE id=$8 AND version=$9 AND deleted_at IS NULL",
     )
     .bind(&r.diagnosis)
     .bind(&r.treatment)
@@ -842,6 +845,7 @@ pub async fn update_record(db: &Db, r: &RecordRow, expected: i64) -> Result<bool
     .bind(&r.recorded_at)
     .bind(r.version)
     .bind(&r.updated_at)
+    .bind(&r.labels)
     .bind(&r.id)
     .bind(expected)
     .execute(db.writer())

@@ -41,16 +41,19 @@ pub enum Rule {
     BreakGlass,
     ManyPatients,
     AuditChainBroken,
+    /// A patient's amendment request undecided past its 60-day deadline.
+    AmendmentOverdue,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 6] = [
+    pub const ALL: [Rule; 7] = [
         Rule::FailedLoginsAccount,
         Rule::FailedLoginsAddress,
         Rule::AccountLocked,
         Rule::BreakGlass,
         Rule::ManyPatients,
         Rule::AuditChainBroken,
+        Rule::AmendmentOverdue,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -61,13 +64,17 @@ impl Rule {
             Rule::BreakGlass => "break_glass",
             Rule::ManyPatients => "many_patients",
             Rule::AuditChainBroken => "audit_chain_broken",
+            Rule::AmendmentOverdue => "amendment_overdue",
         }
     }
 
     pub const fn severity(self) -> &'static str {
         match self {
             Rule::FailedLoginsAccount | Rule::FailedLoginsAddress => "warning",
-            Rule::AccountLocked | Rule::BreakGlass | Rule::ManyPatients => "high",
+            Rule::AccountLocked
+            | Rule::BreakGlass
+            | Rule::ManyPatients
+            | Rule::AmendmentOverdue => "high",
             Rule::AuditChainBroken => "critical",
         }
     }

@@ -48,6 +48,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(15, "0015_oauth"),
     migration!(16, "0016_passkeys"),
     migration!(17, "0017_patient_accounts"),
+    migration!(18, "0018_privacy"),
 ];
 
 impl Migration {

@@ -337,6 +337,32 @@ struct ChartPage {
     disclosures_missing: bool,
     /// Registered apps this person may launch for this patient: (client id, name).
     apps: Vec<(String, String)>,
+    /// Items the patient's restrictions withhold from this reader.
+    withheld: usize,
+    /// Break-glass is showing items a restriction would withhold.
+    restriction_overridden: bool,
+    /// Active restrictions of the patient (how many), and pending amendment requests.
+    restrictions: usize,
+    amendments: Vec<AmendmentRow>,
+    /// Denied amendment requests the patient answered: attached to the record.
+    statements: Vec<StatementRow>,
+    sensitive: &'static [(&'static str, &'static str)],
+}
+
+/// A statement of disagreement, with what it answers.
+pub(crate) struct StatementRow {
+    pub(crate) what: String,
+    pub(crate) requested: String,
+    pub(crate) denial: String,
+    pub(crate) statement: String,
+}
+
+/// A pending amendment request as the chart lists it.
+pub(crate) struct AmendmentRow {
+    pub(crate) id: String,
+    pub(crate) what: String,
+    pub(crate) due: String,
+    pub(crate) overdue: bool,
 }
 
 #[derive(Default)]
@@ -471,15 +497,21 @@ pub(crate) struct ClinicalLists {
     pub(crate) medications: Vec<Coded>,
     pub(crate) procedures: Vec<Coded>,
     pub(crate) records: Vec<RecordRow>,
+    /// How many items the patient's restrictions withheld from this reader.
+    pub(crate) withheld: usize,
+    /// Whether break-glass showed something a restriction would withhold.
+    pub(crate) overridden: bool,
 }
 
 /// The clinical lists of patient `id` in view `v` (the chart and the patient portal),
-/// with at most `max_records` visit records.
+/// with at most `max_records` visit records; what `screen` withholds is left out and
+/// counted.
 pub(crate) async fn clinical_lists(
     state: &AppState,
     id: &str,
     v: View<'_>,
     max_records: i64,
+    screen: &crate::privacy::Screen,
 ) -> Result<ClinicalLists, PhiError> {
     let fhir = v.fhir;
     let mut out = ClinicalLists {
@@ -488,6 +520,8 @@ pub(crate) async fn clinical_lists(
         medications: Vec::new(),
         procedures: Vec::new(),
         records: Vec::new(),
+        withheld: 0,
+        overridden: false,
     };
     for t in [
         ResourceType::Condition,
@@ -500,12 +534,19 @@ pub(crate) async fn clinical_lists(
             Err(crate::fhir::service::FhirError::Phi(e)) => return Err(e),
             Err(_) => Vec::new(),
         };
-        let mut items: Vec<Coded> = list
-            .iter()
-            // The /api/v1 records appear as Conditions in FHIR: listed apart here.
+        // The /api/v1 records appear as Conditions in FHIR: listed apart here.
+        let list: Vec<_> = list
+            .into_iter()
             .filter(|r| !r.id.starts_with(crate::fhir::service::RECORD_PREFIX))
-            .map(|r| coded(t, &fhir.render(r, v)))
             .collect();
+        let before = list.len();
+        out.overridden |= list.iter().any(|r| screen.overridden(&r.labels()));
+        let list: Vec<_> = list
+            .into_iter()
+            .filter(|r| !screen.hides(&r.labels()))
+            .collect();
+        out.withheld += before - list.len();
+        let mut items: Vec<Coded> = list.iter().map(|r| coded(t, &fhir.render(r, v))).collect();
         items.sort_by(|a, b| b.date.cmp(&a.date).then_with(|| a.name.cmp(&b.name)));
         match t {
             ResourceType::Condition => out.conditions = items,
@@ -514,10 +555,15 @@ pub(crate) async fn clinical_lists(
             _ => out.procedures = items,
         }
     }
-    out.records = state
-        .patients()
-        .records(id, "", max_records)
-        .await?
+    let records = state.patients().records(id, "", max_records).await?;
+    let before = records.len();
+    out.overridden |= records.iter().any(|r| screen.overridden(&r.labels));
+    let records: Vec<Record> = records
+        .into_iter()
+        .filter(|r| !screen.hides(&r.labels))
+        .collect();
+    out.withheld += before - records.len();
+    out.records = records
         .iter()
         .map(|r: &Record| {
             let view = record_view(state, r, v.anonymize);
@@ -532,6 +578,9 @@ pub(crate) async fn clinical_lists(
         .sort_by(|a, b| b.view.recorded_at.cmp(&a.view.recorded_at));
     Ok(out)
 }
+
+/// What a record withheld from the reader is, inside the pages.
+const WITHHELD: &str = "withheld at the patient's request";
 
 /// Most labs a chart lists (most recent first).
 const RECENT_LABS: usize = 30;
@@ -579,6 +628,12 @@ async fn chart_response(
         disclosures: None,
         disclosures_missing: false,
         apps: Vec::new(),
+        withheld: 0,
+        restriction_overridden: false,
+        restrictions: 0,
+        amendments: Vec::new(),
+        statements: Vec::new(),
+        sensitive: &crate::privacy::SENSITIVE,
     };
     if page.locked {
         if !u.can(Permission::BreakGlass) {
@@ -643,7 +698,32 @@ async fn chart_data(
             today: state.clock().now().date(),
             fhir: state.fhir(),
         };
-        let mut lists = clinical_lists(state, id, v, 200).await?;
+        let screen =
+            crate::privacy::screen_for(state, &u.principal, id, page.break_glass.is_some()).await?;
+        let mut lists = clinical_lists(state, id, v, 200, &screen).await?;
+        page.withheld = lists.withheld;
+        page.restriction_overridden = lists.overridden;
+        page.restrictions = crate::privacy::consent::active(state.db(), state.patients(), id)
+            .await?
+            .len();
+        for a in crate::portal::amendments::of_patient(state, id, false).await? {
+            let what = crate::portal::amendments::describe(&a.target);
+            if a.status == "pending" {
+                page.amendments.push(AmendmentRow {
+                    id: a.id,
+                    what,
+                    due: super::pages::display_time(&a.due_at),
+                    overdue: a.overdue,
+                });
+            } else if let Some(statement) = a.statement {
+                page.statements.push(StatementRow {
+                    what,
+                    requested: a.requested,
+                    denial: a.decision.unwrap_or_default(),
+                    statement,
+                });
+            }
+        }
         lists.labs.truncate(RECENT_LABS);
         page.conditions = lists.conditions;
         page.labs = lists.labs;
@@ -794,6 +874,7 @@ pub async fn add_record(
         treatment: optional(&form, "treatment"),
         notes: optional(&form, "notes"),
         recorded_at: recorded_at(&form),
+        labels: Some(form.fields.all("label")),
     };
     match state.patients().add_record(&id, input).await {
         Ok(r) => {
@@ -836,13 +917,22 @@ struct EditPage {
     errors: Vec<String>,
     /// Someone saved the record since this form was opened: what they saved.
     theirs: Option<RecordView>,
+    /// The sensitivity labels: (code, words, set).
+    labels: Vec<(&'static str, &'static str, bool)>,
 }
 
-/// The record `rid` of patient `id`, or NotFound when it belongs to another.
-async fn record_of(state: &AppState, id: &str, rid: &str) -> Result<Record, PhiError> {
+/// The record `rid` of patient `id`, or NotFound when it belongs to another; Conflict
+/// when the patient's restrictions withhold it from `u` (the pages answer 403).
+async fn record_of(state: &AppState, u: &WebUser, id: &str, rid: &str) -> Result<Record, PhiError> {
     let r = state.patients().record(rid).await?;
     if r.patient_id != id {
         return Err(PhiError::NotFound);
+    }
+    if crate::privacy::screen_for(state, &u.principal, id, false)
+        .await?
+        .hides(&r.labels)
+    {
+        return Err(PhiError::Conflict(WITHHELD));
     }
     Ok(r)
 }
@@ -860,6 +950,10 @@ fn edit_page(state: &AppState, u: &WebUser, p: &Patient, r: &Record) -> EditPage
         recorded_on: r.recorded_at.get(..10).unwrap_or("").to_owned(),
         errors: Vec::new(),
         theirs: None,
+        labels: crate::privacy::SENSITIVE
+            .iter()
+            .map(|(c, w)| (*c, *w, r.labels.iter().any(|l| l == c)))
+            .collect(),
     }
 }
 
@@ -882,7 +976,7 @@ pub async fn edit_record(
         }
     }
     let loaded = async {
-        let r = record_of(&state, &id, &rid).await?;
+        let r = record_of(&state, &u, &id, &rid).await?;
         let p = state.patients().get(&id).await?;
         Ok::<_, PhiError>((p, r))
     }
@@ -890,6 +984,7 @@ pub async fn edit_record(
     match loaded {
         Ok((p, r)) => render(&edit_page(&state, &u, &p, &r)),
         Err(PhiError::NotFound) => super::pages::not_found(&u),
+        Err(PhiError::Conflict(_)) => forbidden(&u),
         Err(e) => ApiError::from(e).into_response(),
     }
 }
@@ -922,7 +1017,7 @@ pub async fn save_record(
             .into_response();
     };
     let current = async {
-        let r = record_of(&state, &id, &rid).await?;
+        let r = record_of(&state, u, &id, &rid).await?;
         let p = state.patients().get(&id).await?;
         Ok::<_, PhiError>((p, r))
     }
@@ -930,6 +1025,7 @@ pub async fn save_record(
     let (p, current) = match current {
         Ok(x) => x,
         Err(PhiError::NotFound) => return super::pages::not_found(u),
+        Err(PhiError::Conflict(_)) => return forbidden(u),
         Err(e) => return ApiError::from(e).into_response(),
     };
     let typed = |name: &str| form.fields.text(name);
@@ -938,6 +1034,7 @@ pub async fn save_record(
         treatment: Some(optional(&form, "treatment")),
         notes: Some(optional(&form, "notes")),
         recorded_at: recorded_at(&form),
+        labels: Some(form.fields.all("label")),
     };
     let mut page = edit_page(&state, u, &p, &current);
     page.diagnosis = typed("diagnosis");

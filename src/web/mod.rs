@@ -6,6 +6,7 @@ pub mod clinic;
 pub mod pages;
 pub mod passkeys;
 pub mod portal;
+pub mod requests;
 pub mod session;
 pub mod sessions;
 
@@ -31,6 +32,20 @@ pub fn router() -> Router<AppState> {
         .route("/my/record.json", get(portal::download))
         .route("/my/record/print", get(portal::print))
         .route("/my/disclosures", get(portal::disclosures))
+        .route(
+            "/my/restrictions",
+            get(requests::my_restrictions).post(requests::restrict),
+        )
+        .route("/my/restrictions/{id}/end", post(requests::unrestrict))
+        .route(
+            "/my/amendments",
+            get(requests::my_amendments).post(requests::request),
+        )
+        .route("/my/amendments/{id}/statement", post(requests::statement))
+        .route("/amendments", get(requests::review_list))
+        .route("/amendments/{id}", get(requests::review))
+        .route("/amendments/{id}/decide", post(requests::decide))
+        .route("/admin/privacy", get(requests::report))
         .route("/patients", get(clinic::list))
         .route("/patients/{id}", get(clinic::chart))
         .route("/patients/{id}/ssn", post(clinic::reveal_ssn))

@@ -39,6 +39,7 @@ pub struct Layout {
     pub(crate) can_patients: bool,
     /// A patient account: its own record is at /my.
     pub(crate) is_patient: bool,
+    pub(crate) can_amend: bool,
     pub(crate) notice: Option<String>,
 }
 
@@ -56,6 +57,7 @@ impl Layout {
             can_calc: false,
             can_patients: false,
             is_patient: false,
+            can_amend: false,
             notice,
         }
     }
@@ -73,6 +75,7 @@ impl Layout {
             can_calc: u.can(Permission::RecordsRead),
             can_patients: u.can(Permission::PatientsRead),
             is_patient: u.principal.patient.is_some(),
+            can_amend: u.can(Permission::AmendmentsReview),
             notice,
         }
     }
@@ -114,6 +117,7 @@ fn error_layout(u: &WebUser) -> Layout {
         can_calc: u.can(Permission::RecordsRead),
         can_patients: u.can(Permission::PatientsRead),
         is_patient: u.principal.patient.is_some(),
+        can_amend: u.can(Permission::AmendmentsReview),
         notice: None,
     }
 }

@@ -30,8 +30,14 @@ async fn own_record(state: &AppState, id: &str) -> Result<OwnRecord, ApiError> {
     let patient = state.patients().get(id).await?;
     let mut p = patient_view(state, &patient, false, false);
     p.ssn = patient.fields.ssn.as_deref().map(mask_ssn);
-    let lists =
-        super::clinic::clinical_lists(state, id, crate::portal::own_view(state), 500).await?;
+    let lists = super::clinic::clinical_lists(
+        state,
+        id,
+        crate::portal::own_view(state),
+        500,
+        &crate::privacy::Screen::open(),
+    )
+    .await?;
     let out = OwnRecord {
         p,
         conditions: lists.conditions,

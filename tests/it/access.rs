@@ -322,7 +322,7 @@ async fn roles_are_managed_with_guards(backend: Backend) {
         ]
     );
     let perms = json(s.get_as("/api/v1/permissions", &t).await).await;
-    assert_eq!(perms["items"].as_array().unwrap().len(), 9);
+    assert_eq!(perms["items"].as_array().unwrap().len(), 10);
     // Every change is in the audit trail, with who did it.
     let events = custodian::audit::store::query(s.state.db(), &Default::default(), 1000, true)
         .await

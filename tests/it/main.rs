@@ -25,6 +25,7 @@ mod ops;
 mod passkeys;
 mod phi;
 mod portal;
+mod privacy;
 mod ratelimit;
 mod search;
 mod smart;

@@ -237,7 +237,7 @@ async fn a_patient_account_reaches_only_its_own_record(backend: Backend) {
         assert!(!v.to_string().contains(B_CANARY), "{path}");
     }
     // A record of B as a Condition.
-    let (st, _, v) = get(format!("/fhir/Condition/rec-{}", c.b_record)).await;
+    let (st, _, v) = get(format!("/fhir/Condition/record-{}", c.b_record)).await;
     assert!(st == 403 || st == 404, "{st} {v}");
     assert!(!v.to_string().contains("Zebulonski"));
     // Another person's search page token: it stands for B's search, and is refused.
@@ -728,4 +728,398 @@ async fn a_patient_grants_apps_only_its_own_record(backend: Backend) {
         "code": {"text": "x"}, "subject": {"reference": format!("Patient/{}", c.a)}});
     let (st, _, _) = fhir(&s, Method::POST, "/fhir/Observation", Some(&at), Some(obs)).await;
     assert_eq!(st, 403);
+}
+
+both_backends!(an_amendment_goes_from_request_to_decision);
+async fn an_amendment_goes_from_request_to_decision(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let c = clinic(&s).await;
+    patient_account(&s, "ada", &c.a).await;
+    let me = s.login("ada", PW).await;
+    s.user("nurse", "nurse", PW).await;
+    let nurse = s.login("nurse", PW).await;
+    let ask = |body: Value| {
+        let s = &s;
+        let me = me.clone();
+        async move {
+            s.send_as(Method::POST, "/api/v1/me/amendments", &me, Some(body))
+                .await
+        }
+    };
+    // Only the patient's own record, only known fields.
+    for body in [
+        json!({"target": {"resource": "record", "id": c.b_record, "field": "diagnosis"}, "requested": "x", "reason": "y"}),
+        json!({"target": {"resource": "record", "id": c.a_record, "field": "version"}, "requested": "x", "reason": "y"}),
+        json!({"target": {"resource": "patient", "field": "mrn"}, "requested": "x", "reason": "y"}),
+        json!({"target": {"resource": "fhir", "id": format!("Observation/{}", c.b_obs)}, "requested": "x", "reason": "y"}),
+        json!({"target": {"resource": "patient", "field": "family_name"}, "requested": "", "reason": "y"}),
+    ] {
+        let res = ask(body.clone()).await;
+        assert_eq!(res.status(), 422, "{body}");
+        let text = res.text().await.unwrap();
+        assert!(
+            !text.contains("Zebulonski"),
+            "no oracle on another record: {text}"
+        );
+    }
+    let res = s
+        .send_as(
+            Method::POST,
+            "/api/v1/me/amendments",
+            &c.doctor,
+            Some(json!({"target": {"resource": "patient", "field": "family_name"}, "requested": "x", "reason": "y"})),
+        )
+        .await;
+    assert_eq!(res.status(), 403, "staff have no amendments of their own");
+    let name = json(
+        ask(
+            json!({"target": {"resource": "patient", "field": "family_name"},
+            "requested": "Quillon", "reason": "My name is misspelled."}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(name["status"], "pending");
+    let record = json(
+        ask(
+            json!({"target": {"resource": "record", "id": c.a_record, "field": "diagnosis"},
+            "requested": "Sprained left ankle, not right", "reason": "It was the left one."}),
+        )
+        .await,
+    )
+    .await;
+    let obs = json(
+        ask(
+            json!({"target": {"resource": "fhir", "id": format!("Observation/{}", c.a_obs)},
+            "requested": "The value is 13.5, not 12.5", "reason": "The lab letter says so."}),
+        )
+        .await,
+    )
+    .await;
+    // 60 days to decide.
+    let created = time::OffsetDateTime::parse(
+        name["created_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let due = time::OffsetDateTime::parse(
+        name["due_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert_eq!((due - created).whole_days(), 60);
+
+    // Reviewers only.
+    assert_eq!(
+        status(&s, Method::GET, "/api/v1/amendments", &nurse).await,
+        403
+    );
+    let pending = json(s.get_as("/api/v1/amendments", &c.doctor).await).await;
+    assert_eq!(pending["items"].as_array().unwrap().len(), 3);
+
+    // Accepted: the field is changed, as a new version; the old value is kept.
+    let id = name["id"].as_str().unwrap();
+    let etag = |res: &reqwest::Response| res.headers()["etag"].to_str().unwrap().to_owned();
+    let before = etag(
+        &s.get_as(&format!("/api/v1/patients/{}", c.a), &c.doctor)
+            .await,
+    );
+    let res = s
+        .send_as(
+            Method::POST,
+            &format!("/api/v1/amendments/{id}/accept"),
+            &c.doctor,
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let done = json(res).await;
+    assert_eq!(done["status"], "accepted");
+    assert_eq!(done["previous"], "Quill");
+    let res = s
+        .get_as(&format!("/api/v1/patients/{}", c.a), &c.doctor)
+        .await;
+    assert_ne!(before, etag(&res), "a new version");
+    assert_eq!(json(res).await["family_name"], "Quillon");
+    let res = s
+        .send_as(
+            Method::POST,
+            &format!("/api/v1/amendments/{id}/accept"),
+            &c.doctor,
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(res.status(), 409, "decided once");
+    // A FHIR resource is amended by the reviewer, who says how.
+    let oid = obs["id"].as_str().unwrap();
+    let res = s
+        .send_as(
+            Method::POST,
+            &format!("/api/v1/amendments/{oid}/accept"),
+            &c.doctor,
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(res.status(), 422);
+    let res = s
+        .send_as(
+            Method::POST,
+            &format!("/api/v1/amendments/{oid}/accept"),
+            &c.doctor,
+            Some(json!({"note": "Observation corrected to 13.5 g/dL (version 2)."})),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+
+    // Denied with a written reason; the patient reads it and disagrees, once.
+    let rid = record["id"].as_str().unwrap();
+    let res = s
+        .send_as(
+            Method::POST,
+            &format!("/api/v1/amendments/{rid}/deny"),
+            &c.doctor,
+            Some(json!({"reason": "short"})),
+        )
+        .await;
+    assert_eq!(res.status(), 422);
+    let res = s
+        .send_as(
+            Method::POST,
+            &format!("/api/v1/amendments/{rid}/deny"),
+            &c.doctor,
+            Some(json!({"reason": "The X-ray report names the right ankle."})),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let mine = json(s.get_as("/api/v1/me/amendments", &me).await).await;
+    let denied = mine["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == rid)
+        .unwrap()
+        .clone();
+    assert_eq!(denied["status"], "denied");
+    assert_eq!(
+        denied["decision"],
+        "The X-ray report names the right ankle."
+    );
+    assert!(
+        mine["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a.get("previous").is_none()),
+        "the replaced value is the reviewers'"
+    );
+    let path = format!("/api/v1/me/amendments/{rid}/statement");
+    let res = s
+        .send_as(
+            Method::POST,
+            &path,
+            &me,
+            Some(json!({"statement": "I was there: it was my left ankle."})),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let res = s
+        .send_as(
+            Method::POST,
+            &path,
+            &me,
+            Some(json!({"statement": "again"})),
+        )
+        .await;
+    assert_eq!(res.status(), 409);
+    // Attached to the record: reviewers and the chart see it.
+    let denied = json(
+        s.get_as("/api/v1/amendments?status=denied", &c.doctor)
+            .await,
+    )
+    .await;
+    assert_eq!(
+        denied["items"][0]["statement"],
+        "I was there: it was my left ankle."
+    );
+    let mut d = Browser::new(&s);
+    d.sign_in("doc", PW).await;
+    let (_, html) = d.get(&format!("/patients/{}", c.a)).await;
+    assert!(
+        html.contains("I was there: it was my left ankle."),
+        "{html}"
+    );
+
+    // Every step is in the audit trail, naming the patient.
+    let events = crate::oauth::events(&s, Some(&c.a)).await;
+    let steps: Vec<&str> = events
+        .iter()
+        .filter(|e| e.resource_type.as_deref() == Some("amendment"))
+        .map(|e| e.action.as_str())
+        .collect();
+    assert!(
+        steps.iter().filter(|a| **a == "create").count() >= 3,
+        "{steps:?}"
+    );
+    assert!(
+        steps.iter().filter(|a| **a == "update").count() >= 4,
+        "{steps:?}"
+    );
+
+    // Undecided past 60 days: raised as a security event, once.
+    ask(json!({"target": {"resource": "patient", "field": "phone"},
+        "requested": "+1 555 0100", "reason": "New number."}))
+    .await;
+    let count = |s: &TestServer| {
+        s.state
+            .security()
+            .counts()
+            .iter()
+            .find(|(r, _)| *r == "amendment_overdue")
+            .map_or(0, |(_, n)| *n)
+    };
+    assert_eq!(count(&s), 0);
+    s.clock
+        .advance(std::time::Duration::from_secs(61 * 24 * 3600));
+    let doctor = s.login("doc", PW).await;
+    let overdue = json(s.get_as("/api/v1/amendments?status=overdue", &doctor).await).await;
+    assert_eq!(overdue["items"].as_array().unwrap().len(), 1);
+    assert_eq!(overdue["items"][0]["overdue"], true);
+    assert_eq!(count(&s), 1);
+    json(s.get_as("/api/v1/amendments", &doctor).await).await;
+    assert_eq!(count(&s), 1, "raised once");
+}
+
+both_backends!(the_pages_carry_restrictions_and_amendments);
+async fn the_pages_carry_restrictions_and_amendments(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let c = clinic(&s).await;
+    patient_account(&s, "ada", &c.a).await;
+    s.user("nurse", "nurse", PW).await;
+    let mut p = Browser::new(&s);
+    p.sign_in("ada", PW).await;
+    let csrf = p.csrf().await;
+    // A restriction from the page (and none without the session's token).
+    let (st, _, _) = p
+        .post(
+            "/my/restrictions",
+            &[("csrf", "forged"), ("category", "PSY"), ("role", "doctor")],
+        )
+        .await;
+    assert_eq!(st, 403);
+    let (st, _, loc) = p
+        .post(
+            "/my/restrictions",
+            &[("csrf", &csrf), ("category", "PSY"), ("role", "doctor")],
+        )
+        .await;
+    assert_eq!(
+        (st, loc.as_deref()),
+        (303, Some("/my/restrictions?ok=saved"))
+    );
+    let (_, html) = p.get("/my/restrictions").await;
+    assert!(html.contains("behavioural and mental health") && html.contains("doctor"));
+    let (_, html, _) = p
+        .post("/my/restrictions", &[("csrf", &csrf), ("category", "PSY")])
+        .await;
+    assert!(html.contains("restricted already"), "{html}");
+    // A correction request from the page.
+    let (st, _, loc) = p
+        .post(
+            "/my/amendments",
+            &[
+                ("csrf", &csrf),
+                ("target", "patient:family_name"),
+                ("requested", "Quillon"),
+                ("reason", "Misspelled at registration."),
+            ],
+        )
+        .await;
+    assert_eq!(
+        (st, loc.as_deref()),
+        (303, Some("/my/amendments?ok=created"))
+    );
+    let (_, html, _) = p
+        .post(
+            "/my/amendments",
+            &[
+                ("csrf", &csrf),
+                ("target", &format!("record:{}:diagnosis", c.b_record)),
+                ("requested", "x"),
+                ("reason", "y"),
+            ],
+        )
+        .await;
+    assert!(html.contains("must be one of your records"), "{html}");
+    assert!(!html.contains("Zebulonski"));
+    let mine = json(
+        s.get_as("/api/v1/me/amendments", &s.login("ada", PW).await)
+            .await,
+    )
+    .await;
+    let id = mine["items"][0]["id"].as_str().unwrap().to_owned();
+
+    // The reviewer's pages.
+    let mut d = Browser::new(&s);
+    d.sign_in("doc", PW).await;
+    let (st, html) = d.get("/amendments").await;
+    assert_eq!(st, 200);
+    assert!(html.contains("Quill, Ada") && html.contains(&id));
+    let (st, html) = d.get(&format!("/amendments/{id}")).await;
+    assert_eq!(st, 200);
+    assert!(html.contains("Misspelled at registration."));
+    let dcsrf = d.csrf().await;
+    let (st, html, _) = d
+        .post(
+            &format!("/amendments/{id}/decide"),
+            &[("csrf", &dcsrf), ("decision", "deny"), ("reason", "short")],
+        )
+        .await;
+    assert_eq!(st, 200);
+    assert!(
+        html.contains("reason: must be 10 to 2000 characters"),
+        "{html}"
+    );
+    let (st, _, loc) = d
+        .post(
+            &format!("/amendments/{id}/decide"),
+            &[
+                ("csrf", &dcsrf),
+                ("decision", "deny"),
+                ("reason", "Your passport says Quill."),
+            ],
+        )
+        .await;
+    assert_eq!((st, loc.as_deref()), (303, Some("/amendments?ok=saved")));
+    // The patient reads why, and answers.
+    let (_, html) = p.get("/my/amendments").await;
+    assert!(html.contains("Your passport says Quill."));
+    let (st, _, _) = p
+        .post(
+            &format!("/my/amendments/{id}/statement"),
+            &[("csrf", &csrf), ("statement", "My passport was wrong too.")],
+        )
+        .await;
+    assert_eq!(st, 303);
+    let (_, html) = p.get("/my/amendments").await;
+    assert!(html.contains("My passport was wrong too."));
+
+    // Who may open what.
+    let mut n = Browser::new(&s);
+    n.sign_in("nurse", PW).await;
+    for path in [
+        "/amendments",
+        "/admin/privacy",
+        "/my/restrictions",
+        "/my/amendments",
+    ] {
+        let (st, _) = n.get(path).await;
+        assert_eq!(st, 403, "{path}");
+    }
+    let (st, _) = p.get("/amendments").await;
+    assert_eq!(st, 403, "a patient reviews nothing");
+    let mut a = Browser::new(&s);
+    a.sign_in("adm", PW).await;
+    let (st, html) = a.get("/admin/privacy").await;
+    assert_eq!(st, 200);
+    assert!(html.contains("behavioural and mental health") && html.contains("Quill, Ada"));
 }
