@@ -639,10 +639,10 @@ pub fn spawn_sweeper(state: AppState, every: std::time::Duration) {
 pub fn describe(t: &Target) -> String {
     match t.resource.as_str() {
         "patient" => format!(
-            "your details: {}",
+            "Demographics: {}",
             t.field.as_deref().unwrap_or("").replace('_', " ")
         ),
-        "record" => format!("a visit record: {}", t.field.as_deref().unwrap_or("")),
+        "record" => format!("Visit record: {}", t.field.as_deref().unwrap_or("")),
         _ => t.id.clone().unwrap_or_default(),
     }
 }

@@ -83,6 +83,9 @@ pub struct Found {
     pub resources: Vec<Value>,
     pub truncated: bool,
     pub pages: u32,
+    /// The server withheld some resources (a patient's restriction): the Bundle's
+    /// `meta.security` carries `REDACTED`, or an OperationOutcome entry `suppressed`.
+    pub withheld: bool,
 }
 
 impl Client {
@@ -235,6 +238,30 @@ impl Client {
             if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
                 return Err(FhirError::Malformed("a search did not answer a Bundle"));
             }
+            let redacted = bundle
+                .pointer("/meta/security")
+                .and_then(Value::as_array)
+                .is_some_and(|l| {
+                    l.iter()
+                        .any(|c| c.get("code").and_then(Value::as_str) == Some("REDACTED"))
+                });
+            let suppressed = bundle
+                .get("entry")
+                .and_then(Value::as_array)
+                .is_some_and(|es| {
+                    es.iter().any(|e| {
+                        e.pointer("/resource/resourceType").and_then(Value::as_str)
+                            == Some("OperationOutcome")
+                            && e.pointer("/resource/issue")
+                                .and_then(Value::as_array)
+                                .is_some_and(|is| {
+                                    is.iter().any(|i| {
+                                        i.get("code").and_then(Value::as_str) == Some("suppressed")
+                                    })
+                                })
+                    })
+                });
+            found.withheld |= redacted || suppressed;
             if let Some(entries) = bundle.get("entry").and_then(Value::as_array) {
                 found.resources.extend(
                     entries

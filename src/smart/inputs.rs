@@ -276,6 +276,9 @@ pub struct Bundle {
     pub procedures: Vec<Value>,
     /// A search stopped at the page cap.
     pub truncated: Vec<&'static str>,
+    /// Searches the FHIR server answered with something withheld (a patient's
+    /// restriction).
+    pub withheld: Vec<&'static str>,
 }
 
 impl Bundle {
@@ -387,6 +390,11 @@ pub fn gather(b: &Bundle, today: Date) -> Result<Gathered, String> {
     for kind in &b.truncated {
         g.notes.push(format!(
             "Only the first pages of {kind} were read (smart.max_pages); older entries were not considered."
+        ));
+    }
+    for kind in &b.withheld {
+        g.notes.push(format!(
+            "Some {kind} data is withheld at the patient's request: the score may miss inputs. A clinician whose role may see it (or break-glass in the EHR) can check."
         ));
     }
 
@@ -940,6 +948,23 @@ mod tests {
         assert!(g.inputs.arc_hbr.contains(&ArcHbr::RecentSurgeryTrauma));
         assert!(g.inputs.arc_hbr.contains(&ArcHbr::NsaidSteroid));
         assert!(!g.inputs.oral_anticoagulation);
+    }
+
+    #[test]
+    fn withheld_data_is_said() {
+        let b = Bundle {
+            patient: json!({"resourceType":"Patient","id":"p1","birthDate":"1960-01-01","gender":"female"}),
+            withheld: vec!["Observation"],
+            ..Bundle::default()
+        };
+        let g = gather(&b, today()).unwrap();
+        assert!(
+            g.notes
+                .iter()
+                .any(|n| n.contains("Observation data is withheld at the patient's request")),
+            "{:?}",
+            g.notes
+        );
     }
 
     #[test]

@@ -498,6 +498,9 @@ impl Smart {
                     if found.truncated {
                         bundle.truncated.push("MedicationStatement");
                     }
+                    if found.withheld {
+                        bundle.withheld.push("MedicationStatement");
+                    }
                     Ok(found.resources)
                 }
                 // Refused (403) or not offered (404, or another 4xx such as 400 for an
@@ -518,6 +521,9 @@ impl Smart {
             let found = c.search(&base, token, resource, &params).await?;
             if found.truncated {
                 bundle.truncated.push(resource);
+            }
+            if found.withheld {
+                bundle.withheld.push(resource);
             }
             let into = match resource {
                 "Observation" => &mut bundle.observations,

@@ -39,7 +39,7 @@ cd "$here"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e
-node --test --test-concurrency=1 --test-reporter=spec admin.test.mjs smart.test.mjs clinic.test.mjs smart-server.test.mjs passkeys.test.mjs 2>&1 | tee "$log"
+node --test --test-concurrency=1 --test-reporter=spec admin.test.mjs smart.test.mjs clinic.test.mjs smart-server.test.mjs passkeys.test.mjs portal.test.mjs 2>&1 | tee "$log"
 status="${PIPESTATUS[0]}"
 set -e
 passed="$(sed -n 's/^ℹ pass \([0-9][0-9]*\)$/\1/p' "$log" | tail -n1)"

@@ -1123,3 +1123,33 @@ async fn the_pages_carry_restrictions_and_amendments(backend: Backend) {
     assert_eq!(st, 200);
     assert!(html.contains("behavioural and mental health") && html.contains("Quill, Ada"));
 }
+
+both_backends!(every_staff_route_refuses_a_patient_account);
+/// The OpenAPI sweep with a patient token: every route that needs a permission answers
+/// 403, with the patient's own record id in the path (a staff route is not a door to
+/// one's own record either); the session-only administration likewise.
+async fn every_staff_route_refuses_a_patient_account(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let c = clinic(&s).await;
+    patient_account(&s, "ada", &c.a).await;
+    let me = s.login("ada", PW).await;
+    let doc = json(s.get("/api/openapi.json").await).await;
+    let ops = crate::access::operations(&doc);
+    let mut checked = 0;
+    for (method, path, scopes) in &ops {
+        if scopes.is_empty() {
+            continue;
+        }
+        let path = path.replace("00000000-0000-0000-0000-000000000000", &c.a);
+        let res = s.send_as(method.clone(), &path, &me, Some(json!({}))).await;
+        let st = res.status().as_u16();
+        let body = res.text().await.unwrap();
+        assert_eq!(st, 403, "{method} {path} needs {scopes:?}: {body}");
+        assert!(
+            !body.contains("Quill") && !body.contains(B_CANARY),
+            "{method} {path}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 40, "{checked}");
+}
