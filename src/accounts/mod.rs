@@ -410,8 +410,18 @@ impl Accounts {
         })
     }
 
-    /// Pending invitations, newest first.
+    /// Pending invitations, newest first (for administrators: no patient ids).
     pub async fn invitations(&self) -> Result<Vec<Invitation>, AccountsError> {
+        let mut list = self.pending_invitations().await?;
+        // The list is for account administrators: a patient invitation says `patient`
+        // as its role, not which record (that is the patients' staff's to know).
+        for i in &mut list {
+            i.patient_id = None;
+        }
+        Ok(list)
+    }
+
+    async fn pending_invitations(&self) -> Result<Vec<Invitation>, AccountsError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {TOKEN_COLUMNS} FROM account_tokens \
              WHERE purpose = $1 AND used_at IS NULL AND revoked_at IS NULL AND expires_at > $2 \
@@ -447,7 +457,7 @@ impl Accounts {
         by: &Principal,
     ) -> Result<Invitation, AccountsError> {
         self.require_mail()?;
-        let pending = self.invitations().await?;
+        let pending = self.pending_invitations().await?;
         let old = pending
             .into_iter()
             .find(|i| i.id == id)
@@ -881,6 +891,8 @@ impl Accounts {
             p.starts_with("patients:")
                 || p.starts_with("records:")
                 || p.starts_with("phi:")
+                || p.starts_with("amendments:")
+                || p == "audit:read"
                 || p == "breakglass"
         }) {
             tracing::error!(role = %role, "accounts.self_registration_role holds PHI permissions; registration refused");

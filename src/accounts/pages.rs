@@ -129,6 +129,16 @@ impl FormPage {
         self.respond(axum::http::StatusCode::OK, state)
     }
 
+    /// The page again with `e` said (the form stays unless the link is gone).
+    fn error(mut self, e: crate::http::ApiError, state: &AppState) -> Response {
+        let status = e.code().status();
+        if status == axum::http::StatusCode::BAD_REQUEST {
+            self.show_form = false;
+        }
+        self.error = Some(e.detail_text());
+        self.respond(status, state)
+    }
+
     fn invalid_link(mut self, state: &AppState) -> Response {
         self.show_form = false;
         self.error = Some(
@@ -216,6 +226,11 @@ pub async fn forgot_submit(
 
 // ---- invitation -------------------------------------------------------------------------------
 
+/// A patient invitation asks for the birth date on the record.
+fn birth_date_field() -> Field {
+    field("Your birth date", "birth_date", "date", "bday")
+}
+
 fn invite_page(token: &str) -> FormPage {
     FormPage::new(
         "Create your account",
@@ -236,6 +251,14 @@ pub async fn invite_form(
     audit.annotate(|a| a.resource_type = Some("invitation"));
     let mut page = invite_page(&token);
     match state.accounts().invitation(&token).await {
+        Ok(inv) if inv.patient_id.is_some() => {
+            page.intro = vec![format!(
+                "You were invited as {} to your patient account. Give your birth date as your clinic recorded it, then choose a username and a password.",
+                inv.email
+            )];
+            page.fields.push(birth_date_field());
+            ok(&state, page)
+        }
         Ok(inv) => {
             page.intro = vec![format!(
                 "You were invited as {} with the role \"{}\". Choose a username and a password.",
@@ -271,6 +294,19 @@ pub async fn invite_submit(
             .take(1025)
             .collect(),
     );
+    let birth = fields.text("birth_date");
+    if !birth.is_empty() {
+        page.fields.push(birth_date_field());
+    }
+    if let Err(e) = crate::portal::check_patient_invitation(
+        &state,
+        &token,
+        Some(birth.as_str()).filter(|b| !b.is_empty()),
+    )
+    .await
+    {
+        return page.error(e, &state);
+    }
     match state
         .accounts()
         .accept_invitation(&token, &username, &pw)

@@ -162,6 +162,10 @@ pub struct AcceptInvitation {
     pub token: String,
     pub username: String,
     pub password: String,
+    /// A patient invitation: the patient's birth date (YYYY-MM-DD) as on their record;
+    /// a wrong one ends the link.
+    #[serde(default)]
+    pub birth_date: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -192,6 +196,7 @@ pub async fn accept_invitation(
         a.context.insert("via", ContextValue::Code("invitation"));
     });
     let pw = password(req.password, "password")?;
+    crate::portal::check_patient_invitation(&state, &req.token, req.birth_date.as_deref()).await?;
     let user = state
         .accounts()
         .accept_invitation(&req.token, &req.username, &pw)

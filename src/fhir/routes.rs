@@ -311,6 +311,46 @@ async fn not_withheld(
     Ok(())
 }
 
+/// Sensitivity labels stick: an update keeps the labels the stored resource carries
+/// (a PUT that leaves `meta.security` out must not declassify it for everyone the
+/// patient kept out). Adding a label is a PUT; a label set by mistake goes with the
+/// resource (delete it and write it again).
+async fn keep_labels(
+    state: &AppState,
+    t: ResourceType,
+    id: &str,
+    body: &mut Value,
+) -> Result<(), ApiError> {
+    if t == ResourceType::Patient {
+        return Ok(());
+    }
+    let old = match state.fhir().read(t, id).await {
+        Ok(r) => r.labels(),
+        Err(FhirError::NotFound | FhirError::Gone) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if old.is_empty() {
+        return Ok(());
+    }
+    let Some(obj) = body.as_object_mut() else {
+        return Ok(());
+    };
+    let meta = obj.entry("meta").or_insert_with(|| json!({}));
+    if !meta.is_object() {
+        return Ok(());
+    }
+    let sec = meta
+        .as_object_mut()
+        .map(|m| m.entry("security").or_insert_with(|| json!([])));
+    if let Some(Value::Array(list)) = sec {
+        let have = crate::privacy::labels_in(&Value::Array(list.clone()));
+        for l in old.iter().filter(|l| !have.contains(l)) {
+            list.push(json!({"system": crate::privacy::ACT_CODE, "code": l}));
+        }
+    }
+    Ok(())
+}
+
 /// The entry a searchset or export carries when the screen withheld `n` resources:
 /// an OperationOutcome (`suppressed`) with the count, never the category.
 fn withheld_entry(n: usize) -> Value {
@@ -714,10 +754,15 @@ async fn read_version(
         // A patient's restriction: the labels of this version and of the current one
         // (an older version from before the label is as sensitive).
         let mut labels = r.labels();
-        if version.is_some()
-            && let Ok(now) = fhir.read(t, id).await
-        {
-            labels.extend(now.labels());
+        // An old version of a resource deleted since: its last labels are gone with
+        // it, so any restriction that applies to this reader withholds it (fail closed).
+        let mut unknown = false;
+        if version.is_some() {
+            match fhir.read(t, id).await {
+                Ok(now) => labels.extend(now.labels()),
+                Err(FhirError::Gone) => unknown = true,
+                Err(_) => {}
+            }
         }
         let screen = screen(
             state,
@@ -726,7 +771,7 @@ async fn read_version(
             reader.break_glass(),
         )
         .await?;
-        if screen.hides(&labels) {
+        if screen.hides(&labels) || (unknown && screen.withholds()) {
             audit.context("withheld", ContextValue::Int(1));
             return Err(ApiError::new(ErrorCode::Withheld));
         }
@@ -993,6 +1038,8 @@ async fn update(
         l.existing_ok(state.fhir(), t, &id).await?;
     }
     not_withheld(&state, &auth, t, &id).await?;
+    let mut resource = resource;
+    keep_labels(&state, t, &id, &mut resource).await?;
     write_one(&state, &audit, &auth, &headers, t, Some(id), resource).await
 }
 
@@ -1230,9 +1277,11 @@ async fn transaction(
     for p in needed {
         require(&auth, p)?;
     }
-    for e in &entries {
+    let mut entries = entries;
+    for e in &mut entries {
         if let Some(id) = &e.id {
             not_withheld(&state, &auth, e.t, id).await?;
+            keep_labels(&state, e.t, id, &mut e.body).await?;
         }
     }
     let fhir = state.fhir();

@@ -140,7 +140,8 @@ impl Resource {
                     m.security
                         .iter()
                         .filter(|c| c.system.as_deref() == Some(crate::privacy::ACT_CODE))
-                        .filter_map(|c| c.code.clone())
+                        // Any case counts (fail closed): `psy` is withheld as `PSY`.
+                        .filter_map(|c| c.code.as_deref().map(str::to_ascii_uppercase))
                         .filter(|c| crate::privacy::is_label(c))
                         .collect()
                 })

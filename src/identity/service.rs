@@ -1193,6 +1193,9 @@ impl Identity {
     ) -> Result<User, IdentityError> {
         let user = self.user(id).await?;
         by.may_manage(&self.db, &user.role).await?;
+        if email.is_some() {
+            patient_credentials(&by, &user)?;
+        }
         if let Some(r) = role {
             // A patient account keeps the patient role, and nobody else gets it: the link
             // to a record is what it is for, and staff permissions never reach it.
@@ -1275,6 +1278,7 @@ impl Identity {
     ) -> Result<(), IdentityError> {
         let user = self.user(id).await?;
         by.may_manage(&self.db, &user.role).await?;
+        patient_credentials(&by, &user)?;
         self.store_password(&user, new, None, must_change).await?;
         self.revoke_all(&user.id, true).await?;
         Ok(())
@@ -1320,6 +1324,7 @@ impl Identity {
             ));
         }
         by.may_manage(&self.db, &user.role).await?;
+        patient_credentials(&by, &user)?;
         let passkeys = super::passkeys::passkey_count(&self.db, &user.id).await?;
         if !user.totp_enabled && user.totp_secret.is_none() && passkeys == 0 {
             return Err(IdentityError::Conflict(
@@ -1680,4 +1685,18 @@ fn seconds_until(now: OffsetDateTime, until: &str) -> u64 {
         .map(|u| (u - now).whole_seconds().max(1))
         .and_then(|s| u64::try_from(s).ok())
         .unwrap_or(1)
+}
+
+/// A patient account's credentials (password, email, second factor) are the patient's:
+/// no staff member sets them, whatever their permissions — otherwise `users:manage`
+/// alone would open any patient's record, unflagged, as the patient. A forgotten
+/// password is reset by mail from the sign-in page; a lost second factor by an
+/// operator on the server (`custodian user reset-totp`) after checking who asks.
+fn patient_credentials(by: &Grantor<'_>, user: &User) -> Result<(), IdentityError> {
+    if user.patient_id.is_some() && matches!(by, Grantor::User(_)) {
+        return Err(IdentityError::Conflict(
+            "a patient account's password, email and second factor are the patient's: the patient resets the password by mail; an operator resets a lost second factor (custodian user reset-totp)",
+        ));
+    }
+    Ok(())
 }

@@ -646,3 +646,51 @@ pub fn describe(t: &Target) -> String {
         _ => t.id.clone().unwrap_or_default(),
     }
 }
+
+/// What a reader sees of a request about an item withheld from them.
+pub const WITHHELD_TEXT: &str = "(withheld at the patient's request)";
+
+/// Hides the words of a request about a record or resource the patient's restrictions
+/// keep from `p` (what was asked, why, the replaced value, the decision, the statement
+/// would each tell what the item says). The request itself — its target, dates and
+/// status — stays, so it is still decided in time.
+pub async fn screen_text(
+    state: &AppState,
+    p: &crate::access::Principal,
+    a: &mut Amendment,
+) -> Result<(), PhiError> {
+    let labels = match (a.target.resource.as_str(), a.target.id.as_deref()) {
+        ("record", Some(id)) => match state.patients().record(id).await {
+            Ok(r) => r.labels,
+            Err(PhiError::NotFound) => return Ok(()),
+            Err(e) => return Err(e),
+        },
+        ("fhir", Some(reference)) => {
+            let Some((ty, id)) = reference.split_once('/') else {
+                return Ok(());
+            };
+            let Some(t) = crate::fhir::resources::ResourceType::parse(ty) else {
+                return Ok(());
+            };
+            match state.fhir().read(t, id).await {
+                Ok(r) => r.labels(),
+                Err(crate::fhir::service::FhirError::Phi(e)) => return Err(e),
+                Err(_) => return Ok(()),
+            }
+        }
+        _ => return Ok(()),
+    };
+    if labels.is_empty() {
+        return Ok(());
+    }
+    let screen = crate::privacy::screen_for(state, p, &a.patient_id, false).await?;
+    if screen.hides(&labels) {
+        let w = || WITHHELD_TEXT.to_owned();
+        a.requested = w();
+        a.reason = w();
+        a.previous = a.previous.as_ref().map(|_| w());
+        a.decision = a.decision.as_ref().map(|_| w());
+        a.statement = a.statement.as_ref().map(|_| w());
+    }
+    Ok(())
+}

@@ -81,3 +81,41 @@ pub(crate) async fn record_bundle(
         "entry": entries,
     }))
 }
+
+/// A patient invitation is accepted only with the patient's birth date as on their
+/// record: the mailbox alone does not open a medical record (the address on file may be
+/// shared, or may have been changed). A wrong date ends the link at once (no guessing);
+/// the clinic sends a new one. Other invitations pass.
+pub async fn check_patient_invitation(
+    state: &AppState,
+    token: &str,
+    birth_date: Option<&str>,
+) -> Result<(), ApiError> {
+    let inv = state.accounts().invitation(token).await?;
+    let Some(patient) = &inv.patient_id else {
+        return Ok(());
+    };
+    let given = birth_date.map(str::trim).unwrap_or_default();
+    if given.is_empty() {
+        return Err(ApiError::field(
+            "birth_date",
+            "give your birth date (YYYY-MM-DD) as your clinic recorded it",
+        ));
+    }
+    let on_record = match state.patients().get(patient).await {
+        Ok(p) => p.fields.birth_date,
+        // The record was erased since: the link leads nowhere.
+        Err(crate::records::service::PhiError::NotFound) => {
+            return Err(crate::accounts::AccountsError::InvalidLink.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if given != on_record {
+        state.accounts().revoke_invitation(&inv.id).await?;
+        tracing::warn!(target: "custodian::security", "security event: a patient invitation was answered with a wrong birth date; the link was ended");
+        return Err(ApiError::new(ErrorCode::BadRequest).with_detail(
+            "The birth date does not match your record. For your safety this link no longer works: ask your clinic for a new invitation.",
+        ));
+    }
+    Ok(())
+}

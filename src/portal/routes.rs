@@ -128,7 +128,7 @@ pub struct AmendmentQuery {
 pub async fn amendments(
     State(state): State<AppState>,
     audit: Audit,
-    _auth: Authorized<need::AmendmentsReview>,
+    auth: Authorized<need::AmendmentsReview>,
     QueryParams(q): QueryParams<AmendmentQuery>,
 ) -> Result<Json<AmendmentList>, ApiError> {
     let status = q.status.unwrap_or_else(|| "pending".into());
@@ -146,7 +146,10 @@ pub async fn amendments(
     if let Err(e) = amendments::sweep(&state).await {
         tracing::warn!(error = %e, "amendments: the overdue sweep could not run");
     }
-    let items = amendments::list(&state, &status).await?;
+    let mut items = amendments::list(&state, &status).await?;
+    for a in &mut items {
+        amendments::screen_text(&state, &auth, a).await?;
+    }
     audit.name_patients(Action::Read, items.iter().map(|a| a.patient_id.as_str()));
     audit.context("count", ContextValue::Int(items.len() as i64));
     Ok(Json(AmendmentList { items }))
@@ -158,12 +161,13 @@ pub async fn amendments(
 pub async fn amendment(
     State(state): State<AppState>,
     audit: Audit,
-    _auth: Authorized<need::AmendmentsReview>,
+    auth: Authorized<need::AmendmentsReview>,
     Path(id): Path<String>,
 ) -> Result<Json<Amendment>, ApiError> {
     audit_amendment(&audit, Action::Read, Some(&id), None);
-    let a = amendments::get(&state, &id).await?;
+    let mut a = amendments::get(&state, &id).await?;
     audit.annotate(|e| e.patient_id = Some(a.patient_id.clone()));
+    amendments::screen_text(&state, &auth, &mut a).await?;
     Ok(Json(a))
 }
 
@@ -204,9 +208,9 @@ pub async fn accept_amendment(
             return Err(ApiError::new(crate::http::ErrorCode::Withheld));
         }
     }
-    Ok(Json(
-        amendments::accept(&state, &id, req.note, &auth.user_id).await?,
-    ))
+    let mut done = amendments::accept(&state, &id, req.note, &auth.user_id).await?;
+    amendments::screen_text(&state, &auth, &mut done).await?;
+    Ok(Json(done))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -231,9 +235,9 @@ pub async fn deny_amendment(
     audit.context("decision", ContextValue::Code("deny"));
     let a = amendments::get(&state, &id).await?;
     audit.annotate(|e| e.patient_id = Some(a.patient_id.clone()));
-    Ok(Json(
-        amendments::deny(&state, &id, &req.reason, &auth.user_id).await?,
-    ))
+    let mut done = amendments::deny(&state, &id, &req.reason, &auth.user_id).await?;
+    amendments::screen_text(&state, &auth, &mut done).await?;
+    Ok(Json(done))
 }
 
 /// The media type of a FHIR JSON body.
@@ -314,47 +318,41 @@ pub async fn my_disclosures(
     ))
 }
 
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PatientInvitation {
-    /// Where to send the link; the address on the patient's record when absent.
-    #[serde(default)]
-    pub email: Option<String>,
-}
-
-/// Invites a patient to their own patient account (needs `patients:write`): a
-/// single-use link, valid `accounts.invite_ttl`, creates an account with the `patient`
-/// role linked to this record. One account per record (409); a new invitation replaces
-/// a pending one.
+/// Invites a patient to their own patient account (needs `patients:read` and
+/// `patients:write`): a single-use link to the email address on the patient's record
+/// (never another: whoever could name the address could take the account), valid
+/// `accounts.invite_ttl`. Accepting it creates an account with the `patient` role
+/// linked to this record, once the patient gives their birth date as on the record.
+/// One account per record (409); a new invitation replaces a pending one.
 #[utoipa::path(post, path = "/api/v1/patients/{id}/invitation", tag = "patients", security(("bearer" = ["patients:write"])),
-    params(("id" = String, Path)), request_body = PatientInvitation,
+    params(("id" = String, Path)),
     responses((status = 201, description = "Invited", body = Invitation),
         (status = 404, description = "not_found"),
         (status = 409, description = "conflict: the record has an account"),
-        (status = 422, description = "validation_error: no email address"),
+        (status = 422, description = "validation_error: the record has no email address"),
         (status = 503, description = "no mail can be sent")))]
 pub async fn invite_patient(
     State(state): State<AppState>,
     audit: Audit,
     auth: Authorized<need::PatientsWrite>,
     Path(id): Path<String>,
-    JsonBody(req): JsonBody<PatientInvitation>,
 ) -> Result<Response, ApiError> {
     audit.annotate(|a| {
         a.action = Some(Action::Create);
         a.resource_type = Some("invitation");
         a.patient_id = Some(id.clone());
     });
+    if !auth.has(crate::access::Permission::PatientsRead) {
+        return Err(ApiError::new(crate::http::ErrorCode::Forbidden)
+            .with_detail("This needs the patients:read permission too."));
+    }
     let patient = state.patients().get(&id).await?;
-    let email = match req.email.filter(|e| !e.trim().is_empty()) {
-        Some(e) => e,
-        None => patient.fields.email.clone().ok_or_else(|| {
-            ApiError::field(
-                "email",
-                "the patient's record has no email address: give one",
-            )
-        })?,
-    };
+    let email = patient.fields.email.clone().ok_or_else(|| {
+        ApiError::field(
+            "email",
+            "the patient's record has no email address: add theirs to the record first",
+        )
+    })?;
     let inv = state
         .accounts()
         .invite_patient(&id, &email, &auth.0)

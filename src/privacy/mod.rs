@@ -75,8 +75,8 @@ pub fn labels_in(security: &serde_json::Value) -> Vec<String> {
         .flatten()
         .filter(|c| c.get("system").and_then(|s| s.as_str()) == Some(ACT_CODE))
         .filter_map(|c| c.get("code").and_then(|s| s.as_str()))
+        .map(str::to_ascii_uppercase)
         .filter(|c| is_label(c))
-        .map(str::to_owned)
         .collect()
 }
 

@@ -749,7 +749,7 @@ pub async fn patch_record(
 ) -> Result<Response, ApiError> {
     let patient = state.patients().record_patient(&id).await?;
     touch(&audit, Action::Update, "record", Some(&id), &patient);
-    record_not_withheld(&state, &auth, &id, &patient).await?;
+    let before = record_not_withheld(&state, &auth, &id, &patient).await?;
     let r = state
         .patients()
         .update_record(
@@ -758,6 +758,11 @@ pub async fn patch_record(
             crate::http::headers::if_match_version(&headers)?,
         )
         .await?;
+    // Taking a label off opens the record to everyone the patient kept out: said.
+    let removed = before.iter().filter(|l| !r.labels.contains(l)).count();
+    if removed > 0 {
+        audit.context("labels_removed", ContextValue::Int(removed as i64));
+    }
     Ok(with_etag(
         StatusCode::OK,
         r.version,
@@ -781,13 +786,14 @@ pub async fn delete_record(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// A record someone changes or deletes must not be one withheld from them.
+/// A record someone changes or deletes must not be one withheld from them. Answers
+/// its labels.
 async fn record_not_withheld(
     state: &AppState,
     p: &Principal,
     id: &str,
     patient: &str,
-) -> Result<(), ApiError> {
+) -> Result<Vec<String>, ApiError> {
     let r = state.patients().record(id).await?;
     if crate::privacy::screen_for(state, p, patient, false)
         .await?
@@ -795,7 +801,7 @@ async fn record_not_withheld(
     {
         return Err(ApiError::new(ErrorCode::Withheld));
     }
-    Ok(())
+    Ok(r.labels)
 }
 
 #[derive(Serialize, ToSchema)]

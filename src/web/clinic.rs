@@ -703,25 +703,29 @@ async fn chart_data(
         let mut lists = clinical_lists(state, id, v, 200, &screen).await?;
         page.withheld = lists.withheld;
         page.restriction_overridden = lists.overridden;
-        page.restrictions = crate::privacy::consent::active(state.db(), state.patients(), id)
-            .await?
-            .len();
-        for a in crate::portal::amendments::of_patient(state, id, false).await? {
-            let what = crate::portal::amendments::describe(&a.target);
-            if a.status == "pending" {
-                page.amendments.push(AmendmentRow {
-                    id: a.id,
-                    what,
-                    due: super::pages::display_time(&a.due_at),
-                    overdue: a.overdue,
-                });
-            } else if let Some(statement) = a.statement {
-                page.statements.push(StatementRow {
-                    what,
-                    requested: a.requested,
-                    denial: a.decision.unwrap_or_default(),
-                    statement,
-                });
+        // The patient's requests are free text of theirs: not in the de-identified view.
+        if !anonymize {
+            page.restrictions = crate::privacy::consent::active(state.db(), state.patients(), id)
+                .await?
+                .len();
+            for mut a in crate::portal::amendments::of_patient(state, id, false).await? {
+                crate::portal::amendments::screen_text(state, &u.principal, &mut a).await?;
+                let what = crate::portal::amendments::describe(&a.target);
+                if a.status == "pending" {
+                    page.amendments.push(AmendmentRow {
+                        id: a.id,
+                        what,
+                        due: super::pages::display_time(&a.due_at),
+                        overdue: a.overdue,
+                    });
+                } else if let Some(statement) = a.statement {
+                    page.statements.push(StatementRow {
+                        what,
+                        requested: a.requested,
+                        denial: a.decision.unwrap_or_default(),
+                        statement,
+                    });
+                }
             }
         }
         lists.labs.truncate(RECENT_LABS);

@@ -381,7 +381,10 @@ pub async fn review_list(
     };
     audit.name_patients(Action::Read, list.iter().map(|a| a.patient_id.as_str()));
     let mut rows = Vec::new();
-    for a in list {
+    for mut a in list {
+        if let Err(e) = amendments::screen_text(&state, &u.principal, &mut a).await {
+            return error_page(e.into());
+        }
         rows.push(ReviewRow {
             patient: patient_name(&state, &a.patient_id).await,
             v: view(a),
@@ -410,7 +413,7 @@ async fn review_page(
     id: &str,
     error: Option<String>,
 ) -> Response {
-    let a = match amendments::get(state, id).await {
+    let mut a = match amendments::get(state, id).await {
         Ok(a) => a,
         Err(crate::records::service::PhiError::NotFound) => {
             return super::pages::not_found(u);
@@ -418,6 +421,9 @@ async fn review_page(
         Err(e) => return error_page(e.into()),
     };
     audit.annotate(|e| e.patient_id = Some(a.patient_id.clone()));
+    if let Err(e) = amendments::screen_text(state, &u.principal, &mut a).await {
+        return error_page(e.into());
+    }
     render(&ReviewPage {
         layout: Layout::of(state, u, None),
         patient: patient_name(state, &a.patient_id).await,
@@ -567,7 +573,10 @@ pub async fn report(State(state): State<AppState>, audit: Audit, u: WebUser) -> 
         });
     }
     let mut rows = Vec::new();
-    for a in overdue {
+    for mut a in overdue {
+        if let Err(e) = amendments::screen_text(&state, &u.principal, &mut a).await {
+            return error_page(e.into());
+        }
         rows.push(ReviewRow {
             patient: patient_name(&state, &a.patient_id).await,
             v: view(a),

@@ -8,24 +8,15 @@
 //   cd tests/browser && npm ci && node --test portal.test.mjs     (or: bash tests/browser/run.sh)
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
-import { ADMIN, repoRoot, startServer } from './server.mjs';
-import { signIn, watch } from './watch.mjs';
+import { ADMIN, startServer } from './server.mjs';
+import { signIn } from './watch.mjs';
+import {
+  CHROMIUM, CHROMIUM_ARGS, PHONE, SHOTS, api, cli, kit, newContext, shot, token,
+} from './kit.mjs';
 
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
-const CHROMIUM_ARGS = [
-  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-  '--disable-background-networking', '--disable-component-update', '--disable-sync',
-];
-const DESKTOP = { width: 1280, height: 800 };
-const PHONE = { width: 390, height: 844 };
-const SHOTS = process.env.SCREENSHOTS === '1'
-  ? join(repoRoot, 'docs', 'screenshots')
-  : mkdtempSync(join(tmpdir(), 'custodian-shots-'));
 const PW = 'Portal-Pass-12345!';
 
 let server;
@@ -36,44 +27,10 @@ const doctor = { username: 'doctor.one', password: PW };
 const patient = { username: 'ada.patient', password: 'Ada-Own-Pass-2468!' };
 let target; // the patient's record: { id, given_name, family_name }
 
-async function newContext(label, options = {}) {
-  const c = await browser.newContext({ baseURL: server.baseURL, viewport: DESKTOP, ...options });
-  c.setDefaultTimeout(15_000);
-  await watch(c, label, problems, warnings);
-  return c;
-}
 
-async function shot(p, name) {
-  await p.screenshot({ path: join(SHOTS, name), fullPage: true });
-}
 
-function cli(args, input) {
-  const r = spawnSync(server.bin, args, {
-    cwd: server.cwd, env: server.env, input, encoding: 'utf8', timeout: 300_000,
-  });
-  if (r.status !== 0) throw new Error(`custodian ${args.join(' ')}: ${r.status}\n${r.stdout}\n${r.stderr}`);
-  return r.stdout;
-}
 
-async function api(method, path, token, body) {
-  const res = await fetch(`${server.baseURL}${path}`, {
-    method,
-    headers: { authorization: `Bearer ${token}`, ...(body ? { 'content-type': 'application/json' } : {}) },
-    body: body ? JSON.stringify(body) : undefined,
-  });
-  const text = await res.text();
-  return { status: res.status, body: text ? JSON.parse(text) : null };
-}
 
-async function token(who) {
-  const res = await fetch(`${server.baseURL}/api/v1/auth/login`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ username: who.username, password: who.password }),
-  });
-  assert.equal(res.status, 200, `API login of ${who.username}`);
-  return (await res.json()).access_token;
-}
 
 /** The invitation link of the newest mail to `to` in the dev mail folder. */
 async function inviteLink(to) {
@@ -95,6 +52,7 @@ before(async () => {
   mkdirSync(SHOTS, { recursive: true });
   server = await startServer({ env: { CUSTODIAN_RATE_LIMIT__ENABLED: 'false' } });
   browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
+  Object.assign(kit, { server, browser, problems, warnings });
   cli(['user', 'create', '--username', doctor.username, '--role', 'doctor', '--password-stdin'], `${PW}\n`);
   cli(['demo', 'seed', '--patients', '12']);
   const doc = await token(doctor);
@@ -109,7 +67,10 @@ before(async () => {
     diagnosis: 'Generalised anxiety disorder', treatment: 'Talking therapy', labels: ['PSY'],
   });
   assert.equal(rec.status, 201, JSON.stringify(rec.body));
-  const inv = await api('POST', `/api/v1/patients/${target.id}/invitation`, doc, { email: 'ada.patient@example.org' });
+  // The invitation goes to the address on the record, and only there.
+  const email = await api('PATCH', `/api/v1/patients/${target.id}`, doc, { email: 'ada.patient@example.org' });
+  assert.equal(email.status, 200, JSON.stringify(email.body));
+  const inv = await api('POST', `/api/v1/patients/${target.id}/invitation`, doc);
   assert.equal(inv.status, 201, JSON.stringify(inv.body));
 }, { timeout: 600_000 });
 
@@ -122,6 +83,8 @@ test('the patient opens their account from the invitation and lands on their rec
   const c = await newContext('patient-invite');
   const p = await c.newPage();
   await p.goto(await inviteLink('ada.patient@example.org'));
+  // The mailbox alone does not open a record: the birth date on the record is asked.
+  await p.locator('input[name=birth_date]').fill(target.birth_date);
   await p.locator('input[name=username]').fill(patient.username);
   const pw = p.locator('input[type=password]');
   for (let i = 0; i < await pw.count(); i += 1) await pw.nth(i).fill(patient.password);

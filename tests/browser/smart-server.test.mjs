@@ -8,25 +8,17 @@
 //   cd tests/browser && npm ci && node --test smart-server.test.mjs   (or: bash tests/browser/run.sh)
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdirSync, mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
-import { ADMIN, repoRoot, startServer } from './server.mjs';
-import { signIn, watch } from './watch.mjs';
+import { ADMIN, startServer } from './server.mjs';
+import { signIn } from './watch.mjs';
+import {
+  CHROMIUM, CHROMIUM_ARGS, SHOTS, api, cli, kit, newContext, shot, token,
+} from './kit.mjs';
 
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
-const CHROMIUM_ARGS = [
-  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-  '--disable-background-networking', '--disable-component-update', '--disable-sync',
-];
-const DESKTOP = { width: 1280, height: 800 };
 // SCREENSHOTS=1 retakes the ones in docs/screenshots/ (as for the other browser tests).
-const SHOTS = process.env.SCREENSHOTS === '1'
-  ? join(repoRoot, 'docs', 'screenshots')
-  : mkdtempSync(join(tmpdir(), 'custodian-shots-'));
 const PW = 'Clinic-Pass-12345!';
 const LAB = 'http://terminology.hl7.org/CodeSystem/observation-category';
 // The hemoglobin stored for the patient just before the launch: the newest result, so
@@ -43,44 +35,10 @@ let target; // a seeded patient with labs: { id, given_name, family_name, ... }
 let hemoglobinId; // the Observation stored for it
 
 
-async function newContext(label, options = {}) {
-  const c = await browser.newContext({ baseURL: server.baseURL, viewport: DESKTOP, ...options });
-  c.setDefaultTimeout(15_000);
-  await watch(c, label, problems, warnings);
-  return c;
-}
 
-async function shot(p, name) {
-  await p.screenshot({ path: join(SHOTS, name), fullPage: true });
-}
 
-function cli(args, input) {
-  const r = spawnSync(server.bin, args, {
-    cwd: server.cwd, env: server.env, input, encoding: 'utf8', timeout: 300_000,
-  });
-  if (r.status !== 0) throw new Error(`custodian ${args.join(' ')}: ${r.status}\n${r.stdout}\n${r.stderr}`);
-  return r.stdout;
-}
 
-async function api(method, path, token, body, contentType = 'application/json') {
-  const res = await fetch(`${server.baseURL}${path}`, {
-    method,
-    headers: { authorization: `Bearer ${token}`, ...(body ? { 'content-type': contentType } : {}) },
-    body: body ? JSON.stringify(body) : undefined,
-  });
-  const text = await res.text();
-  return { status: res.status, body: text ? JSON.parse(text) : null };
-}
 
-async function token(who) {
-  const res = await fetch(`${server.baseURL}/api/v1/auth/login`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ username: who.username, password: who.password }),
-  });
-  assert.equal(res.status, 200, `API login of ${who.username}`);
-  return (await res.json()).access_token;
-}
 
 before(async () => {
   mkdirSync(SHOTS, { recursive: true });
@@ -91,6 +49,7 @@ before(async () => {
   server = await startServer({ env: { CUSTODIAN_RATE_LIMIT__ENABLED: 'false' } });
   assert.match(server.baseURL, /^http:\/\/127\.0\.0\.1:\d+$/);
   browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
+  Object.assign(kit, { server, browser, problems, warnings });
   cli(['user', 'create', '--username', doctor.username, '--role', 'doctor', '--password-stdin'], `${PW}\n`);
   cli(['demo', 'seed', '--patients', '20']);
 

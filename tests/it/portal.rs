@@ -473,19 +473,60 @@ async fn patient_accounts_are_made_only_from_a_record(backend: Backend) {
         .await;
     assert_eq!(res.status(), 200, "{:?}", res.text().await);
     let second = sink.wait_for(n).await;
-    let accept = |token: String, username: &'static str| {
+    let accept = |token: String, username: &'static str, birth: &'static str| {
         let s = &s;
         async move {
             s.post(
                 "/api/v1/invitations/accept",
                 None,
-                json!({"token": token, "username": username, "password": PW}),
+                json!({"token": token, "username": username, "password": PW, "birth_date": birth}),
             )
             .await
         }
     };
-    assert_eq!(accept(first.token(), "ada").await.status(), 400);
-    let res = accept(second.token(), "ada").await;
+    assert_eq!(
+        accept(first.token(), "ada", "1961-02-03").await.status(),
+        400
+    );
+    // The mailbox alone does not open the record: the birth date is asked, and a wrong
+    // one ends the link.
+    let res = s
+        .post(
+            "/api/v1/invitations/accept",
+            None,
+            json!({"token": second.token(), "username": "ada", "password": PW}),
+        )
+        .await;
+    assert_eq!(res.status(), 422);
+    assert_eq!(
+        accept(second.token(), "ada", "1961-02-04").await.status(),
+        400
+    );
+    assert_eq!(
+        accept(second.token(), "ada", "1961-02-03").await.status(),
+        400,
+        "ended"
+    );
+    let n = sink.count();
+    let res = s
+        .send_as(
+            Method::POST,
+            &format!("/api/v1/invitations/{}/resend", inv["id"].as_str().unwrap()),
+            &c.admin,
+            None,
+        )
+        .await;
+    assert_eq!(
+        res.status(),
+        404,
+        "a link ended by a wrong birth date is not resent"
+    );
+    let res = s
+        .send_as(Method::POST, &path, &c.doctor, Some(json!({})))
+        .await;
+    assert_eq!(res.status(), 201);
+    let third = sink.wait_for(n).await;
+    let res = accept(third.token(), "ada", "1961-02-03").await;
     assert_eq!(res.status(), 201);
     let me = s.login("ada", PW).await;
     let who = json(s.get_as("/api/v1/auth/me", &me).await).await;
@@ -494,12 +535,7 @@ async fn patient_accounts_are_made_only_from_a_record(backend: Backend) {
     let ada_id = who["id"].as_str().unwrap().to_owned();
     // One account per record.
     let res = s
-        .send_as(
-            Method::POST,
-            &path,
-            &c.doctor,
-            Some(json!({"email": "other@example.org"})),
-        )
+        .send_as(Method::POST, &path, &c.doctor, Some(json!({})))
         .await;
     assert_eq!(res.status(), 409);
     // The account keeps its role.
@@ -516,15 +552,72 @@ async fn patient_accounts_are_made_only_from_a_record(backend: Backend) {
         status(&s, Method::GET, &format!("/fhir/Patient/{}", c.b), &me).await,
         403
     );
+    // Nobody on the staff sets a patient account's credentials (users:manage would
+    // otherwise open any record, unflagged, as the patient).
+    for (m, path, body) in [
+        (
+            Method::POST,
+            format!("/api/v1/users/{ada_id}/password"),
+            json!({"new_password": "Taken-Over-Pass-77!"}),
+        ),
+        (
+            Method::PATCH,
+            format!("/api/v1/users/{ada_id}"),
+            json!({"email": "attacker@example.org"}),
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/users/{ada_id}/totp/reset"),
+            json!({}),
+        ),
+    ] {
+        let res = s.send_as(m.clone(), &path, &c.admin, Some(body)).await;
+        let st = res.status().as_u16();
+        assert!(st == 409 || st == 404, "{m} {path}: {st}");
+    }
+    assert_eq!(
+        json(s.get_as("/api/v1/auth/me", &me).await).await["email"],
+        "ada@example.org"
+    );
+    // Inviting needs patients:read too (the invitation names the record's address).
+    let res = s
+        .send_as(
+            Method::POST,
+            "/api/v1/roles",
+            &c.admin,
+            Some(json!({"name": "registrar", "permissions": ["patients:write"]})),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    s.user("reg", "registrar", PW).await;
+    let reg = s.login("reg", PW).await;
+    let res = s
+        .send_as(
+            Method::POST,
+            &format!("/api/v1/patients/{}/invitation", c.b),
+            &reg,
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(res.status(), 403);
 
     // A link to a record erased since leads nowhere.
+    let res = s
+        .send_as(
+            Method::PATCH,
+            &format!("/api/v1/patients/{}", c.b),
+            &c.doctor,
+            Some(json!({"email": "bert@example.org"})),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
     let n = sink.count();
     let res = s
         .send_as(
             Method::POST,
             &format!("/api/v1/patients/{}/invitation", c.b),
             &c.doctor,
-            Some(json!({"email": "bert@example.org"})),
+            Some(json!({})),
         )
         .await;
     assert_eq!(res.status(), 201);
@@ -538,7 +631,10 @@ async fn patient_accounts_are_made_only_from_a_record(backend: Backend) {
         )
         .await;
     assert_eq!(res.status(), 204);
-    assert_eq!(accept(mail.token(), "bert").await.status(), 400);
+    assert_eq!(
+        accept(mail.token(), "bert", "1970-05-06").await.status(),
+        400
+    );
 }
 
 both_backends!(the_patient_sees_who_accessed_their_record);

@@ -576,3 +576,112 @@ async fn a_label_added_later_covers_older_versions(backend: Backend) {
     .await;
     assert_eq!(st, 403);
 }
+
+both_backends!(labels_stick_and_requests_about_withheld_items_stay_withheld);
+async fn labels_stick_and_requests_about_withheld_items_stay_withheld(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let w = world(&s).await;
+    let a = &w.a;
+    restrict(&s, &w.me, json!({"category": "PSY", "roles": ["doctor"]})).await;
+    restrict(&s, &w.me, json!({"category": "HIV"})).await;
+    restrict(&s, &w.me, json!({"category": "ETH"})).await;
+    // A label in lower case is withheld all the same.
+    let (st, _, v) = fhir(
+        &s,
+        Method::POST,
+        "/fhir/Observation",
+        Some(&w.doctor),
+        Some(
+            json!({"resourceType": "Observation", "status": "final", "code": {"text": "Canary-Eth"},
+            "subject": {"reference": format!("Patient/{a}")},
+            "meta": {"security": [{"system": ACT, "code": "eth"}]}}),
+        ),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let eth = v["id"].as_str().unwrap().to_owned();
+    let (st, _, _) = fhir(
+        &s,
+        Method::GET,
+        &format!("/fhir/Observation/{eth}"),
+        Some(&w.nurse),
+        None,
+    )
+    .await;
+    assert_eq!(st, 403);
+    // A PUT that leaves meta.security out keeps the labels.
+    let (_, _, mut v) = fhir(
+        &s,
+        Method::GET,
+        &format!("/fhir/Observation/{}", w.psy_obs),
+        Some(&w.doctor),
+        None,
+    )
+    .await;
+    v.as_object_mut().unwrap().remove("meta");
+    let (st, _, v) = fhir(
+        &s,
+        Method::PUT,
+        &format!("/fhir/Observation/{}", w.psy_obs),
+        Some(&w.doctor),
+        Some(v),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert!(v["meta"]["security"].to_string().contains("PSY"), "{v}");
+    let (st, _, _) = fhir(
+        &s,
+        Method::GET,
+        &format!("/fhir/Observation/{}", w.psy_obs),
+        Some(&w.nurse),
+        None,
+    )
+    .await;
+    assert_eq!(st, 403, "still withheld from the nurse");
+    // Deleted since: an old version stays withheld from whoever a restriction keeps out.
+    let (st, _, _) = fhir(
+        &s,
+        Method::DELETE,
+        &format!("/fhir/Observation/{}", w.psy_obs),
+        Some(&w.doctor),
+        None,
+    )
+    .await;
+    assert_eq!(st, 204);
+    let (st, _, v) = fhir(
+        &s,
+        Method::GET,
+        &format!("/fhir/Observation/{}/_history/1", w.psy_obs),
+        Some(&w.nurse),
+        None,
+    )
+    .await;
+    assert_eq!(st, 403, "{v}");
+    clean(&v.to_string());
+
+    // A correction asked about the HIV record: a reviewer kept out of HIV sees that it
+    // exists and when it is due, not what it says.
+    let res = s
+        .send_as(
+            Method::POST,
+            "/api/v1/me/amendments",
+            &w.me,
+            Some(json!({"target": {"resource": "record", "id": w.hiv_record, "field": "diagnosis"},
+                "requested": "Not Canary-HIV-Diagnosis but something else", "reason": "Wrong test."})),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let list = json(s.get_as("/api/v1/amendments", &w.doctor).await).await;
+    let item = &list["items"][0];
+    assert_eq!(item["requested"], "(withheld at the patient's request)");
+    clean(&list.to_string());
+    let mut d = Browser::new(&s);
+    d.sign_in("doc", PW).await;
+    let (_, html) = d
+        .get(&format!("/amendments/{}", item["id"].as_str().unwrap()))
+        .await;
+    clean(&html);
+    // The patient reads their own request whole.
+    let mine = json(s.get_as("/api/v1/me/amendments", &w.me).await).await;
+    assert!(mine.to_string().contains(HIV_CANARY));
+}
