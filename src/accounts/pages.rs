@@ -510,7 +510,12 @@ async fn invitations_page(
         Err(e) => return crate::http::ApiError::from(e).into_response(),
     };
     let roles = match crate::identity::store::roles(state.db()).await {
-        Ok(r) => r.into_iter().map(|r| r.name).collect(),
+        // Patients are invited from their record, not here.
+        Ok(r) => r
+            .into_iter()
+            .map(|r| r.name)
+            .filter(|n| n != crate::identity::roles::PATIENT_ROLE)
+            .collect(),
         Err(e) => return crate::http::ApiError::from(e).into_response(),
     };
     render(&InvitationsPage {

@@ -1223,10 +1223,12 @@ async fn users_page(
         q,
         users,
         next,
+        // A patient account is made from a patient's record, never here.
         roles: store::roles(state.db())
             .await?
             .into_iter()
             .map(|r| r.name)
+            .filter(|n| n != crate::identity::roles::PATIENT_ROLE)
             .collect(),
         errors: Vec::new(),
         form_username: String::new(),
@@ -1352,6 +1354,7 @@ async fn user_page(
     notice: Option<String>,
 ) -> Result<UserPage, ApiError> {
     let user = state.identity().user(id).await?;
+    let is_patient = user.patient_id.is_some();
     let logins = store::attempts(state.db(), id, None, 50)
         .await?
         .into_iter()
@@ -1375,10 +1378,12 @@ async fn user_page(
         user: user_row(state, user).await?,
         email_verified,
         manageable,
+        // A patient account keeps its role; nobody else is given it.
         roles: store::roles(state.db())
             .await?
             .into_iter()
             .map(|r| r.name)
+            .filter(|n| (n == crate::identity::roles::PATIENT_ROLE) == is_patient)
             .collect(),
         sessions,
         tokens,

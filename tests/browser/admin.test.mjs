@@ -370,8 +370,10 @@ test('roles page: matrix with built-in roles and Save buttons', async () => {
   const rows = page.locator('table.matrix tbody tr');
   assert.ok((await rows.count()) >= 2, 'roles are listed');
   assert.ok((await page.locator('table.matrix .tag', { hasText: 'built-in' }).count()) >= 1, 'built-in roles tagged');
-  assert.equal(await page.locator('table.matrix tbody tr').filter({ has: page.getByRole('button', { name: 'Save' }) }).count(), await rows.count(),
-    'each row has a Save button');
+  // Every role but `patient` (which never holds a permission) has its Save button.
+  assert.equal(await page.locator('table.matrix tbody tr').filter({ has: page.getByRole('button', { name: 'Save' }) }).count(), await rows.count() - 1,
+    'each editable row has a Save button');
+  assert.ok((await page.locator('table.matrix tbody tr', { hasText: 'no permission, ever' }).count()) === 1, 'the patient role is fixed');
   assert.ok((await page.locator('table.matrix input[type=checkbox]').count()) > 0, 'permission checkboxes');
   assert.equal(await page.getByRole('heading', { name: 'New role' }).count(), 1);
   await shot(page, 'roles.png');
@@ -533,7 +535,7 @@ test('security events: filters and CSV export', async () => {
 test('roles page: what each permission allows', async () => {
   await page.goto('/admin/roles');
   const rows = page.locator('#permissions table tbody tr');
-  assert.equal(await rows.count(), 9, 'every permission is described');
+  assert.equal(await rows.count(), 10, 'every permission is described');
   const ssn = rows.filter({ has: page.locator('th code', { hasText: /^phi:ssn$/ }) });
   assert.match(await ssn.innerText(), /Social Security numbers/);
   assert.match(await page.locator('table.matrix thead th[title]').first().getAttribute('title'), /\./);
