@@ -45,6 +45,6 @@ CREATE TABLE amendments (
 CREATE INDEX amendments_patient ON amendments (patient_id, created_at);
 CREATE INDEX amendments_status ON amendments (status, due_at);
 
--- Who reviews amendment requests.
-INSERT INTO role_permissions (role, permission) VALUES
-    ('admin', 'amendments:review'), ('doctor', 'amendments:review');
+-- Who reviews amendment requests: the admin role (which holds every permission);
+-- give it to other roles as the clinic decides.
+INSERT INTO role_permissions (role, permission) VALUES ('admin', 'amendments:review');

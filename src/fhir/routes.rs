@@ -355,6 +355,7 @@ async fn keep_labels(
 /// an OperationOutcome (`suppressed`) with the count, never the category.
 fn withheld_entry(n: usize) -> Value {
     json!({
+        "fullUrl": format!("urn:uuid:{}", uuid::Uuid::new_v4()),
         "resource": {
             "resourceType": "OperationOutcome",
             "issue": [{

@@ -102,6 +102,23 @@ async fn patient_account(s: &TestServer, username: &str, patient: &str) -> Strin
         .id
 }
 
+/// The clinic lets its doctors review amendment requests (the permission is the admin
+/// role's by default).
+pub(crate) async fn doctors_review(s: &TestServer, admin: &str) {
+    let res = s
+        .send_as(
+            Method::PUT,
+            "/api/v1/roles/doctor",
+            admin,
+            Some(
+                json!({"permissions": ["patients:read", "patients:write", "records:read",
+                "records:write", "phi:ssn", "amendments:review"]}),
+            ),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+}
+
 async fn status(s: &TestServer, method: Method, path: &str, token: &str) -> u16 {
     s.send_as(method, path, token, None).await.status().as_u16()
 }
@@ -830,6 +847,7 @@ both_backends!(an_amendment_goes_from_request_to_decision);
 async fn an_amendment_goes_from_request_to_decision(backend: Backend) {
     let s = TestServer::start(backend).await;
     let c = clinic(&s).await;
+    doctors_review(&s, &c.admin).await;
     patient_account(&s, "ada", &c.a).await;
     let me = s.login("ada", PW).await;
     s.user("nurse", "nurse", PW).await;
@@ -1089,6 +1107,7 @@ both_backends!(the_pages_carry_restrictions_and_amendments);
 async fn the_pages_carry_restrictions_and_amendments(backend: Backend) {
     let s = TestServer::start(backend).await;
     let c = clinic(&s).await;
+    doctors_review(&s, &c.admin).await;
     patient_account(&s, "ada", &c.a).await;
     s.user("nurse", "nurse", PW).await;
     let mut p = Browser::new(&s);

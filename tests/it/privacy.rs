@@ -581,6 +581,7 @@ both_backends!(labels_stick_and_requests_about_withheld_items_stay_withheld);
 async fn labels_stick_and_requests_about_withheld_items_stay_withheld(backend: Backend) {
     let s = TestServer::start(backend).await;
     let w = world(&s).await;
+    crate::portal::doctors_review(&s, &w.admin).await;
     let a = &w.a;
     restrict(&s, &w.me, json!({"category": "PSY", "roles": ["doctor"]})).await;
     restrict(&s, &w.me, json!({"category": "HIV"})).await;
