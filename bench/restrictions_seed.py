@@ -54,7 +54,8 @@ def seed():
             entries.append({"resource": {
                 "resourceType": "Patient", "id": pid,
                 "name": [{"family": "Bench", "given": ["P%d" % n]}],
-                "gender": "female", "birthDate": "1970-01-%02d" % (1 + n % 28)},
+                "gender": "female", "birthDate": "1970-01-%02d" % (1 + n % 28),
+                "telecom": [{"system": "email", "value": "%s@example.org" % pid}]},
                 "request": {"method": "PUT", "url": "Patient/" + pid}})
             for k in range(OBS):
                 obs = {
@@ -71,9 +72,11 @@ def seed():
              ctype="application/fhir+json")
     sample = ids[:SAMPLE]
     tokens = {}
-    for pid in sample:
+    for n, pid in enumerate(sample):
+        # The invitation goes to the address on the record; accepting it asks the
+        # birth date on the record.
         email = "%s@example.org" % pid
-        call("POST", "/api/v1/patients/%s/invitation" % pid, {"email": email})
+        call("POST", "/api/v1/patients/%s/invitation" % pid, {})
         link = None
         for _ in range(200):
             for f in sorted(glob.glob(os.path.join(DATA, "mail", "*"))):
@@ -85,7 +88,8 @@ def seed():
                 break
             time.sleep(0.05)
         call("POST", "/api/v1/invitations/accept",
-             {"token": link, "username": pid, "password": PW}, token=None)
+             {"token": link, "username": pid, "password": PW,
+              "birth_date": "1970-01-%02d" % (1 + n % 28)}, token=None)
         tokens[pid] = call("POST", "/api/v1/auth/login",
                            {"username": pid, "password": PW}, token=None)["access_token"]
     with open(os.path.join(DATA, "patients.json"), "w") as f:

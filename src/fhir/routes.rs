@@ -751,7 +751,7 @@ async fn read_version(
     if let Some(l) = &limit {
         l.resource_ok(&r)?;
     }
-    if t != ResourceType::Patient {
+    if t != ResourceType::Patient && (version.is_some() || !r.labels().is_empty()) {
         // A patient's restriction: the labels of this version and of the current one
         // (an older version from before the label is as sensitive).
         let mut labels = r.labels();

@@ -179,34 +179,80 @@ pub async fn of_patient(
     patient_id: &str,
     active_only: bool,
 ) -> Result<Vec<Stored>, PhiError> {
+    // The patient's wrapped data key comes with the Consents (one round trip: every
+    // read of a restricted patient's data runs this).
     let rows = sqlx::query(
-        "SELECT id, patient_id, status, body, version, created_at, updated_at FROM consents \
-         WHERE patient_id = $1 AND ($2 = 0 OR status = 'active') ORDER BY created_at, id",
+        "SELECT c.id, c.patient_id, c.status, c.body, c.version, c.created_at, c.updated_at, \
+         p.data_key AS data_key FROM consents c JOIN patients p ON p.id = c.patient_id \
+         WHERE c.patient_id = $1 AND ($2 = 0 OR c.status = 'active') ORDER BY c.created_at, c.id",
     )
     .bind(patient_id)
     .bind(i64::from(active_only))
     .fetch_all(db.reader())
     .await
     .map_err(crate::store::StoreError::from)?;
-    if rows.is_empty() {
+    let Some(first) = rows.first() else {
         return Ok(Vec::new());
-    }
-    let key = patients.patient_key(patient_id).await?;
+    };
+    let wrapped: Option<String> = first
+        .try_get("data_key")
+        .map_err(crate::store::StoreError::from)?;
+    let key = patients.unwrap_key(patient_id, wrapped.as_deref())?;
     rows.iter().map(|r| open(&key, r)).collect()
 }
 
-/// A patient's active restrictions (what every reader of their data applies).
+/// Opened Consents by (id, version): a version is never rewritten (a change is a new
+/// version), so an entry stays true; every lookup still asks the database which
+/// versions are active, so a new or ended restriction holds from the next request, on
+/// every server. Bounded: cleared when full.
+static OPENED: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<(String, i64), Restriction>>,
+> = std::sync::LazyLock::new(Default::default);
+const OPENED_MAX: usize = 10_000;
+
+/// A patient's active restrictions (what every reader of their data applies): one
+/// indexed query for the active ids and versions (nothing for most patients); the
+/// Consents are opened only when this server has not opened that version yet.
 pub async fn active(
     db: &Db,
     patients: &Patients,
     patient_id: &str,
 ) -> Result<Vec<Restriction>, PhiError> {
-    Ok(of_patient(db, patients, patient_id, true)
+    let heads: Vec<(String, i64)> = sqlx::query(
+        "SELECT id, version FROM consents WHERE patient_id = $1 AND status = 'active' \
+         ORDER BY created_at, id",
+    )
+    .bind(patient_id)
+    .fetch_all(db.reader())
+    .await
+    .map_err(crate::store::StoreError::from)?
+    .iter()
+    .map(|r| Ok((r.try_get("id")?, r.try_get("version")?)))
+    .collect::<Result<_, sqlx::Error>>()
+    .map_err(crate::store::StoreError::from)?;
+    if heads.is_empty() {
+        return Ok(Vec::new());
+    }
+    {
+        let cache = OPENED.lock().unwrap_or_else(|e| e.into_inner());
+        let hit: Option<Vec<Restriction>> = heads.iter().map(|h| cache.get(h).cloned()).collect();
+        if let Some(list) = hit {
+            return Ok(list);
+        }
+    }
+    let opened: Vec<Stored> = of_patient(db, patients, patient_id, true)
         .await?
         .into_iter()
         .filter(|s| s.active)
-        .map(|s| s.restriction)
-        .collect())
+        .collect();
+    let mut cache = OPENED.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.len() + opened.len() > OPENED_MAX {
+        cache.clear();
+    }
+    for s in &opened {
+        cache.insert((s.restriction.id.clone(), s.version), s.restriction.clone());
+    }
+    Ok(opened.into_iter().map(|s| s.restriction).collect())
 }
 
 /// Every active restriction of every patient (the administrators' report).

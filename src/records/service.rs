@@ -964,6 +964,18 @@ impl Patients {
         })
     }
 
+    /// A patient's data key from its wrapped form, read by a query of another module
+    /// that joined the patient row (one round trip instead of two).
+    pub fn unwrap_key(&self, patient_id: &str, wrapped: Option<&str>) -> Result<DataKey, PhiError> {
+        let wrapped = wrapped.ok_or(EnvelopeError::Shredded)?;
+        Ok(envelope::unwrap(
+            &self.keys,
+            patient_id,
+            wrapped,
+            self.min_version,
+        )?)
+    }
+
     pub async fn patient_key(&self, patient_id: &str) -> Result<DataKey, PhiError> {
         let row = store::patient_by_id(&self.db, patient_id)
             .await?

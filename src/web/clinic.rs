@@ -303,6 +303,21 @@ pub(crate) struct Disclosed {
     pub(crate) break_glass: bool,
 }
 
+/// One entry of an accounting of disclosures as the pages list it (the chart and the
+/// patient's own pages).
+pub(crate) fn disclosed(d: crate::records::routes::Disclosure) -> Disclosed {
+    Disclosed {
+        at: super::pages::display_time(&d.at),
+        who: match d.app {
+            Some(app) => format!("{} through the app {app}", d.actor.unwrap_or_default()),
+            None => d.actor.unwrap_or_default(),
+        },
+        action: d.action,
+        purpose: d.purpose,
+        break_glass: d.break_glass,
+    }
+}
+
 pub(crate) struct RecordRow {
     pub(crate) view: RecordView,
     /// When it was recorded, as people read it (the year alone when de-identified).
@@ -745,23 +760,7 @@ async fn chart_data(
                 return Ok(());
             }
         };
-        page.disclosures = Some(
-            list.items
-                .into_iter()
-                .map(|d| Disclosed {
-                    at: super::pages::display_time(&d.at),
-                    who: match d.app {
-                        Some(app) => {
-                            format!("{} through the app {app}", d.actor.unwrap_or_default())
-                        }
-                        None => d.actor.unwrap_or_default(),
-                    },
-                    action: d.action,
-                    purpose: d.purpose,
-                    break_glass: d.break_glass,
-                })
-                .collect(),
-        );
+        page.disclosures = Some(list.items.into_iter().map(disclosed).collect());
     }
     Ok(())
 }

@@ -49,34 +49,16 @@ async fn own_record(state: &AppState, id: &str) -> Result<OwnRecord, ApiError> {
     Ok(out)
 }
 
-/// The patient account's own record id (None: answer [`not_own`]).
-fn own(u: &WebUser) -> Option<String> {
+/// The patient account's own record id; for anyone else, the answer to give (the 403
+/// page, or the second-factor set-up while enrolment is pending). Every patient page
+/// starts with it.
+pub(super) fn own(u: &WebUser) -> Result<String, Box<Response>> {
     match (&u.principal.patient, u.principal.mfa_enrollment_pending) {
-        (Some(p), false) => Some(p.clone()),
-        _ => None,
-    }
-}
-
-/// The answer to someone who is not a patient account (or must enrol a second factor
-/// first).
-fn not_own(u: &WebUser) -> Response {
-    if u.principal.patient.is_some() {
-        axum::response::IntoResponse::into_response(axum::response::Redirect::to("/admin#totp"))
-    } else {
-        forbidden(u)
-    }
-}
-
-fn disclosed(d: crate::records::routes::Disclosure) -> Disclosed {
-    Disclosed {
-        at: display_time(&d.at),
-        who: match d.app {
-            Some(app) => format!("{} through the app {app}", d.actor.unwrap_or_default()),
-            None => d.actor.unwrap_or_default(),
-        },
-        action: d.action,
-        purpose: d.purpose,
-        break_glass: d.break_glass,
+        (Some(p), false) => Ok(p.clone()),
+        (Some(_), true) => Err(Box::new(axum::response::IntoResponse::into_response(
+            axum::response::Redirect::to("/admin#totp"),
+        ))),
+        (None, _) => Err(Box::new(forbidden(u))),
     }
 }
 
@@ -97,8 +79,9 @@ pub async fn home(
     u: WebUser,
     headers: HeaderMap,
 ) -> Response {
-    let Some(me) = own(&u) else {
-        return not_own(&u);
+    let me = match own(&u) {
+        Ok(m) => m,
+        Err(r) => return *r,
     };
     crate::portal::audit_own(&audit, Action::Read, &me);
     let r = match own_record(&state, &me).await {
@@ -109,7 +92,7 @@ pub async fn home(
         .await
         .map(|p| {
             (
-                p.items.into_iter().map(disclosed).collect(),
+                p.items.into_iter().map(super::clinic::disclosed).collect(),
                 p.next_cursor.is_some(),
             )
         });
@@ -136,8 +119,9 @@ struct PrintPage {
 /// `GET /my/record/print`: the record as one printable page (the browser prints it or
 /// saves it as a PDF). Audited as an export.
 pub async fn print(State(state): State<AppState>, audit: Audit, u: WebUser) -> Response {
-    let Some(me) = own(&u) else {
-        return not_own(&u);
+    let me = match own(&u) {
+        Ok(m) => m,
+        Err(r) => return *r,
     };
     crate::portal::audit_own(&audit, Action::Export, &me);
     audit.context("format", ContextValue::Code("html"));
@@ -157,8 +141,9 @@ pub async fn download(
     u: WebUser,
     headers: HeaderMap,
 ) -> Response {
-    let Some(me) = own(&u) else {
-        return not_own(&u);
+    let me = match own(&u) {
+        Ok(m) => m,
+        Err(r) => return *r,
     };
     crate::portal::audit_own(&audit, Action::Export, &me);
     audit.context("format", ContextValue::Code("fhir_json"));
@@ -190,8 +175,9 @@ pub async fn disclosures(
     u: WebUser,
     Query(q): Query<PageQuery>,
 ) -> Response {
-    let Some(me) = own(&u) else {
-        return not_own(&u);
+    let me = match own(&u) {
+        Ok(m) => m,
+        Err(r) => return *r,
     };
     audit.annotate(|a| {
         a.action = Some(Action::Read);
@@ -209,7 +195,7 @@ pub async fn disclosures(
     {
         Ok(p) => render(&DisclosuresPage {
             layout: Layout::of(&state, &u, None),
-            disclosures: p.items.into_iter().map(disclosed).collect(),
+            disclosures: p.items.into_iter().map(super::clinic::disclosed).collect(),
             next: p.next_cursor,
         }),
         Err(e) => axum::response::IntoResponse::into_response(e),

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
 use super::pages::{Layout, display_time, forbidden, notice, render};
+use super::portal::own;
 use super::session::{WebForm, WebUser};
 use crate::access::Permission;
 use crate::app::AppState;
@@ -23,15 +24,6 @@ pub struct OkQuery {
     ok: Option<String>,
     #[serde(default)]
     status: Option<String>,
-}
-
-/// The patient account's own record, or the answer for anyone else.
-fn own(u: &WebUser) -> Result<String, Box<Response>> {
-    match (&u.principal.patient, u.principal.mfa_enrollment_pending) {
-        (Some(p), false) => Ok(p.clone()),
-        (Some(_), true) => Err(Box::new(Redirect::to("/admin#totp").into_response())),
-        (None, _) => Err(Box::new(forbidden(u))),
-    }
 }
 
 /// [`own`], naming the patient in the request's event (`action` on `resource_type`).
