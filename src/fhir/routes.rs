@@ -622,6 +622,15 @@ pub fn capability_statement(state: &AppState, base: &str) -> Value {
             r
         })
         .collect();
+    let mut resources = resources;
+    resources.push(json!({
+        "type": "Consent",
+        "interaction": [{"code": "read"}, {"code": "search-type"}],
+        "versioning": "versioned",
+        "readHistory": false,
+        "documentation": "Patients' restrictions of sensitive categories (read only; made and ended by the patient through the API and portal). Readable by the patient and by holders of audit:read.",
+        "searchParam": [{"name": "patient", "type": "reference", "documentation": "The patient whose Consents (active and ended) are listed; a patient account reads its own without it."}],
+    }));
     json!({
         "resourceType": "CapabilityStatement",
         "id": "custodian",
@@ -676,6 +685,9 @@ async fn read(
     Path((ty, id)): Path<(String, String)>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
+    if ty == "Consent" {
+        return consent_read(&state, &audit, &auth, &id).await;
+    }
     read_version(
         &state,
         &audit,
@@ -687,6 +699,120 @@ async fn read(
         q.as_deref(),
     )
     .await
+}
+
+// ---- Consent: patients' restrictions, read only --------------------------------------
+
+/// Who may read a patient's Consents: the patient themself (not through an app), and
+/// holders of `audit:read` (the privacy officer). The categories are sensitive:
+/// clinicians see how many restrictions apply to them through the API, not these.
+fn consents_readable(p: &Principal, patient: &str) -> Result<(), ApiError> {
+    if p.smart().is_some() {
+        return Err(outside_grant("Apps do not read patients' Consents."));
+    }
+    if p.patient.as_deref() == Some(patient) || p.has(Permission::AuditRead) {
+        Ok(())
+    } else {
+        Err(ApiError::new(ErrorCode::Forbidden).with_detail(
+            "A patient's Consents are read by the patient and by holders of audit:read.",
+        ))
+    }
+}
+
+/// `GET /fhir/Consent/{id}`.
+async fn consent_read(
+    state: &AppState,
+    audit: &Audit,
+    p: &Principal,
+    id: &str,
+) -> Result<Response, ApiError> {
+    audit.annotate(|a| {
+        a.action = Some(Action::Read);
+        a.resource_type = Some("Consent");
+        a.resource_id = Some(id.to_owned());
+    });
+    let patient = crate::privacy::consent::patient_of(state.db(), id)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound))?;
+    audit.annotate(|a| a.patient_id = Some(patient.clone()));
+    consents_readable(p, &patient)?;
+    let found = crate::privacy::consent::of_patient(state.db(), state.patients(), &patient, false)
+        .await?
+        .into_iter()
+        .find(|s| s.restriction.id == id)
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound))?;
+    Ok(with_version(
+        fhir_json(StatusCode::OK, &found.fhir()),
+        found.version,
+        &found.updated_at,
+    ))
+}
+
+/// `GET /fhir/Consent?patient=…`: a patient's Consents, active and ended.
+async fn consent_search(
+    state: &AppState,
+    audit: &Audit,
+    p: &Principal,
+    headers: &HeaderMap,
+    pairs: Vec<(String, String)>,
+) -> Result<Response, ApiError> {
+    annotate_consents(audit);
+    let mut patient = p.patient.clone();
+    for (k, v) in &pairs {
+        match k.as_str() {
+            "patient" => {
+                patient = Some(
+                    search::patient_reference(v)
+                        .ok_or_else(|| {
+                            ApiError::new(ErrorCode::BadRequest)
+                                .with_detail("patient must be an id, Patient/<id> or a Patient URL")
+                        })?
+                        .to_owned(),
+                );
+            }
+            "_format" if json_format(v) => {}
+            "_format" => return Err(not_acceptable()),
+            _ => {
+                return Err(ApiError::new(ErrorCode::BadRequest).with_detail(format!(
+                    "the search parameter {k} is not supported for Consent; supported: patient, _format"
+                )));
+            }
+        }
+    }
+    let Some(patient) = patient else {
+        return Err(ApiError::new(ErrorCode::BadRequest)
+            .with_detail("a search of Consent needs patient=<id>"));
+    };
+    audit.annotate(|a| a.patient_id = Some(patient.clone()));
+    consents_readable(p, &patient)?;
+    let list =
+        crate::privacy::consent::of_patient(state.db(), state.patients(), &patient, false).await?;
+    audit.context("count", ContextValue::Int(list.len() as i64));
+    let base = base_url(state, headers);
+    let entries: Vec<Value> = list
+        .iter()
+        .map(|s| {
+            json!({
+                "fullUrl": format!("{base}/Consent/{}", s.restriction.id),
+                "resource": s.fhir(),
+                "search": {"mode": "match"},
+            })
+        })
+        .collect();
+    let mut qs = form_urlencoded::Serializer::new(String::new());
+    qs.append_pair("patient", &patient);
+    let links = vec![json!({"relation": "self", "url": format!("{base}/Consent?{}", qs.finish())})];
+    Ok(fhir_json(
+        StatusCode::OK,
+        &bundle("searchset", Some(list.len()), links, entries, state),
+    ))
+}
+
+fn annotate_consents(audit: &Audit) {
+    audit.annotate(|a| {
+        a.action = Some(Action::Search);
+        a.resource_type = Some("Consent");
+    });
 }
 
 async fn vread(
@@ -802,6 +928,9 @@ async fn search_get(
     Path(ty): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
+    if ty == "Consent" {
+        return consent_search(&state, &audit, &auth, &headers, pairs(q.as_deref())).await;
+    }
     let t = resource_type(&ty)?;
     search(&state, &audit, auth.0, &headers, t, pairs(q.as_deref())).await
 }

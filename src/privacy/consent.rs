@@ -210,6 +210,18 @@ static OPENED: std::sync::LazyLock<
 > = std::sync::LazyLock::new(Default::default);
 const OPENED_MAX: usize = 10_000;
 
+/// The patient a Consent is about (None: no such Consent).
+pub async fn patient_of(db: &Db, id: &str) -> Result<Option<String>, PhiError> {
+    Ok(sqlx::query("SELECT patient_id FROM consents WHERE id = $1")
+        .bind(id)
+        .fetch_optional(db.reader())
+        .await
+        .map_err(crate::store::StoreError::from)?
+        .map(|r| r.try_get::<String, _>("patient_id"))
+        .transpose()
+        .map_err(crate::store::StoreError::from)?)
+}
+
 /// A patient's active restrictions (what every reader of their data applies): one
 /// indexed query for the active ids and versions (nothing for most patients); the
 /// Consents are opened only when this server has not opened that version yet.

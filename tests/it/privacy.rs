@@ -686,3 +686,97 @@ async fn labels_stick_and_requests_about_withheld_items_stay_withheld(backend: B
     let mine = json(s.get_as("/api/v1/me/amendments", &w.me).await).await;
     assert!(mine.to_string().contains(HIV_CANARY));
 }
+
+both_backends!(consents_read_as_fhir_by_the_patient_and_the_privacy_officer);
+async fn consents_read_as_fhir_by_the_patient_and_the_privacy_officer(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let w = world(&s).await;
+    let a = &w.a;
+    let psy = restrict(&s, &w.me, json!({"category": "PSY", "roles": ["doctor"]})).await;
+    let id = psy["id"].as_str().unwrap().to_owned();
+    let res = s
+        .send_as(
+            Method::DELETE,
+            &format!("/api/v1/me/restrictions/{id}"),
+            &w.me,
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), 204);
+    restrict(&s, &w.me, json!({"category": "HIV"})).await;
+    // The patient: their own, active and ended, without naming themself.
+    let (st, _, v) = fhir(&s, Method::GET, "/fhir/Consent", Some(&w.me), None).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["total"], 2);
+    let statuses: Vec<&str> = v["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["status"].as_str().unwrap())
+        .collect();
+    assert!(statuses.contains(&"active") && statuses.contains(&"inactive"));
+    let (st, h, v) = fhir(
+        &s,
+        Method::GET,
+        &format!("/fhir/Consent/{id}"),
+        Some(&w.me),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(v["resourceType"], "Consent");
+    assert_eq!(v["status"], "inactive");
+    assert_eq!(h["etag"], "W/\"2\"");
+    // The privacy officer (audit:read) reads them; clinicians and apps do not.
+    let (st, _, v) = fhir(
+        &s,
+        Method::GET,
+        &format!("/fhir/Consent?patient={a}"),
+        Some(&w.admin),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(v["total"], 2);
+    for who in [&w.doctor, &w.nurse] {
+        let (st, _, v) = fhir(
+            &s,
+            Method::GET,
+            &format!("/fhir/Consent?patient={a}"),
+            Some(who),
+            None,
+        )
+        .await;
+        assert_eq!(st, 403);
+        clean(&v.to_string());
+        let (st, _, _) = fhir(
+            &s,
+            Method::GET,
+            &format!("/fhir/Consent/{id}"),
+            Some(who),
+            None,
+        )
+        .await;
+        assert_eq!(st, 403);
+    }
+    let (st, _, _) = fhir(&s, Method::GET, "/fhir/Consent", Some(&w.admin), None).await;
+    assert_eq!(st, 400, "a search names its patient");
+    let (st, _, _) = fhir(
+        &s,
+        Method::GET,
+        "/fhir/Consent/no-such-consent",
+        Some(&w.admin),
+        None,
+    )
+    .await;
+    assert_eq!(st, 404);
+    // Listed in the CapabilityStatement.
+    let (_, _, cap) = fhir(&s, Method::GET, "/fhir/metadata", None, None).await;
+    assert!(
+        cap["rest"][0]["resource"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["type"] == "Consent")
+    );
+}
