@@ -286,65 +286,48 @@ async fn screen(
     Ok(crate::privacy::screen_for(state, p, patient, break_glass).await?)
 }
 
-/// A resource someone writes or deletes must not be one withheld from them (the answer
-/// would echo it, and a change would be blind).
-async fn not_withheld(
+/// The stored resource someone updates or deletes, read once: it must not be one
+/// withheld from them (the answer would echo it, and a change would be blind); and an
+/// update (`body`) keeps the labels it carries — labels stick, so a PUT that leaves
+/// `meta.security` out does not declassify it for everyone the patient kept out (adding
+/// a label is a PUT; a label set by mistake goes with the resource: delete it and write
+/// it again).
+async fn guard_stored(
     state: &AppState,
     p: &Principal,
     t: ResourceType,
     id: &str,
-) -> Result<(), ApiError> {
-    if t == ResourceType::Patient {
-        return Ok(());
-    }
-    let r = match state.fhir().read(t, id).await {
-        Ok(r) => r,
-        Err(FhirError::NotFound | FhirError::Gone) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
-    if screen(state, p, &r.patient_id, false)
-        .await?
-        .hides(&r.labels())
-    {
-        return Err(ApiError::new(ErrorCode::Withheld));
-    }
-    Ok(())
-}
-
-/// Sensitivity labels stick: an update keeps the labels the stored resource carries
-/// (a PUT that leaves `meta.security` out must not declassify it for everyone the
-/// patient kept out). Adding a label is a PUT; a label set by mistake goes with the
-/// resource (delete it and write it again).
-async fn keep_labels(
-    state: &AppState,
-    t: ResourceType,
-    id: &str,
-    body: &mut Value,
+    body: Option<&mut Value>,
 ) -> Result<(), ApiError> {
     if t == ResourceType::Patient {
         return Ok(());
     }
     let old = match state.fhir().read(t, id).await {
-        Ok(r) => r.labels(),
+        Ok(r) => r,
         Err(FhirError::NotFound | FhirError::Gone) => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    if old.is_empty() {
+    let labels = old.labels();
+    // An unlabelled resource withholds nothing: no lookup of restrictions.
+    if labels.is_empty() {
         return Ok(());
     }
-    let Some(obj) = body.as_object_mut() else {
+    if screen(state, p, &old.patient_id, false)
+        .await?
+        .hides(&labels)
+    {
+        return Err(ApiError::new(ErrorCode::Withheld));
+    }
+    let Some(meta) = body
+        .and_then(Value::as_object_mut)
+        .map(|o| o.entry("meta").or_insert_with(|| json!({})))
+        .and_then(Value::as_object_mut)
+    else {
         return Ok(());
     };
-    let meta = obj.entry("meta").or_insert_with(|| json!({}));
-    if !meta.is_object() {
-        return Ok(());
-    }
-    let sec = meta
-        .as_object_mut()
-        .map(|m| m.entry("security").or_insert_with(|| json!([])));
-    if let Some(Value::Array(list)) = sec {
+    if let Value::Array(list) = meta.entry("security").or_insert_with(|| json!([])) {
         let have = crate::privacy::labels_in(&Value::Array(list.clone()));
-        for l in old.iter().filter(|l| !have.contains(l)) {
+        for l in labels.iter().filter(|l| !have.contains(l)) {
             list.push(json!({"system": crate::privacy::ACT_CODE, "code": l}));
         }
     }
@@ -1167,9 +1150,8 @@ async fn update(
         l.body_ok(t, Some(&id), &resource)?;
         l.existing_ok(state.fhir(), t, &id).await?;
     }
-    not_withheld(&state, &auth, t, &id).await?;
     let mut resource = resource;
-    keep_labels(&state, t, &id, &mut resource).await?;
+    guard_stored(&state, &auth, t, &id, Some(&mut resource)).await?;
     write_one(&state, &audit, &auth, &headers, t, Some(id), resource).await
 }
 
@@ -1251,7 +1233,7 @@ async fn delete(
         }
     }
     require(&auth, t.write_permission())?;
-    not_withheld(&state, &auth, t, &id).await?;
+    guard_stored(&state, &auth, t, &id, None).await?;
     state.fhir().delete(t, &id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -1410,8 +1392,7 @@ async fn transaction(
     let mut entries = entries;
     for e in &mut entries {
         if let Some(id) = &e.id {
-            not_withheld(&state, &auth, e.t, id).await?;
-            keep_labels(&state, e.t, id, &mut e.body).await?;
+            guard_stored(&state, &auth, e.t, id, Some(&mut e.body)).await?;
         }
     }
     let fhir = state.fhir();
